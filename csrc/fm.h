@@ -1,0 +1,133 @@
+/* fm.h: the public C API of the pyflashmoe core.
+ *
+ * Owns: the opaque handles (model, session), status codes, parameter and stats structs, and the
+ * quantization entry points. Does not own: tokenization, sampling, chat templates (Python).
+ *
+ * Conventions (every function):
+ *  - returns fm_status; FM_OK == 0. On error a NUL-terminated message naming the file, field or
+ *    parameter is written into err[errlen] (err may be NULL).
+ *  - the caller owns every buffer and passes its length; the library never keeps a pointer to one
+ *    after the call returns.
+ *  - no global state, no exit(), no printing. Thread-safety: one session is used by one thread at a
+ *    time; several sessions of one model may run concurrently.
+ */
+#ifndef FM_H
+#define FM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fm_model fm_model;     /* weights (mmap), expert files, expert cache, thread pools */
+typedef struct fm_session fm_session; /* one timeline: KV cache + linear-attention state */
+
+typedef enum {
+    FM_OK = 0,
+    FM_ERR_ARG = -1,     /* a bad argument: the message names the parameter */
+    FM_ERR_IO = -2,      /* a read/open failed: the message names the file */
+    FM_ERR_FORMAT = -3,  /* the model dir is malformed: the message names the file and field */
+    FM_ERR_OOM = -4,     /* an allocation failed */
+    FM_ERR_BACKEND = -5, /* the backend is unavailable or failed */
+    FM_ERR_CTX_FULL = 1  /* the session has no room for the tokens; state unchanged */
+} fm_status;
+
+typedef enum { FM_BACKEND_CPU = 0, FM_BACKEND_CUDA = 1 } fm_backend_kind;
+
+typedef struct {
+    int32_t backend;           /* fm_backend_kind */
+    int32_t n_threads;         /* compute threads; <= 0: number of online CPUs */
+    int32_t io_threads;        /* pread threads; <= 0: default (K of the model, at least 4) */
+    int32_t direct_io;         /* 1: O_DIRECT reads into aligned buffers (bypass page cache) */
+    int32_t experts_per_token; /* <= 0: the model's K; else override (1..n_experts) */
+    uint64_t ram_budget;       /* bytes for the engine's own LRU expert cache; 0: none (page cache only) */
+    uint64_t vram_budget;      /* CUDA: bytes for the VRAM expert cache */
+    int32_t verify_sizes;      /* 1 (default): check every file's size against the manifest at open */
+} fm_model_params;
+
+typedef struct {
+    /* cumulative since the session was created or fm_session_reset_stats */
+    int64_t n_eval_calls;
+    int64_t n_tokens;          /* tokens evaluated */
+    int64_t bytes_read;        /* bytes read from expert files (storage tier) */
+    int64_t expert_loads;      /* expert blocks read from storage */
+    int64_t expert_hits;       /* expert blocks served from the engine's RAM cache */
+    int64_t expert_hits_vram;  /* CUDA: served from the VRAM cache */
+    double ms_total;
+    double ms_attn;            /* attention + linear attention (incl. norms, projections) */
+    double ms_route;           /* router matvec + softmax + top-k */
+    double ms_io_wait;         /* time the compute thread waited for expert reads */
+    double ms_expert;          /* routed + shared expert compute */
+    double ms_other;           /* embeddings, final norm, lm_head */
+    /* last eval call only */
+    int64_t last_bytes_read;
+    int64_t last_expert_loads;
+    int64_t last_expert_hits;
+    int32_t last_n_tokens;
+} fm_stats;
+
+typedef void (*fm_log_fn)(void *user, int level, const char *msg);
+
+/* ---- model ---- */
+fm_model_params fm_model_default_params(void);
+
+/* Open a model directory written by the converter: parses DIR/pyflashmoe.json, mmaps
+ * dense.safetensors read-only, opens the expert files, validates sizes, shapes and dtypes.
+ * FM_ERR_FORMAT / FM_ERR_IO name the file and the field on failure. */
+fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *params,
+                        char *err, size_t errlen);
+void fm_model_close(fm_model *m);
+void fm_model_set_log(fm_model *m, fm_log_fn fn, void *user);
+
+int32_t fm_model_n_vocab(const fm_model *m);
+int32_t fm_model_n_layers(const fm_model *m);
+int32_t fm_model_hidden(const fm_model *m);
+int32_t fm_model_experts_per_token(const fm_model *m);
+uint64_t fm_model_dense_bytes(const fm_model *m);
+uint64_t fm_model_expert_block_bytes(const fm_model *m, int32_t il); /* 0 for non-MoE layers */
+
+/* ---- session ---- */
+fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err, size_t errlen);
+void fm_session_free(fm_session *s);
+void fm_session_reset(fm_session *s);        /* empty the KV cache and recurrent state */
+int32_t fm_session_pos(const fm_session *s); /* tokens held */
+int32_t fm_session_n_ctx(const fm_session *s);
+
+/* Evaluate n_tokens tokens at positions pos..pos+n-1.
+ * logits: float[n_logits]; all_logits=0: n_logits >= vocab, gets the last token's logits;
+ * all_logits=1: n_logits >= n_tokens*vocab, row t gets token t's logits. logits may be NULL
+ * (prefill without output). FM_ERR_CTX_FULL when pos+n_tokens > n_ctx (nothing evaluated);
+ * FM_ERR_ARG for a token id outside [0, vocab). On FM_ERR_IO mid-eval the session is reset to its
+ * state before the call is not guaranteed: the session is reset (pos 0) and the error says so. */
+fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
+                          int64_t n_logits, int32_t all_logits, char *err, size_t errlen);
+
+void fm_session_get_stats(const fm_session *s, fm_stats *out);
+void fm_session_reset_stats(fm_session *s);
+
+/* ---- group-affine quantization (MLX layout, see docs/INTERNALS.md) ---- */
+/* w: float[rows*cols] row-major; cols % group_size == 0; bits in {2,3,4,5,6,8}; group_size in {32,64,128}.
+ * q: uint32[rows*cols*bits/32]; scales, biases: bf16 bit patterns [rows*cols/group_size]. */
+fm_status fm_quantize_affine(const float *w, int64_t rows, int64_t cols, int32_t bits,
+                             int32_t group_size, uint32_t *q, uint16_t *scales, uint16_t *biases,
+                             char *err, size_t errlen);
+fm_status fm_dequantize_affine(const uint32_t *q, const uint16_t *scales, const uint16_t *biases,
+                               int64_t rows, int64_t cols, int32_t bits, int32_t group_size,
+                               float *out, char *err, size_t errlen);
+
+/* y[rows] = W x, W quantized as above (bits 16 means W is bf16 [rows, cols] passed in q as uint16).
+ * Kernel chosen by the running CPU (AVX-512, AVX2/FMA, NEON, scalar). n_threads<=1: calling thread. */
+fm_status fm_matvec(const void *q, const uint16_t *scales, const uint16_t *biases, int64_t rows,
+                    int64_t cols, int32_t bits, int32_t group_size, const float *x, float *y,
+                    int32_t n_threads, char *err, size_t errlen);
+
+/* Which SIMD path is in use: "avx512", "avx2", "neon", "scalar". FM_SIMD=scalar|avx2|avx512 in the
+ * environment forces a lower path (testing). */
+const char *fm_simd_name(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

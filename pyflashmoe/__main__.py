@@ -1,0 +1,5 @@
+import sys
+
+from pyflashmoe.cli import main
+
+sys.exit(main())

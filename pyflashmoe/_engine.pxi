@@ -1,0 +1,1 @@
+# _engine.pxi: Model and Session handles (owned by the engine work)

@@ -1,0 +1,1 @@
+# _quant.pxi: quantizer and kernel entry points (owned by the quantizer work)

@@ -1,0 +1,99 @@
+"""The `flashmoe` command. Each subcommand's work lives in its own module; this file only parses.
+
+Errors from pyflashmoe (FlashMoEError) print one line naming what is wrong and exit 2, with no
+traceback; --debug shows the traceback.
+"""
+import argparse
+import sys
+
+
+def _cmd_convert(a):
+    from pyflashmoe.convert import convert
+    convert(a.src, a.dst, bits=a.bits, group_size=a.group_size, dense_bits=a.dense_bits,
+            force=a.force, progress=not a.quiet)
+    return 0
+
+
+def _cmd_info(a):
+    from pyflashmoe.format import info_text
+    print(info_text(a.dir))
+    return 0
+
+
+def _cmd_verify(a):
+    from pyflashmoe.format import verify
+    verify(a.dir, progress=not a.quiet)
+    print(f"{a.dir}: all files match the manifest")
+    return 0
+
+
+def _cmd_run(a):
+    from pyflashmoe.generate import run_cli
+    return run_cli(a)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="flashmoe", description="Run MoE LLMs larger than memory.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="HF / MLX / FP8 checkpoint -> pyflashmoe model dir")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8, 16])
+    c.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    c.add_argument("--dense-bits", type=int, default=16, choices=[16, 8])
+    c.add_argument("--force", action="store_true", help="replace an existing destination")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(fn=_cmd_convert)
+
+    i = sub.add_parser("info", help="summarise a model dir")
+    i.add_argument("dir")
+    i.set_defaults(fn=_cmd_info)
+
+    v = sub.add_parser("verify", help="recheck every file's sha256 against the manifest")
+    v.add_argument("dir")
+    v.add_argument("-q", "--quiet", action="store_true")
+    v.set_defaults(fn=_cmd_verify)
+
+    r = sub.add_parser("run", help="generate text from a prompt")
+    r.add_argument("dir")
+    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("-n", "--max-tokens", type=int, default=128)
+    r.add_argument("--temp", type=float, default=0.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--min-p", type=float, default=0.0)
+    r.add_argument("--repeat-penalty", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--k", type=int, default=None, help="experts per token (override)")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    r.add_argument("--timing", action="store_true", help="ms per phase, bytes read, cache hits")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--io-threads", type=int, default=None)
+    r.add_argument("--direct-io", action="store_true")
+    r.add_argument("--ram-budget", default=None, help="e.g. 16GiB")
+    r.add_argument("--ctx", type=int, default=4096, help="context length")
+    r.add_argument("--backend", default="cpu")
+    r.set_defaults(fn=_cmd_run)
+    return p
+
+
+def main(argv=None):
+    from pyflashmoe.errors import FlashMoEError
+    p = build_parser()
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a) or 0
+    except FlashMoEError as e:
+        if a.debug:
+            raise
+        print(f"flashmoe {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flashmoe {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

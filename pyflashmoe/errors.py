@@ -1,0 +1,29 @@
+"""Exceptions raised by pyflashmoe. Every message names the file, field or parameter at fault."""
+
+
+class FlashMoEError(Exception):
+    """Base class of every pyflashmoe error."""
+
+
+class ArgumentError(FlashMoEError, ValueError):
+    """A bad argument (sampling parameter, token id, option)."""
+
+
+class FormatError(FlashMoEError):
+    """A model directory or checkpoint is malformed: the message names the file and field."""
+
+
+class ModelIOError(FlashMoEError, OSError):
+    """Reading a model file failed."""
+
+
+class BackendError(FlashMoEError):
+    """The requested backend is unavailable or failed."""
+
+
+class ContextFullError(FlashMoEError):
+    """The session has no room left for the tokens."""
+
+
+class UnsupportedModelError(FlashMoEError):
+    """config.json names a model_type pyflashmoe has no spec for."""
