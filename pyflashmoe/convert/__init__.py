@@ -1,0 +1,497 @@
+"""`flashmoe convert`: HF (bf16/fp16/fp32), FP8 block-scaled, or MLX affine checkpoint -> model dir.
+
+Owns: planning (every source tensor located and shape-checked before anything is written),
+streaming conversion tensor by tensor / expert by expert (peak memory is one expert or one dense
+tensor, never a shard), repacking MLX-quantized tensors without requantizing, quantizing float
+experts through pyflashmoe.quant.quantize, and the manifest. The directory layout itself is
+pyflashmoe.format's.
+
+Source layouts of routed experts (prefix `model.layers.{i}.mlp`):
+  per-expert  experts.{e}.{gate,up,down}_proj.weight       [I, H] / [H, I]
+  fused 3-D   experts.gate_up_proj [E, 2I, H] (gate rows first), experts.down_proj [E, H, I]
+  MLX stacks  switch_mlp.{gate,up,down}_proj.{weight,scales,biases}   [E, out, …]
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pyflashmoe.errors import ArgumentError, BackendError, FlashMoEError, FormatError, ModelIOError
+from pyflashmoe import format as fmt
+from pyflashmoe.convert.reader import Checkpoint, to_f32
+from pyflashmoe.models import (TensorMap, canonical_type, expert_prefix, normalize_config,
+                               spec_from_config, tensor_map)
+
+COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json", "config.json", "special_tokens_map.json")
+QUANT_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+# Dense matrices quantized by --dense-bits 8: every 2-D Linear weight except the token embedding
+# (a row gather, kept bf16) and the two routers (expert choice is sensitive; they are tiny).
+DENSE_Q_EXCLUDE = ("ffn_router", "shexp_router")
+
+
+def _quantize(w, bits, group_size):
+    try:
+        from pyflashmoe.quant import quantize
+    except ImportError as e:
+        raise BackendError(f"quantizing to {bits} bits needs pyflashmoe.quant ({e}); "
+                           f"use --bits 16 or an MLX-quantized source") from None
+    q, s, b = quantize(np.ascontiguousarray(w, dtype=np.float32), bits, group_size)
+    return (np.ascontiguousarray(q, dtype="<u4"), np.ascontiguousarray(s, dtype="<u2"),
+            np.ascontiguousarray(b, dtype="<u2"))
+
+
+@dataclass
+class Src:
+    """Where one logical matrix comes from in the checkpoint."""
+    name: str                     # normalized tensor name of the weight
+    index0: int | None = None     # slice of a stacked tensor
+    rows: tuple | slice | None = None
+    qbits: int = 0                # >0: MLX affine source (name is the U32 weight; .scales/.biases)
+    qgs: int = 0
+    fp8_scale: str | None = None  # FP8: name of weight_scale_inv
+    fp8_block: tuple = (128, 128)
+
+
+@dataclass
+class DenseOut:
+    tm: TensorMap
+    src: Src
+    dtype: str                    # "bf16" | "f32" | "affine"
+    bits: int = 0
+    group_size: int = 0
+    shift_norm: bool = False
+
+
+@dataclass
+class PartOut:
+    name: str
+    shape: tuple
+    dtype: str                    # "bf16" | "affine"
+    bits: int = 0
+    group_size: int = 0
+    srcs: list = field(default_factory=list)   # per expert: Src
+    copy_q: bool = False
+
+
+class Converter:
+    def __init__(self, src, dst, bits=4, group_size=64, dense_bits=16, force=False, progress=True):
+        if bits not in QUANT_BITS + (16,):
+            raise ArgumentError(f"--bits {bits}: must be one of 2, 3, 4, 8, 16")
+        if group_size not in GROUP_SIZES:
+            raise ArgumentError(f"--group-size {group_size}: must be one of 32, 64, 128")
+        if dense_bits not in (8, 16):
+            raise ArgumentError(f"--dense-bits {dense_bits}: must be 8 or 16")
+        self.src_path, self.dst = os.fspath(src), os.fspath(dst)
+        self.bits, self.gs, self.dense_bits = bits, group_size, dense_bits
+        self.force, self.progress = force, progress
+        self.notes = []
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def plan(self):
+        ck = self.ck = Checkpoint(self.src_path)
+        cfg = self.cfg = normalize_config(ck.config)
+        canonical_type(cfg.get("model_type"))
+        self.spec = spec_from_config(ck.config, ck.generation_config)
+        q = cfg.get("quantization") or cfg.get("quantization_config") or {}
+        if isinstance(q, dict) and q.get("mode") not in (None, "affine"):
+            raise FormatError(f"{ck.path}/config.json: field quantization.mode {q.get('mode')!r} is not "
+                              f"supported (only MLX affine)")
+        qc = cfg.get("quantization_config") or {}
+        self.fp8_block = tuple(qc.get("weight_block_size") or (128, 128))
+        has_mlx = any(".switch_mlp." in n for n in ck.tensors) or "quantization" in cfg
+        has_fp8 = any(ck.dtype(n).startswith("F8_") for n in ck.tensors)
+        self.kind = "mlx" if has_mlx else ("fp8" if has_fp8 else "hf")
+        # mlx-lm stores zero-centred norm weights as (w + 1) once it has moved conv1d to [C, K, 1]
+        self.mlx_shifted = any(n.endswith("conv1d.weight") and len(ck.shape(n)) == 3
+                               and ck.shape(n)[2] == 1 and ck.shape(n)[1] > 1 for n in ck.tensors)
+        self.dense = self._plan_dense()
+        self.experts = {il: self._plan_experts(il) for il in self.spec.moe_layers()}
+
+    def _src_for(self, name, needed_for, out_shape, rows=None, index0=None):
+        """Locate `name` (a `.weight` or plain tensor) and work out its storage: float, MLX affine, FP8."""
+        ck = self.ck
+        ck.require(name, needed_for)
+        s = Src(name, index0=index0, rows=rows)
+        base = name[:-len(".weight")] if name.endswith(".weight") else None
+        dt = ck.dtype(name)
+        shp = ck.shape(name)
+        lead = tuple(shp[:1]) if index0 is not None else ()
+        if base and ck.has(base + ".scales"):
+            ck.require(base + ".biases", needed_for)
+            if dt != "U32":
+                raise FormatError(f"{ck.where(name)}: quantized weight must be U32, got {dt}")
+            out, inn = out_shape
+            src_rows = (self._src_rows(name, rows, out) if rows is not None else out)
+            wq = shp[-1] * 32
+            if wq % inn or (wq // inn) not in (2, 3, 4, 5, 6, 8):
+                raise FormatError(f"{ck.where(name)}: field shape {list(shp)}: {shp[-1]} words per row "
+                                  f"do not pack {inn} inputs at 2..8 bits")
+            s.qbits = wq // inn
+            sshape = ck.shape(base + ".scales")
+            if sshape[-1] == 0 or inn % sshape[-1]:
+                raise FormatError(f"{ck.where(base + '.scales')}: field shape {list(sshape)} does not divide "
+                                  f"{inn} inputs into groups")
+            s.qgs = inn // sshape[-1]
+            for k, last in (("", shp[-1]), (".scales", sshape[-1]), (".biases", sshape[-1])):
+                nm = name if not k else base + k
+                ck.check_shape(nm, lead + (src_rows, last), f"needed for {needed_for}")
+            return s
+        if dt.startswith("F8_"):
+            sc = (base or name) + ".weight_scale_inv"
+            if not ck.has(sc):
+                raise FormatError(f"{ck.where(name)}: FP8 weight without {sc!r} (needed for {needed_for})")
+            s.fp8_scale, s.fp8_block = sc, self.fp8_block
+        elif dt not in ("BF16", "F16", "F32", "F64"):
+            raise FormatError(f"{ck.where(name)}: field dtype {dt} is not a float dtype "
+                              f"(needed for {needed_for})")
+        if len(out_shape) == 2 and rows is None:
+            ck.check_shape(name, lead + tuple(out_shape), f"needed for {needed_for}")
+        elif rows is not None:
+            ck.check_shape(name, lead + (self._src_rows(name, rows, out_shape[0]), out_shape[1]),
+                           f"needed for {needed_for}")
+        if s.fp8_scale:
+            o, i = out_shape if rows is None else (self._src_rows(name, rows, out_shape[0]), out_shape[1])
+            bo, bi = s.fp8_block
+            ck.check_shape(s.fp8_scale, lead + (-(-o // bo), -(-i // bi)), f"FP8 block {bo}x{bi}")
+        return s
+
+    def _src_rows(self, name, rows, out):
+        if isinstance(rows, slice):
+            return self.ck.shape(name)[-2]
+        return self._fused_rows.get(name, out)
+
+    def _plan_dense(self):
+        spec, ck = self.spec, self.ck
+        tms = tensor_map(spec)
+        self._fused_rows = {}
+        for tm in tms:
+            if tm.rows is not None:
+                self._fused_rows[tm.src] = self._fused_rows.get(tm.src, 0) + len(tm.rows)
+        out = []
+        for tm in tms:
+            need = f"{tm.name} {list(tm.shape)}"
+            if tm.kind in ("vector", "conv"):
+                ck.require(tm.src, need)
+                shp = tuple(ck.shape(tm.src))
+                if tm.kind == "vector":
+                    ok = shp == tuple(tm.shape)
+                else:
+                    C, K = tm.shape
+                    ok = shp in ((C, 1, K), (C, K, 1), (C, K))
+                if not ok:
+                    raise FormatError(f"{ck.where(tm.src)}: field shape {list(shp)}, expected "
+                                      f"{list(tm.shape)} for {tm.name}")
+                if ck.dtype(tm.src) not in ("BF16", "F16", "F32", "F64"):
+                    raise FormatError(f"{ck.where(tm.src)}: field dtype {ck.dtype(tm.src)} is not a float "
+                                      f"dtype (needed for {tm.name})")
+                out.append(DenseOut(tm, Src(tm.src), "f32",
+                                    shift_norm=tm.zc_norm and self.mlx_shifted))
+                continue
+            s = self._src_for(tm.src, need, tm.shape, rows=tm.rows)
+            if s.qbits:
+                out.append(DenseOut(tm, s, "affine", s.qbits, s.qgs))
+            elif (self.dense_bits == 8 and tm.kind == "matrix"
+                  and not any(tm.name.endswith(x) for x in DENSE_Q_EXCLUDE)
+                  and tm.shape[1] % self.gs == 0):
+                out.append(DenseOut(tm, s, "affine", 8, self.gs))
+            else:
+                out.append(DenseOut(tm, s, "bf16"))
+        return out
+
+    def _plan_experts(self, il):
+        spec, ck = self.spec, self.ck
+        P, E, I, H = expert_prefix(il), spec.n_experts, spec.moe_intermediate_size, spec.hidden_size
+        shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+        parts = {}
+        if ck.has(f"{P}.switch_mlp.gate_proj.weight"):
+            layout = "mlx"
+        elif ck.has(f"{P}.experts.gate_up_proj") or ck.has(f"{P}.experts.gate_up_proj.weight"):
+            layout = "fused"
+        elif ck.has(f"{P}.experts.0.gate_proj.weight"):
+            layout = "per-expert"
+        else:
+            raise FormatError(f"{ck.path}: layer {il}: no routed-expert tensors (looked for "
+                              f"{P}.experts.0.gate_proj.weight, {P}.experts.gate_up_proj, "
+                              f"{P}.switch_mlp.gate_proj.weight)")
+        for pn in ("gate", "up", "down"):
+            need = f"layer {il} expert {pn} {list(shapes[pn])}"
+            srcs = []
+            if layout == "mlx":
+                nm = f"{P}.switch_mlp.{pn}_proj.weight"
+                ck.require(nm, need)
+                if ck.shape(nm)[0] != E:
+                    raise FormatError(f"{ck.where(nm)}: field shape {list(ck.shape(nm))}: first dim must be "
+                                      f"n_experts={E}")
+                s0 = self._src_for(nm, need, shapes[pn], index0=0)
+                srcs = [Src(nm, index0=e, qbits=s0.qbits, qgs=s0.qgs, fp8_scale=s0.fp8_scale,
+                            fp8_block=s0.fp8_block) for e in range(E)]
+            elif layout == "fused":
+                if pn == "down":
+                    nm = f"{P}.experts.down_proj"
+                    nm = nm if ck.has(nm) else nm + ".weight"
+                    rows = None
+                else:
+                    nm = f"{P}.experts.gate_up_proj"
+                    nm = nm if ck.has(nm) else nm + ".weight"
+                    rows = slice(0, I) if pn == "gate" else slice(I, 2 * I)
+                ck.require(nm, need)
+                full = (2 * I, H) if pn != "down" else (H, I)
+                ck.check_shape(nm, (E,) + full, f"fused experts, needed for {need}")
+                if ck.dtype(nm) not in ("BF16", "F16", "F32", "F64"):
+                    raise FormatError(f"{ck.where(nm)}: field dtype {ck.dtype(nm)} is not supported for "
+                                      f"fused experts")
+                srcs = [Src(nm, index0=e, rows=rows) for e in range(E)]
+            else:
+                for e in range(E):
+                    srcs.append(self._src_for(f"{P}.experts.{e}.{pn}_proj.weight", need, shapes[pn]))
+            s0 = srcs[0]
+            if s0.qbits:
+                po = PartOut(pn, shapes[pn], "affine", s0.qbits, s0.qgs, srcs, copy_q=True)
+            elif self.bits == 16:
+                po = PartOut(pn, shapes[pn], "bf16", srcs=srcs)
+            else:
+                if shapes[pn][1] % self.gs:
+                    raise ArgumentError(f"--group-size {self.gs}: does not divide the input dim "
+                                        f"{shapes[pn][1]} of layer {il} expert {pn}")
+                po = PartOut(pn, shapes[pn], "affine", self.bits, self.gs, srcs)
+            parts[pn] = po
+        qs = {(p.dtype, p.bits, p.group_size) for p in parts.values()}
+        if self.kind == "mlx" and any(p.copy_q for p in parts.values()):
+            eb = parts["gate"]
+            if self.bits != 16 and (eb.bits, eb.group_size) != (self.bits, self.gs):
+                note = (f"source experts are MLX {eb.bits}-bit group {eb.group_size}: repacked as is "
+                        f"(--bits/--group-size ignored)")
+                if note not in self.notes:
+                    self.notes.append(note)
+        return parts, layout, qs
+
+    # ---- reading values ----------------------------------------------------------------------
+
+    def _float(self, s: Src, shape):
+        """float32 matrix for a non-quantized source (fp8 dequantized), rows selected."""
+        ck = self.ck
+        w = ck.read_f32(s.name, s.index0)
+        if s.fp8_scale:
+            sc = ck.read_f32(s.fp8_scale, s.index0)
+            bo, bi = s.fp8_block
+            o, i = w.shape
+            w = w * np.repeat(np.repeat(sc, bo, axis=0)[:o], bi, axis=1)[:, :i]
+        if s.rows is not None:
+            w = w[s.rows] if isinstance(s.rows, slice) else w[np.asarray(s.rows)]
+        return np.ascontiguousarray(w.reshape(shape), dtype=np.float32)
+
+    def _bf16(self, s: Src, shape):
+        ck = self.ck
+        if ck.dtype(s.name) == "BF16" and not s.fp8_scale:
+            raw = ck.read_raw(s.name) if s.index0 is None else ck.read_index0(s.name, s.index0)
+            if s.rows is not None:
+                raw = raw[s.rows] if isinstance(s.rows, slice) else raw[np.asarray(s.rows)]
+            return np.ascontiguousarray(raw.reshape(shape))
+        return fmt.f32_to_bf16(self._float(s, shape))
+
+    def _affine_copy(self, s: Src):
+        ck = self.ck
+        base = s.name[:-len(".weight")]
+        out = []
+        for nm in (s.name, base + ".scales", base + ".biases"):
+            raw = ck.read_raw(nm) if s.index0 is None else ck.read_index0(nm, s.index0)
+            if s.rows is not None:
+                raw = raw[s.rows] if isinstance(s.rows, slice) else raw[np.asarray(s.rows)]
+            if nm != s.name and ck.dtype(nm) != "BF16":
+                raw = fmt.f32_to_bf16(to_f32(raw, ck.dtype(nm), ck.where(nm)))
+            out.append(np.ascontiguousarray(raw))
+        return out
+
+    def _affine(self, s: Src, shape, bits, gs):
+        if s.qbits:
+            return self._affine_copy(s)
+        return _quantize(self._float(s, shape), bits, gs)
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def _dense_entries(self):
+        ents = []
+        for d in self.dense:
+            n, shp = d.tm.name, d.tm.shape
+            if d.dtype == "affine":
+                sz = fmt.affine_sizes(shp, d.bits, d.group_size)
+                ents += [(n + ".q", "U32", (shp[0], shp[1] * d.bits // 32), sz["q"]),
+                         (n + ".scales", "BF16", (shp[0], shp[1] // d.group_size), sz["scales"]),
+                         (n + ".biases", "BF16", (shp[0], shp[1] // d.group_size), sz["biases"])]
+            else:
+                nb = int(np.prod(shp)) * (2 if d.dtype == "bf16" else 4)
+                ents.append((n, "BF16" if d.dtype == "bf16" else "F32", shp, nb))
+        return ents
+
+    def _write_dense(self, tmp, bar):
+        w = fmt.SafetensorsWriter(os.path.join(tmp, fmt.DENSE_FILE), self._dense_entries(),
+                                  metadata={"format": fmt.FORMAT_NAME})
+        table = {}
+        for d in self.dense:
+            n, shp = d.tm.name, d.tm.shape
+            if d.dtype == "f32":
+                v = self.ck.read_f32(d.src.name).reshape(shp).astype(np.float32)
+                if d.shift_norm:
+                    v = v - np.float32(1.0)
+                w.write(n, v)
+                table[n] = {"dtype": "f32", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
+            elif d.dtype == "bf16":
+                w.write(n, self._bf16(d.src, shp))
+                table[n] = {"dtype": "bf16", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
+            else:
+                q, s, b = self._affine(d.src, shp, d.bits, d.group_size)
+                e = {"dtype": "affine", "shape": list(shp), "bits": d.bits, "group_size": d.group_size}
+                for k, arr in (("q", q), ("scales", s), ("biases", b)):
+                    w.write(f"{n}.{k}", arr)
+                    e[k] = [w.offsets[f"{n}.{k}"], w.sizes[f"{n}.{k}"]]
+                table[n] = e
+            bar.update(1)
+        return table, w.close()
+
+    def _write_experts(self, tmp, il, parts, bar):
+        desc = []
+        for pn in ("gate", "up", "down"):
+            p = parts[pn]
+            d = {"dtype": p.dtype, "shape": list(p.shape)}
+            if p.dtype == "affine":
+                d.update(bits=p.bits, group_size=p.group_size)
+            desc.append((pn, d))
+        layout, bb = fmt.expert_block_layout(desc)
+        E = self.spec.n_experts
+        rel = f"experts/L{il:03d}.safetensors"
+        f = fmt.HashingFile(os.path.join(tmp, rel))
+        hdr = fmt.expert_file_header(E, bb)
+        f.write(hdr)
+        fused_cache = {}
+        for e in range(E):
+            blk = np.zeros(bb, dtype=np.uint8)
+            for pn in ("gate", "up", "down"):
+                p, L = parts[pn], layout[pn]
+                s = p.srcs[e]
+                if p.dtype == "bf16":
+                    arr = self._bf16_cached(s, p.shape, fused_cache)
+                    o, n = L["data"]
+                    blk[o:o + n] = arr.view(np.uint8).reshape(-1)
+                else:
+                    if p.copy_q:
+                        arrs = self._affine_copy(s)
+                    else:
+                        arrs = _quantize(self._float_cached(s, p.shape, fused_cache), p.bits, p.group_size)
+                    for k, arr in zip(("q", "scales", "biases"), arrs):
+                        o, n = L[k]
+                        b = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+                        if b.nbytes != n:
+                            raise FormatError(f"{self.ck.where(s.name)}: expert {e} {pn}.{k} has {b.nbytes} "
+                                              f"bytes, expected {n}")
+                        blk[o:o + n] = b
+            fused_cache.clear()
+            f.write(blk)
+            bar.update(1)
+        info = f.close()
+        entry = {"file": rel, "n_experts": E, "block_bytes": bb, "data_offset": len(hdr), "parts": layout}
+        return rel, entry, info
+
+    # gate and up of a fused gate_up_proj come from one read
+    def _fused_full(self, s, cache, as_bf16):
+        key = (s.name, s.index0, as_bf16)
+        if key not in cache:
+            ck = self.ck
+            if as_bf16 and ck.dtype(s.name) == "BF16":
+                cache[key] = ck.read_index0(s.name, s.index0)
+            else:
+                v = ck.read_f32(s.name, s.index0)
+                cache[key] = fmt.f32_to_bf16(v) if as_bf16 else v
+        return cache[key]
+
+    def _bf16_cached(self, s, shape, cache):
+        if isinstance(s.rows, slice):
+            return np.ascontiguousarray(self._fused_full(s, cache, True)[s.rows])
+        return self._bf16(s, shape)
+
+    def _float_cached(self, s, shape, cache):
+        if isinstance(s.rows, slice):
+            return np.ascontiguousarray(self._fused_full(s, cache, False)[s.rows], dtype=np.float32)
+        return self._float(s, shape)
+
+    def run(self):
+        from pyflashmoe import __version__
+        self.plan()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        n_items = len(self.dense) + len(self.experts) * self.spec.n_experts
+        bar = (tqdm(total=n_items, unit="tensor", desc="convert", disable=not self.progress,
+                    file=sys.stderr) if tqdm else _NoBar())
+        for n in self.notes:
+            if self.progress:
+                print(f"flashmoe convert: note: {n}", file=sys.stderr)
+        try:
+            with fmt.AtomicDir(self.dst, self.force) as tmp:
+                try:
+                    os.makedirs(os.path.join(tmp, "experts"))
+                    files = {}
+                    table, finfo = self._write_dense(tmp, bar)
+                    files[fmt.DENSE_FILE] = finfo
+                    layers = {}
+                    eq = None
+                    for il, (parts, layout, _) in self.experts.items():
+                        rel, entry, info = self._write_experts(tmp, il, parts, bar)
+                        layers[str(il)] = entry
+                        files[rel] = info
+                        g = parts["gate"]
+                        eq = ({"bits": 16} if g.dtype == "bf16"
+                              else {"bits": g.bits, "group_size": g.group_size})
+                    for fn in COPY_FILES:
+                        p = os.path.join(self.ck.path, fn)
+                        if os.path.isfile(p):
+                            shutil.copyfile(p, os.path.join(tmp, fn))
+                    dq = {"bits": self.dense_bits}
+                    if self.dense_bits == 8:
+                        dq["group_size"] = self.gs
+                    mlx_dense = sorted({(d.bits, d.group_size) for d in self.dense
+                                        if d.dtype == "affine" and d.src.qbits})
+                    if mlx_dense:
+                        dq["source_affine"] = [{"bits": b, "group_size": g} for b, g in mlx_dense]
+                    manifest = {
+                        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+                        "created_by": f"pyflashmoe {__version__}",
+                        "spec": self.spec.to_dict(),
+                        "source": {"path": self.ck.path, "kind": self.kind,
+                                   "model_type": self.cfg.get("model_type")},
+                        "quantization": {"experts": eq or {"bits": self.bits}, "dense": dq},
+                        "tensors": table,
+                        "experts": {"layers": layers},
+                        "files": files,
+                    }
+                    fmt.write_manifest(tmp, manifest)
+                except OSError as e:
+                    raise ModelIOError(f"{getattr(e, 'filename', None) or self.dst}: write failed: "
+                                       f"{e.strerror or e}") from None
+        finally:
+            bar.close()
+            self.ck.close()
+        return self.dst
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def convert(src, dst, bits=4, group_size=64, dense_bits=16, force=False, progress=True):
+    """Convert the checkpoint at `src` into a pyflashmoe model dir at `dst` (atomic). Returns dst."""
+    return Converter(src, dst, bits, group_size, dense_bits, force, progress).run()
+
+
+__all__ = ["convert", "Converter"]
