@@ -127,6 +127,14 @@ fm_status fm_matvec(const void *q, const uint16_t *scales, const uint16_t *biase
  * environment forces a lower path (testing). */
 const char *fm_simd_name(void);
 
+/* ---- I/O probe ----
+ * The engine's own disk probe: n_reads random reads of block_bytes (a multiple of 4096) at
+ * block-aligned offsets of path, from `threads` threads (<= 0: 4), through O_DIRECT when direct_io
+ * (FM_ERR_IO if the filesystem refuses it). *gbps = bytes read / wall time / 1e9. Warm or cold
+ * depends on the page cache: the caller drops it first for a cold number. */
+fm_status fm_io_probe(const char *path, uint64_t block_bytes, int32_t n_reads, int32_t threads, int32_t direct_io,
+                      double *gbps, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -119,5 +119,11 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
 void fm_io_close(fm_io *io);
 fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n, char *err, size_t errlen);
 fm_status fm_io_wait(fm_io *io, const uint8_t **blocks, fm_io_stats *st, char *err, size_t errlen);
+/* 1 when direct_io was asked for and every expert file is read through O_DIRECT; 0 when the
+ * filesystem refused it (reads fell back to buffered) or direct_io was not asked for. */
+int32_t fm_io_direct_active(const fm_io *io);
+/* Disk probe (also in fm.h): n_reads random block-aligned reads of path, `threads` in flight. */
+fm_status fm_io_probe(const char *path, uint64_t block_bytes, int32_t n_reads, int32_t threads, int32_t direct_io,
+                      double *gbps, char *err, size_t errlen);
 
 #endif

@@ -77,3 +77,6 @@ cdef extern from "fm.h" nogil:
                         int64_t cols, int32_t bits, int32_t group_size, const float *x, float *y,
                         int32_t n_threads, char *err, size_t errlen)
     const char *fm_simd_name()
+
+    fm_status fm_io_probe(const char *path, uint64_t block_bytes, int32_t n_reads, int32_t threads,
+                          int32_t direct_io, double *gbps, char *err, size_t errlen)

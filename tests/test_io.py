@@ -8,6 +8,7 @@ import ctypes
 import json
 import math
 import os
+import pathlib
 import random
 
 import numpy as np
@@ -171,3 +172,353 @@ def test_json_depth_limit():
 def test_json_bom_is_skipped():
     out, err = c_roundtrip(b'\xef\xbb\xbf {"a": [true, false, null]} ')
     assert err is None and json.loads(out) == {"a": [True, False, None]}
+
+
+# ---------------------------------------------------------------------------------------------
+# expert reader
+# ---------------------------------------------------------------------------------------------
+class ExpertFile(ctypes.Structure):
+    _fields_ = [("path", ctypes.c_char_p), ("data_offset", ctypes.c_uint64), ("block_bytes", ctypes.c_uint64),
+                ("n_experts", ctypes.c_int32)]
+
+
+class IoStats(ctypes.Structure):
+    _fields_ = [("bytes_read", ctypes.c_int64), ("loads", ctypes.c_int64), ("hits", ctypes.c_int64),
+                ("ms_wait", ctypes.c_double)]
+
+
+LIB.fm_io_open.restype = ctypes.c_int
+LIB.fm_io_open.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ExpertFile), ctypes.c_int32, ctypes.c_int32,
+                           ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t]
+LIB.fm_io_close.restype = None
+LIB.fm_io_close.argtypes = [ctypes.c_void_p]
+LIB.fm_io_submit.restype = ctypes.c_int
+LIB.fm_io_submit.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32,
+                             ctypes.c_char_p, ctypes.c_size_t]
+LIB.fm_io_wait.restype = ctypes.c_int
+LIB.fm_io_wait.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(IoStats), ctypes.c_char_p,
+                           ctypes.c_size_t]
+LIB.fm_io_direct_active.restype = ctypes.c_int32
+LIB.fm_io_direct_active.argtypes = [ctypes.c_void_p]
+LIB.fm_io_probe.restype = ctypes.c_int
+LIB.fm_io_probe.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                            ctypes.POINTER(ctypes.c_double), ctypes.c_char_p, ctypes.c_size_t]
+
+
+class FmError(Exception):
+    def __init__(self, status, msg):
+        super().__init__(f"status {status}: {msg}")
+        self.status, self.msg = status, msg
+
+
+def write_expert_file(path, n_experts, block_bytes, seed=0):
+    """An experts/L*.safetensors file as docs/INTERNALS.md describes it: one U8 tensor "experts"
+    [n_experts, block_bytes], JSON header padded with spaces so the data starts at a multiple of
+    4096. Returns (data_offset, data)."""
+    data = np.random.default_rng(seed).integers(0, 256, size=(n_experts, block_bytes), dtype=np.uint8)
+    header = json.dumps({"experts": {"dtype": "U8", "shape": [n_experts, block_bytes],
+                                     "data_offsets": [0, n_experts * block_bytes]}}).encode()
+    pad = (-(8 + len(header))) % 4096
+    header += b" " * pad
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(data.tobytes())
+    return 8 + len(header), data
+
+
+class Reader:
+    """ctypes driver of fm_io_open / fm_io_submit / fm_io_wait."""
+
+    def __init__(self, layers, io_threads=0, direct_io=0, ram_budget=0, max_batch=8):
+        # layers: list of (path or None, data_offset, block_bytes, n_experts)
+        self.layers = layers
+        self.files = (ExpertFile * len(layers))(*[
+            ExpertFile(None if p is None else str(p).encode(), off, bb, n) for p, off, bb, n in layers])
+        self.h = ctypes.c_void_p()
+        err = ctypes.create_string_buffer(1024)
+        st = LIB.fm_io_open(ctypes.byref(self.h), self.files, len(layers), io_threads, direct_io, ram_budget,
+                            max_batch, err, 1024)
+        if st != FM_OK:
+            raise FmError(st, err.value.decode())
+        self.max_batch = max_batch
+
+    def read(self, il, experts):
+        """Submit + wait; returns (list of block copies, IoStats)."""
+        ex = (ctypes.c_int32 * max(1, len(experts)))(*experts)
+        err = ctypes.create_string_buffer(1024)
+        st = LIB.fm_io_submit(self.h, il, ex, len(experts), err, 1024)
+        if st != FM_OK:
+            raise FmError(st, err.value.decode())
+        blocks = (ctypes.c_void_p * max(1, len(experts)))()
+        stats = IoStats()
+        st = LIB.fm_io_wait(self.h, blocks, ctypes.byref(stats), err, 1024)
+        if st != FM_OK:
+            raise FmError(st, err.value.decode())
+        bb = self.layers[il][2]
+        return [np.frombuffer(ctypes.string_at(blocks[i], bb), np.uint8) for i in range(len(experts))], stats
+
+    def pointers(self, il, experts):
+        ex = (ctypes.c_int32 * len(experts))(*experts)
+        err = ctypes.create_string_buffer(1024)
+        assert LIB.fm_io_submit(self.h, il, ex, len(experts), err, 1024) == FM_OK, err.value
+        blocks = (ctypes.c_void_p * len(experts))()
+        assert LIB.fm_io_wait(self.h, blocks, None, err, 1024) == FM_OK, err.value
+        return list(blocks)
+
+    def close(self):
+        if self.h:
+            LIB.fm_io_close(self.h)
+            self.h = ctypes.c_void_p()
+
+
+@pytest.fixture
+def expert_file(tmp_path):
+    path = tmp_path / "L000.safetensors"
+    off, _ = write_expert_file(path, n_experts=16, block_bytes=3 * 4096, seed=1)
+    return path, off, 3 * 4096, 16
+
+
+def test_expert_file_layout_is_valid_safetensors(expert_file):
+    from safetensors.numpy import load_file
+    path, off, bb, n = expert_file
+    assert off % 4096 == 0
+    t = load_file(str(path))["experts"]
+    assert t.shape == (n, bb) and t.dtype == np.uint8
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    assert np.array_equal(t, mm)
+
+
+@pytest.mark.parametrize("io_threads", [1, 3, 0])
+def test_reads_match_memmap(expert_file, io_threads):
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    r = Reader([(path, off, bb, n)], io_threads=io_threads, max_batch=8)
+    try:
+        rng = random.Random(io_threads)
+        for _ in range(40):
+            ex = [rng.randrange(n) for _ in range(rng.randint(1, 8))]
+            blocks, st = r.read(0, ex)
+            for e, b in zip(ex, blocks):
+                assert np.array_equal(b, mm[e]), e
+            assert st.loads == len(set(ex)) and st.hits == 0
+            assert st.bytes_read == len(set(ex)) * bb
+            assert st.ms_wait >= 0
+        blocks, st = r.read(0, [])
+        assert blocks == [] and st.bytes_read == 0
+    finally:
+        r.close()
+
+
+def test_duplicates_read_once(expert_file):
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    r = Reader([(path, off, bb, n)], max_batch=6)
+    try:
+        ex = [3, 7, 3, 3, 0, 7]
+        ptrs = r.pointers(0, ex)
+        assert ptrs[0] == ptrs[2] == ptrs[3] and ptrs[1] == ptrs[5] and len({ptrs[0], ptrs[1], ptrs[4]}) == 3
+        assert all(p % 4096 == 0 for p in ptrs)  # aligned for O_DIRECT
+        blocks, st = r.read(0, ex)
+        assert st.bytes_read == 3 * bb and st.loads == 3
+        for e, b in zip(ex, blocks):
+            assert np.array_equal(b, mm[e])
+    finally:
+        r.close()
+
+
+def test_multiple_layers_different_block_sizes(tmp_path):
+    specs = []
+    mms = []
+    for il, (n, bb) in enumerate([(8, 4096), (5, 5 * 4096), (12, 2 * 4096)]):
+        p = tmp_path / f"L{il:03d}.safetensors"
+        off, _ = write_expert_file(p, n, bb, seed=10 + il)
+        specs.append((p, off, bb, n))
+        mms.append(np.memmap(p, np.uint8, "r", offset=off, shape=(n, bb)))
+    specs.insert(1, (None, 0, 0, 0))  # a dense layer without experts
+    mms.insert(1, None)
+    r = Reader(specs, io_threads=2, ram_budget=6 * 5 * 4096, max_batch=4)
+    try:
+        rng = random.Random(5)
+        for _ in range(60):
+            il = rng.choice([0, 2, 3])
+            n = specs[il][3]
+            ex = [rng.randrange(n) for _ in range(rng.randint(1, 4))]
+            blocks, st = r.read(il, ex)
+            for e, b in zip(ex, blocks):
+                assert np.array_equal(b, mms[il][e]), (il, e)
+            assert st.loads + st.hits == len(set(ex))
+            assert st.bytes_read == st.loads * specs[il][2]
+        with pytest.raises(FmError) as ei:
+            r.read(1, [0])
+        assert ei.value.status == FM_ERR_ARG and "layer 1" in ei.value.msg
+    finally:
+        r.close()
+
+
+def test_ram_cache_repeat_reads_nothing(expert_file):
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    r = Reader([(path, off, bb, n)], ram_budget=n * bb, max_batch=8)
+    try:
+        _, st = r.read(0, [1, 2, 3, 4])
+        assert st.bytes_read == 4 * bb and st.loads == 4 and st.hits == 0
+        blocks, st = r.read(0, [4, 3, 2, 1, 1])
+        assert st.bytes_read == 0 and st.loads == 0 and st.hits == 4
+        for e, b in zip([4, 3, 2, 1, 1], blocks):
+            assert np.array_equal(b, mm[e])
+        blocks, st = r.read(0, [1, 9])
+        assert st.bytes_read == bb and st.loads == 1 and st.hits == 1
+        assert np.array_equal(blocks[1], mm[9])
+    finally:
+        r.close()
+
+
+def test_lru_eviction_order(expert_file):
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    # capacity floor(budget / block_bytes) = 2 blocks
+    r = Reader([(path, off, bb, n)], ram_budget=3 * bb - 1, max_batch=4)
+    A, B, C = 5, 6, 7
+    try:
+        for e, hit in [(A, 0), (B, 0), (A, 1), (C, 0)]:
+            _, st = r.read(0, [e])
+            assert st.hits == hit, e
+        _, st = r.read(0, [A])   # A was used after B: still cached
+        assert st.hits == 1 and st.bytes_read == 0
+        _, st = r.read(0, [B])   # B was the least recent: evicted by C
+        assert st.hits == 0 and st.bytes_read == bb
+        _, st = r.read(0, [C])   # reading B evicted C (A was more recent)
+        assert st.hits == 0
+        # a request larger than the cache: hits handed out are pinned, never overwritten by its misses
+        blocks, st = r.read(0, [B, C, 0, 1])
+        assert st.hits == 2 and st.loads == 2
+        for e, b in zip([B, C, 0, 1], blocks):
+            assert np.array_equal(b, mm[e]), e
+    finally:
+        r.close()
+
+
+def test_bad_arguments(expert_file):
+    path, off, bb, n = expert_file
+    r = Reader([(path, off, bb, n)], max_batch=4)
+    try:
+        for il, ex, what in [(0, [0, n], f"experts[1] = {n}"), (0, [-1], "experts[0] = -1"), (1, [0], "il = 1"),
+                             (-1, [0], "il = -1"), (0, [0, 1, 2, 3, 4], "n = 5")]:
+            with pytest.raises(FmError) as ei:
+                r.read(il, ex)
+            assert ei.value.status == FM_ERR_ARG and what in ei.value.msg, ei.value.msg
+        err = ctypes.create_string_buffer(256)
+        assert LIB.fm_io_wait(r.h, None, None, err, 256) == FM_ERR_ARG  # nothing submitted
+        blocks, _ = r.read(0, [2])  # still usable
+        assert np.array_equal(blocks[0], np.memmap(path, np.uint8, "r", offset=off + 2 * bb, shape=(bb,)))
+    finally:
+        r.close()
+    with pytest.raises(FmError) as ei:
+        Reader([(path, off, bb, n)], max_batch=0)
+    assert ei.value.status == FM_ERR_ARG and "max_batch" in ei.value.msg
+    with pytest.raises(FmError) as ei:
+        Reader([(path, off + 1, bb, n)])
+    assert ei.value.status == FM_ERR_FORMAT and str(path) in ei.value.msg
+    with pytest.raises(FmError) as ei:
+        Reader([(path.parent / "missing.safetensors", off, bb, n)])
+    assert ei.value.status == FM_ERR_IO and "missing.safetensors" in ei.value.msg
+
+
+def test_truncated_file_fails_at_open(expert_file):
+    path, off, bb, n = expert_file
+    size = os.path.getsize(path)
+    os.truncate(path, size - 4096)
+    with pytest.raises(FmError) as ei:
+        Reader([(path, off, bb, n)])
+    assert ei.value.status == FM_ERR_FORMAT
+    assert str(path) in ei.value.msg and str(size - 4096) in ei.value.msg and str(size) in ei.value.msg
+
+
+@pytest.mark.parametrize("ram_budget", [0, 4 * 3 * 4096])
+def test_file_truncated_mid_run_then_restored(expert_file, ram_budget):
+    path, off, bb, n = expert_file
+    full = path.read_bytes()
+    mm_ref = np.frombuffer(full, np.uint8, offset=off).reshape(n, bb)
+    r = Reader([(path, off, bb, n)], io_threads=2, ram_budget=ram_budget, max_batch=4)
+    try:
+        blocks, _ = r.read(0, [0, 1])
+        assert np.array_equal(blocks[1], mm_ref[1])
+        os.truncate(path, off + 2 * bb + 100)  # experts >= 2 now cut short or missing
+        with pytest.raises(FmError) as ei:
+            r.read(0, [0, 2, 9])
+        assert ei.value.status == FM_ERR_IO
+        assert str(path) in ei.value.msg and "layer 0" in ei.value.msg and "expert 2" in ei.value.msg
+        with pytest.raises(FmError) as ei:
+            r.read(0, [9])
+        assert ei.value.status == FM_ERR_IO and "expert 9" in ei.value.msg
+        with open(path, "r+b") as f:  # restore in place (same inode, the reader's fd sees it)
+            f.write(full)
+        blocks, st = r.read(0, [9, 2, 0, 1])
+        for e, b in zip([9, 2, 0, 1], blocks):
+            assert np.array_equal(b, mm_ref[e]), e
+    finally:
+        r.close()
+
+
+def _direct_dir(tmp_path):
+    """A directory whose filesystem honours O_DIRECT (tmpfs on older kernels does not)."""
+    for d in [tmp_path, pathlib.Path("/var/tmp"), pathlib.Path(__file__).resolve().parent.parent / "build"]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f"odirect-probe-{os.getpid()}"
+            probe.write_bytes(b"\0" * 8192)
+            try:
+                fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+                os.close(fd)
+                return d
+            finally:
+                probe.unlink()
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def test_direct_io_equals_buffered(tmp_path):
+    d = _direct_dir(tmp_path)
+    if d is None:
+        pytest.skip("no directory here supports O_DIRECT (tmp_path, /var/tmp, build/)")
+    path = d / f"L000-direct-{os.getpid()}.safetensors"
+    try:
+        n, bb = 10, 4 * 4096
+        off, data = write_expert_file(path, n, bb, seed=3)
+        rd = Reader([(path, off, bb, n)], direct_io=1, max_batch=5)
+        rb = Reader([(path, off, bb, n)], direct_io=0, max_batch=5)
+        try:
+            assert LIB.fm_io_direct_active(rd.h) == 1
+            assert LIB.fm_io_direct_active(rb.h) == 0
+            rng = random.Random(9)
+            for _ in range(20):
+                ex = [rng.randrange(n) for _ in range(5)]
+                bd, sd = rd.read(0, ex)
+                bbuf, _ = rb.read(0, ex)
+                for e, x, y in zip(ex, bd, bbuf):
+                    assert np.array_equal(x, y) and np.array_equal(x, data[e])
+                assert sd.bytes_read == len(set(ex)) * bb
+            assert LIB.fm_io_direct_active(rd.h) == 1  # no read fell back to buffered
+        finally:
+            rd.close()
+            rb.close()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_probe(expert_file, tmp_path):
+    path, off, bb, n = expert_file
+    g = ctypes.c_double()
+    err = ctypes.create_string_buffer(512)
+    assert LIB.fm_io_probe(str(path).encode(), bb, 32, 2, 0, ctypes.byref(g), err, 512) == FM_OK, err.value
+    assert g.value > 0 and math.isfinite(g.value)
+    assert LIB.fm_io_probe(str(path).encode(), 1000, 4, 2, 0, ctypes.byref(g), err, 512) == FM_ERR_ARG
+    assert b"block_bytes" in err.value
+    assert LIB.fm_io_probe(str(tmp_path / "nope").encode(), bb, 4, 2, 0, ctypes.byref(g), err, 512) == FM_ERR_IO
+    assert b"nope" in err.value
+    d = _direct_dir(tmp_path)
+    if d == tmp_path:
+        assert LIB.fm_io_probe(str(path).encode(), bb, 16, 2, 1, ctypes.byref(g), err, 512) == FM_OK, err.value
+        assert g.value > 0

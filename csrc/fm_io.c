@@ -1,0 +1,597 @@
+/* fm_io.c: the expert reader (SSD -> host RAM tier).
+ *
+ * Owns: the expert files (one buffered fd each, plus an O_DIRECT fd when asked), a persistent pool
+ * of I/O threads serving whole-block preads, the slot buffers reads land in, and the optional RAM
+ * cache (an LRU of whole blocks keyed by (layer, expert)). Also the engine's disk probe. Does not
+ * own: what a block contains (fm_model.c parses parts), compute, or the OS page cache.
+ *
+ * One request at a time: fm_io_submit queues every missing block of the request at once (so all
+ * reads are in flight across the threads), fm_io_wait blocks until they are done. A block read
+ * into a slot joins the LRU by swapping buffers with the evicted entry (no copy); entries handed
+ * out by the current request are pinned so an insertion never frees memory the caller still
+ * holds. Slots are used round-robin over 2*max_batch buffers so consecutive requests land in
+ * different slots. A failed read leaves the reader usable: the next submit starts afresh.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fm_internal.h"
+
+#define FM_IO_ALIGN 4096
+#define FM_IO_MAX_THREADS 256
+
+typedef struct {
+    char *path;             /* NULL: layer has no experts */
+    int fd, dfd;            /* buffered fd; O_DIRECT fd or -1 */
+    atomic_int direct;      /* reads go through dfd (cleared if the filesystem refuses O_DIRECT) */
+    uint64_t data_offset, block_bytes;
+    int32_t n_experts;
+    int32_t *cache_slot;    /* [n_experts]: LRU entry index or -1 (only with a cache) */
+} io_layer;
+
+typedef struct {
+    int32_t il, ie;
+    uint8_t *buf;           /* max_block bytes, aligned */
+    int32_t prev, next;     /* LRU list: head = most recent */
+    int pinned;             /* handed out by the current request */
+} io_entry;
+
+typedef struct {
+    int32_t il, ie;
+    int32_t slot;           /* index into slot_buf */
+    uint8_t *dst;
+    uint64_t offset, len;
+    /* result */
+    uint64_t got;
+    int err_no;             /* 0 and got < len: short read */
+    int done_ok;
+} io_task;
+
+struct fm_io {
+    int32_t n_layers, max_batch, n_threads;
+    io_layer *layers;
+    uint64_t max_block;
+    int32_t direct_requested;
+    /* slots */
+    int32_t n_slots, slot_cursor;
+    uint8_t **slot_buf;     /* [n_slots] */
+    /* LRU cache */
+    int32_t cache_cap, cache_n, lru_head, lru_tail;
+    io_entry *entries;      /* [cache_cap] */
+    /* current request */
+    int32_t req_il, req_n, req_active;
+    int32_t *req_map;       /* [max_batch]: request index -> distinct index */
+    int32_t n_distinct;
+    int32_t *dist_ie;       /* [max_batch] */
+    uint8_t **dist_ptr;     /* [max_batch]: block memory (hit: cache; miss: slot) */
+    int32_t *dist_task;     /* [max_batch]: task index or -1 (hit) */
+    int32_t *pinned;        /* [max_batch]: entries pinned by this request */
+    int32_t n_pinned;
+    int64_t req_hits;
+    /* I/O threads */
+    pthread_t *threads;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work, cv_done;
+    int stop;
+    io_task *tasks;         /* [max_batch] */
+    int32_t n_tasks, next_task, pending;
+};
+
+/* ---- helpers ---- */
+static const char *errno_text(int e, char *buf, size_t n) {
+#if defined(__GLIBC__) && defined(_GNU_SOURCE)
+    return strerror_r(e, buf, n);
+#else
+    if (strerror_r(e, buf, n) != 0) snprintf(buf, n, "errno %d", e);
+    return buf;
+#endif
+}
+
+static uint8_t *aligned_block(uint64_t n) {
+    void *p = NULL;
+    if (n == 0) n = FM_IO_ALIGN;
+    if (posix_memalign(&p, FM_IO_ALIGN, (size_t)n) != 0) return NULL;
+    return p;
+}
+
+/* Read len bytes at off into dst: loops over partial reads and EINTR; an O_DIRECT fd that refuses
+ * the read (EINVAL) falls back to the buffered fd. Returns bytes read; *err_no set on failure. */
+static uint64_t read_full(io_layer *L, uint8_t *dst, uint64_t off, uint64_t len, int *err_no) {
+    uint64_t got = 0;
+    *err_no = 0;
+    int use_direct = L->dfd >= 0 && atomic_load(&L->direct);
+    while (got < len) {
+        ssize_t r = pread(use_direct ? L->dfd : L->fd, dst + got, (size_t)(len - got), (off_t)(off + got));
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (use_direct && errno == EINVAL) {
+                if (got == 0) atomic_store(&L->direct, 0); /* filesystem refuses O_DIRECT reads */
+                use_direct = 0;
+                continue;
+            }
+            *err_no = errno;
+            return got;
+        }
+        if (r == 0) return got; /* EOF: short read */
+        got += (uint64_t)r;
+    }
+    return got;
+}
+
+/* ---- I/O threads ---- */
+static void *io_main(void *arg) {
+    fm_io *io = arg;
+    pthread_mutex_lock(&io->mu);
+    for (;;) {
+        while (!io->stop && io->next_task >= io->n_tasks) pthread_cond_wait(&io->cv_work, &io->mu);
+        if (io->stop) break;
+        io_task *t = &io->tasks[io->next_task++];
+        pthread_mutex_unlock(&io->mu);
+        int e;
+        t->got = read_full(&io->layers[t->il], t->dst, t->offset, t->len, &e);
+        t->err_no = e;
+        t->done_ok = t->got == t->len;
+        pthread_mutex_lock(&io->mu);
+        if (--io->pending == 0) pthread_cond_broadcast(&io->cv_done);
+    }
+    pthread_mutex_unlock(&io->mu);
+    return NULL;
+}
+
+static void io_drain(fm_io *io) {
+    pthread_mutex_lock(&io->mu);
+    while (io->pending > 0) pthread_cond_wait(&io->cv_done, &io->mu);
+    io->n_tasks = io->next_task = 0;
+    pthread_mutex_unlock(&io->mu);
+}
+
+/* ---- LRU ---- */
+static void lru_unlink(fm_io *io, int32_t k) {
+    io_entry *E = &io->entries[k];
+    if (E->prev >= 0) io->entries[E->prev].next = E->next;
+    else io->lru_head = E->next;
+    if (E->next >= 0) io->entries[E->next].prev = E->prev;
+    else io->lru_tail = E->prev;
+    E->prev = E->next = -1;
+}
+
+static void lru_push_front(fm_io *io, int32_t k) {
+    io_entry *E = &io->entries[k];
+    E->prev = -1;
+    E->next = io->lru_head;
+    if (io->lru_head >= 0) io->entries[io->lru_head].prev = k;
+    io->lru_head = k;
+    if (io->lru_tail < 0) io->lru_tail = k;
+}
+
+static void pin(fm_io *io, int32_t k) {
+    if (!io->entries[k].pinned) {
+        io->entries[k].pinned = 1;
+        io->pinned[io->n_pinned++] = k;
+    }
+}
+
+/* Put the block just read into slot s into the cache by swapping buffers; returns the entry or -1
+ * (no room: every entry is pinned by this request, or an allocation failed). */
+static int32_t cache_insert(fm_io *io, int32_t il, int32_t ie, int32_t s) {
+    int32_t k;
+    if (io->cache_n < io->cache_cap) {
+        uint8_t *fresh = aligned_block(io->max_block); /* replaces the slot buffer the entry takes */
+        if (!fresh) return -1;
+        k = io->cache_n++;
+        io->entries[k].buf = io->slot_buf[s];
+        io->slot_buf[s] = fresh;
+    } else {
+        for (k = io->lru_tail; k >= 0 && io->entries[k].pinned; k = io->entries[k].prev) {}
+        if (k < 0) return -1;
+        io_entry *E = &io->entries[k];
+        io->layers[E->il].cache_slot[E->ie] = -1;
+        lru_unlink(io, k);
+        uint8_t *old = E->buf;
+        E->buf = io->slot_buf[s];
+        io->slot_buf[s] = old;
+    }
+    io_entry *E = &io->entries[k];
+    E->il = il;
+    E->ie = ie;
+    io->layers[il].cache_slot[ie] = k;
+    lru_push_front(io, k);
+    pin(io, k);
+    return k;
+}
+
+/* ---- open / close ---- */
+void fm_io_close(fm_io *io) {
+    if (!io) return;
+    if (io->threads) {
+        io_drain(io);
+        pthread_mutex_lock(&io->mu);
+        io->stop = 1;
+        pthread_cond_broadcast(&io->cv_work);
+        pthread_mutex_unlock(&io->mu);
+        for (int32_t i = 0; i < io->n_threads; i++) pthread_join(io->threads[i], NULL);
+        free(io->threads);
+    }
+    pthread_mutex_destroy(&io->mu);
+    pthread_cond_destroy(&io->cv_work);
+    pthread_cond_destroy(&io->cv_done);
+    if (io->layers) {
+        for (int32_t il = 0; il < io->n_layers; il++) {
+            io_layer *L = &io->layers[il];
+            if (L->fd >= 0) close(L->fd);
+            if (L->dfd >= 0) close(L->dfd);
+            free(L->path);
+            free(L->cache_slot);
+        }
+        free(io->layers);
+    }
+    if (io->slot_buf)
+        for (int32_t s = 0; s < io->n_slots; s++) free(io->slot_buf[s]);
+    free(io->slot_buf);
+    if (io->entries)
+        for (int32_t k = 0; k < io->cache_n; k++) free(io->entries[k].buf);
+    free(io->entries);
+    free(io->req_map);
+    free(io->dist_ie);
+    free(io->dist_ptr);
+    free(io->dist_task);
+    free(io->pinned);
+    free(io->tasks);
+    free(io);
+}
+
+fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers, int32_t io_threads,
+                     int32_t direct_io, uint64_t ram_budget, int32_t max_batch, char *err, size_t errlen) {
+    if (!out) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_open: out is NULL");
+    *out = NULL;
+    if (n_layers <= 0 || !files)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_open: n_layers = %d (need >= 1 and files != NULL)", n_layers);
+    if (max_batch <= 0 || max_batch > 65536)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_open: max_batch = %d (need 1..65536)", max_batch);
+    if (io_threads <= 0) io_threads = max_batch > 4 ? max_batch : 4;
+    if (io_threads > FM_IO_MAX_THREADS) io_threads = FM_IO_MAX_THREADS;
+
+    fm_io *io = calloc(1, sizeof *io);
+    if (!io) return fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory");
+    pthread_mutex_init(&io->mu, NULL);
+    pthread_cond_init(&io->cv_work, NULL);
+    pthread_cond_init(&io->cv_done, NULL);
+    io->n_layers = n_layers;
+    io->max_batch = max_batch;
+    io->direct_requested = direct_io != 0;
+    io->lru_head = io->lru_tail = -1;
+    fm_status st = FM_OK;
+    char eb[128];
+
+    io->layers = calloc((size_t)n_layers, sizeof *io->layers);
+    if (!io->layers) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
+    for (int32_t il = 0; il < n_layers; il++) io->layers[il].fd = io->layers[il].dfd = -1;
+
+    for (int32_t il = 0; il < n_layers; il++) {
+        const fm_expert_file *f = &files[il];
+        io_layer *L = &io->layers[il];
+        if (!f->path) continue;
+        if (f->n_experts <= 0 || f->block_bytes == 0 || f->block_bytes % FM_IO_ALIGN || f->data_offset % FM_IO_ALIGN) {
+            st = fm_errf(err, errlen, FM_ERR_FORMAT,
+                         "%s (layer %d): n_experts = %d, block_bytes = %llu, data_offset = %llu "
+                         "(need n_experts >= 1 and block_bytes > 0, block_bytes and data_offset multiples of 4096)",
+                         f->path, il, f->n_experts, (unsigned long long)f->block_bytes,
+                         (unsigned long long)f->data_offset);
+            goto fail;
+        }
+        L->path = strdup(f->path);
+        L->cache_slot = malloc((size_t)f->n_experts * sizeof(int32_t));
+        if (!L->path || !L->cache_slot) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
+        for (int32_t e = 0; e < f->n_experts; e++) L->cache_slot[e] = -1;
+        L->data_offset = f->data_offset;
+        L->block_bytes = f->block_bytes;
+        L->n_experts = f->n_experts;
+        do L->fd = open(f->path, O_RDONLY | O_CLOEXEC); while (L->fd < 0 && errno == EINTR);
+        if (L->fd < 0) {
+            st = fm_errf(err, errlen, FM_ERR_IO, "%s (layer %d): cannot open: %s", f->path, il,
+                         errno_text(errno, eb, sizeof eb));
+            goto fail;
+        }
+        struct stat sb;
+        if (fstat(L->fd, &sb) != 0) {
+            st = fm_errf(err, errlen, FM_ERR_IO, "%s (layer %d): fstat failed: %s", f->path, il,
+                         errno_text(errno, eb, sizeof eb));
+            goto fail;
+        }
+        uint64_t need = f->data_offset + (uint64_t)f->n_experts * f->block_bytes;
+        if ((uint64_t)sb.st_size < need) {
+            st = fm_errf(err, errlen, FM_ERR_FORMAT,
+                         "%s (layer %d): file is %llu bytes, expected at least %llu (data_offset %llu + "
+                         "%d experts * block_bytes %llu)", f->path, il, (unsigned long long)sb.st_size,
+                         (unsigned long long)need, (unsigned long long)f->data_offset, f->n_experts,
+                         (unsigned long long)f->block_bytes);
+            goto fail;
+        }
+#ifdef POSIX_FADV_RANDOM
+        posix_fadvise(L->fd, 0, 0, POSIX_FADV_RANDOM); /* no readahead past the block we asked for */
+#endif
+#ifdef O_DIRECT
+        if (direct_io) {
+            do L->dfd = open(f->path, O_RDONLY | O_CLOEXEC | O_DIRECT); while (L->dfd < 0 && errno == EINTR);
+            atomic_store(&L->direct, L->dfd >= 0); /* e.g. tmpfs on old kernels: buffered fallback */
+        }
+#endif
+        if (f->block_bytes > io->max_block) io->max_block = f->block_bytes;
+    }
+
+    /* per-request tables, slots, cache */
+    io->req_map = malloc((size_t)max_batch * sizeof(int32_t));
+    io->dist_ie = malloc((size_t)max_batch * sizeof(int32_t));
+    io->dist_ptr = malloc((size_t)max_batch * sizeof(uint8_t *));
+    io->dist_task = malloc((size_t)max_batch * sizeof(int32_t));
+    io->pinned = malloc((size_t)max_batch * sizeof(int32_t));
+    io->tasks = calloc((size_t)max_batch, sizeof(io_task));
+    if (!io->req_map || !io->dist_ie || !io->dist_ptr || !io->dist_task || !io->pinned || !io->tasks) {
+        st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory");
+        goto fail;
+    }
+    if (io->max_block) {
+        io->n_slots = 2 * max_batch;
+        io->slot_buf = calloc((size_t)io->n_slots, sizeof(uint8_t *));
+        if (!io->slot_buf) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
+        for (int32_t s = 0; s < io->n_slots; s++) {
+            io->slot_buf[s] = aligned_block(io->max_block);
+            if (!io->slot_buf[s]) {
+                st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: cannot allocate %d slot buffers of %llu bytes",
+                             io->n_slots, (unsigned long long)io->max_block);
+                goto fail;
+            }
+        }
+        uint64_t cap = ram_budget / io->max_block;
+        if (cap > INT32_MAX / 2) cap = INT32_MAX / 2;
+        io->cache_cap = (int32_t)cap;
+        if (cap) {
+            io->entries = calloc((size_t)cap, sizeof(io_entry));
+            if (!io->entries) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
+        }
+    }
+
+    io->threads = calloc((size_t)io_threads, sizeof(pthread_t));
+    if (!io->threads) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
+    for (int32_t i = 0; i < io_threads; i++) {
+        if (pthread_create(&io->threads[i], NULL, io_main, io) != 0) break;
+        io->n_threads++;
+    }
+    if (io->n_threads == 0) {
+        st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: cannot start any of %d io_threads", io_threads);
+        goto fail;
+    }
+    *out = io;
+    return FM_OK;
+fail:
+    fm_io_close(io);
+    return st;
+}
+
+int32_t fm_io_direct_active(const fm_io *io) {
+    if (!io || !io->direct_requested) return 0;
+    int32_t any = 0;
+    for (int32_t il = 0; il < io->n_layers; il++) {
+        io_layer *L = &io->layers[il];
+        if (!L->path) continue;
+        if (L->dfd < 0 || !atomic_load(&L->direct)) return 0;
+        any = 1;
+    }
+    return any;
+}
+
+/* ---- requests ---- */
+fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n, char *err, size_t errlen) {
+    if (!io) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_submit: io is NULL");
+    if (io->req_active) io_drain(io); /* the previous request was never waited for */
+    io->req_active = 0;
+    for (int32_t i = 0; i < io->n_pinned; i++) io->entries[io->pinned[i]].pinned = 0;
+    io->n_pinned = 0;
+    if (il < 0 || il >= io->n_layers)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_submit: il = %d out of range [0, %d)", il, io->n_layers);
+    io_layer *L = &io->layers[il];
+    if (!L->path) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_submit: layer %d has no expert file", il);
+    if (n < 0 || n > io->max_batch)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_submit: n = %d out of range [0, max_batch %d]", n, io->max_batch);
+    if (n > 0 && !experts) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_submit: experts is NULL");
+    for (int32_t i = 0; i < n; i++)
+        if (experts[i] < 0 || experts[i] >= L->n_experts)
+            return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_submit: experts[%d] = %d out of range [0, %d) (layer %d)",
+                           i, experts[i], L->n_experts, il);
+
+    io->req_il = il;
+    io->req_n = n;
+    io->n_distinct = 0;
+    io->req_hits = 0;
+    int32_t n_tasks = 0;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t ie = experts[i], d;
+        for (d = 0; d < io->n_distinct && io->dist_ie[d] != ie; d++) {}
+        io->req_map[i] = d;
+        if (d < io->n_distinct) continue; /* duplicate: read once */
+        io->n_distinct++;
+        io->dist_ie[d] = ie;
+        int32_t k = io->cache_cap ? L->cache_slot[ie] : -1;
+        if (k >= 0) { /* hit: most recent, and pinned until the next submit */
+            lru_unlink(io, k);
+            lru_push_front(io, k);
+            pin(io, k);
+            io->dist_ptr[d] = io->entries[k].buf;
+            io->dist_task[d] = -1;
+            io->req_hits++;
+            continue;
+        }
+        int32_t s = io->slot_cursor;
+        io->slot_cursor = (io->slot_cursor + 1) % io->n_slots;
+        io_task *t = &io->tasks[n_tasks];
+        t->il = il;
+        t->ie = ie;
+        t->slot = s;
+        t->dst = io->slot_buf[s];
+        t->offset = L->data_offset + (uint64_t)ie * L->block_bytes;
+        t->len = L->block_bytes;
+        t->got = 0;
+        t->err_no = 0;
+        t->done_ok = 0;
+        io->dist_ptr[d] = NULL;
+        io->dist_task[d] = n_tasks++;
+    }
+    pthread_mutex_lock(&io->mu);
+    io->n_tasks = n_tasks;
+    io->next_task = 0;
+    io->pending = n_tasks;
+    if (n_tasks) pthread_cond_broadcast(&io->cv_work);
+    pthread_mutex_unlock(&io->mu);
+    io->req_active = 1;
+    return FM_OK;
+}
+
+fm_status fm_io_wait(fm_io *io, const uint8_t **blocks, fm_io_stats *st, char *err, size_t errlen) {
+    if (!io) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_wait: io is NULL");
+    if (!io->req_active) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_wait: no request submitted");
+    double t0 = fm_now_ms();
+    io_drain(io);
+    double t1 = fm_now_ms();
+    io->req_active = 0;
+
+    fm_status status = FM_OK;
+    int64_t bytes = 0, loads = 0;
+    for (int32_t d = 0; d < io->n_distinct; d++) {
+        int32_t ti = io->dist_task[d];
+        if (ti < 0) continue;
+        io_task *t = &io->tasks[ti];
+        bytes += (int64_t)t->got;
+        if (!t->done_ok) {
+            if (status == FM_OK) {
+                io_layer *L = &io->layers[t->il];
+                char eb[128];
+                if (t->err_no)
+                    fm_errf(err, errlen, FM_ERR_IO, "%s (layer %d, expert %d): read of %llu bytes at offset %llu failed: %s",
+                            L->path, t->il, t->ie, (unsigned long long)t->len, (unsigned long long)t->offset,
+                            errno_text(t->err_no, eb, sizeof eb));
+                else
+                    fm_errf(err, errlen, FM_ERR_IO, "%s (layer %d, expert %d): short read: got %llu of %llu bytes at "
+                            "offset %llu (file truncated?)", L->path, t->il, t->ie, (unsigned long long)t->got,
+                            (unsigned long long)t->len, (unsigned long long)t->offset);
+                status = FM_ERR_IO;
+            }
+            continue;
+        }
+        loads++;
+        /* keep it: swap the slot buffer into the cache (same memory, so the pointer is unchanged) */
+        if (io->cache_cap) cache_insert(io, t->il, t->ie, t->slot);
+        io->dist_ptr[d] = t->dst;
+    }
+    if (blocks)
+        for (int32_t i = 0; i < io->req_n; i++) {
+            int32_t d = io->req_map[i];
+            blocks[i] = io->dist_task[d] >= 0 && !io->tasks[io->dist_task[d]].done_ok ? NULL : io->dist_ptr[d];
+        }
+    if (st) {
+        st->bytes_read = bytes;
+        st->loads = loads;
+        st->hits = io->req_hits;
+        st->ms_wait = t1 - t0;
+    }
+    return status;
+}
+
+/* ---- disk probe ---- */
+typedef struct {
+    int fd;
+    uint64_t block_bytes, n_blocks;
+    int32_t n_reads;
+    atomic_int next;
+    atomic_int failed;
+    int err_no;
+    uint64_t seed;
+} probe_ctx;
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static void *probe_main(void *arg) {
+    probe_ctx *c = arg;
+    uint8_t *buf = aligned_block(c->block_bytes);
+    if (!buf) { c->err_no = ENOMEM; atomic_store(&c->failed, 1); return NULL; }
+    for (;;) {
+        int i = atomic_fetch_add(&c->next, 1);
+        if (i >= c->n_reads || atomic_load(&c->failed)) break;
+        uint64_t off = (splitmix64(c->seed + (uint64_t)i) % c->n_blocks) * c->block_bytes;
+        uint64_t got = 0;
+        while (got < c->block_bytes) {
+            ssize_t r = pread(c->fd, buf + got, (size_t)(c->block_bytes - got), (off_t)(off + got));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) {
+                c->err_no = r < 0 ? errno : EIO;
+                atomic_store(&c->failed, 1);
+                break;
+            }
+            got += (uint64_t)r;
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+fm_status fm_io_probe(const char *path, uint64_t block_bytes, int32_t n_reads, int32_t threads, int32_t direct_io,
+                      double *gbps, char *err, size_t errlen) {
+    if (!path || !gbps) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_probe: path and gbps must not be NULL");
+    if (block_bytes == 0 || block_bytes % FM_IO_ALIGN)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_probe: block_bytes = %llu (need a multiple of 4096)",
+                       (unsigned long long)block_bytes);
+    if (n_reads <= 0) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_probe: n_reads = %d (need >= 1)", n_reads);
+    if (threads <= 0) threads = 4;
+    if (threads > FM_IO_MAX_THREADS) threads = FM_IO_MAX_THREADS;
+    *gbps = 0;
+    char eb[128];
+    int flags = O_RDONLY | O_CLOEXEC;
+#ifdef O_DIRECT
+    if (direct_io) flags |= O_DIRECT;
+#else
+    if (direct_io) return fm_errf(err, errlen, FM_ERR_IO, "%s: O_DIRECT is not available on this platform", path);
+#endif
+    int fd;
+    do fd = open(path, flags); while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return fm_errf(err, errlen, FM_ERR_IO, "%s: cannot open%s: %s", path, direct_io ? " with O_DIRECT" : "",
+                       errno_text(errno, eb, sizeof eb));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || (uint64_t)sb.st_size < block_bytes) {
+        close(fd);
+        return fm_errf(err, errlen, FM_ERR_ARG, "%s: file is smaller than one block of %llu bytes", path,
+                       (unsigned long long)block_bytes);
+    }
+#ifdef POSIX_FADV_RANDOM
+    if (!direct_io) posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+#endif
+    probe_ctx c = {.fd = fd, .block_bytes = block_bytes, .n_blocks = (uint64_t)sb.st_size / block_bytes,
+                   .n_reads = n_reads, .seed = (uint64_t)sb.st_size ^ (uint64_t)fm_now_ms()};
+    atomic_init(&c.next, 0);
+    atomic_init(&c.failed, 0);
+    pthread_t *th = calloc((size_t)threads, sizeof *th);
+    if (!th) { close(fd); return fm_errf(err, errlen, FM_ERR_OOM, "fm_io_probe: out of memory"); }
+    double t0 = fm_now_ms();
+    int32_t started = 0;
+    for (int32_t i = 0; i < threads; i++)
+        if (pthread_create(&th[i], NULL, probe_main, &c) == 0) started++;
+        else break;
+    if (started == 0) probe_main(&c);
+    for (int32_t i = 0; i < started; i++) pthread_join(th[i], NULL);
+    double ms = fm_now_ms() - t0;
+    free(th);
+    close(fd);
+    if (atomic_load(&c.failed))
+        return fm_errf(err, errlen, FM_ERR_IO, "%s: probe read failed: %s", path, errno_text(c.err_no, eb, sizeof eb));
+    *gbps = (double)n_reads * (double)block_bytes / 1e9 / (ms > 1e-6 ? ms * 1e-3 : 1e-9);
+    return FM_OK;
+}
