@@ -291,10 +291,9 @@ static void affine_dequant_row(const fm_qmat *W, int64_t r, float *out) {
         const float s = fm_bf16_to_f32(W->scales[r * ng + g]);
         const float b = fm_bf16_to_f32(W->biases[r * ng + g]);
         float *o = out + g * gs;
-        for (int32_t i = 0; i < gs; i++) {
-            volatile float t = s * (float)qv[i]; /* no fma contraction: MLX rounds the product */
-            o[i] = t + b;
-        }
+        /* s (bf16, 8 significant bits) * q (<= 8 bits) is exact in float, so fused or not this is
+         * one rounding, the same as mlx.core.dequantize with float32 scales/biases */
+        for (int32_t i = 0; i < gs; i++) o[i] = s * (float)qv[i] + b;
     }
 }
 

@@ -41,6 +41,8 @@ cdef extern from "fm_quant_impl.h" nogil:
                           float *y)
     void fm_qmat_matmul_k(const fm_kernels *k, fm_pool *pool, const fm_qmat *W, const float *X,
                           int64_t n, float *Y)
+    void fm_qmat_matvec_rows_k(const fm_kernels *k, const fm_qmat *W, const float *x, float *y,
+                               int64_t r0, int64_t r1)
     void fm_qmat_get_row(const fm_qmat *W, int64_t r, float *out)
     uint64_t fm_qmat_bytes(const fm_qmat *W)
     float fm_dot_f32(const float *a, const float *b, int64_t n)
@@ -102,7 +104,7 @@ def dequantize_affine(const uint32_t[:, ::1] q, const uint16_t[:, ::1] scales,
     cdef int64_t rows = out.shape[0], cols = out.shape[1]
     if q.shape[0] != rows or q.shape[1] * 32 != cols * bits:
         raise ArgumentError(f"q: shape {(q.shape[0], q.shape[1])} does not fit out {(rows, cols)} at {bits} bits")
-    if group_size > 0 and (scales.shape[0] != rows or scales.shape[1] * group_size != cols):
+    if group_size in (32, 64, 128) and (scales.shape[0] != rows or scales.shape[1] * group_size != cols):
         raise ArgumentError(f"scales: shape {(scales.shape[0], scales.shape[1])} does not fit out {(rows, cols)}")
     if biases.shape[0] != scales.shape[0] or biases.shape[1] != scales.shape[1]:
         raise ArgumentError(f"biases: shape {(biases.shape[0], biases.shape[1])} != scales shape")
@@ -111,6 +113,38 @@ def dequantize_affine(const uint32_t[:, ::1] q, const uint16_t[:, ::1] scales,
         st = fm_dequantize_affine(&q[0, 0] if rows else NULL, &scales[0, 0] if rows else NULL,
                                   &biases[0, 0] if rows else NULL, rows, cols, bits, group_size,
                                   &out[0, 0] if rows else NULL, err, sizeof(err))
+    _raise(st, err)
+
+
+def matvec(const unsigned char[::1] q, const uint16_t[::1] scales, const uint16_t[::1] biases,
+           int64_t rows, int64_t cols, int32_t bits, int32_t group_size, const float[::1] x,
+           float[::1] y, int32_t n_threads=1):
+    """fm_matvec: y[rows] = W x; q is the weight bytes (bits 16: bf16 [rows, cols]); scales and
+    biases may be empty for bits 16."""
+    cdef char err[512]
+    cdef fm_status st
+    cdef int64_t need = rows * cols * bits // 8
+    if bits in (2, 3, 4, 5, 6, 8, 16) and rows > 0 and cols > 0:
+        if q.shape[0] != need:
+            raise ArgumentError(f"q: {q.shape[0]} bytes, expected {need} for {rows}x{cols} at {bits} bits")
+        if bits != 16 and group_size > 0 and cols % group_size == 0:
+            if scales.shape[0] != rows * (cols // group_size):
+                raise ArgumentError(f"scales: {scales.shape[0]} values, expected {rows * (cols // group_size)}")
+            if biases.shape[0] != scales.shape[0]:
+                raise ArgumentError(f"biases: {biases.shape[0]} values, expected {scales.shape[0]}")
+    elif bits not in (2, 3, 4, 5, 6, 8, 16):
+        raise ArgumentError(f"bits: {bits} is not one of 2, 3, 4, 5, 6, 8, 16")
+    if x.shape[0] != cols:
+        raise ArgumentError(f"x: length {x.shape[0]} != cols {cols}")
+    if y.shape[0] != rows:
+        raise ArgumentError(f"y: length {y.shape[0]} != rows {rows}")
+    err[0] = 0
+    with nogil:
+        st = fm_matvec(&q[0] if q.shape[0] else NULL,
+                       &scales[0] if scales.shape[0] else NULL,
+                       &biases[0] if biases.shape[0] else NULL, rows, cols, bits, group_size,
+                       &x[0] if x.shape[0] else NULL, &y[0] if y.shape[0] else NULL, n_threads,
+                       err, sizeof(err))
     _raise(st, err)
 
 
@@ -229,6 +263,18 @@ cdef class QMatrix:
         with nogil:
             fm_qmat_matvec_k(k, p, &self._m, &x[0], &y[0])
         return _np.asarray(y)
+
+    def matvec_rows(self, const float[::1] x, float[::1] y, int64_t r0, int64_t r1, level=None):
+        """y[r] = (W x)[r] for r in [r0, r1) only (fm_qmat_matvec_rows); y has `rows` entries."""
+        cdef const fm_kernels *k = _kernels(level)
+        if x.shape[0] != self._m.cols:
+            raise ArgumentError(f"x: length {x.shape[0]} != cols {self._m.cols}")
+        if y.shape[0] != self._m.rows:
+            raise ArgumentError(f"y: length {y.shape[0]} != rows {self._m.rows}")
+        if not (0 <= r0 <= r1 <= self._m.rows):
+            raise ArgumentError(f"r0, r1: [{r0}, {r1}) outside [0, {self._m.rows}]")
+        with nogil:
+            fm_qmat_matvec_rows_k(k, &self._m, &x[0], &y[0], r0, r1)
 
     def matmul(self, const float[:, ::1] X, Pool pool=None, level=None):
         """Y[n, rows] = X[n, cols] W^T (fm_qmat_matmul)."""
