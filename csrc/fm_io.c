@@ -509,7 +509,7 @@ typedef struct {
     atomic_int next;
     atomic_int failed;
     int err_no;
-    uint64_t seed;
+    uint64_t mul, add;      /* read i goes to block (mul*i + add) % n_blocks: distinct for i < n_blocks */
 } probe_ctx;
 
 static uint64_t splitmix64(uint64_t x) {
@@ -519,6 +519,11 @@ static uint64_t splitmix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
+static uint64_t gcd_u64(uint64_t a, uint64_t b) {
+    while (b) { uint64_t t = a % b; a = b; b = t; }
+    return a;
+}
+
 static void *probe_main(void *arg) {
     probe_ctx *c = arg;
     uint8_t *buf = aligned_block(c->block_bytes);
@@ -526,7 +531,7 @@ static void *probe_main(void *arg) {
     for (;;) {
         int i = atomic_fetch_add(&c->next, 1);
         if (i >= c->n_reads || atomic_load(&c->failed)) break;
-        uint64_t off = (splitmix64(c->seed + (uint64_t)i) % c->n_blocks) * c->block_bytes;
+        uint64_t off = ((c->mul * (uint64_t)i + c->add) % c->n_blocks) * c->block_bytes;
         uint64_t got = 0;
         while (got < c->block_bytes) {
             ssize_t r = pread(c->fd, buf + got, (size_t)(c->block_bytes - got), (off_t)(off + got));
@@ -575,7 +580,13 @@ fm_status fm_io_probe(const char *path, uint64_t block_bytes, int32_t n_reads, i
     if (!direct_io) posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
 #endif
     probe_ctx c = {.fd = fd, .block_bytes = block_bytes, .n_blocks = (uint64_t)sb.st_size / block_bytes,
-                   .n_reads = n_reads, .seed = (uint64_t)sb.st_size ^ (uint64_t)fm_now_ms()};
+                   .n_reads = n_reads};
+    /* a random stride coprime to n_blocks visits blocks in a scrambled order without repeats, so
+     * a cold probe never re-reads a block it just pulled into the page cache */
+    uint64_t seed = splitmix64((uint64_t)sb.st_size ^ (uint64_t)(fm_now_ms() * 1e3));
+    c.add = seed % c.n_blocks;
+    c.mul = 1 + splitmix64(seed) % c.n_blocks;
+    while (gcd_u64(c.mul, c.n_blocks) != 1) c.mul++;
     atomic_init(&c.next, 0);
     atomic_init(&c.failed, 0);
     pthread_t *th = calloc((size_t)threads, sizeof *th);
