@@ -60,11 +60,13 @@ def build_parser():
     r.add_argument("dir")
     r.add_argument("-p", "--prompt", required=True)
     r.add_argument("-n", "--max-tokens", type=int, default=128)
-    r.add_argument("--temp", type=float, default=0.0)
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--min-p", type=float, default=0.0)
-    r.add_argument("--repeat-penalty", type=float, default=1.0)
+    r.add_argument("--temp", type=float, default=None,
+                   help="0 = greedy; default: generation_config.json when do_sample, else greedy")
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--min-p", type=float, default=None)
+    r.add_argument("--repeat-penalty", type=float, default=None)
+    r.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--k", type=int, default=None, help="experts per token (override)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -73,7 +75,8 @@ def build_parser():
     r.add_argument("--io-threads", type=int, default=None)
     r.add_argument("--direct-io", action="store_true")
     r.add_argument("--ram-budget", default=None, help="e.g. 16GiB")
-    r.add_argument("--ctx", type=int, default=4096, help="context length")
+    r.add_argument("--ctx", type=int, default=None,
+                   help="context length (default: min(max_position_embeddings, 4096))")
     r.add_argument("--backend", default="cpu")
     r.set_defaults(fn=_cmd_run)
     return p
