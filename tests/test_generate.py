@@ -429,9 +429,11 @@ def test_e2e_greedy_matches_logits_chain_and_transformers(tiny):
     assert got == seq[len(ids):]
     ref_model = load_tiny_hf("qwen3_5_moe", str(hf))
     ref_model = ref_model.to(torch.bfloat16).to(torch.float32).eval()
+    ref_model.generation_config.eos_token_id = None  # run all 16 steps, like ignore_eos
     with torch.no_grad():
         ref = ref_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                                 min_new_tokens=16, eos_token_id=None, pad_token_id=0)
+                                 pad_token_id=0)
+    assert ref.shape[1] == len(ids) + 16
     assert got == ref[0, len(ids):].tolist()
 
 
