@@ -1,1 +1,192 @@
-# _engine.pxi: Model and Session handles (owned by the engine work)
+# _engine.pxi: Engine (fm_model) and Session (fm_session) handles (owned by the engine work).
+#
+# Engine opens a model directory; Session is one timeline (KV cache + linear-attention state).
+# Every call into the forward pass runs with the GIL released. One Session must not be used by two
+# threads at once (checked: a second concurrent call raises RuntimeError); sessions of one Engine
+# are serialised inside the C core.
+import numpy as _np
+
+_STATS_KEYS = ("n_eval_calls", "n_tokens", "bytes_read", "expert_loads", "expert_hits",
+               "expert_hits_vram", "ms_total", "ms_attn", "ms_route", "ms_io_wait", "ms_expert",
+               "ms_other", "last_bytes_read", "last_expert_loads", "last_expert_hits",
+               "last_n_tokens")
+
+
+cdef class Engine:
+    """A model directory opened for inference: dense weights mmap'd, expert files opened."""
+    cdef fm_model *_m
+    cdef readonly str path
+
+    def __cinit__(self):
+        self._m = NULL
+
+    def __init__(self, str path, int backend=0, int n_threads=0, int io_threads=0,
+                 bint direct_io=False, ram_budget=0, int experts_per_token=0):
+        cdef fm_model_params p = fm_model_default_params()
+        cdef char err[1024]
+        cdef fm_status st
+        cdef bytes bpath = path.encode()
+        cdef const char *cpath = bpath
+        if int(ram_budget) < 0:
+            raise ArgumentError(f"ram_budget must be >= 0 (got {ram_budget})")
+        if experts_per_token < 0:
+            raise ArgumentError(f"experts_per_token must be >= 0 (got {experts_per_token})")
+        p.backend = backend
+        p.n_threads = n_threads
+        p.io_threads = io_threads
+        p.direct_io = 1 if direct_io else 0
+        p.ram_budget = <uint64_t>int(ram_budget)
+        p.experts_per_token = experts_per_token
+        err[0] = 0
+        with nogil:
+            st = fm_model_open(&self._m, cpath, &p, err, sizeof(err))
+        if st != FM_OK:
+            self._m = NULL
+            raise _error_from(st, err)
+        self.path = path
+
+    def __dealloc__(self):
+        if self._m != NULL:
+            fm_model_close(self._m)
+            self._m = NULL
+
+    cdef fm_model *_ptr(self) except NULL:
+        if self._m == NULL:
+            raise ArgumentError("Engine is not open")
+        return self._m
+
+    @property
+    def n_vocab(self):
+        return fm_model_n_vocab(self._ptr())
+
+    @property
+    def n_layers(self):
+        return fm_model_n_layers(self._ptr())
+
+    @property
+    def hidden(self):
+        return fm_model_hidden(self._ptr())
+
+    @property
+    def experts_per_token(self):
+        return fm_model_experts_per_token(self._ptr())
+
+    @property
+    def dense_bytes(self):
+        return fm_model_dense_bytes(self._ptr())
+
+    def expert_block_bytes(self, int il):
+        """Bytes of one expert block of layer il (0 for a layer without routed experts)."""
+        m = self._ptr()
+        if il < 0 or il >= fm_model_n_layers(m):
+            raise ArgumentError(f"layer index {il} out of range [0, {fm_model_n_layers(m)})")
+        return fm_model_expert_block_bytes(m, il)
+
+
+cdef class Session:
+    """One timeline over an Engine: KV cache for n_ctx tokens plus the recurrent state."""
+    cdef fm_session *_s
+    cdef readonly Engine engine
+    cdef bint _busy
+
+    def __cinit__(self):
+        self._s = NULL
+        self._busy = False
+
+    def __init__(self, Engine engine, int n_ctx):
+        cdef char err[1024]
+        cdef fm_status st
+        cdef fm_model *m = engine._ptr()
+        if n_ctx < 1:
+            raise ArgumentError(f"n_ctx must be >= 1 (got {n_ctx})")
+        err[0] = 0
+        with nogil:
+            st = fm_session_new(&self._s, m, n_ctx, err, sizeof(err))
+        if st != FM_OK:
+            self._s = NULL
+            raise _error_from(st, err)
+        self.engine = engine
+
+    def __dealloc__(self):
+        if self._s != NULL:
+            fm_session_free(self._s)
+            self._s = NULL
+
+    cdef fm_session *_ptr(self) except NULL:
+        if self._s == NULL:
+            raise ArgumentError("Session is not open")
+        return self._s
+
+    def eval(self, tokens, bint all_logits=False):
+        """Evaluate tokens at positions pos..pos+n-1; return float32 logits [vocab] (last token)
+        or [n, vocab] when all_logits."""
+        cdef fm_session *s = self._ptr()
+        arr = _np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ArgumentError(f"tokens must be 1-D (got shape {arr.shape})")
+        if arr.size == 0:
+            raise ArgumentError("tokens is empty")
+        if arr.dtype.kind not in "iu":
+            raise ArgumentError(f"tokens must be integers (got dtype {arr.dtype})")
+        if arr.dtype != _np.int32:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < -2**31 or hi >= 2**31:
+                bad = lo if lo < -2**31 else hi
+                pos = int(_np.nonzero(arr == bad)[0][0])
+                raise ArgumentError(f"token id {bad} at position {pos} is outside the vocabulary "
+                                    f"[0, {self.engine.n_vocab})")
+        cdef int32_t[::1] tv = _np.ascontiguousarray(arr, dtype=_np.int32)
+        cdef int32_t n = <int32_t>tv.shape[0]
+        cdef int32_t vocab = fm_model_n_vocab(self.engine._m)
+        if all_logits:
+            out = _np.empty((n, vocab), dtype=_np.float32)
+        else:
+            out = _np.empty(vocab, dtype=_np.float32)
+        cdef float[::1] ov = out.reshape(-1)
+        cdef int64_t nl = ov.shape[0]
+        cdef int32_t al = 1 if all_logits else 0
+        cdef char err[1024]
+        cdef fm_status st
+        if self._busy:
+            raise RuntimeError("Session.eval called concurrently from two threads")
+        self._busy = True
+        err[0] = 0
+        try:
+            with nogil:
+                st = fm_session_eval(s, &tv[0], n, &ov[0], nl, al, err, sizeof(err))
+        finally:
+            self._busy = False
+        if st != FM_OK:
+            raise _error_from(st, err)
+        return out
+
+    def reset(self):
+        """Empty the KV cache and the recurrent state (pos back to 0)."""
+        cdef fm_session *s = self._ptr()
+        if self._busy:
+            raise RuntimeError("Session.reset called while eval runs")
+        with nogil:
+            fm_session_reset(s)
+
+    @property
+    def pos(self):
+        return fm_session_pos(self._ptr())
+
+    @property
+    def n_ctx(self):
+        return fm_session_n_ctx(self._ptr())
+
+    def stats(self):
+        """Cumulative counters and per-phase milliseconds (keys = fm_stats field names)."""
+        cdef fm_stats st
+        fm_session_get_stats(self._ptr(), &st)
+        return {"n_eval_calls": st.n_eval_calls, "n_tokens": st.n_tokens,
+                "bytes_read": st.bytes_read, "expert_loads": st.expert_loads,
+                "expert_hits": st.expert_hits, "expert_hits_vram": st.expert_hits_vram,
+                "ms_total": st.ms_total, "ms_attn": st.ms_attn, "ms_route": st.ms_route,
+                "ms_io_wait": st.ms_io_wait, "ms_expert": st.ms_expert, "ms_other": st.ms_other,
+                "last_bytes_read": st.last_bytes_read, "last_expert_loads": st.last_expert_loads,
+                "last_expert_hits": st.last_expert_hits, "last_n_tokens": st.last_n_tokens}
+
+    def reset_stats(self):
+        fm_session_reset_stats(self._ptr())

@@ -1,0 +1,566 @@
+/* fm_forward.c: sessions and the one layer loop.
+ *
+ * Owns: fm_session_* (KV cache, conv + recurrent state, stats) and the forward pass: ONE loop over
+ * the layer table, each layer = token mixer (full attention | GatedDeltaNet) + FFN (MoE | dense).
+ * A call evaluates its tokens layer by layer for the whole batch (prefill); decode is n = 1.
+ * MoE: router -> fm_io_submit(union of routed experts, chunks of max_batch) -> shared expert while
+ * the reads are in flight -> fm_io_wait -> each expert applied to the tokens routed to it ->
+ * weighted combine (ascending expert order, then + shared, as transformers does).
+ * Does not own: kernels (fm_quant.c), ops (fm_ops.c), weights and expert layout (fm_model.c),
+ * reads (fm_io.c).
+ */
+#include <stdlib.h>
+
+#include "fm_model.h"
+
+#define FM_UBATCH 512 /* tokens per internal pass; bounds scratch memory for long prompts */
+
+/* ---------------------------------------------------------------- session */
+
+static void session_free_bufs(fm_session *s) {
+    fm_model *m = s->m;
+    if (s->kc)
+        for (int32_t i = 0; i < m->n_full; i++) free(s->kc[i]);
+    if (s->vc)
+        for (int32_t i = 0; i < m->n_full; i++) free(s->vc[i]);
+    if (s->conv)
+        for (int32_t i = 0; i < m->n_linear; i++) free(s->conv[i]);
+    if (s->ssm)
+        for (int32_t i = 0; i < m->n_linear; i++) free(s->ssm[i]);
+    free(s->kc);
+    free(s->vc);
+    free(s->conv);
+    free(s->ssm);
+}
+
+static int64_t conv_dim_of(const fm_model *m) {
+    return 2 * (int64_t)m->lin_nk * m->lin_dk + (int64_t)m->lin_nv * m->lin_dv;
+}
+
+fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err, size_t errlen) {
+    if (!out) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: out is NULL");
+    *out = NULL;
+    if (!m) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: model is NULL");
+    if (n_ctx < 1) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: n_ctx must be >= 1 (got %d)", n_ctx);
+    fm_session *s = calloc(1, sizeof *s);
+    if (!s) return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_new: out of memory");
+    s->m = m;
+    s->n_ctx = n_ctx;
+    int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim;
+    int64_t cd = conv_dim_of(m);
+    s->kc = calloc((size_t)m->n_full + 1, sizeof(float *));
+    s->vc = calloc((size_t)m->n_full + 1, sizeof(float *));
+    s->conv = calloc((size_t)m->n_linear + 1, sizeof(float *));
+    s->ssm = calloc((size_t)m->n_linear + 1, sizeof(float *));
+    int ok = s->kc && s->vc && s->conv && s->ssm;
+    for (int32_t i = 0; ok && i < m->n_full; i++) {
+        s->kc[i] = calloc((size_t)n_ctx * (size_t)kvd, sizeof(float));
+        s->vc[i] = calloc((size_t)n_ctx * (size_t)kvd, sizeof(float));
+        ok = s->kc[i] && s->vc[i];
+    }
+    for (int32_t i = 0; ok && i < m->n_linear; i++) {
+        s->conv[i] = calloc((size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)cd, sizeof(float));
+        s->ssm[i] = calloc((size_t)m->lin_nv * m->lin_dk * m->lin_dv, sizeof(float));
+        ok = s->conv[i] && s->ssm[i];
+    }
+    if (!ok) {
+        session_free_bufs(s);
+        free(s);
+        return fm_errf(err, errlen, FM_ERR_OOM,
+                       "fm_session_new: out of memory for a context of %d tokens (KV cache %.1f MiB)", n_ctx,
+                       (double)m->n_full * 2.0 * (double)n_ctx * (double)kvd * 4.0 / 1048576.0);
+    }
+    *out = s;
+    return FM_OK;
+}
+
+void fm_session_free(fm_session *s) {
+    if (!s) return;
+    session_free_bufs(s);
+    free(s);
+}
+
+void fm_session_reset(fm_session *s) {
+    if (!s) return;
+    fm_model *m = s->m;
+    int64_t cd = conv_dim_of(m);
+    for (int32_t i = 0; i < m->n_linear; i++) {
+        memset(s->conv[i], 0, sizeof(float) * (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)cd);
+        memset(s->ssm[i], 0, sizeof(float) * (size_t)m->lin_nv * m->lin_dk * m->lin_dv);
+    }
+    s->pos = 0;
+}
+
+int32_t fm_session_pos(const fm_session *s) { return s ? s->pos : 0; }
+int32_t fm_session_n_ctx(const fm_session *s) { return s ? s->n_ctx : 0; }
+
+void fm_session_get_stats(const fm_session *s, fm_stats *out) {
+    if (!out) return;
+    if (!s) {
+        memset(out, 0, sizeof *out);
+        return;
+    }
+    *out = s->st;
+}
+
+void fm_session_reset_stats(fm_session *s) {
+    if (s) memset(&s->st, 0, sizeof s->st);
+}
+
+/* ---------------------------------------------------------------- scratch */
+
+typedef struct {
+    int64_t nb; /* capacity in tokens */
+    float *x, *xn, *y;
+    /* full attention */
+    float *qg, *q, *gate, *k, *v, *att, *scores;
+    /* linear attention */
+    float *qkv, *qkvc, *z, *ba, *bb, *o;
+    /* moe */
+    float *logits_r, *topw, *shg, *shu, *sho, *shs, *moe, *xe, *ge, *ue, *ye;
+    int32_t *topi, *cnt, *off, *fill, *etok, *elist;
+    float *ew;
+    /* dense mlp */
+    float *dg, *du;
+} fm_scratch;
+
+static void scratch_free(fm_scratch *b) {
+    float **f[] = {&b->x,   &b->xn,  &b->y,   &b->qg,  &b->q,   &b->gate, &b->k,   &b->v,   &b->att,
+                   &b->scores, &b->qkv, &b->qkvc, &b->z, &b->ba, &b->bb, &b->o, &b->logits_r, &b->topw,
+                   &b->shg, &b->shu, &b->sho, &b->shs, &b->moe, &b->xe, &b->ge, &b->ue, &b->ye, &b->ew,
+                   &b->dg, &b->du};
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+        free(*f[i]);
+        *f[i] = NULL;
+    }
+    int32_t **g[] = {&b->topi, &b->cnt, &b->off, &b->fill, &b->etok, &b->elist};
+    for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) {
+        free(*g[i]);
+        *g[i] = NULL;
+    }
+}
+
+static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int32_t n_ctx) {
+    memset(b, 0, sizeof *b);
+    b->nb = nb;
+    int64_t H = m->H;
+    int64_t qd = (int64_t)m->n_heads * m->head_dim, kvd = (int64_t)m->n_kv_heads * m->head_dim;
+    int64_t cd = conv_dim_of(m), vd = (int64_t)m->lin_nv * m->lin_dv;
+    int64_t K = m->k_tok, E = m->n_experts;
+    int64_t I = m->moe_I > m->sh_I ? m->moe_I : m->sh_I;
+    int nt = fm_pool_size(m->pool);
+#define FA(p, cnt) ((p) = malloc(sizeof(float) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
+#define IA(p, cnt) ((p) = malloc(sizeof(int32_t) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
+    int ok = FA(b->x, nb * H) && FA(b->xn, nb * H) && FA(b->y, nb * H);
+    if (ok && m->n_full)
+        ok = FA(b->qg, nb * qd * (m->attn_gate ? 2 : 1)) && FA(b->q, nb * qd) && FA(b->gate, nb * qd) &&
+             FA(b->k, nb * kvd) && FA(b->v, nb * kvd) && FA(b->att, nb * qd) && FA(b->scores, (int64_t)nt * n_ctx);
+    if (ok && m->n_linear)
+        ok = FA(b->qkv, nb * cd) && FA(b->qkvc, nb * cd) && FA(b->z, nb * vd) && FA(b->ba, nb * m->lin_nv) &&
+             FA(b->bb, nb * m->lin_nv) && FA(b->o, nb * vd);
+    if (ok && m->n_moe)
+        ok = FA(b->logits_r, nb * E) && FA(b->topw, nb * K) && IA(b->topi, nb * K) && FA(b->shg, nb * I) &&
+             FA(b->shu, nb * I) && FA(b->sho, nb * H) && FA(b->shs, nb) && FA(b->moe, nb * H) &&
+             FA(b->xe, nb * H) && FA(b->ge, nb * I) && FA(b->ue, nb * I) && FA(b->ye, nb * H) &&
+             IA(b->cnt, E) && IA(b->off, E + 1) && IA(b->fill, E) && IA(b->etok, nb * K) && FA(b->ew, nb * K) &&
+             IA(b->elist, E);
+    if (ok && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
+#undef FA
+#undef IA
+    if (!ok) scratch_free(b);
+    return ok;
+}
+
+/* ---------------------------------------------------------------- parallel pieces */
+
+typedef struct {
+    const fm_model *m;
+    const fm_session *s;
+    const fm_layer *L;
+    fm_scratch *b;
+    int64_t n;
+    int32_t pos;
+} fm_job;
+
+/* attention: items = n * n_heads */
+static void job_attend(void *ctx, int64_t i0, int64_t i1, int32_t tid) {
+    fm_job *j = ctx;
+    const fm_model *m = j->m;
+    int32_t nh = m->n_heads, dh = m->head_dim, rep = m->n_heads / m->n_kv_heads;
+    int64_t qd = (int64_t)nh * dh, kvd = (int64_t)m->n_kv_heads * dh;
+    float *kc = j->s->kc[j->L->state_idx], *vc = j->s->vc[j->L->state_idx];
+    float *scores = j->b->scores + (int64_t)tid * j->s->n_ctx;
+    float scale = 1.0f / sqrtf((float)dh);
+    for (int64_t it = i0; it < i1; it++) {
+        int64_t t = it / nh;
+        int32_t h = (int32_t)(it % nh), kh = h / rep;
+        float *out = j->b->att + t * qd + (int64_t)h * dh;
+        fm_attend_head(out, j->b->q + t * qd + (int64_t)h * dh, kc + (int64_t)kh * dh, vc + (int64_t)kh * dh, kvd,
+                       j->pos + (int32_t)t + 1, dh, scale, scores);
+        if (m->attn_gate) {
+            const float *g = j->b->gate + t * qd + (int64_t)h * dh;
+            for (int32_t d = 0; d < dh; d++) out[d] *= fm_sigmoid(g[d]);
+        }
+    }
+}
+
+/* q/k norm + RoPE + cache write: items = n */
+static void job_qk_prep(void *ctx, int64_t t0, int64_t t1, int32_t tid) {
+    (void)tid;
+    fm_job *j = ctx;
+    const fm_model *m = j->m;
+    const fm_layer *L = j->L;
+    fm_scratch *b = j->b;
+    int32_t nh = m->n_heads, nkv = m->n_kv_heads, dh = m->head_dim;
+    int64_t qd = (int64_t)nh * dh, kvd = (int64_t)nkv * dh;
+    float *kc = j->s->kc[L->state_idx], *vc = j->s->vc[L->state_idx];
+    for (int64_t t = t0; t < t1; t++) {
+        int32_t p = j->pos + (int32_t)t;
+        for (int32_t h = 0; h < nh; h++) {
+            float *q = b->q + t * qd + (int64_t)h * dh;
+            if (m->attn_gate) {
+                const float *src = b->qg + t * qd * 2 + (int64_t)h * dh * 2;
+                memcpy(q, src, sizeof(float) * (size_t)dh);
+                memcpy(b->gate + t * qd + (int64_t)h * dh, src + dh, sizeof(float) * (size_t)dh);
+            } else {
+                memcpy(q, b->qg + t * qd + (int64_t)h * dh, sizeof(float) * (size_t)dh);
+            }
+            if (L->q_norm) fm_rmsnorm(q, q, L->q_norm, dh, m->eps, m->norm_offset);
+            fm_rope_neox(q, m->rotary_dim, p, m->rope_theta);
+        }
+        float *kdst = kc + (int64_t)p * kvd, *vdst = vc + (int64_t)p * kvd;
+        for (int32_t h = 0; h < nkv; h++) {
+            float *k = kdst + (int64_t)h * dh;
+            memcpy(k, b->k + t * kvd + (int64_t)h * dh, sizeof(float) * (size_t)dh);
+            if (L->k_norm) fm_rmsnorm(k, k, L->k_norm, dh, m->eps, m->norm_offset);
+            fm_rope_neox(k, m->rotary_dim, p, m->rope_theta);
+        }
+        memcpy(vdst, b->v + t * kvd, sizeof(float) * (size_t)kvd);
+    }
+}
+
+/* conv1d over channel ranges */
+static void job_conv(void *ctx, int64_t c0, int64_t c1, int32_t tid) {
+    (void)tid;
+    fm_job *j = ctx;
+    const fm_model *m = j->m;
+    fm_conv1d_seq(j->b->qkvc, j->b->qkv, j->n, j->s->conv[j->L->state_idx], j->L->ssm_conv,
+                  (int32_t)conv_dim_of(m), m->conv_k, (int32_t)c0, (int32_t)c1);
+}
+
+/* gated delta rule + gated norm: items = value heads, each runs its tokens in order */
+static void job_gdn(void *ctx, int64_t h0, int64_t h1, int32_t tid) {
+    (void)tid;
+    fm_job *j = ctx;
+    const fm_model *m = j->m;
+    const fm_layer *L = j->L;
+    fm_scratch *b = j->b;
+    int32_t nk = m->lin_nk, nv = m->lin_nv, dk = m->lin_dk, dv = m->lin_dv, rep = nv / nk;
+    int64_t cd = conv_dim_of(m), vd = (int64_t)nv * dv;
+    float *S0 = j->s->ssm[L->state_idx];
+    for (int64_t h = h0; h < h1; h++) {
+        int32_t kh = (int32_t)h / rep; /* repeat_interleave: value head h uses key head h // (nv/nk) */
+        float *S = S0 + h * (int64_t)dk * dv;
+        float A = -expf(L->A_log[h]);
+        for (int64_t t = 0; t < j->n; t++) {
+            const float *row = b->qkvc + t * cd;
+            const float *q = row + (int64_t)kh * dk;
+            const float *k = row + (int64_t)nk * dk + (int64_t)kh * dk;
+            const float *v = row + 2 * (int64_t)nk * dk + h * dv;
+            float beta = fm_sigmoid(b->bb[t * nv + h]);
+            float g = A * fm_softplus(b->ba[t * nv + h] + L->dt_bias[h]);
+            float *o = b->o + t * vd + h * dv;
+            fm_gdn_step(S, q, k, v, g, beta, dk, dv, o);
+            fm_rmsnorm_gated(o, o, b->z + t * vd + h * dv, L->ssm_norm, dv, m->eps);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- layers */
+
+static void layer_full_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n) {
+    fm_model *m = s->m;
+    fm_mm(m->pool, &L->wq, b->xn, n, b->qg);
+    fm_mm(m->pool, &L->wk, b->xn, n, b->k);
+    fm_mm(m->pool, &L->wv, b->xn, n, b->v);
+    fm_job j = {m, s, L, b, n, s->pos};
+    fm_pool_for(m->pool, n, 1, job_qk_prep, &j);
+    fm_pool_for(m->pool, n * m->n_heads, 1, job_attend, &j);
+    fm_mm(m->pool, &L->wo, b->att, n, b->y);
+}
+
+static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n) {
+    fm_model *m = s->m;
+    int32_t nk = m->lin_nk, dk = m->lin_dk;
+    int64_t cd = conv_dim_of(m);
+    fm_mm(m->pool, &L->ssm_qkv, b->xn, n, b->qkv);
+    fm_mm(m->pool, &L->ssm_z, b->xn, n, b->z);
+    fm_mm(m->pool, &L->ssm_b, b->xn, n, b->bb);
+    fm_mm(m->pool, &L->ssm_a, b->xn, n, b->ba);
+    fm_job j = {m, s, L, b, n, s->pos};
+    fm_pool_for(m->pool, cd, 64, job_conv, &j);
+    /* q, k: L2 norm per key head (eps 1e-6 as the reference l2norm), q scaled by 1/sqrt(dk) */
+    float qs = 1.0f / sqrtf((float)dk);
+    for (int64_t t = 0; t < n; t++) {
+        float *row = b->qkvc + t * cd;
+        for (int32_t h = 0; h < nk; h++) {
+            float *q = row + (int64_t)h * dk, *k = row + (int64_t)nk * dk + (int64_t)h * dk;
+            fm_l2norm(q, dk, 1e-6f);
+            fm_l2norm(k, dk, 1e-6f);
+            for (int32_t d = 0; d < dk; d++) q[d] *= qs;
+        }
+    }
+    fm_pool_for(m->pool, m->lin_nv, 1, job_gdn, &j);
+    fm_mm(m->pool, &L->ssm_out, b->o, n, b->y);
+}
+
+static void swiglu(float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = fm_silu(g[i]) * u[i];
+}
+
+static void layer_dense_ffn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n) {
+    fm_model *m = s->m;
+    fm_mm(m->pool, &L->ffn_gate, b->xn, n, b->dg);
+    fm_mm(m->pool, &L->ffn_up, b->xn, n, b->du);
+    swiglu(b->dg, b->du, n * m->dense_I);
+    fm_mm(m->pool, &L->ffn_down, b->dg, n, b->y);
+}
+
+static fm_qmat part_view(const fm_part *p, const uint8_t *blk) {
+    fm_qmat w;
+    memset(&w, 0, sizeof w);
+    w.dt = p->dt;
+    w.bits = p->bits;
+    w.group_size = p->group_size;
+    w.rows = p->rows;
+    w.cols = p->cols;
+    if (p->dt == FM_DT_AFFINE) {
+        w.q = (const uint32_t *)(const void *)(blk + p->off_q);
+        w.scales = (const uint16_t *)(const void *)(blk + p->off_s);
+        w.biases = (const uint16_t *)(const void *)(blk + p->off_b);
+    } else {
+        w.data = blk + p->off_data;
+    }
+    return w;
+}
+
+/* MoE block for n tokens of b->xn into b->y; FM_ERR_IO on a failed read */
+static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scratch *b, int64_t n, char *err,
+                           size_t errlen) {
+    fm_model *m = s->m;
+    int64_t H = m->H, E = m->n_experts, I = m->moe_I, shI = m->sh_I;
+    int32_t K = m->k_tok;
+    double t0 = fm_now_ms();
+    /* routing: softmax over all experts, top-K, renormalise when norm_topk_prob */
+    fm_mm(m->pool, &L->router, b->xn, n, b->logits_r);
+    memset(b->cnt, 0, sizeof(int32_t) * (size_t)E);
+    for (int64_t t = 0; t < n; t++) {
+        float *p = b->logits_r + t * E;
+        fm_softmax(p, E);
+        int32_t *idx = b->topi + t * K;
+        float *w = b->topw + t * K;
+        fm_topk(p, (int32_t)E, K, idx);
+        float sum = 0.0f;
+        for (int32_t k = 0; k < K; k++) {
+            w[k] = p[idx[k]];
+            sum += w[k];
+        }
+        if (m->norm_topk)
+            for (int32_t k = 0; k < K; k++) w[k] /= sum;
+        for (int32_t k = 0; k < K; k++) b->cnt[idx[k]]++;
+    }
+    /* union of routed experts (ascending) and, per expert, its tokens */
+    int32_t n_used = 0;
+    b->off[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        b->off[e + 1] = b->off[e] + b->cnt[e];
+        b->fill[e] = b->off[e];
+        if (b->cnt[e]) b->elist[n_used++] = (int32_t)e;
+    }
+    for (int64_t t = 0; t < n; t++)
+        for (int32_t k = 0; k < K; k++) {
+            int32_t e = b->topi[t * K + k];
+            int32_t at = b->fill[e]++;
+            b->etok[at] = (int32_t)t;
+            b->ew[at] = b->topw[t * K + k];
+        }
+    double t1 = fm_now_ms();
+    s->st.ms_route += t1 - t0;
+
+    memset(b->moe, 0, sizeof(float) * (size_t)(n * H));
+    int shared_done = 0;
+    for (int32_t c0 = 0; c0 < n_used; c0 += m->max_batch) {
+        int32_t nc = n_used - c0 < m->max_batch ? n_used - c0 : m->max_batch;
+        fm_status st = fm_io_submit(m->io, il, b->elist + c0, nc, err, errlen);
+        if (st != FM_OK) return st;
+        if (!shared_done && L->has_shexp) {
+            /* shared expert while the reads are in flight */
+            double ts = fm_now_ms();
+            fm_mm(m->pool, &L->sh_gate, b->xn, n, b->shg);
+            fm_mm(m->pool, &L->sh_up, b->xn, n, b->shu);
+            swiglu(b->shg, b->shu, n * shI);
+            fm_mm(m->pool, &L->sh_down, b->shg, n, b->sho);
+            fm_mm(m->pool, &L->sh_router, b->xn, n, b->shs);
+            s->st.ms_expert += fm_now_ms() - ts;
+        }
+        shared_done = 1;
+        const uint8_t *blocks[m->max_batch];
+        fm_io_stats ios;
+        memset(&ios, 0, sizeof ios);
+        double tw = fm_now_ms();
+        st = fm_io_wait(m->io, blocks, &ios, err, errlen);
+        double te = fm_now_ms();
+        s->st.ms_io_wait += te - tw;
+        s->st.last_bytes_read += ios.bytes_read;
+        s->st.last_expert_loads += ios.loads;
+        s->st.last_expert_hits += ios.hits;
+        if (st != FM_OK) return st;
+        for (int32_t c = 0; c < nc; c++) {
+            int32_t e = b->elist[c0 + c];
+            int64_t me = b->cnt[e];
+            const int32_t *toks = b->etok + b->off[e];
+            const float *wts = b->ew + b->off[e];
+            fm_qmat wg = part_view(&L->parts[FM_PART_GATE], blocks[c]);
+            fm_qmat wu = part_view(&L->parts[FM_PART_UP], blocks[c]);
+            fm_qmat wd = part_view(&L->parts[FM_PART_DOWN], blocks[c]);
+            const float *xin = b->xn;
+            if (!(me == n && n == 1)) {
+                for (int64_t r = 0; r < me; r++)
+                    memcpy(b->xe + r * H, b->xn + (int64_t)toks[r] * H, sizeof(float) * (size_t)H);
+                xin = b->xe;
+            }
+            fm_mm(m->pool, &wg, xin, me, b->ge);
+            fm_mm(m->pool, &wu, xin, me, b->ue);
+            swiglu(b->ge, b->ue, me * I);
+            fm_mm(m->pool, &wd, b->ge, me, b->ye);
+            for (int64_t r = 0; r < me; r++) {
+                float *dst = b->moe + (int64_t)toks[r] * H;
+                const float *src = b->ye + r * H;
+                float w = wts[r];
+                for (int64_t d = 0; d < H; d++) dst[d] += w * src[d];
+            }
+        }
+        s->st.ms_expert += fm_now_ms() - te;
+    }
+    if (L->has_shexp) {
+        for (int64_t t = 0; t < n; t++) {
+            float gsc = fm_sigmoid(b->shs[t]);
+            float *dst = b->moe + t * H;
+            const float *src = b->sho + t * H;
+            for (int64_t d = 0; d < H; d++) dst[d] += gsc * src[d];
+        }
+    }
+    memcpy(b->y, b->moe, sizeof(float) * (size_t)(n * H));
+    return FM_OK;
+}
+
+/* one pass over all layers for n tokens at s->pos; on success s->pos += n */
+static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *tokens, int64_t n, float *logits,
+                               int32_t all_logits, char *err, size_t errlen) {
+    fm_model *m = s->m;
+    int64_t H = m->H;
+    double t0 = fm_now_ms();
+    for (int64_t t = 0; t < n; t++) fm_qmat_get_row(&m->tok_embd, tokens[t], b->x + t * H);
+    s->st.ms_other += fm_now_ms() - t0;
+
+    for (int32_t il = 0; il < m->n_layers; il++) {
+        const fm_layer *L = &m->layers[il];
+        double ta = fm_now_ms();
+        for (int64_t t = 0; t < n; t++) fm_rmsnorm(b->xn + t * H, b->x + t * H, L->attn_norm, H, m->eps, m->norm_offset);
+        if (L->attn == FM_ATTN_FULL)
+            layer_full_attn(s, L, b, n);
+        else
+            layer_linear_attn(s, L, b, n);
+        for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
+        double tb = fm_now_ms();
+        s->st.ms_attn += tb - ta;
+        for (int64_t t = 0; t < n; t++) fm_rmsnorm(b->xn + t * H, b->x + t * H, L->ffn_norm, H, m->eps, m->norm_offset);
+        if (L->ffn == FM_FFN_MOE) {
+            s->st.ms_route += fm_now_ms() - tb;
+            fm_status st = layer_moe(s, il, L, b, n, err, errlen);
+            if (st != FM_OK) return st;
+        } else {
+            layer_dense_ffn(s, L, b, n);
+            s->st.ms_expert += fm_now_ms() - tb;
+        }
+        for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
+    }
+
+    double tl = fm_now_ms();
+    if (logits) {
+        const fm_qmat *lm = m->tie ? &m->tok_embd : &m->output;
+        if (all_logits) {
+            for (int64_t t = 0; t < n; t++)
+                fm_rmsnorm(b->xn + t * H, b->x + t * H, m->output_norm, H, m->eps, m->norm_offset);
+            fm_mm(m->pool, lm, b->xn, n, logits);
+        } else {
+            fm_rmsnorm(b->xn, b->x + (n - 1) * H, m->output_norm, H, m->eps, m->norm_offset);
+            fm_qmat_matvec(m->pool, lm, b->xn, logits);
+        }
+    }
+    s->st.ms_other += fm_now_ms() - tl;
+    s->pos += (int32_t)n;
+    return FM_OK;
+}
+
+fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
+                          int64_t n_logits, int32_t all_logits, char *err, size_t errlen) {
+    if (err && errlen) err[0] = 0;
+    if (!s) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: session is NULL");
+    fm_model *m = s->m;
+    if (n_tokens < 1) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: n_tokens must be >= 1 (got %d)", n_tokens);
+    if (!tokens) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: tokens is NULL");
+    for (int32_t t = 0; t < n_tokens; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->vocab)
+            return fm_errf(err, errlen, FM_ERR_ARG,
+                           "fm_session_eval: token id %d at position %d is outside the vocabulary [0, %d)",
+                           tokens[t], t, m->vocab);
+    if (logits) {
+        int64_t need = all_logits ? (int64_t)n_tokens * m->vocab : (int64_t)m->vocab;
+        if (n_logits < need)
+            return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: n_logits is %lld, need %lld",
+                           (long long)n_logits, (long long)need);
+    }
+    if ((int64_t)s->pos + n_tokens > s->n_ctx)
+        return fm_errf(err, errlen, FM_ERR_CTX_FULL,
+                       "context full: %d tokens held + %d new > n_ctx %d (nothing was evaluated)", s->pos,
+                       n_tokens, s->n_ctx);
+    int64_t nb = n_tokens < FM_UBATCH ? n_tokens : FM_UBATCH;
+    fm_scratch b;
+    if (!scratch_alloc(&b, m, nb, s->n_ctx))
+        return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_eval: out of memory for scratch of %lld tokens",
+                       (long long)nb);
+    pthread_mutex_lock(&m->mu);
+    double t0 = fm_now_ms();
+    s->st.last_bytes_read = s->st.last_expert_loads = s->st.last_expert_hits = 0;
+    fm_status st = FM_OK;
+    for (int32_t done = 0; done < n_tokens; done += (int32_t)nb) {
+        int64_t cnt = n_tokens - done < nb ? n_tokens - done : nb;
+        float *lg = NULL;
+        if (logits) {
+            if (all_logits)
+                lg = logits + (int64_t)done * m->vocab;
+            else if (done + cnt == n_tokens)
+                lg = logits;
+        }
+        st = forward_batch(s, &b, tokens + done, cnt, lg, all_logits, err, errlen);
+        if (st != FM_OK) break;
+    }
+    pthread_mutex_unlock(&m->mu);
+    scratch_free(&b);
+    s->st.n_eval_calls++;
+    s->st.ms_total += fm_now_ms() - t0;
+    s->st.bytes_read += s->st.last_bytes_read;
+    s->st.expert_loads += s->st.last_expert_loads;
+    s->st.expert_hits += s->st.last_expert_hits;
+    if (st != FM_OK) {
+        fm_session_reset(s);
+        size_t l = err ? strlen(err) : 0;
+        if (err && l + 1 < errlen)
+            snprintf(err + l, errlen - l, " (the session was reset to position 0)");
+        return st == FM_ERR_IO ? FM_ERR_IO : st;
+    }
+    s->st.n_tokens += n_tokens;
+    s->st.last_n_tokens = n_tokens;
+    return FM_OK;
+}

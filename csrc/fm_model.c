@@ -1,0 +1,734 @@
+/* fm_model.c: opening a model directory.
+ *
+ * Owns: fm_model_open/close and the accessors. Parses DIR/pyflashmoe.json (fm_json), builds the
+ * layer table from "spec", mmaps dense.safetensors read-only and resolves every canonical tensor to
+ * an fm_qmat or float vector through the manifest "tensors" table (absolute offsets), reads the
+ * expert layout ("experts.layers[il].parts"), validates sizes, shapes, dtypes and the format
+ * version, then opens fm_io over the expert files and the compute pool.
+ * Does not own: the forward pass (fm_forward.c), reads (fm_io.c), kernels (fm_quant.c).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fm_model.h"
+
+#define MANIFEST "pyflashmoe.json"
+#define DENSE "dense.safetensors"
+#define FM_FORMAT_VERSION 1
+
+typedef struct {
+    fm_model *m;
+    const fm_json *tensors;
+    char *err;
+    size_t errlen;
+} fm_ld;
+
+fm_model_params fm_model_default_params(void) {
+    fm_model_params p;
+    memset(&p, 0, sizeof p);
+    p.backend = FM_BACKEND_CPU;
+    p.verify_sizes = 1;
+    return p;
+}
+
+static int own(fm_model *m, void *p) {
+    if (!p) return 0;
+    if (m->n_owned == m->cap_owned) {
+        int32_t nc = m->cap_owned ? m->cap_owned * 2 : 64;
+        void **no = realloc(m->owned, sizeof(void *) * (size_t)nc);
+        if (!no) {
+            free(p);
+            return 0;
+        }
+        m->owned = no;
+        m->cap_owned = nc;
+    }
+    m->owned[m->n_owned++] = p;
+    return 1;
+}
+
+/* ---------------------------------------------------------------- json helpers */
+
+static fm_status spec_int(const fm_json *spec, const char *key, int32_t *out, int32_t lo, char *err,
+                          size_t errlen) {
+    const fm_json *v = fm_json_get(spec, key);
+    if (!v || fm_json_kind(v) != FM_JSON_NUM)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s is missing or not a number", key);
+    double d = fm_json_num(v, 0);
+    if (d != (double)(int64_t)d || d < lo || d > 2147483647.0)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s = %g is not an integer >= %d", key, d, lo);
+    *out = (int32_t)d;
+    return FM_OK;
+}
+
+static fm_status spec_num(const fm_json *spec, const char *key, double *out, char *err, size_t errlen) {
+    const fm_json *v = fm_json_get(spec, key);
+    if (!v || fm_json_kind(v) != FM_JSON_NUM)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s is missing or not a number", key);
+    *out = fm_json_num(v, 0);
+    return FM_OK;
+}
+
+static int json_u64(const fm_json *v, uint64_t *out) {
+    if (!v || fm_json_kind(v) != FM_JSON_NUM) return 0;
+    double d = fm_json_num(v, -1);
+    if (d < 0 || d != (double)(uint64_t)d || d > 9.0e15) return 0;
+    *out = (uint64_t)d;
+    return 1;
+}
+
+/* [offset, nbytes] pair */
+static int json_span(const fm_json *v, uint64_t *off, uint64_t *nb) {
+    if (!v || fm_json_kind(v) != FM_JSON_ARR || fm_json_len(v) != 2) return 0;
+    return json_u64(fm_json_at(v, 0), off) && json_u64(fm_json_at(v, 1), nb);
+}
+
+static fm_dtype parse_dtype(const char *s, int *ok) {
+    *ok = 1;
+    if (s && !strcmp(s, "bf16")) return FM_DT_BF16;
+    if (s && !strcmp(s, "f32")) return FM_DT_F32;
+    if (s && !strcmp(s, "affine")) return FM_DT_AFFINE;
+    *ok = 0;
+    return FM_DT_F32;
+}
+
+static int valid_bits(int32_t b) { return b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8; }
+static int valid_gs(int32_t g) { return g == 32 || g == 64 || g == 128; }
+
+/* shape of entry e as [rows, cols]; a 1-D shape gives rows=1 */
+static int entry_shape(const fm_json *e, int64_t *dims, int32_t *nd) {
+    const fm_json *sh = fm_json_get(e, "shape");
+    if (!sh || fm_json_kind(sh) != FM_JSON_ARR || fm_json_len(sh) < 1 || fm_json_len(sh) > 4) return 0;
+    *nd = fm_json_len(sh);
+    for (int32_t i = 0; i < *nd; i++) {
+        uint64_t d;
+        if (!json_u64(fm_json_at(sh, i), &d)) return 0;
+        dims[i] = (int64_t)d;
+    }
+    return 1;
+}
+
+/* ---------------------------------------------------------------- tensors */
+
+static const fm_json *tensor_entry(fm_ld *ld, const char *name, fm_status *st) {
+    const fm_json *e = fm_json_get(ld->tensors, name);
+    if (!e || fm_json_kind(e) != FM_JSON_OBJ) {
+        *st = fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"] is missing (needed by spec.arch)",
+                      name);
+        return NULL;
+    }
+    *st = FM_OK;
+    return e;
+}
+
+/* pointer into the mmap at [off, off+nb), copied to an aligned buffer when misaligned */
+static const void *map_span(fm_ld *ld, const char *name, const char *field, uint64_t off, uint64_t nb,
+                            uint64_t want, size_t align, fm_status *st) {
+    fm_model *m = ld->m;
+    *st = FM_OK;
+    if (nb != want) {
+        *st = fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                      MANIFEST ": tensors[\"%s\"].%s has %llu bytes, its shape and dtype need %llu", name, field,
+                      (unsigned long long)nb, (unsigned long long)want);
+        return NULL;
+    }
+    if (off > m->map_len || nb > m->map_len - off) {
+        *st = fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                      DENSE ": tensors[\"%s\"].%s [%llu, +%llu) lies beyond the end of the file (%llu bytes)", name,
+                      field, (unsigned long long)off, (unsigned long long)nb, (unsigned long long)m->map_len);
+        return NULL;
+    }
+    const uint8_t *p = (const uint8_t *)m->map + off;
+    if (((uintptr_t)p % align) == 0) return p;
+    void *c = aligned_alloc(64, (nb + 63) / 64 * 64);
+    if (!c || !own(m, c)) {
+        *st = fm_errf(ld->err, ld->errlen, FM_ERR_OOM, "out of memory copying tensor %s", name);
+        return NULL;
+    }
+    memcpy(c, p, nb);
+    return c;
+}
+
+static fm_status get_mat(fm_ld *ld, const char *name, int64_t rows, int64_t cols, fm_qmat *out) {
+    fm_status st;
+    const fm_json *e = tensor_entry(ld, name, &st);
+    if (!e) return st;
+    int64_t dims[4];
+    int32_t nd;
+    if (!entry_shape(e, dims, &nd) || nd != 2)
+        return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"].shape is missing or not 2-D",
+                       name);
+    if (dims[0] != rows || dims[1] != cols)
+        return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                       MANIFEST ": tensors[\"%s\"].shape is [%lld, %lld], the spec needs [%lld, %lld]", name,
+                       (long long)dims[0], (long long)dims[1], (long long)rows, (long long)cols);
+    int ok;
+    const char *ds = fm_json_str(fm_json_get(e, "dtype"));
+    fm_dtype dt = parse_dtype(ds, &ok);
+    if (!ok)
+        return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                       MANIFEST ": tensors[\"%s\"].dtype is \"%s\", expected bf16, f32 or affine", name, ds ? ds : "?");
+    memset(out, 0, sizeof *out);
+    out->dt = dt;
+    out->rows = rows;
+    out->cols = cols;
+    if (dt == FM_DT_AFFINE) {
+        int32_t bits = (int32_t)fm_json_num(fm_json_get(e, "bits"), 0);
+        int32_t gs = (int32_t)fm_json_num(fm_json_get(e, "group_size"), 0);
+        if (!valid_bits(bits) || !valid_gs(gs) || cols % gs != 0 || (cols * bits) % 32 != 0)
+            return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                           MANIFEST ": tensors[\"%s\"]: bits %d / group_size %d invalid for %lld columns", name, bits,
+                           gs, (long long)cols);
+        out->bits = bits;
+        out->group_size = gs;
+        const char *f[3] = {"q", "scales", "biases"};
+        uint64_t want[3] = {(uint64_t)rows * (uint64_t)(cols * bits / 32) * 4u, (uint64_t)rows * (uint64_t)(cols / gs) * 2u,
+                            (uint64_t)rows * (uint64_t)(cols / gs) * 2u};
+        const void *p[3];
+        for (int i = 0; i < 3; i++) {
+            uint64_t off, nb;
+            if (!json_span(fm_json_get(e, f[i]), &off, &nb))
+                return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                               MANIFEST ": tensors[\"%s\"].%s must be [offset, nbytes]", name, f[i]);
+            p[i] = map_span(ld, name, f[i], off, nb, want[i], i == 0 ? 4 : 2, &st);
+            if (!p[i]) return st;
+        }
+        out->q = p[0];
+        out->scales = p[1];
+        out->biases = p[2];
+    } else {
+        uint64_t off, nb;
+        if (!json_u64(fm_json_get(e, "offset"), &off) || !json_u64(fm_json_get(e, "nbytes"), &nb))
+            return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                           MANIFEST ": tensors[\"%s\"].offset / .nbytes missing or invalid", name);
+        size_t es = dt == FM_DT_BF16 ? 2 : 4;
+        out->data = map_span(ld, name, "nbytes", off, nb, (uint64_t)rows * (uint64_t)cols * es, es, &st);
+        if (!out->data) return st;
+    }
+    return FM_OK;
+}
+
+/* a float vector of n values (stored f32, or bf16); shape must have n elements and, if rows>0,
+ * the 2-D shape [rows, n/rows] */
+static fm_status get_vec(fm_ld *ld, const char *name, int64_t n, int64_t rows, const float **out) {
+    fm_status st;
+    const fm_json *e = tensor_entry(ld, name, &st);
+    if (!e) return st;
+    int64_t dims[4];
+    int32_t nd;
+    if (!entry_shape(e, dims, &nd))
+        return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"].shape is missing", name);
+    int64_t cnt = 1;
+    for (int32_t i = 0; i < nd; i++) cnt *= dims[i];
+    if (cnt != n || (rows > 0 && (dims[0] != rows || dims[nd - 1] != n / rows)))
+        return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                       MANIFEST ": tensors[\"%s\"].shape has %lld elements (first dim %lld), the spec needs %lld", name,
+                       (long long)cnt, (long long)dims[0], (long long)n);
+    const char *ds = fm_json_str(fm_json_get(e, "dtype"));
+    int ok;
+    fm_dtype dt = parse_dtype(ds, &ok);
+    if (!ok || dt == FM_DT_AFFINE)
+        return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"].dtype is \"%s\", expected f32",
+                       name, ds ? ds : "?");
+    uint64_t off, nb;
+    if (!json_u64(fm_json_get(e, "offset"), &off) || !json_u64(fm_json_get(e, "nbytes"), &nb))
+        return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"].offset / .nbytes missing or invalid",
+                       name);
+    size_t es = dt == FM_DT_BF16 ? 2 : 4;
+    const uint8_t *p = map_span(ld, name, "nbytes", off, nb, (uint64_t)n * es, 1, &st);
+    if (!p) return st;
+    float *v = aligned_alloc(64, ((size_t)n * 4 + 63) / 64 * 64);
+    if (!v || !own(ld->m, v)) return fm_errf(ld->err, ld->errlen, FM_ERR_OOM, "out of memory copying tensor %s", name);
+    if (dt == FM_DT_F32)
+        memcpy(v, p, (size_t)n * 4);
+    else
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            v[i] = fm_bf16_to_f32(h);
+        }
+    *out = v;
+    return FM_OK;
+}
+
+/* ---------------------------------------------------------------- experts */
+
+static fm_status get_part(fm_model *m, const fm_json *parts, const char *pname, int32_t il, uint64_t block_bytes,
+                          int64_t rows, int64_t cols, fm_part *out, char *err, size_t errlen) {
+    const fm_json *e = fm_json_get(parts, pname);
+    if (!e || fm_json_kind(e) != FM_JSON_OBJ)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers[\"%d\"].parts.%s is missing", il, pname);
+    int64_t dims[4];
+    int32_t nd;
+    if (!entry_shape(e, dims, &nd) || nd != 2 || dims[0] != rows || dims[1] != cols)
+        return fm_errf(err, errlen, FM_ERR_FORMAT,
+                       MANIFEST ": experts.layers[\"%d\"].parts.%s.shape is not [%lld, %lld]", il, pname,
+                       (long long)rows, (long long)cols);
+    int ok;
+    const char *ds = fm_json_str(fm_json_get(e, "dtype"));
+    memset(out, 0, sizeof *out);
+    out->dt = parse_dtype(ds, &ok);
+    out->rows = rows;
+    out->cols = cols;
+    if (!ok)
+        return fm_errf(err, errlen, FM_ERR_FORMAT,
+                       MANIFEST ": experts.layers[\"%d\"].parts.%s.dtype is \"%s\", expected bf16 or affine", il, pname,
+                       ds ? ds : "?");
+    if (out->dt == FM_DT_AFFINE) {
+        int32_t bits = (int32_t)fm_json_num(fm_json_get(e, "bits"), 0);
+        int32_t gs = (int32_t)fm_json_num(fm_json_get(e, "group_size"), 0);
+        if (!valid_bits(bits) || !valid_gs(gs) || cols % gs != 0 || (cols * bits) % 32 != 0)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": experts.layers[\"%d\"].parts.%s: bits %d / group_size %d invalid for %lld columns",
+                           il, pname, bits, gs, (long long)cols);
+        out->bits = bits;
+        out->group_size = gs;
+        const char *f[3] = {"q", "scales", "biases"};
+        uint64_t want[3] = {(uint64_t)rows * (uint64_t)(cols * bits / 32) * 4u, (uint64_t)rows * (uint64_t)(cols / gs) * 2u,
+                            (uint64_t)rows * (uint64_t)(cols / gs) * 2u};
+        uint64_t *dst[3] = {&out->off_q, &out->off_s, &out->off_b};
+        for (int i = 0; i < 3; i++) {
+            uint64_t off, nb;
+            if (!json_span(fm_json_get(e, f[i]), &off, &nb) || nb != want[i] || off > block_bytes ||
+                nb > block_bytes - off || off % 4 != 0)
+                return fm_errf(err, errlen, FM_ERR_FORMAT,
+                               MANIFEST ": experts.layers[\"%d\"].parts.%s.%s must be [offset, %llu] inside the %llu-byte "
+                               "block, 4-byte aligned",
+                               il, pname, f[i], (unsigned long long)want[i], (unsigned long long)block_bytes);
+            *dst[i] = off;
+        }
+    } else {
+        size_t es = out->dt == FM_DT_BF16 ? 2 : 4;
+        uint64_t want = (uint64_t)rows * (uint64_t)cols * es, off, nb;
+        if (!json_span(fm_json_get(e, "data"), &off, &nb) || nb != want || off > block_bytes || nb > block_bytes - off ||
+            off % 4 != 0)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": experts.layers[\"%d\"].parts.%s.data must be [offset, %llu] inside the %llu-byte "
+                           "block, 4-byte aligned",
+                           il, pname, (unsigned long long)want, (unsigned long long)block_bytes);
+        out->off_data = off;
+    }
+    (void)m;
+    return FM_OK;
+}
+
+/* ---------------------------------------------------------------- open */
+
+static char *read_file(const char *path, size_t *len, char *err, size_t errlen, fm_status *st) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        *st = fm_errf(err, errlen, errno == ENOENT ? FM_ERR_FORMAT : FM_ERR_IO, "%s: cannot open (%s)", path,
+                      strerror(errno));
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        *st = fm_errf(err, errlen, buf ? FM_ERR_IO : FM_ERR_OOM, "%s: cannot read", path);
+        free(buf);
+        fclose(f);
+        return NULL;
+    }
+    fclose(f);
+    buf[n] = 0;
+    *len = (size_t)n;
+    *st = FM_OK;
+    return buf;
+}
+
+static char *path_join(const char *dir, const char *name) {
+    size_t a = strlen(dir), b = strlen(name);
+    char *p = malloc(a + b + 2);
+    if (!p) return NULL;
+    memcpy(p, dir, a);
+    p[a] = '/';
+    memcpy(p + a + 1, name, b + 1);
+    return p;
+}
+
+static fm_status parse_spec(fm_model *m, const fm_json *spec, char *err, size_t errlen) {
+    fm_status st;
+    const char *arch = fm_json_str(fm_json_get(spec, "arch"));
+    if (!arch)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.arch is missing");
+    if (!strcmp(arch, "qwen3_5_moe"))
+        m->arch = FM_ARCH_QWEN3_5_MOE;
+    else if (!strcmp(arch, "qwen3_next"))
+        m->arch = FM_ARCH_QWEN3_NEXT;
+    else if (!strcmp(arch, "qwen3_moe"))
+        m->arch = FM_ARCH_QWEN3_MOE;
+    else
+        return fm_errf(err, errlen, FM_ERR_FORMAT,
+                       MANIFEST ": spec.arch \"%s\" is not supported (qwen3_5_moe, qwen3_next, qwen3_moe)", arch);
+#define SI(key, dst, lo) \
+    if ((st = spec_int(spec, key, &m->dst, lo, err, errlen)) != FM_OK) return st
+    SI("hidden_size", H, 1);
+    SI("n_layers", n_layers, 1);
+    SI("vocab_size", vocab, 1);
+    SI("n_experts", n_experts, 0);
+    SI("n_experts_per_tok", k_model, 0);
+    SI("moe_intermediate_size", moe_I, 0);
+    SI("shared_expert_intermediate_size", sh_I, 0);
+    SI("intermediate_size", dense_I, 0);
+    SI("max_position_embeddings", max_pos, 0);
+    double d;
+    if ((st = spec_num(spec, "rms_norm_eps", &d, err, errlen)) != FM_OK) return st;
+    m->eps = (float)d;
+    if ((st = spec_num(spec, "norm_offset", &d, err, errlen)) != FM_OK) return st;
+    m->norm_offset = (float)d;
+    m->norm_topk = fm_json_bool(fm_json_get(spec, "norm_topk_prob"), 1);
+    /* transformers' Qwen3.5-MoE router renormalises the top-k unconditionally */
+    if (m->arch == FM_ARCH_QWEN3_5_MOE) m->norm_topk = 1;
+    m->tie = fm_json_bool(fm_json_get(spec, "tie_word_embeddings"), 0);
+    m->attn_gate = fm_json_bool(fm_json_get(spec, "attn_output_gate"), 0);
+
+    const fm_json *layers = fm_json_get(spec, "layers");
+    if (!layers || fm_json_kind(layers) != FM_JSON_ARR || fm_json_len(layers) != m->n_layers)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.layers must be a list of n_layers (%d) entries",
+                       m->n_layers);
+    m->layers = calloc((size_t)m->n_layers, sizeof(fm_layer));
+    if (!m->layers) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    for (int32_t il = 0; il < m->n_layers; il++) {
+        const fm_json *L = fm_json_at(layers, il);
+        const char *a = fm_json_str(fm_json_get(L, "attn")), *f = fm_json_str(fm_json_get(L, "ffn"));
+        fm_layer *ly = &m->layers[il];
+        if (a && !strcmp(a, "full")) {
+            ly->attn = FM_ATTN_FULL;
+            ly->state_idx = m->n_full++;
+        } else if (a && !strcmp(a, "linear")) {
+            ly->attn = FM_ATTN_LINEAR;
+            ly->state_idx = m->n_linear++;
+        } else {
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.layers[%d].attn must be \"full\" or \"linear\"", il);
+        }
+        if (f && !strcmp(f, "moe")) {
+            ly->ffn = FM_FFN_MOE;
+            m->n_moe++;
+        } else if (f && !strcmp(f, "dense")) {
+            ly->ffn = FM_FFN_DENSE;
+        } else {
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.layers[%d].ffn must be \"moe\" or \"dense\"", il);
+        }
+    }
+    if (m->n_full) {
+        SI("n_heads", n_heads, 1);
+        SI("n_kv_heads", n_kv_heads, 1);
+        SI("head_dim", head_dim, 1);
+        SI("rotary_dim", rotary_dim, 0);
+        if ((st = spec_num(spec, "rope_theta", &d, err, errlen)) != FM_OK) return st;
+        m->rope_theta = (float)d;
+        if (m->n_heads % m->n_kv_heads)
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.n_heads %d is not a multiple of spec.n_kv_heads %d",
+                           m->n_heads, m->n_kv_heads);
+        if (m->rotary_dim % 2 || m->rotary_dim > m->head_dim)
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.rotary_dim %d must be even and <= head_dim %d",
+                           m->rotary_dim, m->head_dim);
+    }
+    if (m->n_linear) {
+        SI("linear_n_k_heads", lin_nk, 1);
+        SI("linear_n_v_heads", lin_nv, 1);
+        SI("linear_k_dim", lin_dk, 1);
+        SI("linear_v_dim", lin_dv, 1);
+        SI("linear_conv_kernel", conv_k, 1);
+        if (m->lin_nv % m->lin_nk)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": spec.linear_n_v_heads %d is not a multiple of spec.linear_n_k_heads %d", m->lin_nv,
+                           m->lin_nk);
+        if (m->conv_k > 16)
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.linear_conv_kernel %d > 16 is not supported",
+                           m->conv_k);
+    }
+    if (m->n_moe) {
+        if (m->n_experts < 1 || m->k_model < 1 || m->k_model > m->n_experts || m->moe_I < 1)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": spec.n_experts %d / n_experts_per_tok %d / moe_intermediate_size %d invalid for "
+                           "MoE layers",
+                           m->n_experts, m->k_model, m->moe_I);
+    }
+    if (m->n_moe < m->n_layers && m->dense_I < 1)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.intermediate_size must be > 0 for dense FFN layers");
+#undef SI
+    return FM_OK;
+}
+
+static fm_status load_tensors(fm_ld *ld) {
+    fm_model *m = ld->m;
+    fm_status st;
+    int64_t H = m->H;
+    char nm[96];
+#define MAT(name, dst, r, c) \
+    if ((st = get_mat(ld, name, r, c, dst)) != FM_OK) return st
+#define VEC(name, dst, n, rows) \
+    if ((st = get_vec(ld, name, n, rows, dst)) != FM_OK) return st
+    MAT("tok_embd", &m->tok_embd, m->vocab, H);
+    VEC("output_norm", &m->output_norm, H, 0);
+    if (!m->tie) MAT("output", &m->output, m->vocab, H);
+    int64_t qd = (int64_t)m->n_heads * m->head_dim, kvd = (int64_t)m->n_kv_heads * m->head_dim;
+    int64_t nk = m->lin_nk, nv = m->lin_nv, dk = m->lin_dk, dv = m->lin_dv;
+    int64_t cd = 2 * nk * dk + nv * dv;
+    for (int32_t il = 0; il < m->n_layers; il++) {
+        fm_layer *L = &m->layers[il];
+#define N(suffix) (snprintf(nm, sizeof nm, "blk.%d." suffix, il), nm)
+        VEC(N("attn_norm"), &L->attn_norm, H, 0);
+        VEC(N("ffn_norm"), &L->ffn_norm, H, 0);
+        if (L->attn == FM_ATTN_FULL) {
+            MAT(N("attn_q"), &L->wq, qd * (m->attn_gate ? 2 : 1), H);
+            MAT(N("attn_k"), &L->wk, kvd, H);
+            MAT(N("attn_v"), &L->wv, kvd, H);
+            MAT(N("attn_o"), &L->wo, H, qd);
+            VEC(N("attn_q_norm"), &L->q_norm, m->head_dim, 0);
+            VEC(N("attn_k_norm"), &L->k_norm, m->head_dim, 0);
+        } else {
+            MAT(N("ssm_qkv"), &L->ssm_qkv, cd, H);
+            MAT(N("ssm_z"), &L->ssm_z, nv * dv, H);
+            MAT(N("ssm_b"), &L->ssm_b, nv, H);
+            MAT(N("ssm_a"), &L->ssm_a, nv, H);
+            VEC(N("ssm_conv"), &L->ssm_conv, cd * m->conv_k, cd);
+            VEC(N("ssm_dt_bias"), &L->dt_bias, nv, 0);
+            VEC(N("ssm_A_log"), &L->A_log, nv, 0);
+            VEC(N("ssm_norm"), &L->ssm_norm, dv, 0);
+            MAT(N("ssm_out"), &L->ssm_out, H, nv * dv);
+        }
+        if (L->ffn == FM_FFN_MOE) {
+            MAT(N("ffn_router"), &L->router, m->n_experts, H);
+            if (m->sh_I > 0) {
+                L->has_shexp = 1;
+                MAT(N("shexp_gate"), &L->sh_gate, m->sh_I, H);
+                MAT(N("shexp_up"), &L->sh_up, m->sh_I, H);
+                MAT(N("shexp_down"), &L->sh_down, H, m->sh_I);
+                MAT(N("shexp_router"), &L->sh_router, 1, H);
+            }
+        } else {
+            MAT(N("ffn_gate"), &L->ffn_gate, m->dense_I, H);
+            MAT(N("ffn_up"), &L->ffn_up, m->dense_I, H);
+            MAT(N("ffn_down"), &L->ffn_down, H, m->dense_I);
+        }
+#undef N
+    }
+#undef MAT
+#undef VEC
+    return FM_OK;
+}
+
+static fm_status load_experts(fm_model *m, const fm_json *root, int verify, char *err, size_t errlen) {
+    fm_status st;
+    const fm_json *layers = fm_json_get(fm_json_get(root, "experts"), "layers");
+    if (m->n_moe && (!layers || fm_json_kind(layers) != FM_JSON_OBJ))
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers is missing");
+    m->files = calloc((size_t)m->n_layers, sizeof(fm_expert_file));
+    m->paths = calloc((size_t)m->n_layers, sizeof(char *));
+    if (!m->files || !m->paths) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    for (int32_t il = 0; il < m->n_layers; il++) {
+        fm_layer *L = &m->layers[il];
+        if (L->ffn != FM_FFN_MOE) continue;
+        char key[16];
+        snprintf(key, sizeof key, "%d", il);
+        const fm_json *e = fm_json_get(layers, key);
+        if (!e || fm_json_kind(e) != FM_JSON_OBJ)
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers[\"%d\"] is missing (layer %d is MoE)",
+                           il, il);
+        const char *file = fm_json_str(fm_json_get(e, "file"));
+        uint64_t ne, bb, doff;
+        if (!file || strstr(file, ".."))
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers[\"%d\"].file is missing or invalid", il);
+        if (!json_u64(fm_json_get(e, "n_experts"), &ne) || ne != (uint64_t)m->n_experts)
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers[\"%d\"].n_experts is not spec.n_experts %d",
+                           il, m->n_experts);
+        if (!json_u64(fm_json_get(e, "block_bytes"), &bb) || bb == 0 || bb % 4096)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": experts.layers[\"%d\"].block_bytes is missing or not a positive multiple of 4096", il);
+        if (!json_u64(fm_json_get(e, "data_offset"), &doff) || doff % 4096)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": experts.layers[\"%d\"].data_offset is missing or not a multiple of 4096", il);
+        const fm_json *parts = fm_json_get(e, "parts");
+        if ((st = get_part(m, parts, "gate", il, bb, m->moe_I, m->H, &L->parts[FM_PART_GATE], err, errlen)) != FM_OK ||
+            (st = get_part(m, parts, "up", il, bb, m->moe_I, m->H, &L->parts[FM_PART_UP], err, errlen)) != FM_OK ||
+            (st = get_part(m, parts, "down", il, bb, m->H, m->moe_I, &L->parts[FM_PART_DOWN], err, errlen)) != FM_OK)
+            return st;
+        L->block_bytes = bb;
+        m->paths[il] = path_join(m->dir, file);
+        if (!m->paths[il]) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+        struct stat sb;
+        if (stat(m->paths[il], &sb) != 0)
+            return fm_errf(err, errlen, errno == ENOENT ? FM_ERR_FORMAT : FM_ERR_IO, "%s: cannot stat (%s)", m->paths[il],
+                           strerror(errno));
+        if (verify && (uint64_t)sb.st_size < doff + ne * bb)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           "%s: file has %llu bytes, experts.layers[\"%d\"] needs %llu (data_offset + n_experts * "
+                           "block_bytes): truncated?",
+                           m->paths[il], (unsigned long long)sb.st_size, il, (unsigned long long)(doff + ne * bb));
+        m->files[il].path = m->paths[il];
+        m->files[il].data_offset = doff;
+        m->files[il].block_bytes = bb;
+        m->files[il].n_experts = (int32_t)ne;
+    }
+    return FM_OK;
+}
+
+fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *params, char *err, size_t errlen) {
+    if (err && errlen) err[0] = 0;
+    if (!out) return fm_errf(err, errlen, FM_ERR_ARG, "fm_model_open: out is NULL");
+    *out = NULL;
+    if (!dir) return fm_errf(err, errlen, FM_ERR_ARG, "fm_model_open: dir is NULL");
+    fm_model_params p = params ? *params : fm_model_default_params();
+    if (p.backend != FM_BACKEND_CPU)
+        return fm_errf(err, errlen, FM_ERR_BACKEND, "fm_model_open: backend %d is not available in this build (CPU only)",
+                       p.backend);
+    fm_model *m = calloc(1, sizeof *m);
+    if (!m) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    fm_status st = FM_OK;
+    fm_json *root = NULL;
+    char *text = NULL, *mpath = NULL, *dpath = NULL;
+    int fd = -1;
+    m->dir = strdup(dir);
+    mpath = path_join(dir, MANIFEST);
+    dpath = path_join(dir, DENSE);
+    if (!m->dir || !mpath || !dpath) {
+        st = fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+        goto fail;
+    }
+    size_t tlen;
+    text = read_file(mpath, &tlen, err, errlen, &st);
+    if (!text) goto fail;
+    char jerr[200];
+    root = fm_json_parse(text, tlen, jerr, sizeof jerr);
+    if (!root) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: invalid JSON: %s", mpath, jerr);
+        goto fail;
+    }
+    const char *fmt = fm_json_str(fm_json_get(root, "format"));
+    if (!fmt || strcmp(fmt, "pyflashmoe")) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: field \"format\" must be \"pyflashmoe\"", mpath);
+        goto fail;
+    }
+    double ver = fm_json_num(fm_json_get(root, "format_version"), -1);
+    if (ver != FM_FORMAT_VERSION) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT,
+                     "%s: format_version %g is not supported (this build reads version %d)", mpath, ver,
+                     FM_FORMAT_VERSION);
+        goto fail;
+    }
+    const fm_json *spec = fm_json_get(root, "spec");
+    if (!spec || fm_json_kind(spec) != FM_JSON_OBJ) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: field \"spec\" is missing", mpath);
+        goto fail;
+    }
+    if ((st = parse_spec(m, spec, err, errlen)) != FM_OK) goto fail;
+    m->k_tok = m->k_model;
+    if (p.experts_per_token > 0) {
+        if (m->n_moe && p.experts_per_token > m->n_experts) {
+            st = fm_errf(err, errlen, FM_ERR_ARG, "experts_per_token %d must be in 1..n_experts (%d)",
+                         p.experts_per_token, m->n_experts);
+            goto fail;
+        }
+        m->k_tok = p.experts_per_token;
+    }
+    /* dense weights */
+    fd = open(dpath, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        st = fm_errf(err, errlen, errno == ENOENT ? FM_ERR_FORMAT : FM_ERR_IO, "%s: cannot open (%s)", dpath,
+                     strerror(errno));
+        goto fail;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || sb.st_size <= 0) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: empty or unreadable", dpath);
+        goto fail;
+    }
+    const fm_json *fsz = fm_json_get(fm_json_get(fm_json_get(root, "files"), DENSE), "size");
+    uint64_t want_size;
+    if (p.verify_sizes && json_u64(fsz, &want_size) && want_size != (uint64_t)sb.st_size) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: file has %llu bytes, manifest files[\"" DENSE "\"].size says %llu",
+                     dpath, (unsigned long long)sb.st_size, (unsigned long long)want_size);
+        goto fail;
+    }
+    m->map_len = (size_t)sb.st_size;
+    m->map = mmap(NULL, m->map_len, PROT_READ, MAP_SHARED, fd, 0);
+    if (m->map == MAP_FAILED) {
+        m->map = NULL;
+        st = fm_errf(err, errlen, FM_ERR_IO, "%s: mmap failed (%s)", dpath, strerror(errno));
+        goto fail;
+    }
+    close(fd);
+    fd = -1;
+    const fm_json *tensors = fm_json_get(root, "tensors");
+    if (!tensors || fm_json_kind(tensors) != FM_JSON_OBJ) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: field \"tensors\" is missing", mpath);
+        goto fail;
+    }
+    fm_ld ld = {m, tensors, err, errlen};
+    if ((st = load_tensors(&ld)) != FM_OK) goto fail;
+    if ((st = load_experts(m, root, p.verify_sizes, err, errlen)) != FM_OK) goto fail;
+
+    if (pthread_mutex_init(&m->mu, NULL) != 0) {
+        st = fm_errf(err, errlen, FM_ERR_OOM, "cannot create the model mutex");
+        goto fail;
+    }
+    m->mu_init = 1;
+    m->pool = fm_pool_new(p.n_threads);
+    if (!m->pool) {
+        st = fm_errf(err, errlen, FM_ERR_OOM, "cannot start %d compute threads", p.n_threads);
+        goto fail;
+    }
+    if (m->n_moe) {
+        int32_t mb = m->n_experts < 16 ? m->n_experts : 16;
+        m->max_batch = m->k_tok > mb ? m->k_tok : mb;
+        int32_t iot = p.io_threads > 0 ? p.io_threads : (m->k_tok > 4 ? m->k_tok : 4);
+        if ((st = fm_io_open(&m->io, m->files, m->n_layers, iot, p.direct_io, p.ram_budget, m->max_batch, err,
+                             errlen)) != FM_OK)
+            goto fail;
+    }
+    fm_json_free(root);
+    free(text);
+    free(mpath);
+    free(dpath);
+    *out = m;
+    return FM_OK;
+fail:
+    if (fd >= 0) close(fd);
+    fm_json_free(root);
+    free(text);
+    free(mpath);
+    free(dpath);
+    fm_model_close(m);
+    return st;
+}
+
+void fm_model_close(fm_model *m) {
+    if (!m) return;
+    if (m->io) fm_io_close(m->io);
+    if (m->pool) fm_pool_free(m->pool);
+    if (m->map) munmap(m->map, m->map_len);
+    if (m->mu_init) pthread_mutex_destroy(&m->mu);
+    for (int32_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    if (m->paths)
+        for (int32_t i = 0; i < m->n_layers; i++) free(m->paths[i]);
+    free(m->paths);
+    free(m->files);
+    free(m->layers);
+    free(m->dir);
+    free(m);
+}
+
+void fm_model_set_log(fm_model *m, fm_log_fn fn, void *user) {
+    if (!m) return;
+    m->log_fn = fn;
+    m->log_user = user;
+}
+
+int32_t fm_model_n_vocab(const fm_model *m) { return m ? m->vocab : 0; }
+int32_t fm_model_n_layers(const fm_model *m) { return m ? m->n_layers : 0; }
+int32_t fm_model_hidden(const fm_model *m) { return m ? m->H : 0; }
+int32_t fm_model_experts_per_token(const fm_model *m) { return m ? m->k_tok : 0; }
+uint64_t fm_model_dense_bytes(const fm_model *m) { return m ? (uint64_t)m->map_len : 0; }
+uint64_t fm_model_expert_block_bytes(const fm_model *m, int32_t il) {
+    if (!m || il < 0 || il >= m->n_layers || m->layers[il].ffn != FM_FFN_MOE) return 0;
+    return m->layers[il].block_bytes;
+}

@@ -1,0 +1,122 @@
+/* fm_model.h: the resolved model (weights as fm_qmat views into the mmap, layer table, expert
+ * layout), the session state and the compute ops. Private to fm_model.c, fm_ops.c, fm_forward.c.
+ *
+ * Owns: struct fm_model, struct fm_session, the ops in fm_ops.c. Does not own: kernels (fm_quant.c),
+ * the manifest parser (fm_json.c), expert reads (fm_io.c).
+ */
+#ifndef FM_MODEL_H
+#define FM_MODEL_H
+
+#include <math.h>
+#include <pthread.h>
+
+#include "fm_internal.h"
+
+enum { FM_ARCH_QWEN3_5_MOE = 0, FM_ARCH_QWEN3_NEXT = 1, FM_ARCH_QWEN3_MOE = 2 };
+enum { FM_ATTN_FULL = 0, FM_ATTN_LINEAR = 1 };
+enum { FM_FFN_MOE = 0, FM_FFN_DENSE = 1 };
+enum { FM_PART_GATE = 0, FM_PART_UP = 1, FM_PART_DOWN = 2 };
+
+/* one part (gate/up/down) of an expert block: offsets relative to the block start */
+typedef struct {
+    fm_dtype dt;
+    int32_t bits, group_size;
+    int64_t rows, cols;
+    uint64_t off_data;           /* FM_DT_BF16 / FM_DT_F32 */
+    uint64_t off_q, off_s, off_b; /* FM_DT_AFFINE */
+} fm_part;
+
+typedef struct {
+    int32_t attn, ffn;   /* FM_ATTN_*, FM_FFN_* */
+    int32_t state_idx;   /* index into the session's KV caches (full) or linear states (linear) */
+    const float *attn_norm, *ffn_norm;
+    /* full attention */
+    fm_qmat wq, wk, wv, wo;
+    const float *q_norm, *k_norm;
+    /* linear attention (GatedDeltaNet) */
+    fm_qmat ssm_qkv, ssm_z, ssm_b, ssm_a, ssm_out;
+    const float *ssm_conv;  /* [conv_dim, conv_kernel] */
+    const float *dt_bias, *A_log, *ssm_norm;
+    /* MoE */
+    fm_qmat router, sh_gate, sh_up, sh_down, sh_router;
+    int32_t has_shexp;
+    fm_part parts[3];
+    uint64_t block_bytes;
+    /* dense MLP */
+    fm_qmat ffn_gate, ffn_up, ffn_down;
+} fm_layer;
+
+struct fm_model {
+    /* spec */
+    int32_t arch;
+    int32_t H, n_layers, vocab;
+    float eps, norm_offset;
+    int32_t n_heads, n_kv_heads, head_dim, rotary_dim, attn_gate;
+    float rope_theta;
+    int32_t lin_nk, lin_nv, lin_dk, lin_dv, conv_k;
+    int32_t n_experts, k_model, k_tok, moe_I, norm_topk, sh_I, dense_I, tie;
+    int32_t max_pos;
+    int32_t n_full, n_linear, n_moe;
+    int32_t max_batch; /* experts per fm_io_submit */
+
+    fm_layer *layers;
+    fm_qmat tok_embd, output;
+    const float *output_norm;
+
+    /* storage */
+    char *dir;
+    void *map;
+    size_t map_len;
+    void **owned; /* copies of misaligned tensors / f32 vectors */
+    int32_t n_owned, cap_owned;
+    fm_expert_file *files;
+    char **paths;
+    fm_io *io;
+    fm_pool *pool;
+    pthread_mutex_t mu; /* serialises evals of the sessions of this model (pool and io are shared) */
+    int mu_init;
+    fm_log_fn log_fn;
+    void *log_user;
+};
+
+struct fm_session {
+    fm_model *m;
+    int32_t n_ctx, pos;
+    float **kc, **vc;       /* per full layer: [n_ctx, n_kv_heads*head_dim] */
+    float **conv, **ssm;    /* per linear layer: conv [conv_k-1, conv_dim], ssm [nv, dk, dv] */
+    fm_stats st;
+};
+
+/* ---- ops (fm_ops.c): single-threaded on one row / head unless noted ---- */
+/* y = x̂ * (w + offset), x̂ = x / sqrt(mean(x²) + eps); y may alias x */
+void fm_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps, float offset);
+/* y = x̂ * w * silu(z) (plain gated RMSNorm of GatedDeltaNet, per value head) */
+void fm_rmsnorm_gated(float *y, const float *x, const float *z, const float *w, int64_t n, float eps);
+/* x *= 1/sqrt(sum(x²) + eps) */
+void fm_l2norm(float *x, int64_t n, float eps);
+/* NeoX rotate-half RoPE on the first rot_dim dims of one head at position pos */
+void fm_rope_neox(float *x, int32_t rot_dim, int32_t pos, float theta);
+/* softmax in place */
+void fm_softmax(float *x, int64_t n);
+static inline float fm_silu(float x) { return x / (1.0f + expf(-x)); }
+static inline float fm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float fm_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+/* indices of the k largest of x[n] (descending, ties: lower index first) */
+void fm_topk(const float *x, int32_t n, int32_t k, int32_t *idx);
+/* out[dh] = attention of one query head over keys/values 0..n_keys-1 (row stride kv_stride),
+ * scores: scratch float[n_keys] */
+void fm_attend_head(float *out, const float *q, const float *kc, const float *vc, int64_t kv_stride,
+                    int32_t n_keys, int32_t dh, float scale, float *scores);
+/* causal depthwise conv1d + SiLU over n tokens for channels [c0, c1): X, Y [n, C] row-major,
+ * state[(k-1)*C] the last k-1 inputs (oldest first, updated), w[C, k] */
+void fm_conv1d_seq(float *Y, const float *X, int64_t n, float *state, const float *w, int32_t C,
+                   int32_t k, int32_t c0, int32_t c1);
+/* one gated-delta-rule step of one value head: S[dk, dv] *= exp(g); kv = Sᵀk; delta = beta(v-kv);
+ * S += k ⊗ delta; o = Sᵀq (q already L2-normalised and scaled) */
+void fm_gdn_step(float *S, const float *q, const float *k, const float *v, float g, float beta,
+                 int32_t dk, int32_t dv, float *o);
+
+/* matrix helpers over the pool: Y[n, rows] = X[n, cols] Wᵀ */
+void fm_mm(fm_pool *pool, const fm_qmat *W, const float *X, int64_t n, float *Y);
+
+#endif
