@@ -8,7 +8,7 @@ one measurement) of a scratch file:
   engine-warm     fm_io_probe, buffered, whole file in the page cache
   python-cold     os.pread from a ThreadPoolExecutor, page cache dropped first
   python-warm     os.pread, file in the page cache
-Each is repeated -r times; prints median, min and max GB/s (1 GB = 1e9 B) and optional CSV.
+Modes are interleaved within each of -r repeats; prints median, min and max GB/s (1 GB = 1e9 B) and optional CSV.
 
   python bench/io_probe.py --dir /work --size-gb 2 -r 5
 The scratch file is deleted afterwards (--keep to keep it).
@@ -149,34 +149,46 @@ def main(argv=None):
     print(f"# commit: {commit()}  python {platform.python_version()}  file {size / 1e9:.2f} GB")
     print(f"# command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     rows = []
+    vals = {}
     try:
+        # modes interleaved inside each repeat, so load from other processes hits them all alike
+        for rep in range(a.repeats):
+            for block in blocks:
+                n_reads = a.reads or max(8, min(size // block, (512 << 20) // block))
+                order = [m for m in modes if m.endswith("cold") or m.endswith("direct")]
+                order += [m for m in modes if m.endswith("warm")]
+                warmed = False
+                for mode in order:
+                    if mode.endswith("warm") and not warmed:
+                        warm_cache(path)
+                        warmed = True
+                    for t in threads:
+                        if mode.endswith("cold"):
+                            drop_cache(path)
+                        try:
+                            if mode in ("engine-cold", "engine-warm"):
+                                g = engine_probe(path, block, n_reads, t, False)
+                            elif mode == "engine-direct":
+                                g = engine_probe(path, block, n_reads, t, True)
+                            else:
+                                g = python_probe(path, block, n_reads, t)
+                        except OSError as e:
+                            print(f"# {mode} t={t}: {e}")
+                            continue
+                        vals.setdefault((block, mode, t), []).append(g)
+            print(f"# repeat {rep + 1}/{a.repeats} done", flush=True)
         print(f"{'block_bytes':>11} {'mode':>13} {'threads':>7} {'median GB/s':>11} {'min':>7} {'max':>7}  reads")
         for block in blocks:
             n_reads = a.reads or max(8, min(size // block, (512 << 20) // block))
             for mode in modes:
-                if mode.endswith("warm"):
-                    warm_cache(path)
                 for t in threads:
-                    vals = []
-                    for _ in range(a.repeats):
-                        if mode.endswith("cold"):
-                            drop_cache(path)
-                        try:
-                            if mode == "engine-cold" or mode == "engine-warm":
-                                vals.append(engine_probe(path, block, n_reads, t, False))
-                            elif mode == "engine-direct":
-                                vals.append(engine_probe(path, block, n_reads, t, True))
-                            else:
-                                vals.append(python_probe(path, block, n_reads, t))
-                        except OSError as e:
-                            print(f"# {mode} t={t}: {e}")
-                            break
-                    if not vals:
+                    v = vals.get((block, mode, t))
+                    if not v:
                         continue
-                    med = statistics.median(vals)
-                    rows.append((block, mode, t, med, min(vals), max(vals), n_reads, len(vals)))
-                    print(f"{block:>11} {mode:>13} {t:>7} {med:>11.3f} {min(vals):>7.3f} {max(vals):>7.3f}  "
-                          f"{n_reads} x{len(vals)}", flush=True)
+                    med = statistics.median(v)
+                    rows.append((block, mode, t, med, min(v), max(v), n_reads, len(v)))
+                    print(f"{block:>11} {mode:>13} {t:>7} {med:>11.3f} {min(v):>7.3f} {max(v):>7.3f}  "
+                          f"{n_reads} x{len(v)}", flush=True)
     finally:
         if own and not a.keep:
             os.unlink(path)

@@ -9,8 +9,9 @@
  * reads are in flight across the threads), fm_io_wait blocks until they are done. A block read
  * into a slot joins the LRU by swapping buffers with the evicted entry (no copy); entries handed
  * out by the current request are pinned so an insertion never frees memory the caller still
- * holds. Slots are used round-robin over 2*max_batch buffers so consecutive requests land in
- * different slots. A failed read leaves the reader usable: the next submit starts afresh.
+ * holds. Slots: 2*max_batch buffers, allocated on first use; consecutive requests alternate
+ * between the two halves, so memory grows only to twice the largest request's misses (prefill
+ * batches can be large). A failed read leaves the reader usable: the next submit starts afresh.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -58,8 +59,8 @@ struct fm_io {
     uint64_t max_block;
     int32_t direct_requested;
     /* slots */
-    int32_t n_slots, slot_cursor;
-    uint8_t **slot_buf;     /* [n_slots] */
+    int32_t n_slots, slot_half;
+    uint8_t **slot_buf;     /* [n_slots]: NULL until first used */
     /* LRU cache */
     int32_t cache_cap, cache_n, lru_head, lru_tail;
     io_entry *entries;      /* [cache_cap] */
@@ -181,11 +182,9 @@ static void pin(fm_io *io, int32_t k) {
 static int32_t cache_insert(fm_io *io, int32_t il, int32_t ie, int32_t s) {
     int32_t k;
     if (io->cache_n < io->cache_cap) {
-        uint8_t *fresh = aligned_block(io->max_block); /* replaces the slot buffer the entry takes */
-        if (!fresh) return -1;
         k = io->cache_n++;
         io->entries[k].buf = io->slot_buf[s];
-        io->slot_buf[s] = fresh;
+        io->slot_buf[s] = NULL; /* allocated again when next used */
     } else {
         for (k = io->lru_tail; k >= 0 && io->entries[k].pinned; k = io->entries[k].prev) {}
         if (k < 0) return -1;
@@ -339,14 +338,6 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
         io->n_slots = 2 * max_batch;
         io->slot_buf = calloc((size_t)io->n_slots, sizeof(uint8_t *));
         if (!io->slot_buf) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
-        for (int32_t s = 0; s < io->n_slots; s++) {
-            io->slot_buf[s] = aligned_block(io->max_block);
-            if (!io->slot_buf[s]) {
-                st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: cannot allocate %d slot buffers of %llu bytes",
-                             io->n_slots, (unsigned long long)io->max_block);
-                goto fail;
-            }
-        }
         uint64_t cap = ram_budget / io->max_block;
         if (cap > INT32_MAX / 2) cap = INT32_MAX / 2;
         io->cache_cap = (int32_t)cap;
@@ -426,8 +417,12 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
             io->req_hits++;
             continue;
         }
-        int32_t s = io->slot_cursor;
-        io->slot_cursor = (io->slot_cursor + 1) % io->n_slots;
+        int32_t s = io->slot_half * io->max_batch + n_tasks;
+        if (!io->slot_buf[s] && !(io->slot_buf[s] = aligned_block(io->max_block))) {
+            io->n_distinct = 0;
+            return fm_errf(err, errlen, FM_ERR_OOM, "fm_io_submit: cannot allocate a slot buffer of %llu bytes",
+                           (unsigned long long)io->max_block);
+        }
         io_task *t = &io->tasks[n_tasks];
         t->il = il;
         t->ie = ie;
@@ -441,6 +436,7 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
         io->dist_ptr[d] = NULL;
         io->dist_task[d] = n_tasks++;
     }
+    io->slot_half ^= 1;
     pthread_mutex_lock(&io->mu);
     io->n_tasks = n_tasks;
     io->next_task = 0;
