@@ -102,9 +102,23 @@ static fm_kernels g_tables[4];          /* written once under pthread_once, read
 static fm_simd_level g_level;           /* idem */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
+static void affine_dequant_row(const fm_qmat *W, int64_t r, float *out);
+static void affine_multi_scalar(const fm_qmat *W, const float *X, int64_t nv, const float *xsum,
+                                float *Y, int64_t ldy, int64_t r0, int64_t r1);
+static void bf16_multi_scalar(const fm_qmat *W, const float *X, int64_t nv, const float *xsum,
+                              float *Y, int64_t ldy, int64_t r0, int64_t r1);
+static void f32_multi_scalar(const fm_qmat *W, const float *X, int64_t nv, const float *xsum,
+                             float *Y, int64_t ldy, int64_t r0, int64_t r1);
+
 static void fill_scalar(fm_kernels *k) {
     memset(k, 0, sizeof *k);
-    for (int b = 0; b <= 8; b++) k->affine[b] = affine_rows_scalar;
+    for (int b = 0; b <= 8; b++) {
+        k->affine[b] = affine_rows_scalar;
+        k->affine_row[b] = affine_dequant_row;
+        k->affine_multi[b] = affine_multi_scalar;
+    }
+    k->bf16_multi = bf16_multi_scalar;
+    k->f32_multi = f32_multi_scalar;
     k->bf16 = bf16_rows_scalar;
     k->f32 = f32_rows_scalar;
     k->dot = dot_scalar;
@@ -297,7 +311,7 @@ static void affine_dequant_row(const fm_qmat *W, int64_t r, float *out) {
     }
 }
 
-void fm_qmat_get_row(const fm_qmat *W, int64_t r, float *out) {
+void fm_qmat_get_row_k(const fm_kernels *k, const fm_qmat *W, int64_t r, float *out) {
     switch (W->dt) {
     case FM_DT_F32:
         memcpy(out, (const float *)W->data + r * W->cols, (size_t)W->cols * sizeof(float));
@@ -307,8 +321,12 @@ void fm_qmat_get_row(const fm_qmat *W, int64_t r, float *out) {
         for (int64_t c = 0; c < W->cols; c++) out[c] = fm_bf16_to_f32(row[c]);
         break;
     }
-    default: affine_dequant_row(W, r, out);
+    default: k->affine_row[W->bits](W, r, out);
     }
+}
+
+void fm_qmat_get_row(const fm_qmat *W, int64_t r, float *out) {
+    fm_qmat_get_row_k(fm_kernels_for(fm_simd_level_active()), W, r, out);
 }
 
 uint64_t fm_qmat_bytes(const fm_qmat *W) {
@@ -320,40 +338,56 @@ uint64_t fm_qmat_bytes(const fm_qmat *W) {
     }
 }
 
-/* ---- matmul: Y[n, rows] = X[n, cols] W^T; each weight row block is dequantized once ---- */
+/* ---- matmul: Y[n, rows] = X[n, cols] W^T ----
+ * Rows are split between threads in blocks of FM_MM_RB; inside a block, vectors go by tiles of
+ * FM_MULTI_MAX and the multi kernel decodes each weight element once per tile. A block's weights
+ * (a few KiB) stay in L1/L2 while the tiles pass, so each weight row is read from memory once. */
 
-#define FM_MM_RB 8 /* rows dequantized per block */
+#define FM_MM_RB 16
+
+static void affine_multi_scalar(const fm_qmat *W, const float *X, int64_t nv, const float *xsum,
+                                float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    const int64_t ng = W->cols / W->group_size;
+    for (int64_t v = 0; v < nv; v++)
+        affine_rows_scalar(W, X + v * W->cols, xsum ? xsum + v * ng : NULL, Y + v * ldy, r0, r1);
+}
+static void bf16_multi_scalar(const fm_qmat *W, const float *X, int64_t nv, const float *xsum,
+                              float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t v = 0; v < nv; v++) bf16_rows_scalar(W, X + v * W->cols, xsum, Y + v * ldy, r0, r1);
+}
+static void f32_multi_scalar(const fm_qmat *W, const float *X, int64_t nv, const float *xsum,
+                             float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t v = 0; v < nv; v++) f32_rows_scalar(W, X + v * W->cols, xsum, Y + v * ldy, r0, r1);
+}
+
+static fm_multi_fn multi_fn(const fm_kernels *k, const fm_qmat *W) {
+    switch (W->dt) {
+    case FM_DT_F32: return k->f32_multi;
+    case FM_DT_BF16: return k->bf16_multi;
+    default: return k->affine_multi[W->bits];
+    }
+}
 
 typedef struct {
-    const fm_kernels *k;
     const fm_qmat *W;
-    const float *X;
+    const float *X, *xsum;
     int64_t n;
     float *Y;
-    float *buf; /* per thread: FM_MM_RB * cols floats */
+    fm_multi_fn fn;
 } matmul_ctx;
 
-static void matmul_task(void *ctx, int64_t b0, int64_t b1, int32_t tid) {
+static void matmul_task(void *ctx, int64_t s, int64_t e, int32_t tid) {
+    (void)tid;
     matmul_ctx *c = ctx;
     const fm_qmat *W = c->W;
     const int64_t cols = W->cols, rows = W->rows;
-    float *buf = c->buf + (int64_t)tid * FM_MM_RB * cols;
-    for (int64_t blk = b0; blk < b1; blk++) {
-        const int64_t r0 = blk * FM_MM_RB;
-        const int64_t r1 = r0 + FM_MM_RB < rows ? r0 + FM_MM_RB : rows;
-        const float *rp[FM_MM_RB];
-        for (int64_t r = r0; r < r1; r++) {
-            if (W->dt == FM_DT_F32) {
-                rp[r - r0] = (const float *)W->data + r * cols;
-            } else {
-                fm_qmat_get_row(W, r, buf + (r - r0) * cols);
-                rp[r - r0] = buf + (r - r0) * cols;
-            }
-        }
-        for (int64_t i = 0; i < c->n; i++) {
-            const float *xi = c->X + i * cols;
-            float *yi = c->Y + i * rows;
-            for (int64_t r = r0; r < r1; r++) yi[r] = c->k->dot(rp[r - r0], xi, cols);
+    const int64_t ng = W->dt == FM_DT_AFFINE ? cols / W->group_size : 0;
+    for (int64_t r0 = s; r0 < e; r0 += FM_MM_RB) {
+        const int64_t r1 = r0 + FM_MM_RB < e ? r0 + FM_MM_RB : e;
+        for (int64_t v = 0; v < c->n; v += FM_MULTI_MAX) {
+            const int64_t nv = c->n - v < FM_MULTI_MAX ? c->n - v : FM_MULTI_MAX;
+            c->fn(W, c->X + v * cols, nv, c->xsum ? c->xsum + v * ng : NULL, c->Y + v * rows, rows,
+                  r0, r1);
         }
     }
 }
@@ -365,16 +399,18 @@ void fm_qmat_matmul_k(const fm_kernels *k, fm_pool *pool, const fm_qmat *W, cons
         fm_qmat_matvec_k(k, pool, W, X, Y);
         return;
     }
-    const int32_t nt = fm_pool_size(pool);
-    float *buf = malloc((size_t)nt * FM_MM_RB * (size_t)W->cols * sizeof(float));
-    if (!buf) { /* no memory: one matvec per vector (same result, weights read n times) */
-        for (int64_t i = 0; i < n; i++) fm_qmat_matvec_k(k, pool, W, X + i * W->cols, Y + i * W->rows);
-        return;
+    float *xsum = NULL;
+    fm_multi_fn fn = multi_fn(k, W);
+    if (W->dt == FM_DT_AFFINE) {
+        const int64_t ng = W->cols / W->group_size;
+        xsum = malloc((size_t)(n * ng) * sizeof(float));
+        if (!xsum) fn = affine_multi_scalar; /* no memory: the scalar kernel sums x itself */
+        else
+            for (int64_t v = 0; v < n; v++) group_sums(X + v * W->cols, W->cols, W->group_size, xsum + v * ng);
     }
-    matmul_ctx c = {k, W, X, n, Y, buf};
-    const int64_t nblk = (W->rows + FM_MM_RB - 1) / FM_MM_RB;
-    fm_pool_for(pool, nblk, 1, matmul_task, &c);
-    free(buf);
+    matmul_ctx c = {W, X, xsum, n, Y, fn};
+    fm_pool_for(pool, W->rows, FM_MM_RB, matmul_task, &c);
+    free(xsum);
 }
 
 void fm_qmat_matmul(fm_pool *pool, const fm_qmat *W, const float *X, int64_t n, float *Y) {
@@ -482,7 +518,8 @@ fm_status fm_dequantize_affine(const uint32_t *q, const uint16_t *scales, const 
                        !out ? "out" : !q ? "q" : !scales ? "scales" : "biases");
     fm_qmat W = {.dt = FM_DT_AFFINE, .bits = bits, .group_size = group_size, .rows = rows,
                  .cols = cols, .q = q, .scales = scales, .biases = biases};
-    for (int64_t r = 0; r < rows; r++) affine_dequant_row(&W, r, out + r * cols);
+    const fm_kernels *k = fm_kernels_for(fm_simd_level_active());
+    for (int64_t r = 0; r < rows; r++) k->affine_row[bits](&W, r, out + r * cols);
     return FM_OK;
 }
 

@@ -9,19 +9,37 @@
 
 #include "fm_internal.h"
 
+/* which SIMD files are compiled in (each file is empty elsewhere) */
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#define FM_HAVE_AVX2 1
+#define FM_HAVE_AVX512 1
+#endif
+#if defined(__aarch64__)
+#define FM_HAVE_NEON_DISABLED 1
+#endif
+
 typedef enum { FM_SIMD_SCALAR = 0, FM_SIMD_AVX2 = 1, FM_SIMD_AVX512 = 2, FM_SIMD_NEON = 3 } fm_simd_level;
 
 /* xsum[g] = sum of x over group g (AFFINE only; NULL for other dtypes or when the kernel must
  * compute it itself: only the scalar kernel accepts NULL). */
 typedef void (*fm_rows_fn)(const fm_qmat *W, const float *x, const float *xsum, float *y,
                            int64_t r0, int64_t r1);
+/* Y[v*ldy + r] = (W X_v)[r] for v < nv (1..FM_MULTI_MAX), r in [r0, r1); X_v = X + v*cols;
+ * xsum + v*ng: the group sums of X_v (AFFINE). */
+#define FM_MULTI_MAX 4
+typedef void (*fm_multi_fn)(const fm_qmat *W, const float *X, int64_t nv, const float *xsum,
+                            float *Y, int64_t ldy, int64_t r0, int64_t r1);
+typedef void (*fm_row_fn)(const fm_qmat *W, int64_t r, float *out); /* one dequantized row */
 typedef float (*fm_dot_fn)(const float *a, const float *b, int64_t n);
 typedef void (*fm_axpy_fn)(float *y, float a, const float *x, int64_t n);
 
 typedef struct {
-    fm_rows_fn affine[9]; /* by bits; NULL: use the scalar kernel */
+    fm_rows_fn affine[9];    /* matvec rows, by bits */
+    fm_row_fn affine_row[9]; /* dequantize one row, by bits (bit-exact at every level) */
+    fm_multi_fn affine_multi[9]; /* matmul rows, by bits */
     fm_rows_fn bf16;
     fm_rows_fn f32;
+    fm_multi_fn bf16_multi, f32_multi;
     fm_dot_fn dot;
     fm_axpy_fn axpy;
 } fm_kernels;
@@ -42,6 +60,7 @@ void fm_qmat_matvec_rows_k(const fm_kernels *k, const fm_qmat *W, const float *x
 void fm_qmat_matvec_k(const fm_kernels *k, fm_pool *pool, const fm_qmat *W, const float *x, float *y);
 void fm_qmat_matmul_k(const fm_kernels *k, fm_pool *pool, const fm_qmat *W, const float *X,
                       int64_t n, float *Y);
+void fm_qmat_get_row_k(const fm_kernels *k, const fm_qmat *W, int64_t r, float *out);
 /* fm_matvec with an explicit table; bits 16: bf16, bits 32: f32 (tests only) */
 fm_status fm_matvec_k(const fm_kernels *k, const void *q, const uint16_t *scales,
                       const uint16_t *biases, int64_t rows, int64_t cols, int32_t bits,

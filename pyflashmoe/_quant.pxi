@@ -44,6 +44,7 @@ cdef extern from "fm_quant_impl.h" nogil:
     void fm_qmat_matvec_rows_k(const fm_kernels *k, const fm_qmat *W, const float *x, float *y,
                                int64_t r0, int64_t r1)
     void fm_qmat_get_row(const fm_qmat *W, int64_t r, float *out)
+    void fm_qmat_get_row_k(const fm_kernels *k, const fm_qmat *W, int64_t r, float *out)
     uint64_t fm_qmat_bytes(const fm_qmat *W)
     float fm_dot_f32(const float *a, const float *b, int64_t n)
     void fm_axpy_f32(float *y, float a, const float *x, int64_t n)
@@ -289,13 +290,18 @@ cdef class QMatrix:
                 fm_qmat_matmul_k(k, p, &self._m, &X[0, 0], n, &Y[0, 0])
         return _np.asarray(Y)
 
-    def get_row(self, int64_t r):
+    def get_row(self, int64_t r, level=None):
         """Row r dequantized to float32 (fm_qmat_get_row)."""
+        cdef const fm_kernels *k = _kernels(level)
+        cdef bint active = level is None
         if r < 0 or r >= self._m.rows:
             raise ArgumentError(f"r: {r} outside [0, {self._m.rows})")
         cdef float[::1] out = _np.empty(self._m.cols, dtype=_np.float32)
         with nogil:
-            fm_qmat_get_row(&self._m, r, &out[0])
+            if active:
+                fm_qmat_get_row(&self._m, r, &out[0])
+            else:
+                fm_qmat_get_row_k(k, &self._m, r, &out[0])
         return _np.asarray(out)
 
 
