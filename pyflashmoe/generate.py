@@ -234,9 +234,27 @@ class Model:
             d["repetition_penalty"] = float(g["repetition_penalty"])
         return d
 
+    def close(self) -> None:
+        """Free the session and the engine (file handles, mappings, caches)."""
+        self.session = None
+        self.engine = None
+        self._held = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"Model(path={self.path!r}, arch={self.spec.get('arch')!r}, vocab={self.n_vocab}, "
+                f"context_length={self.context_length})")
+
     # ------------------------------------------------------------------ low level
     def _reset(self):
         self._held = []
+        if self.engine is None:
+            raise FlashMoEError("this Model is closed")
         try:
             self.session.reset()
         except Exception:
@@ -262,6 +280,8 @@ class Model:
         return np.ascontiguousarray(arr, dtype=np.int32)
 
     def _eval(self, tokens: np.ndarray, all_logits=False):
+        if self.session is None:
+            raise FlashMoEError("this Model is closed")
         try:
             out = self.session.eval(tokens, all_logits=all_logits)
         except ContextFullError:

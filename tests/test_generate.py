@@ -231,6 +231,10 @@ def test_bad_prompts(tok):
     with pytest.raises(ArgumentError):
         m.logits([])
     assert _run(m, max_tokens=200)[0] == TEXT
+    with m:
+        pass
+    with pytest.raises(FlashMoEError, match="closed"):
+        _run(m, max_tokens=2)
 
 
 def test_context_limit_ends_with_length(tok):
