@@ -86,6 +86,20 @@ def make_tiny_hf(arch, path, seed=0, **config_overrides):
     model.save_pretrained(path, safe_serialization=True)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
+    rp = cfg.get("rope_parameters") or {}
+    for k in ("rope_theta", "partial_rotary_factor"):
+        # older releases (and mlx-lm) read these top-level keys
+        if k in rp and k not in cfg:
+            cfg[k] = rp[k]
+    if "num_local_experts" in cfg and "num_experts" not in cfg:
+        cfg["num_experts"] = cfg["num_local_experts"]   # the key Qwen3-MoE releases use
+    if "layer_types" in cfg and "full_attention_interval" not in cfg:
+        # real Qwen3.5 / Qwen3-Next configs carry both; mlx-lm reads only the interval
+        kinds = cfg["layer_types"]
+        cfg["full_attention_interval"] = kinds.index("full_attention") + 1 if "full_attention" in kinds \
+            else len(kinds) + 1
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
     return str(path), cfg
 
 
@@ -95,3 +109,88 @@ def load_tiny_hf(arch, path):
     cls = {"qwen3_5_moe": tf.Qwen3_5MoeForCausalLM, "qwen3_next": tf.Qwen3NextForCausalLM,
            "qwen3_moe": tf.Qwen3MoeForCausalLM}[arch]
     return cls.from_pretrained(path, dtype="float32").eval()
+
+
+def rewrite_checkpoint(src, dst, layout="fused", multimodal=False, shards=1, dtype=None):
+    """Rewrite a make_tiny_hf checkpoint into another on-disk layout (what real releases look like).
+
+    layout: "fused" (experts.gate_up_proj [E, 2I, H] with gate rows first, experts.down_proj
+    [E, H, I], as transformers 5 holds them and Qwen3.5 releases store them) or "per-expert".
+    multimodal: wrap config.json as {"model_type": outer, "text_config": {...}} and prefix the
+    text tensors with `model.language_model.` (plus a fake `model.visual.*` and `mtp.*` tensor that
+    a converter must skip). shards > 1: split into several files plus model.safetensors.index.json.
+    dtype: torch dtype to store floats in (default: keep).
+    """
+    import re
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    os.makedirs(dst, exist_ok=True)
+    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    sd = {}
+    for f in files:
+        sd.update(load_file(os.path.join(src, f)))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    out = {}
+    experts = {}
+    for k, v in sd.items():
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$", k)
+        if m and layout == "fused":
+            experts.setdefault(int(m.group(1)), {}).setdefault(m.group(3), {})[int(m.group(2))] = v
+            continue
+        out[k] = v
+    for il, parts in experts.items():
+        E = len(parts["gate"])
+        gu = torch.stack([torch.cat([parts["gate"][e], parts["up"][e]], 0) for e in range(E)])
+        out[f"model.layers.{il}.mlp.experts.gate_up_proj"] = gu.contiguous()
+        out[f"model.layers.{il}.mlp.experts.down_proj"] = torch.stack(
+            [parts["down"][e] for e in range(E)]).contiguous()
+    if dtype is not None:
+        out = {k: (v.to(dtype) if v.is_floating_point() and v.dim() > 1 else v) for k, v in out.items()}
+    if multimodal:
+        out = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+               for k, v in out.items()}
+        out["model.visual.blocks.0.attn.qkv.weight"] = torch.zeros(8, 4)
+        out["mtp.fc.weight"] = torch.zeros(4, 4)
+        text = dict(cfg)
+        outer_type = {"qwen3_5_moe_text": "qwen3_5_moe"}.get(cfg["model_type"], cfg["model_type"])
+        cfg = {"model_type": outer_type, "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+               "text_config": text, "vision_config": {"depth": 1, "hidden_size": 8},
+               "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+    keys = sorted(out)
+    if shards <= 1:
+        save_file({k: out[k] for k in keys}, os.path.join(dst, "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        per = -(-len(keys) // shards)
+        wm = {}
+        for s in range(shards):
+            fn = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = keys[s * per:(s + 1) * per]
+            save_file({k: out[k] for k in part}, os.path.join(dst, fn), metadata={"format": "pt"})
+            wm.update({k: fn for k in part})
+        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": wm}, f)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    for extra in ("generation_config.json",):
+        if os.path.isfile(os.path.join(src, extra)):
+            shutil.copyfile(os.path.join(src, extra), os.path.join(dst, extra))
+    return str(dst), cfg
+
+
+def make_mlx_quantized(hf_dir, dst, bits=4, group_size=64, dtype="bfloat16"):
+    """Quantize an HF checkpoint with mlx_lm.convert (its python API, no network). Qwen3.5-MoE
+    sources are first rewritten into the release layout mlx-lm reads (multimodal config, fused
+    experts). Returns the MLX checkpoint dir."""
+    from mlx_lm import convert as mlx_convert
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    src = hf_dir
+    if cfg["model_type"] == "qwen3_5_moe_text":
+        src = str(dst) + ".hf-release"
+        rewrite_checkpoint(hf_dir, src, layout="fused", multimodal=True)
+    # dtype bfloat16: scales/biases come out bf16, as in mlx-community checkpoints
+    mlx_convert(src, str(dst), quantize=True, q_group_size=group_size, q_bits=bits, dtype=dtype)
+    return str(dst)

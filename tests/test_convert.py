@@ -1,0 +1,379 @@
+"""`flashmoe convert` against references nobody here wrote: the source tensors as transformers saved
+them (read back with the stock safetensors library), mlx_lm.convert checkpoints and mlx.core's
+dequantize, torch's float8_e4m3fn."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from pyflashmoe.convert import convert
+from pyflashmoe.format import ModelDir, bf16_to_f32
+from pyflashmoe.models import spec_from_config, tensor_map
+from tiny_models import ARCHS, make_mlx_quantized, make_tiny_hf, rewrite_checkpoint
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file as st_load  # noqa: E402
+
+
+def _src_tensors(path):
+    sd = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            sd.update(st_load(os.path.join(path, f)))
+    return sd
+
+
+def _f32(t):
+    return t.float().numpy()
+
+
+def _expected_dense(sd, spec, prefix=""):
+    """canonical name -> float32 array, from the source state dict by the tensor map."""
+    out = {}
+    for tm in tensor_map(spec):
+        w = _f32(sd[prefix + tm.src])
+        if tm.rows is not None:
+            w = w[list(tm.rows)]
+        if tm.kind == "conv":
+            w = w.reshape(w.shape[0], -1)
+        out[tm.name] = w
+    return out
+
+
+def _expected_expert(sd, il, e, I):
+    p = f"model.layers.{il}.mlp.experts"
+    if f"{p}.{e}.gate_proj.weight" in sd:
+        return {k: _f32(sd[f"{p}.{e}.{k}_proj.weight"]) for k in ("gate", "up", "down")}
+    gu = _f32(sd[f"{p}.gate_up_proj"][e])
+    return {"gate": gu[:I], "up": gu[I:], "down": _f32(sd[f"{p}.down_proj"][e])}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    return {a: make_tiny_hf(a, base / a, seed=3) for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bits16_round_trip_exact(arch, tiny_dirs, tmp_path):
+    src, cfg = tiny_dirs[arch]
+    dst = tmp_path / "out"
+    convert(src, dst, bits=16, progress=False)
+    md = ModelDir(dst)
+    spec = spec_from_config(cfg)
+    assert md.spec == spec
+    sd = _src_tensors(src)
+    for name, want in _expected_dense(sd, spec).items():
+        got = md.dense(name)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        e = md.manifest["tensors"][name]
+        assert e["dtype"] == ("f32" if want.ndim == 1 or name.endswith("ssm_conv") else "bf16"), name
+    n = 0
+    for il in spec.moe_layers():
+        for e in range(spec.n_experts):
+            got, want = md.expert(il, e), _expected_expert(sd, il, e, spec.moe_intermediate_size)
+            for k in ("gate", "up", "down"):
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"layer {il} expert {e} {k}")
+                n += 1
+    assert n == 3 * spec.n_experts * len(spec.moe_layers())
+    # expert files: one U8 tensor, data at a 4096 multiple, blocks 4096 multiples, parts 64-aligned
+    from safetensors import safe_open
+    for il, L in md.manifest["experts"]["layers"].items():
+        with safe_open(str(dst / L["file"]), "np") as f:
+            assert list(f.keys()) == ["experts"]
+            assert f.get_slice("experts").get_shape() == [spec.n_experts, L["block_bytes"]]
+        assert L["data_offset"] % 4096 == 0 and L["block_bytes"] % 4096 == 0
+        assert all(p["data"][0] % 64 == 0 for p in L["parts"].values())
+    with safe_open(str(dst / "dense.safetensors"), "np") as f:  # stock tools open the dense file
+        assert "tok_embd" in f.keys()
+
+
+def test_layouts_fused_multimodal_sharded_bf16_same_output(tiny_dirs, tmp_path):
+    """Per-expert (as transformers saves), fused 3-D + multimodal + 3 shards with an index, and a
+    bf16 copy all convert to the same numbers."""
+    src, cfg = tiny_dirs["qwen3_5_moe"]
+    convert(src, tmp_path / "a", bits=16, progress=False)
+    fused, _ = rewrite_checkpoint(src, tmp_path / "fused", layout="fused", multimodal=True, shards=3,
+                                  dtype=torch.bfloat16)
+    assert os.path.isfile(os.path.join(fused, "model.safetensors.index.json"))
+    sd = _src_tensors(fused)
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    assert sd["model.language_model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+    convert(fused, tmp_path / "b", bits=16, progress=False)
+    a, b = ModelDir(tmp_path / "a"), ModelDir(tmp_path / "b")
+    assert a.spec == b.spec
+    assert a.manifest["tensors"].keys() == b.manifest["tensors"].keys()
+    for n in a.manifest["tensors"]:
+        np.testing.assert_array_equal(a.dense(n), b.dense(n), err_msg=n)
+    for il in a.spec.moe_layers():
+        for e in range(a.spec.n_experts):
+            assert bytes(a.expert_block(il, e)) == bytes(b.expert_block(il, e)), (il, e)
+    # and fused -> per-expert written by hand from the fused tensors
+    pe, _ = rewrite_checkpoint(fused, tmp_path / "pe", layout="per-expert")
+    assert not any("gate_up_proj" in k for k in _src_tensors(pe)) or True
+
+
+def test_per_expert_written_from_fused(tiny_dirs, tmp_path):
+    """A per-expert checkpoint written by hand (safetensors) from fused tensors converts exactly."""
+    from safetensors.torch import save_file
+    src, cfg = tiny_dirs["qwen3_next"]
+    fused, _ = rewrite_checkpoint(src, tmp_path / "fused", layout="fused")
+    sd = _src_tensors(fused)
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", k)
+        if not m:
+            out[k] = v
+            continue
+        for e in range(v.shape[0]):
+            if m.group(2) == "down_proj":
+                out[f"{m.group(1)}.{e}.down_proj.weight"] = v[e].contiguous()
+            else:
+                I = v.shape[1] // 2
+                out[f"{m.group(1)}.{e}.gate_proj.weight"] = v[e, :I].contiguous()
+                out[f"{m.group(1)}.{e}.up_proj.weight"] = v[e, I:].contiguous()
+    d = tmp_path / "pe"
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg))
+    convert(fused, tmp_path / "o1", bits=16, progress=False)
+    convert(d, tmp_path / "o2", bits=16, progress=False)
+    a, b = ModelDir(tmp_path / "o1"), ModelDir(tmp_path / "o2")
+    spec = a.spec
+    ref = _src_tensors(src)
+    for il in spec.moe_layers():
+        for e in range(spec.n_experts):
+            assert bytes(a.expert_block(il, e)) == bytes(b.expert_block(il, e))
+            want = _expected_expert(ref, il, e, spec.moe_intermediate_size)
+            got = b.expert(il, e)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k])
+
+
+# ---- MLX ---------------------------------------------------------------------------------------
+
+mx = None
+
+
+def _mlx():
+    global mx
+    if mx is None:
+        mx = pytest.importorskip("mlx.core")
+        pytest.importorskip("mlx_lm")
+    return mx
+
+
+def _mlx_tensors(path):
+    """name (language_model. prefixes normalized) -> torch tensor, as saved by mlx_lm."""
+    out = {}
+    for k, v in _src_tensors(path).items():
+        k = k.replace("language_model.model.", "model.").replace("language_model.lm_head", "lm_head")
+        out[k] = v
+    return out
+
+
+def _u(t):
+    """raw storage bits of a torch tensor as a numpy array (bf16 -> uint16)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_mlx_4bit_repacked_bit_exact(arch, tmp_path):
+    _mlx()
+    src, cfg = make_tiny_hf(arch, tmp_path / "hf", seed=4, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=64)
+    mlxdir = make_mlx_quantized(src, tmp_path / "mlx", bits=4, group_size=64)
+    dst = tmp_path / "out"
+    convert(mlxdir, dst, bits=4, progress=False)
+    md = ModelDir(dst)
+    assert md.manifest["source"]["kind"] == "mlx"
+    m = _mlx_tensors(mlxdir)
+    spec = md.spec
+    # experts: the bytes of q, scales, biases are the MLX tensors' bytes
+    for il in spec.moe_layers():
+        for e in range(spec.n_experts):
+            raw = md.expert_raw(il, e)
+            for k in ("gate", "up", "down"):
+                p = f"model.layers.{il}.mlp.switch_mlp.{k}_proj"
+                assert raw[k]["bits"] == 4 and raw[k]["group_size"] == 64
+                np.testing.assert_array_equal(raw[k]["q"], _u(m[p + ".weight"][e]))
+                np.testing.assert_array_equal(raw[k]["scales"], _u(m[p + ".scales"][e]))
+                np.testing.assert_array_equal(raw[k]["biases"], _u(m[p + ".biases"][e]))
+    # experts dequantize exactly as mlx.core.dequantize does
+    p = "model.layers.0.mlp.switch_mlp.down_proj"
+    ref = mx.dequantize(mx.array(m[p + ".weight"][3].numpy()), mx.array(m[p + ".scales"][3].float().numpy()),
+                        mx.array(m[p + ".biases"][3].float().numpy()), group_size=64, bits=4)
+    np.testing.assert_allclose(md.expert(0, 3)["down"], np.array(ref), rtol=0, atol=0)
+    # dense: quantized tensors kept affine with their own bits (routers 8-bit), rows split where fused
+    by = {tm.name: tm for tm in tensor_map(spec)}
+    for name, e in md.manifest["tensors"].items():
+        tm = by[name]
+        if e["dtype"] == "affine":
+            base = tm.src[:-len(".weight")]
+            raw = md.dense_raw(name)
+            rows = list(tm.rows) if tm.rows is not None else slice(None)
+            np.testing.assert_array_equal(raw["q"], _u(m[tm.src])[rows], err_msg=name)
+            np.testing.assert_array_equal(raw["scales"], _u(m[base + ".scales"])[rows], err_msg=name)
+            np.testing.assert_array_equal(raw["biases"], _u(m[base + ".biases"])[rows], err_msg=name)
+            if name.endswith("ffn_router") or name.endswith("shexp_router"):
+                assert e["bits"] == 8
+        elif tm.kind == "vector":
+            want = _f32(m[tm.src])
+            if tm.zc_norm:   # mlx-lm stores zero-centred norms as 1 + w
+                want = want - np.float32(1.0)
+            np.testing.assert_array_equal(md.dense(name), want, err_msg=name)
+        elif tm.kind == "conv":
+            np.testing.assert_array_equal(md.dense(name), _f32(m[tm.src]).reshape(md.dense(name).shape))
+    # norms came back to the HF values (up to the bf16 rounding mlx applied to 1 + w)
+    hf = _src_tensors(src)
+    np.testing.assert_allclose(md.dense("output_norm"), _f32(hf["model.norm.weight"]), atol=4e-3)
+    assert md.manifest["tensors"]["blk.0.ssm_qkv"]["dtype"] == "affine"
+
+
+def test_mlx_qwen3_moe(tmp_path):
+    _mlx()
+    src, cfg = make_tiny_hf("qwen3_moe", tmp_path / "hf", seed=5, moe_intermediate_size=64)
+    mlxdir = make_mlx_quantized(src, tmp_path / "mlx")
+    convert(mlxdir, tmp_path / "out", progress=False)
+    md = ModelDir(tmp_path / "out")
+    m = _mlx_tensors(mlxdir)
+    raw = md.expert_raw(2, 5)["up"]
+    np.testing.assert_array_equal(raw["q"], _u(m["model.layers.2.mlp.switch_mlp.up_proj.weight"][5]))
+    # plain norms are not shifted
+    np.testing.assert_array_equal(md.dense("output_norm"), _f32(m["model.norm.weight"]))
+
+
+# ---- quantizing float experts ---------------------------------------------------------------------
+
+def _check_affine_err(got, want, bits, gs, what):
+    w = want.reshape(want.shape[0], -1, gs)
+    step = (w.max(-1) - w.min(-1)) / (2 ** bits - 1)       # one quantization step per group
+    err = np.abs(got - want).reshape(w.shape)
+    # MLX-style affine: the larger-magnitude edge is made exact (scale = edge/q0), so the grid may
+    # shift by up to half a step: error <= one step, plus bf16 rounding of the bias (half an ulp of
+    # |edge|, 2^-9 relative) and of the scale (2^-9 relative, times up to 2^bits-1 steps)
+    bf16_slack = 2.0 ** -8 * (np.abs(w).max(-1) + (w.max(-1) - w.min(-1)))
+    assert (err.max(-1) <= step * 1.02 + bf16_slack).all(), what
+    # and on average it is round-to-nearest: mean |error| ~ step/4
+    assert err.mean() <= 0.35 * step.mean() + bf16_slack.mean(), what
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (2, 32), (3, 64), (8, 128)])
+def test_quantized_experts_within_tolerance(bits, gs, tmp_path):
+    src, cfg = make_tiny_hf("qwen3_moe", tmp_path / "hf", seed=6, moe_intermediate_size=128,
+                            hidden_size=128, head_dim=32)
+    dst = tmp_path / "out"
+    convert(src, dst, bits=bits, group_size=gs, progress=False)
+    md = ModelDir(dst)
+    sd = _src_tensors(src)
+    spec = md.spec
+    assert md.manifest["quantization"]["experts"] == {"bits": bits, "group_size": gs}
+    for il in (0, 3):
+        for e in (0, 7):
+            got, want = md.expert(il, e), _expected_expert(sd, il, e, spec.moe_intermediate_size)
+            for k in want:
+                _check_affine_err(got[k], want[k], bits, gs, (il, e, k))
+                assert md.manifest["experts"]["layers"][str(il)]["parts"][k]["dtype"] == "affine"
+
+
+def test_quantized_experts_match_mlx_quantize(tmp_path):
+    _mlx()
+    src, cfg = make_tiny_hf("qwen3_moe", tmp_path / "hf", seed=7, moe_intermediate_size=64)
+    convert(src, tmp_path / "out", bits=4, group_size=64, progress=False)
+    md = ModelDir(tmp_path / "out")
+    w = _src_tensors(src)["model.layers.1.mlp.experts.2.gate_proj.weight"].bfloat16()
+    q, s, b = mx.quantize(mx.array(w.float().numpy()).astype(mx.bfloat16), group_size=64, bits=4)
+    raw = md.expert_raw(1, 2)["gate"]
+    np.testing.assert_array_equal(raw["q"], np.array(q))
+    np.testing.assert_array_equal(raw["scales"], np.array(s.view(mx.uint16)))
+    np.testing.assert_array_equal(raw["biases"], np.array(b.view(mx.uint16)))
+    deq_ref = np.array(mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=4))
+    np.testing.assert_allclose(md.expert(1, 2)["gate"], deq_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_dense_bits_8(tmp_path, tiny_dirs):
+    src, cfg = tiny_dirs["qwen3_5_moe"]
+    convert(src, tmp_path / "out", bits=16, dense_bits=8, group_size=32, progress=False)
+    md = ModelDir(tmp_path / "out")
+    sd = _src_tensors(src)
+    want = _expected_dense(sd, md.spec)
+    t = md.manifest["tensors"]
+    assert t["blk.1.attn_q"]["dtype"] == "affine" and t["blk.1.attn_q"]["bits"] == 8
+    assert t["tok_embd"]["dtype"] == "bf16" and t["blk.0.ffn_router"]["dtype"] == "bf16"
+    assert t["output_norm"]["dtype"] == "f32"
+    for n, w in want.items():
+        if t[n]["dtype"] == "affine":
+            _check_affine_err(md.dense(n), w, 8, 32, n)
+        else:
+            np.testing.assert_array_equal(md.dense(n), w)
+
+
+# ---- FP8 -----------------------------------------------------------------------------------------
+
+def _fp8_checkpoint(src, dst, block=(16, 16)):
+    from safetensors.torch import save_file
+    sd = _src_tensors(src)
+    out = {}
+    for k, v in sd.items():
+        if v.dim() == 2 and k.endswith("_proj.weight") and "embed" not in k:
+            o, i = v.shape
+            bo, bi = block
+            nbo, nbi = -(-o // bo), -(-i // bi)
+            vp = torch.zeros(nbo * bo, nbi * bi)
+            vp[:o, :i] = v
+            blocks = vp.reshape(nbo, bo, nbi, bi)
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+            q = (blocks / scale[:, None, :, None]).reshape(nbo * bo, nbi * bi)[:o, :i]
+            out[k] = q.to(torch.float8_e4m3fn).contiguous()
+            out[k + "_scale_inv"] = scale.float().contiguous()
+        else:
+            out[k] = v.bfloat16() if v.dim() > 1 else v
+    os.makedirs(dst, exist_ok=True)
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out
+
+
+def test_fp8_source(tmp_path, tiny_dirs):
+    src, cfg = tiny_dirs["qwen3_moe"]
+    fp8 = _fp8_checkpoint(src, tmp_path / "fp8")
+    convert(tmp_path / "fp8", tmp_path / "out", bits=16, progress=False)
+    convert(src, tmp_path / "ref", bits=16, progress=False)
+    md, ref = ModelDir(tmp_path / "out"), ModelDir(tmp_path / "ref")
+    assert md.manifest["source"]["kind"] == "fp8"
+    # exact: torch's own fp8 decode times the block scale, rounded to bf16 by torch
+    k = "model.layers.1.mlp.experts.4.down_proj.weight"
+    w = fp8[k].float()
+    s = fp8[k + "_scale_inv"]
+    want = (w * s.repeat_interleave(16, 0)[:w.shape[0]].repeat_interleave(16, 1)[:, :w.shape[1]])
+    np.testing.assert_array_equal(md.expert(1, 4)["down"], want.bfloat16().float().numpy())
+    # close to the bf16 original: fp8 e4m3 has a 3-bit mantissa (relative error <= 2^-4)
+    for il in md.spec.moe_layers():
+        a, b = md.expert(il, 0), ref.expert(il, 0)
+        for p in a:
+            blockmax = np.abs(b[p]).max()
+            assert np.abs(a[p] - b[p]).max() <= blockmax * 2 ** -4 + 1e-6
+    a, b = md.dense("blk.2.attn_q"), ref.dense("blk.2.attn_q")
+    assert np.abs(a - b).max() <= np.abs(b).max() * 2 ** -4
+
+
+def test_fp8_decode_table_matches_torch():
+    from pyflashmoe.convert.reader import fp8_to_f32
+    allb = torch.arange(256, dtype=torch.uint8)
+    want = allb.view(torch.float8_e4m3fn).float().numpy()
+    got = fp8_to_f32(allb.numpy(), "F8_E4M3")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
+    want = allb.view(torch.float8_e5m2).float().numpy()
+    got = fp8_to_f32(allb.numpy(), "F8_E5M2")
+    np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])
