@@ -212,3 +212,44 @@ def test_open_errors(tmp_path, tiny):
         core.Engine(str(bad))
     with pytest.raises(ArgumentError):
         core.Session(core.Engine(tiny["fm16"]), 0)
+
+
+def test_io_error_mid_eval_resets_session(tmp_path, tiny):
+    import json
+    import shutil
+    from pyflashmoe.errors import ModelIOError
+    d = tmp_path / "m"
+    shutil.copytree(tiny["fm16"], d)
+    man = json.loads((d / "pyflashmoe.json").read_text())
+    layers = man["experts"]["layers"]
+    last = layers[max(layers, key=int)]
+    path = d / last["file"]
+    good = path.read_bytes()
+    eng = core.Engine(str(d), n_threads=2)
+    toks = _prompt(eng.n_vocab, n=10, seed=7)
+    ref = core.Session(eng, 16).eval(toks, all_logits=True)
+    ses = core.Session(eng, 16)
+    ses.eval(toks[:3])
+    with open(path, "r+b") as f:  # cut the last MoE layer's file after its first expert
+        f.truncate(last["data_offset"] + last["block_bytes"])
+    with pytest.raises(ModelIOError, match="reset"):
+        ses.eval(toks[3:])
+    assert ses.pos == 0
+    path.write_bytes(good)
+    np.testing.assert_allclose(ses.eval(toks, all_logits=True), ref, rtol=0,
+                               atol=2e-5 * float(np.abs(ref).max()))
+
+
+def test_long_prompt_spans_internal_batches(tiny):
+    """Prompts longer than the internal 512-token pass give the same logits however they are split."""
+    eng = core.Engine(tiny["fm16"], n_threads=2)
+    toks = _prompt(eng.n_vocab, n=600, seed=8)
+    full = core.Session(eng, 600).eval(toks, all_logits=True)
+    ses = core.Session(eng, 600)
+    a = ses.eval(toks[:300], all_logits=True)
+    b = ses.eval(toks[300:], all_logits=True)
+    assert full.shape == (600, eng.n_vocab)
+    np.testing.assert_allclose(np.concatenate([a, b]), full, rtol=0,
+                               atol=2e-5 * float(np.abs(full).max()))
+    np.testing.assert_allclose(core.Session(eng, 600).eval(toks), full[-1], rtol=0,
+                               atol=2e-5 * float(np.abs(full).max()))
