@@ -21,8 +21,13 @@ import sys
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core", reason="mlx is the reference for the MLX quantization layout")
 torch = pytest.importorskip("torch", reason="torch is the reference for bf16 rounding")
+try:
+    import mlx.core as mx
+except ImportError:  # the kernel tests below still run (numpy / scalar references)
+    mx = None
+need_mlx = pytest.mark.skipif(mx is None, reason="mlx is not installed: it is the reference for the "
+                              "MLX quantization layout")
 
 from pyflashmoe import quant  # noqa: E402
 from pyflashmoe.errors import ArgumentError  # noqa: E402
@@ -64,6 +69,7 @@ def weight_cases(rng, rows, cols):
 
 # ---------------------------------------------------------------- quantize / dequantize vs mlx
 
+@need_mlx
 @pytest.mark.parametrize("bits", quant.BITS)
 @pytest.mark.parametrize("gs", quant.GROUP_SIZES)
 def test_quantize_matches_mlx(bits, gs):
@@ -103,6 +109,7 @@ def test_quantize_input_dtypes_and_batch():
     np.testing.assert_array_equal(quant.quantize(wt, 4, 64)[0], ref[0].reshape(15, -1))
 
 
+@need_mlx
 @pytest.mark.parametrize("bits", quant.BITS)
 @pytest.mark.parametrize("gs", quant.GROUP_SIZES)
 def test_dequantize_matches_mlx(bits, gs):
@@ -132,6 +139,7 @@ def test_dequantize_matches_mlx(bits, gs):
     np.testing.assert_array_equal(twice, mlx_bf16_bits(mb))
 
 
+@need_mlx
 def test_roundtrip_through_mlx():
     # ours -> mlx.dequantize and mlx.quantize -> ours agree
     rng = np.random.default_rng(RNG_SEED + 5)
@@ -171,9 +179,13 @@ def test_affine_matvec(level, bits, gs):
     x = rng.standard_normal(cols).astype(np.float32)
     m = quant.QMatrix("affine", rows, cols, q=q, scales=s, biases=b, bits=bits, group_size=gs)
     y = m.matvec(x, level=level)
-    # independent: float64 product of mlx's dequantization
-    wd = np.array(mx.dequantize(mx.array(q), mx.array(torch_bf16_value(s)), mx.array(torch_bf16_value(b)),
-                                group_size=gs, bits=bits)).astype(np.float64)
+    # independent: float64 product of mlx's dequantization (ours, checked bit-exact against mlx
+    # elsewhere, when mlx is absent)
+    if mx is not None:
+        wd = np.array(mx.dequantize(mx.array(q), mx.array(torch_bf16_value(s)), mx.array(torch_bf16_value(b)),
+                                    group_size=gs, bits=bits)).astype(np.float64)
+    else:
+        wd = quant.dequantize(q, s, b, bits, gs).astype(np.float64)
     ref = wd @ x.astype(np.float64)
     tol = tol_k(cols) * affine_bound(q, s, b, bits, gs, x)
     assert np.all(np.abs(y - ref) <= tol), np.max(np.abs(y - ref) / tol)
@@ -181,6 +193,8 @@ def test_affine_matvec(level, bits, gs):
     ys = m.matvec(x, level="scalar")
     assert np.all(np.abs(y - ys) <= 2 * tol)
     # and mlx's own kernel (float32 throughout, its own summation order)
+    if mx is None:
+        return
     mref = np.array(mx.quantized_matmul(mx.array(x[None]), mx.array(q), mx.array(torch_bf16_value(s)),
                                         mx.array(torch_bf16_value(b)), transpose=True, group_size=gs,
                                         bits=bits))[0]
