@@ -219,8 +219,8 @@ class Sampler:
         if p.top_p < 1.0 and idx.shape[0] > 1:
             idx, vals = self._top_p(idx, vals, p.top_p)
         if p.min_p > 0.0 and idx.shape[0] > 1:
-            pr = _softmax(vals)
-            keep = pr >= np.float32(p.min_p) * pr.max()
+            # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)  (no softmax over the vocab)
+            keep = vals >= vals.max() + np.float32(math.log(p.min_p))
             idx, vals = idx[keep], vals[keep]
         return idx, vals
 
@@ -244,7 +244,7 @@ class Sampler:
             if not keep[-1] or m == m_max:
                 sel = order[keep]
                 return idx[sel], vals[sel]
-            m = min(m_max, m * 8)
+            m = m_max  # a flat distribution: sort everything
 
     def sample(self, logits) -> int:
         """One token id; records it for the repetition penalty."""

@@ -160,3 +160,26 @@ def test_stream_decoder_invalid_bytes(qwen35):
     pieces = [s.add(i) for i in ids] + [s.flush()]
     assert "".join(pieces) == qwen35.decode(ids)
     assert pieces[0] == ""
+
+
+def test_from_dir_template_precedence(shared_data, tmp_path, hf_qwen3):
+    import shutil
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_data / "qwen3_tokenizer" / f, tmp_path / f)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = {"content": "<|im_end|>", "lstrip": False, "rstrip": False,
+                        "normalized": False, "single_word": False, "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    t = Tokenizer.from_dir(tmp_path)
+    assert t.eos_token == "<|im_end|>" and t.eos_token_id == hf_qwen3.eos_token_id
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert t.apply_chat_template(msgs) == hf_qwen3.apply_chat_template(msgs, tokenize=False,
+                                                                       add_generation_prompt=True)
+    tpl = "{% for m in messages %}[{{ m.role }}|{{ m.content | tojson(indent=2) }}]{% endfor %}{{ eos_token }}"
+    (tmp_path / "chat_template.jinja").write_text(tpl)
+    t2 = Tokenizer.from_dir(tmp_path)
+    assert t2.apply_chat_template(msgs) == hf_qwen3.apply_chat_template(
+        msgs, chat_template=tpl, tokenize=False, add_generation_prompt=True)
+    assert t2.apply_chat_template([{"role": "user", "content": "東京"}]) == '[user|"東京"]<|im_end|>'
+    with pytest.raises(FormatError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path / "nope")
