@@ -377,3 +377,254 @@ def test_fp8_decode_table_matches_torch():
     want = allb.view(torch.float8_e5m2).float().numpy()
     got = fp8_to_f32(allb.numpy(), "F8_E5M2")
     np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])
+
+
+# ---- a multi-GB checkpoint converts in bounded memory -------------------------------------------
+
+def _write_st_repeated(path, tensors, block):
+    """Write a safetensors file by hand: tensors = [(name, dtype, shape)], data = `block` bytes
+    repeated (so multi-GB files are written quickly without holding them in memory)."""
+    hdr, pos = {}, 0
+    for name, dt, shape in tensors:
+        nb = int(np.prod(shape)) * {"BF16": 2, "F32": 4}[dt]
+        hdr[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [pos, pos + nb]}
+        pos += nb
+    raw = json.dumps(hdr).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        left = pos
+        while left:
+            n = min(left, len(block))
+            f.write(block[:n])
+            left -= n
+
+
+def _big_checkpoint(d, n_layers=5, E=128, H=1024, I=1024, vocab=256):
+    """qwen3_moe, fused bf16 experts, E*3*H*I*2 bytes per layer (768 MiB at the defaults)."""
+    from safetensors.numpy import save_file
+    os.makedirs(d, exist_ok=True)
+    cfg = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": H,
+           "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 64, "vocab_size": vocab, "num_experts": E, "num_experts_per_tok": 8,
+           "moe_intermediate_size": I, "intermediate_size": 2048, "rms_norm_eps": 1e-6,
+           "rope_theta": 1e6, "norm_topk_prob": True, "tie_word_embeddings": True,
+           "max_position_embeddings": 4096}
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    rng = np.random.default_rng(0)
+    dense = {"model.embed_tokens.weight": rng.standard_normal((vocab, H), np.float32),
+             "model.norm.weight": np.ones(H, np.float32)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        dense.update({f"{p}.input_layernorm.weight": np.ones(H, np.float32),
+                      f"{p}.post_attention_layernorm.weight": np.ones(H, np.float32),
+                      f"{p}.self_attn.q_proj.weight": rng.standard_normal((256, H), np.float32),
+                      f"{p}.self_attn.k_proj.weight": rng.standard_normal((128, H), np.float32),
+                      f"{p}.self_attn.v_proj.weight": rng.standard_normal((128, H), np.float32),
+                      f"{p}.self_attn.o_proj.weight": rng.standard_normal((H, 256), np.float32),
+                      f"{p}.self_attn.q_norm.weight": np.ones(64, np.float32),
+                      f"{p}.self_attn.k_norm.weight": np.ones(64, np.float32),
+                      f"{p}.mlp.gate.weight": rng.standard_normal((E, H), np.float32)})
+    save_file(dense, os.path.join(d, "model-dense.safetensors"))
+    block = np.ascontiguousarray(
+        (rng.standard_normal(1 << 20).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)).tobytes()
+    for i in range(n_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        _write_st_repeated(os.path.join(d, f"model-experts-{i:02d}.safetensors"),
+                           [(f"{p}.gate_up_proj", "BF16", (E, 2 * I, H)),
+                            (f"{p}.down_proj", "BF16", (E, H, I))], block)
+    return cfg, block
+
+
+@pytest.mark.slow
+def test_multi_gb_checkpoint_bounded_rss(tmp_path):
+    import subprocess
+    import sys
+    src = tmp_path / "big"
+    cfg, block = _big_checkpoint(src)
+    total = sum(os.path.getsize(src / f) for f in os.listdir(src))
+    assert total >= 4e9, total
+    dst = tmp_path / "out"
+    code = ("import resource, sys; from pyflashmoe.convert import convert; "
+            "convert(sys.argv[1], sys.argv[2], bits=16, progress=False); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True,
+                       timeout=170)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak_kib = int(r.stdout.strip().splitlines()[-1])
+    assert peak_kib * 1024 < 1.5 * 2 ** 30, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    md = ModelDir(dst)
+    # spot-check: expert e of layer 0 is the repeated block at the right offsets
+    I, H, E = cfg["moe_intermediate_size"], cfg["hidden_size"], cfg["num_experts"]
+    blk = np.frombuffer(block, np.uint16)
+    per = 2 * I * H
+    for e in (0, E - 1):
+        idx = (np.arange(per) + e * per) % blk.size
+        want = blk[idx].reshape(2 * I, H)
+        raw = md.expert_raw(0, e)
+        np.testing.assert_array_equal(raw["gate"], want[:I])
+        np.testing.assert_array_equal(raw["up"], want[I:])
+    for f in os.listdir(src):   # free the disk early
+        os.remove(src / f)
+
+
+# ---- bad input through the CLI: exit non-zero, one line naming file and field, no traceback ------
+
+def _cli(*args, timeout=120):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "pyflashmoe", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _assert_clean_error(r, *needles):
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert str(n) in r.stderr, (n, r.stderr)
+
+
+@pytest.fixture()
+def qmoe_src(tiny_dirs, tmp_path):
+    import shutil
+    src, cfg = tiny_dirs["qwen3_moe"]
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    return d
+
+
+def test_cli_missing_config(qmoe_src, tmp_path):
+    os.remove(qmoe_src / "config.json")
+    _assert_clean_error(_cli("convert", qmoe_src, tmp_path / "o", "--bits", "16"), "config.json", "missing")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unsupported_model_type(qmoe_src, tmp_path):
+    cfg = json.loads((qmoe_src / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (qmoe_src / "config.json").write_text(json.dumps(cfg))
+    _assert_clean_error(_cli("convert", qmoe_src, tmp_path / "o"), "config.json", "model_type",
+                        "gpt_neox", "qwen3_5_moe", "qwen3_next", "qwen3_moe")
+
+
+def _rewrite_tensors(d, fn):
+    from safetensors.numpy import load_file, save_file
+    sd = load_file(str(d / "model.safetensors"))
+    fn(sd)
+    save_file(sd, str(d / "model.safetensors"))
+
+
+def test_cli_missing_tensor(qmoe_src, tmp_path):
+    name = "model.layers.2.mlp.experts.5.up_proj.weight"
+    _rewrite_tensors(qmoe_src, lambda sd: sd.pop(name))
+    _assert_clean_error(_cli("convert", qmoe_src, tmp_path / "o", "--bits", "16"), name, "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_wrong_shape(qmoe_src, tmp_path):
+    name = "model.layers.1.self_attn.k_proj.weight"
+    _rewrite_tensors(qmoe_src, lambda sd: sd.__setitem__(name, np.zeros((30, 64), np.float32)))
+    _assert_clean_error(_cli("convert", qmoe_src, tmp_path / "o", "--bits", "16"),
+                        "model.safetensors", name, "shape", "[30, 64]", "[32, 64]")
+
+
+def test_cli_truncated_safetensors(qmoe_src, tmp_path):
+    p = qmoe_src / "model.safetensors"
+    os.truncate(p, os.path.getsize(p) // 2)
+    _assert_clean_error(_cli("convert", qmoe_src, tmp_path / "o", "--bits", "16"), p, "truncated")
+
+
+@pytest.mark.parametrize("how", ["json", "length"])
+def test_cli_corrupt_header(qmoe_src, tmp_path, how):
+    p = qmoe_src / "model.safetensors"
+    with open(p, "r+b") as f:
+        if how == "json":
+            f.seek(8)
+            f.write(b"#garbage")
+        else:
+            f.write((2 ** 40).to_bytes(8, "little"))
+    _assert_clean_error(_cli("convert", qmoe_src, tmp_path / "o", "--bits", "16"), p, "header")
+
+
+def test_cli_unwritable_destination(qmoe_src, tmp_path):
+    if os.geteuid() == 0:
+        dst = "/sys/pyflashmoe-test-out"          # read-only even for root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        os.chmod(ro, 0o500)
+        dst = ro / "out"
+    _assert_clean_error(_cli("convert", qmoe_src, dst, "--bits", "16"), dst)
+    assert not os.path.exists(dst)
+
+
+def test_cli_existing_destination_needs_force(qmoe_src, tmp_path):
+    dst = tmp_path / "o"
+    r = _cli("convert", qmoe_src, dst, "--bits", "16", "-q")
+    assert r.returncode == 0, r.stderr
+    before = (dst / "pyflashmoe.json").read_bytes()
+    _assert_clean_error(_cli("convert", qmoe_src, dst, "--bits", "16", "-q"), dst, "--force")
+    assert (dst / "pyflashmoe.json").read_bytes() == before
+    r = _cli("convert", qmoe_src, dst, "--bits", "8", "--group-size", "32", "--force", "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((dst / "pyflashmoe.json").read_text())["quantization"]["experts"]["bits"] == 8
+    # a non-empty directory that is not a model dir is never replaced, even with --force
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    _assert_clean_error(_cli("convert", qmoe_src, other, "--bits", "16", "--force"), other)
+    assert (other / "keep.txt").exists()
+
+
+def test_cli_killed_midway_leaves_nothing_loadable(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pyflashmoe.errors import FormatError
+    src = tmp_path / "mid"
+    _big_checkpoint(src, n_layers=4, E=64, H=512, I=512)
+    dst = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "convert", str(src), str(dst), "--bits", "4",
+                          "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tmpdir = None
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:
+        c = [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
+        if c and os.path.exists(tmp_path / c[0] / "experts" / "L001.safetensors"):
+            tmpdir = tmp_path / c[0]
+            break
+        time.sleep(0.02)
+    assert p.poll() is None and tmpdir is not None, "convert finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not dst.exists()
+    assert not (tmpdir / "pyflashmoe.json").exists()
+    with pytest.raises(FormatError):
+        ModelDir(tmpdir)
+    _assert_clean_error(_cli("info", dst), dst)
+    r = _cli("convert", src, dst, "--bits", "16", "-q")
+    assert r.returncode == 0, r.stderr
+    ModelDir(dst)
+    assert not tmpdir.exists()          # the dead process's temp dir was cleaned up
+
+
+def test_cli_info_and_verify(qmoe_src, tmp_path):
+    dst = tmp_path / "o"
+    assert _cli("convert", qmoe_src, dst, "--bits", "16", "-q").returncode == 0
+    r = _cli("info", dst)
+    assert r.returncode == 0, r.stderr
+    assert "qwen3_moe" in r.stdout and "8 per layer" in r.stdout
+    r = _cli("verify", dst, "-q")
+    assert r.returncode == 0 and "match" in r.stdout, r.stderr
+    f = dst / "experts" / "L002.safetensors"
+    with open(f, "r+b") as fh:
+        fh.seek(5000)
+        b = fh.read(1)
+        fh.seek(5000)
+        fh.write(bytes([b[0] ^ 0x40]))
+    _assert_clean_error(_cli("verify", dst, "-q"), "experts/L002.safetensors", "sha256")
+    # a truncated data file is caught by the size check already (info and verify)
+    os.truncate(f, os.path.getsize(f) - 1)
+    _assert_clean_error(_cli("info", dst), "L002.safetensors", "size")

@@ -97,8 +97,14 @@ class Converter:
     def plan(self):
         ck = self.ck = Checkpoint(self.src_path)
         cfg = self.cfg = normalize_config(ck.config)
-        canonical_type(cfg.get("model_type"))
-        self.spec = spec_from_config(ck.config, ck.generation_config)
+        try:
+            canonical_type(cfg.get("model_type"))
+            self.spec = spec_from_config(ck.config, ck.generation_config)
+        except FlashMoEError as e:
+            msg = str(e)
+            if msg.startswith("config.json:"):
+                msg = os.path.join(ck.path, "config.json") + msg[len("config.json"):]
+            raise type(e)(msg) from None
         q = cfg.get("quantization") or cfg.get("quantization_config") or {}
         if isinstance(q, dict) and q.get("mode") not in (None, "affine"):
             raise FormatError(f"{ck.path}/config.json: field quantization.mode {q.get('mode')!r} is not "
