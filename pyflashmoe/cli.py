@@ -32,6 +32,16 @@ def _cmd_run(a):
     return run_cli(a)
 
 
+def _cmd_synth(a):
+    from pyflashmoe.synth import run_cli
+    return run_cli(a)
+
+
+def _cmd_bench(a):
+    from pyflashmoe.bench import run_cli
+    return run_cli(a)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="flashmoe", description="Run MoE LLMs larger than memory.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -79,6 +89,44 @@ def build_parser():
                    help="context length (default: min(max_position_embeddings, 4096))")
     r.add_argument("--backend", default="cpu")
     r.set_defaults(fn=_cmd_run)
+
+    from pyflashmoe.synth import PRESETS
+    sy = sub.add_parser("synth", help="random-weight model at real Qwen3.5-MoE dims (benchmarks)")
+    sy.add_argument("out", help="model dir to write")
+    sy.add_argument("--preset", default="qwen3.5-35b-a3b", choices=list(PRESETS))
+    sy.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
+    sy.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    sy.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    sy.add_argument("--dense-bits", type=int, default=16, choices=[16, 8])
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--gguf", default=None, help="also write a llama.cpp GGUF of the same dims")
+    sy.add_argument("--gguf-only", action="store_true", help="write only the GGUF")
+    sy.add_argument("--tokenizer", default=None,
+                    help="dir or tokenizer.json to copy (default: the shared Qwen3.5 tokenizer)")
+    sy.add_argument("--force", action="store_true", help="replace an existing destination")
+    sy.add_argument("-q", "--quiet", action="store_true")
+    sy.set_defaults(fn=_cmd_synth)
+
+    b = sub.add_parser("bench", help="decode/prefill tok/s, per-phase ms, I/O, roofline")
+    b.add_argument("model")
+    b.add_argument("--backend", default="cpu")
+    b.add_argument("--cold", action="store_true",
+                   help="drop the model files from the page cache before each repeat")
+    b.add_argument("--tokens", type=int, default=16, help="decode tokens per repeat")
+    b.add_argument("--prompt-tokens", type=int, default=16, help="prefill tokens per repeat")
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--k", type=int, default=None, help="experts per token (override)")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--io-threads", type=int, default=None)
+    b.add_argument("--direct-io", action="store_true")
+    b.add_argument("--ram-budget", default=None, help="engine expert cache, e.g. 4GiB")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-roofline", action="store_true", help="skip the disk/RAM bandwidth probes")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.add_argument("--plot", default=None, help="PNG of tok/s against RAM budget")
+    b.add_argument("--plot-budgets", default=None,
+                   help="comma-separated RAM budgets for --plot (default: 0, 1/8 .. 1 of the experts)")
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 
