@@ -237,7 +237,8 @@ class AtomicDir:
         self.force = force
         self.tmp = None
 
-    def __enter__(self):
+    def check(self):
+        """Fail early (before any work) when DST cannot be written."""
         dst, parent = self.dst, os.path.dirname(self.dst)
         if os.path.lexists(dst):
             if not self.force:
@@ -247,6 +248,10 @@ class AtomicDir:
                                     f"(no {MANIFEST}); refusing to replace it even with --force")
         if not os.path.isdir(parent):
             raise ModelIOError(f"{dst}: parent directory {parent} does not exist")
+
+    def __enter__(self):
+        dst, parent = self.dst, os.path.dirname(self.dst)
+        self.check()
         self._clean_stale(parent, os.path.basename(dst))
         try:
             self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-{os.getpid()}-", dir=parent)
@@ -682,7 +687,9 @@ def info_text(dirpath) -> str:
         f"intermediate {s['moe_intermediate_size']}, shared {s['shared_expert_intermediate_size']}",
         f"  quantization  experts {eq.get('bits')}-bit"
         + (f" group {eq['group_size']}" if eq.get("group_size") else "")
-        + f", dense {q.get('dense', {}).get('bits')}-bit",
+        + f", dense {q.get('dense', {}).get('bits')}-bit"
+        + "".join(f" + source affine {a['bits']}-bit group {a['group_size']}"
+                  for a in q.get("dense", {}).get("source_affine", [])),
     ]
     if L0:
         lines.append(f"  expert block  {L0['block_bytes']} bytes ({_fmt_bytes(L0['block_bytes'])})")

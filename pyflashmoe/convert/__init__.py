@@ -428,6 +428,7 @@ class Converter:
 
     def run(self):
         from pyflashmoe import __version__
+        fmt.AtomicDir(self.dst, self.force).check()
         self.plan()
         try:
             from tqdm import tqdm
