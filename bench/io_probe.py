@@ -25,9 +25,18 @@ import subprocess
 import sys
 import time
 
-import pyflashmoe._core as _core
 
-LIB = ctypes.CDLL(_core.__file__)
+def _load_lib():
+    """The built extension (exports fm_io_probe), or FM_IO_LIB=path: a bare build of csrc/fm_io.c
+    (gcc -O2 -shared -fPIC -pthread -D_GNU_SOURCE -Icsrc csrc/fm_io.c -o libfmio.so) for machines
+    without the extension."""
+    if os.environ.get("FM_IO_LIB"):
+        return ctypes.CDLL(os.environ["FM_IO_LIB"])
+    import pyflashmoe._core as _core
+    return ctypes.CDLL(_core.__file__)
+
+
+LIB = _load_lib()
 LIB.fm_io_probe.restype = ctypes.c_int
 LIB.fm_io_probe.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                             ctypes.POINTER(ctypes.c_double), ctypes.c_char_p, ctypes.c_size_t]
