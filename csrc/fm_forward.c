@@ -149,6 +149,7 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int32_t n
     int64_t K = m->k_tok, E = m->n_experts;
     int64_t I = m->moe_I > m->sh_I ? m->moe_I : m->sh_I;
     int nt = fm_pool_size(m->pool);
+    int64_t ne = nb > m->max_batch ? nb : m->max_batch; /* rows of the per-expert buffers */
 #define FA(p, cnt) ((p) = malloc(sizeof(float) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
 #define IA(p, cnt) ((p) = malloc(sizeof(int32_t) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
     int ok = FA(b->x, nb * H) && FA(b->xn, nb * H) && FA(b->y, nb * H);
@@ -161,7 +162,7 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int32_t n
     if (ok && m->n_moe)
         ok = FA(b->logits_r, nb * E) && FA(b->topw, nb * K) && IA(b->topi, nb * K) && FA(b->shg, nb * I) &&
              FA(b->shu, nb * I) && FA(b->sho, nb * H) && FA(b->shs, nb) && FA(b->moe, nb * H) &&
-             FA(b->xe, nb * H) && FA(b->ge, nb * I) && FA(b->ue, nb * I) && FA(b->ye, nb * H) &&
+             FA(b->xe, nb * H) && FA(b->ge, ne * I) && FA(b->ue, ne * I) && FA(b->ye, ne * H) &&
              IA(b->cnt, E) && IA(b->off, E + 1) && IA(b->fill, E) && IA(b->etok, nb * K) && FA(b->ew, nb * K) &&
              IA(b->elist, E);
     if (ok && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
@@ -344,6 +345,48 @@ static fm_qmat part_view(const fm_part *p, const uint8_t *blk) {
     return w;
 }
 
+/* decode (one token): all experts of a chunk in two pool jobs, gate+up rows then down rows */
+typedef struct {
+    const fm_qmat *w; /* [nc][3] */
+    const float *x;
+    float *g, *u, *y;
+    int64_t I, H;
+} fm_exp_job;
+
+static void job_exp_gu(void *ctx, int64_t s, int64_t e, int32_t tid) {
+    (void)tid;
+    fm_exp_job *j = ctx;
+    int64_t I = j->I;
+    while (s < e) {
+        int64_t c = s / (2 * I), r = s % (2 * I);
+        int up = r >= I;
+        int64_t r0 = up ? r - I : r;
+        int64_t end = c * 2 * I + (up ? 2 * I : I);
+        int64_t r1 = r0 + ((e < end ? e : end) - s);
+        fm_qmat_matvec_rows(&j->w[c * 3 + (up ? FM_PART_UP : FM_PART_GATE)], j->x, (up ? j->u : j->g) + c * I, r0, r1);
+        s += r1 - r0;
+    }
+}
+
+static void job_exp_down(void *ctx, int64_t s, int64_t e, int32_t tid) {
+    (void)tid;
+    fm_exp_job *j = ctx;
+    int64_t H = j->H;
+    while (s < e) {
+        int64_t c = s / H, r0 = s % H;
+        int64_t end = (c + 1) * H;
+        int64_t r1 = r0 + ((e < end ? e : end) - s);
+        fm_qmat_matvec_rows(&j->w[c * 3 + FM_PART_DOWN], j->g + c * j->I, j->y + c * H, r0, r1);
+        s += r1 - r0;
+    }
+}
+
+static int64_t grain_rows(const fm_qmat *W) {
+    int64_t rb = (int64_t)(fm_qmat_bytes(W) / (uint64_t)(W->rows > 0 ? W->rows : 1)) + 1;
+    int64_t g = 16384 / rb;
+    return g < 4 ? 4 : g;
+}
+
 /* MoE block for n tokens of b->xn into b->y; FM_ERR_IO on a failed read */
 static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scratch *b, int64_t n, char *err,
                            size_t errlen) {
@@ -415,6 +458,23 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
         s->st.last_expert_loads += ios.loads;
         s->st.last_expert_hits += ios.hits;
         if (st != FM_OK) return st;
+        if (n == 1) {
+            fm_qmat w[nc * 3];
+            for (int32_t c = 0; c < nc; c++)
+                for (int p = 0; p < 3; p++) w[c * 3 + p] = part_view(&L->parts[p], blocks[c]);
+            fm_exp_job ej = {w, b->xn, b->ge, b->ue, b->ye, I, H};
+            fm_pool_for(m->pool, (int64_t)nc * 2 * I, grain_rows(&w[0]), job_exp_gu, &ej);
+            swiglu(b->ge, b->ue, (int64_t)nc * I);
+            fm_pool_for(m->pool, (int64_t)nc * H, grain_rows(&w[2]), job_exp_down, &ej);
+            for (int32_t c = 0; c < nc; c++) {
+                int32_t e = b->elist[c0 + c];
+                float wt = b->ew[b->off[e]];
+                const float *src = b->ye + (int64_t)c * H;
+                for (int64_t d = 0; d < H; d++) b->moe[d] += wt * src[d];
+            }
+            s->st.ms_expert += fm_now_ms() - te;
+            continue;
+        }
         for (int32_t c = 0; c < nc; c++) {
             int32_t e = b->elist[c0 + c];
             int64_t me = b->cnt[e];
@@ -553,6 +613,7 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
     s->st.bytes_read += s->st.last_bytes_read;
     s->st.expert_loads += s->st.last_expert_loads;
     s->st.expert_hits += s->st.last_expert_hits;
+    s->st.last_n_tokens = n_tokens;
     if (st != FM_OK) {
         fm_session_reset(s);
         size_t l = err ? strlen(err) : 0;
@@ -561,6 +622,5 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
         return st == FM_ERR_IO ? FM_ERR_IO : st;
     }
     s->st.n_tokens += n_tokens;
-    s->st.last_n_tokens = n_tokens;
     return FM_OK;
 }

@@ -253,3 +253,27 @@ def test_long_prompt_spans_internal_batches(tiny):
                                atol=2e-5 * float(np.abs(full).max()))
     np.testing.assert_allclose(core.Session(eng, 600).eval(toks), full[-1], rtol=0,
                                atol=2e-5 * float(np.abs(full).max()))
+
+
+VARIANTS = [
+    ("qwen3_moe", dict(mlp_only_layers=[1], tie_word_embeddings=True)),
+    ("qwen3_next", dict(decoder_sparse_step=2, num_experts_per_tok=3)),
+    ("qwen3_5_moe", dict(linear_num_value_heads=2, head_dim=32, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=True)),
+]
+
+
+@pytest.mark.parametrize("arch,over", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_layer_variants_match_transformers(tmp_path, arch, over):
+    """Dense-MLP layers (mlp_only_layers / decoder_sparse_step), tied embeddings, nv == nk,
+    MQA, a larger head_dim with partial RoPE: prompt logits vs transformers."""
+    hf_dir, _ = make_tiny_hf(arch, str(tmp_path / "hf"), seed=3, **over)
+    out = convert(hf_dir, str(tmp_path / "fm"), bits=16, progress=False)
+    ref_model = load_tiny_hf(arch, hf_dir)
+    eng = core.Engine(out, n_threads=2)
+    toks = _prompt(eng.n_vocab, n=10, seed=9)
+    ses = core.Session(eng, 16)
+    ours = np.concatenate([ses.eval(toks[:6], all_logits=True), ses.eval(toks[6:], all_logits=True)])
+    _close(ours, _hf_logits(ref_model, toks))
+    if "mlp_only_layers" in over or "decoder_sparse_step" in over:
+        assert 0 in [eng.expert_block_bytes(i) for i in range(eng.n_layers)]
