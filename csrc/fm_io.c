@@ -506,7 +506,12 @@ typedef struct {
     atomic_int failed;
     int err_no;
     uint64_t mul, add;      /* read i goes to block (mul*i + add) % n_blocks: distinct for i < n_blocks */
+    pthread_mutex_t mu;     /* start gate: threads and their buffers are ready before the clock starts */
+    pthread_cond_t cv;
+    int go;
 } probe_ctx;
+
+typedef struct { probe_ctx *c; uint8_t *buf; } probe_arg;
 
 static uint64_t splitmix64(uint64_t x) {
     x += 0x9e3779b97f4a7c15ull;
@@ -521,9 +526,11 @@ static uint64_t gcd_u64(uint64_t a, uint64_t b) {
 }
 
 static void *probe_main(void *arg) {
-    probe_ctx *c = arg;
-    uint8_t *buf = aligned_block(c->block_bytes);
-    if (!buf) { c->err_no = ENOMEM; atomic_store(&c->failed, 1); return NULL; }
+    probe_ctx *c = ((probe_arg *)arg)->c;
+    uint8_t *buf = ((probe_arg *)arg)->buf;
+    pthread_mutex_lock(&c->mu);
+    while (!c->go) pthread_cond_wait(&c->cv, &c->mu);
+    pthread_mutex_unlock(&c->mu);
     for (;;) {
         int i = atomic_fetch_add(&c->next, 1);
         if (i >= c->n_reads || atomic_load(&c->failed)) break;
@@ -540,7 +547,6 @@ static void *probe_main(void *arg) {
             got += (uint64_t)r;
         }
     }
-    free(buf);
     return NULL;
 }
 
@@ -585,18 +591,44 @@ fm_status fm_io_probe(const char *path, uint64_t block_bytes, int32_t n_reads, i
     while (gcd_u64(c.mul, c.n_blocks) != 1) c.mul++;
     atomic_init(&c.next, 0);
     atomic_init(&c.failed, 0);
+    pthread_mutex_init(&c.mu, NULL);
+    pthread_cond_init(&c.cv, NULL);
     pthread_t *th = calloc((size_t)threads, sizeof *th);
-    if (!th) { close(fd); return fm_errf(err, errlen, FM_ERR_OOM, "fm_io_probe: out of memory"); }
-    double t0 = fm_now_ms();
+    probe_arg *args = calloc((size_t)threads, sizeof *args);
+    fm_status st = FM_OK;
     int32_t started = 0;
+    double ms = 0;
+    if (!th || !args) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_probe: out of memory"); goto done; }
+    for (int32_t i = 0; i < threads; i++) {
+        args[i].c = &c;
+        args[i].buf = aligned_block(block_bytes);
+        if (!args[i].buf) {
+            st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_probe: cannot allocate %d buffers of %llu bytes", threads,
+                         (unsigned long long)block_bytes);
+            goto done;
+        }
+        memset(args[i].buf, 0, (size_t)block_bytes); /* fault the pages in outside the timed region */
+    }
     for (int32_t i = 0; i < threads; i++)
-        if (pthread_create(&th[i], NULL, probe_main, &c) == 0) started++;
+        if (pthread_create(&th[i], NULL, probe_main, &args[i]) == 0) started++;
         else break;
-    if (started == 0) probe_main(&c);
+    pthread_mutex_lock(&c.mu);
+    c.go = 1;
+    double t0 = fm_now_ms();
+    pthread_cond_broadcast(&c.cv);
+    pthread_mutex_unlock(&c.mu);
+    if (started == 0) probe_main(&args[0]);
     for (int32_t i = 0; i < started; i++) pthread_join(th[i], NULL);
-    double ms = fm_now_ms() - t0;
+    ms = fm_now_ms() - t0;
+done:
+    if (args)
+        for (int32_t i = 0; i < threads; i++) free(args[i].buf);
+    free(args);
     free(th);
     close(fd);
+    pthread_mutex_destroy(&c.mu);
+    pthread_cond_destroy(&c.cv);
+    if (st != FM_OK) return st;
     if (atomic_load(&c.failed))
         return fm_errf(err, errlen, FM_ERR_IO, "%s: probe read failed: %s", path, errno_text(c.err_no, eb, sizeof eb));
     *gbps = (double)n_reads * (double)block_bytes / 1e9 / (ms > 1e-6 ? ms * 1e-3 : 1e-9);
