@@ -15,6 +15,10 @@
 #if defined(FM_HAVE_AVX2)
 #include <immintrin.h>
 
+/* software prefetch distance (bytes ahead in the weight stream): one core cannot keep enough
+ * misses in flight from the hardware prefetcher alone when a row ends every few KiB */
+#define FM_PF_DIST 2048
+
 #define FM_T __attribute__((target("avx2,fma")))
 #define FM_TI __attribute__((target("avx2,fma"), always_inline)) static inline
 
@@ -30,6 +34,8 @@ FM_T static float dot_avx2(const float *a, const float *b, int64_t n) {
            s3 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
+        _mm_prefetch((const char *)(a + i) + FM_PF_DIST, _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + i) + FM_PF_DIST + 64, _MM_HINT_T0);
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
         s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
@@ -76,6 +82,7 @@ FM_T static void bf16_rows_avx2(const fm_qmat *W, const float *x, const float *x
                s3 = _mm256_setzero_ps();
         int64_t c = 0;
         for (; c + 32 <= cols; c += 32) {
+            _mm_prefetch((const char *)(row + c) + FM_PF_DIST, _MM_HINT_T0);
             s0 = _mm256_fmadd_ps(bf16x8(row + c), _mm256_loadu_ps(x + c), s0);
             s1 = _mm256_fmadd_ps(bf16x8(row + c + 8), _mm256_loadu_ps(x + c + 8), s1);
             s2 = _mm256_fmadd_ps(bf16x8(row + c + 16), _mm256_loadu_ps(x + c + 16), s2);
@@ -151,6 +158,8 @@ FM_TI void affine_rows_avx2(const fm_qmat *W, const float *x, const float *xsum,
             __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
             const float *xg = x + g * gs;
             const uint32_t *qg = qr + g * (int64_t)nb * bits;
+            _mm_prefetch((const char *)qg + FM_PF_DIST, _MM_HINT_T0);
+            if (nb * bits > 16) _mm_prefetch((const char *)qg + FM_PF_DIST + 64, _MM_HINT_T0);
             for (int b = 0; b < nb; b++) {
                 const uint32_t *blk = qg + b * bits;
                 const float *xb = xg + b * 32;

@@ -13,6 +13,10 @@
 #if defined(FM_HAVE_AVX512)
 #include <immintrin.h>
 
+/* software prefetch distance (bytes ahead in the weight stream): one core cannot keep enough
+ * misses in flight from the hardware prefetcher alone when a row ends every few KiB */
+#define FM_PF_DIST 2048
+
 #define FM_T __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define FM_TI __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline
 
@@ -23,6 +27,7 @@ FM_T static float dot_avx512(const float *a, const float *b, int64_t n) {
            s3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
+        for (int k = 0; k < 4; k++) _mm_prefetch((const char *)(a + i) + FM_PF_DIST + 64 * k, _MM_HINT_T0);
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
         s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
         s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
@@ -74,6 +79,8 @@ FM_T static void bf16_rows_avx512(const fm_qmat *W, const float *x, const float 
                s3 = _mm512_setzero_ps();
         int64_t c = 0;
         for (; c + 64 <= cols; c += 64) {
+            _mm_prefetch((const char *)(row + c) + FM_PF_DIST, _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + c) + FM_PF_DIST + 64, _MM_HINT_T0);
             s0 = _mm512_fmadd_ps(bf16x16(row + c), _mm512_loadu_ps(x + c), s0);
             s1 = _mm512_fmadd_ps(bf16x16(row + c + 16), _mm512_loadu_ps(x + c + 16), s1);
             s2 = _mm512_fmadd_ps(bf16x16(row + c + 32), _mm512_loadu_ps(x + c + 32), s2);
@@ -137,6 +144,8 @@ FM_TI void affine_rows_avx512(const fm_qmat *W, const float *x, const float *xsu
             __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
             const float *xg = x + g * gs;
             const uint32_t *qg = qr + g * (int64_t)nb * bits;
+            _mm_prefetch((const char *)qg + FM_PF_DIST, _MM_HINT_T0);
+            if (nb * bits > 16) _mm_prefetch((const char *)qg + FM_PF_DIST + 64, _MM_HINT_T0);
             for (int b = 0; b < nb; b++) {
                 const uint32_t *blk = qg + b * bits;
                 const float *xb = xg + b * 32;
