@@ -331,9 +331,13 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop=None,
                  chat_template_kwargs: dict | None = None, ignore_eos: bool = False,
-                 logprobs: bool = True) -> Iterator[GenerationPiece]:
+                 logprobs: bool = True, logits_processor=None) -> Iterator[GenerationPiece]:
         """Stream GenerationPieces. Arguments are validated before the generator is returned
-        (ArgumentError), so a bad call fails at once and leaves the model untouched."""
+        (ArgumentError), so a bad call fails at once and leaves the model untouched.
+
+        logits_processor: optional fn(generated_ids: list[int], logits: float32 [vocab]) -> logits,
+        called before each token is sampled (e.g. pyflashmoe.constrain's JSON masks); logprobs
+        stay those of the unprocessed logits."""
         max_tokens = validate_max_tokens(max_tokens)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty}
@@ -360,7 +364,9 @@ class Model:
                                    f"{self.context_length} (pass context_length= to Model.load)")
         if stops and self.tokenizer is None:
             raise ArgumentError("stop strings need a tokenizer (the model dir has no tokenizer.json)")
-        return self._generate(ids, max_tokens, params, stops, ignore_eos, logprobs)
+        if logits_processor is not None and not callable(logits_processor):
+            raise ArgumentError("logits_processor must be callable (generated_ids, logits) -> logits")
+        return self._generate(ids, max_tokens, params, stops, ignore_eos, logprobs, logits_processor)
 
     def _stats_snapshot(self) -> dict:
         try:
@@ -372,7 +378,7 @@ class Model:
     def _diff(a: dict, b: dict) -> dict:
         return {k: b.get(k, 0) - a.get(k, 0) for k in _STAT_KEYS if k in b}
 
-    def _generate(self, ids, max_tokens, params, stops, ignore_eos, want_logprobs):
+    def _generate(self, ids, max_tokens, params, stops, ignore_eos, want_logprobs, processor=None):
         self._gen_id += 1
         my_id = self._gen_id
         sampler = Sampler(params)
@@ -405,11 +411,16 @@ class Model:
         st["prefill"] = self._diff(s0, s1)
         pending = ""
         n = 0
+        generated: list[int] = []  # kept only for a logits processor
         finish = None
         t_first = None
         try:
             while True:
-                tok = sampler.sample(logits)
+                if processor is not None:
+                    tok = sampler.sample(processor(generated, logits))
+                    generated.append(tok)
+                else:
+                    tok = sampler.sample(logits)
                 lp = _logprob(logits, tok) if want_logprobs else None
                 n += 1
                 st["generated_tokens"] = n
