@@ -92,29 +92,75 @@ def dequantize_affine(q, scales, biases, bits, group_size) -> np.ndarray:
 # ---- safetensors writing -----------------------------------------------------------------------
 
 class HashingFile:
-    """A file opened for writing that hashes every byte it writes (sha256) and counts them."""
+    """A file opened for writing that hashes every byte it writes (sha256) and counts them.
 
-    def __init__(self, path):
+    Hashing and writing run on two background threads (both release the GIL), each fed in order
+    through a bounded queue, so they overlap each other and the caller's work; memory held is at
+    most `depth` chunks per queue. An error on either thread is raised by the next write / close.
+    """
+
+    _STOP = object()
+
+    def __init__(self, path, depth=8):
+        import queue
+        import threading
         self.path = path
         self.f = open(path, "wb")
         self.h = hashlib.sha256()
         self.n = 0
+        self._err = None
+        self._qs = [queue.Queue(depth), queue.Queue(depth)]
+        self._ts = [threading.Thread(target=self._run, args=(self._qs[0], self.h.update), daemon=True),
+                    threading.Thread(target=self._run, args=(self._qs[1], self.f.write), daemon=True)]
+        for t in self._ts:
+            t.start()
+
+    def _run(self, q, fn):
+        while True:
+            b = q.get()
+            if b is self._STOP:
+                return
+            if self._err is None:
+                try:
+                    fn(b)
+                except BaseException as e:  # surfaced on the caller's thread
+                    self._err = e
+
+    def _raise(self):
+        if self._err is not None:
+            e, self._err = self._err, None
+            raise e
 
     def write(self, b):
-        mv = memoryview(b).cast("B")
-        self.f.write(mv)
-        self.h.update(mv)
-        self.n += len(mv)
+        self._raise()
+        b = bytes(memoryview(b).cast("B"))     # immutable copy: the caller may reuse its buffer
+        for q in self._qs:
+            q.put(b)
+        self.n += len(b)
 
     def pad_to(self, n):
         if n > self.n:
             self.write(b"\0" * (n - self.n))
 
-    def close(self, fsync=True):
-        self.f.flush()
-        if fsync:
-            os.fsync(self.f.fileno())
+    def _join(self):
+        for q in self._qs:
+            q.put(self._STOP)
+        for t in self._ts:
+            t.join()
+
+    def abort(self):
+        self._join()
         self.f.close()
+
+    def close(self, fsync=True):
+        self._join()
+        try:
+            self._raise()
+            self.f.flush()
+            if fsync:
+                os.fsync(self.f.fileno())
+        finally:
+            self.f.close()
         return {"size": self.n, "sha256": self.h.hexdigest()}
 
 
@@ -166,6 +212,9 @@ class SafetensorsWriter:
         self.f.pad_to(self.offsets[name])
         self.f.write(b)
         self._next += 1
+
+    def abort(self):
+        self.f.abort()
 
     def close(self):
         if self._next != len(self.entries):

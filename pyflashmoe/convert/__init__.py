@@ -41,7 +41,9 @@ def _quantize(w, bits, group_size):
     except ImportError as e:
         raise BackendError(f"quantizing to {bits} bits needs pyflashmoe.quant ({e}); "
                            f"use --bits 16 or an MLX-quantized source") from None
-    q, s, b = quantize(np.ascontiguousarray(w, dtype=np.float32), bits, group_size)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    # big matrices (real experts: millions of weights) are quantized on all cores
+    q, s, b = quantize(w, bits, group_size, n_threads=0 if w.size >= (1 << 20) else 1)
     return (np.ascontiguousarray(q, dtype="<u4"), np.ascontiguousarray(s, dtype="<u2"),
             np.ascontiguousarray(b, dtype="<u2"))
 
@@ -340,25 +342,29 @@ class Converter:
         w = fmt.SafetensorsWriter(os.path.join(tmp, fmt.DENSE_FILE), self._dense_entries(),
                                   metadata={"format": fmt.FORMAT_NAME})
         table = {}
-        for d in self.dense:
-            n, shp = d.tm.name, d.tm.shape
-            if d.dtype == "f32":
-                v = self.ck.read_f32(d.src.name).reshape(shp).astype(np.float32)
-                if d.shift_norm:
-                    v = v - np.float32(1.0)
-                w.write(n, v)
-                table[n] = {"dtype": "f32", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
-            elif d.dtype == "bf16":
-                w.write(n, self._bf16(d.src, shp))
-                table[n] = {"dtype": "bf16", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
-            else:
-                q, s, b = self._affine(d.src, shp, d.bits, d.group_size)
-                e = {"dtype": "affine", "shape": list(shp), "bits": d.bits, "group_size": d.group_size}
-                for k, arr in (("q", q), ("scales", s), ("biases", b)):
-                    w.write(f"{n}.{k}", arr)
-                    e[k] = [w.offsets[f"{n}.{k}"], w.sizes[f"{n}.{k}"]]
-                table[n] = e
-            bar.update(1)
+        try:
+            for d in self.dense:
+                n, shp = d.tm.name, d.tm.shape
+                if d.dtype == "f32":
+                    v = self.ck.read_f32(d.src.name).reshape(shp).astype(np.float32)
+                    if d.shift_norm:
+                        v = v - np.float32(1.0)
+                    w.write(n, v)
+                    table[n] = {"dtype": "f32", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
+                elif d.dtype == "bf16":
+                    w.write(n, self._bf16(d.src, shp))
+                    table[n] = {"dtype": "bf16", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
+                else:
+                    q, s, b = self._affine(d.src, shp, d.bits, d.group_size)
+                    e = {"dtype": "affine", "shape": list(shp), "bits": d.bits, "group_size": d.group_size}
+                    for k, arr in (("q", q), ("scales", s), ("biases", b)):
+                        w.write(f"{n}.{k}", arr)
+                        e[k] = [w.offsets[f"{n}.{k}"], w.sizes[f"{n}.{k}"]]
+                    table[n] = e
+                bar.update(1)
+        except BaseException:
+            w.abort()
+            raise
         return table, w.close()
 
     def _write_experts(self, tmp, il, parts, bar):
@@ -375,31 +381,35 @@ class Converter:
         f = fmt.HashingFile(os.path.join(tmp, rel))
         hdr = fmt.expert_file_header(E, bb)
         f.write(hdr)
-        fused_cache = {}
-        for e in range(E):
-            blk = np.zeros(bb, dtype=np.uint8)
-            for pn in ("gate", "up", "down"):
-                p, L = parts[pn], layout[pn]
-                s = p.srcs[e]
-                if p.dtype == "bf16":
-                    arr = self._bf16_cached(s, p.shape, fused_cache)
-                    o, n = L["data"]
-                    blk[o:o + n] = arr.view(np.uint8).reshape(-1)
-                else:
-                    if p.copy_q:
-                        arrs = self._affine_copy(s)
+        try:
+            fused_cache = {}
+            for e in range(E):
+                blk = np.zeros(bb, dtype=np.uint8)
+                for pn in ("gate", "up", "down"):
+                    p, L = parts[pn], layout[pn]
+                    s = p.srcs[e]
+                    if p.dtype == "bf16":
+                        arr = self._bf16_cached(s, p.shape, fused_cache)
+                        o, n = L["data"]
+                        blk[o:o + n] = arr.view(np.uint8).reshape(-1)
                     else:
-                        arrs = _quantize(self._float_cached(s, p.shape, fused_cache), p.bits, p.group_size)
-                    for k, arr in zip(("q", "scales", "biases"), arrs):
-                        o, n = L[k]
-                        b = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
-                        if b.nbytes != n:
-                            raise FormatError(f"{self.ck.where(s.name)}: expert {e} {pn}.{k} has {b.nbytes} "
-                                              f"bytes, expected {n}")
-                        blk[o:o + n] = b
-            fused_cache.clear()
-            f.write(blk)
-            bar.update(1)
+                        if p.copy_q:
+                            arrs = self._affine_copy(s)
+                        else:
+                            arrs = _quantize(self._float_cached(s, p.shape, fused_cache), p.bits, p.group_size)
+                        for k, arr in zip(("q", "scales", "biases"), arrs):
+                            o, n = L[k]
+                            b = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+                            if b.nbytes != n:
+                                raise FormatError(f"{self.ck.where(s.name)}: expert {e} {pn}.{k} has {b.nbytes} "
+                                                  f"bytes, expected {n}")
+                            blk[o:o + n] = b
+                fused_cache.clear()
+                f.write(blk)
+                bar.update(1)
+        except BaseException:
+            f.abort()
+            raise
         info = f.close()
         entry = {"file": rel, "n_experts": E, "block_bytes": bb, "data_offset": len(hdr), "parts": layout}
         return rel, entry, info
