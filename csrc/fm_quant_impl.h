@@ -14,9 +14,7 @@
 #define FM_HAVE_AVX2 1
 #define FM_HAVE_AVX512 1
 #endif
-#if defined(__aarch64__)
-#define FM_HAVE_NEON_DISABLED 1
-#endif
+/* FM_HAVE_NEON: no NEON file yet; arm64 runs the scalar kernels */
 
 typedef enum { FM_SIMD_SCALAR = 0, FM_SIMD_AVX2 = 1, FM_SIMD_AVX512 = 2, FM_SIMD_NEON = 3 } fm_simd_level;
 
@@ -75,6 +73,11 @@ static inline int64_t fm_affine_row_words(int64_t cols, int32_t bits) { return c
 /* Unpack n (multiple of 32) b-bit values of a little-endian bit stream starting at word p. */
 static inline void fm_unpack_bits(const uint32_t *p, int32_t bits, int64_t n, uint8_t *out) {
     const uint32_t mask = (1u << bits) - 1u;
+    if (32 % bits == 0) { /* 2, 4, 8: values never straddle words */
+        const int per = 32 / bits;
+        for (int64_t k = 0; k < n; k++) out[k] = (uint8_t)((p[k / per] >> ((k % per) * bits)) & mask);
+        return;
+    }
     for (int64_t blk = 0; blk < n; blk += 32) {
         /* 32 values take exactly `bits` words */
         uint64_t acc = 0;
