@@ -213,6 +213,19 @@ class SafetensorsWriter:
         self.f.write(b)
         self._next += 1
 
+    def write_chunks(self, name, chunks):
+        """Write tensor `name` from an iterable of arrays whose bytes, concatenated, are its data."""
+        exp = self.entries[self._next]
+        if exp[0] != name:
+            raise AssertionError(f"SafetensorsWriter: wrote {name!r}, expected {exp[0]!r}")
+        self.f.pad_to(self.offsets[name])
+        start = self.f.n
+        for a in chunks:
+            self.f.write(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+        if self.f.n - start != exp[3]:
+            raise AssertionError(f"SafetensorsWriter: {name!r} has {self.f.n - start} bytes, expected {exp[3]}")
+        self._next += 1
+
     def abort(self):
         self.f.abort()
 

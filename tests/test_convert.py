@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pyflashmoe.convert import convert
-from pyflashmoe.format import ModelDir, bf16_to_f32
+from pyflashmoe.format import ModelDir
+from pyflashmoe.format import bf16_to_f32 as fmt_bf16_to_f32
 from pyflashmoe.models import spec_from_config, tensor_map
 from tiny_models import ARCHS, make_mlx_quantized, make_tiny_hf, rewrite_checkpoint
 
@@ -235,11 +236,16 @@ def test_mlx_4bit_repacked_bit_exact(arch, tmp_path):
     assert md.manifest["tensors"]["blk.0.ssm_qkv"]["dtype"] == "affine"
 
 
-def test_mlx_qwen3_moe(tmp_path):
+def test_mlx_qwen3_moe(tmp_path, monkeypatch):
+    import pyflashmoe.convert as conv
     _mlx()
     src, cfg = make_tiny_hf("qwen3_moe", tmp_path / "hf", seed=5, moe_intermediate_size=64)
     mlxdir = make_mlx_quantized(src, tmp_path / "mlx")
     convert(mlxdir, tmp_path / "out", progress=False)
+    monkeypatch.setattr(conv, "DENSE_CHUNK", 100)   # affine copy streamed a few rows at a time
+    convert(mlxdir, tmp_path / "out2", progress=False)
+    assert (tmp_path / "out" / "dense.safetensors").read_bytes() == \
+        (tmp_path / "out2" / "dense.safetensors").read_bytes()
     md = ModelDir(tmp_path / "out")
     m = _mlx_tensors(mlxdir)
     raw = md.expert_raw(2, 5)["up"]
@@ -400,7 +406,7 @@ def _write_st_repeated(path, tensors, block):
             left -= n
 
 
-def _big_checkpoint(d, n_layers=5, E=128, H=1024, I=1024, vocab=256):
+def _big_checkpoint(d, n_layers=5, E=128, H=1024, I=1024, vocab=256, big_vocab=0):
     """qwen3_moe, fused bf16 experts, E*3*H*I*2 bytes per layer (768 MiB at the defaults)."""
     from safetensors.numpy import save_file
     os.makedirs(d, exist_ok=True)
@@ -413,8 +419,18 @@ def _big_checkpoint(d, n_layers=5, E=128, H=1024, I=1024, vocab=256):
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
     rng = np.random.default_rng(0)
-    dense = {"model.embed_tokens.weight": rng.standard_normal((vocab, H), np.float32),
-             "model.norm.weight": np.ones(H, np.float32)}
+    dense = {"model.norm.weight": np.ones(H, np.float32)}
+    fblock = None
+    if big_vocab:   # a vocab-sized F32 embedding (GBs): the converter must stream it in row chunks
+        cfg["vocab_size"] = big_vocab
+        fblock = rng.standard_normal(1 << 20).astype(np.float32)
+        fblock = (fblock.view(np.uint32) & 0xFFFF0000).view(np.float32).tobytes()
+        _write_st_repeated(os.path.join(d, "model-embed.safetensors"),
+                           [("model.embed_tokens.weight", "F32", (big_vocab, H))], fblock)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+    else:
+        dense["model.embed_tokens.weight"] = rng.standard_normal((vocab, H), np.float32)
     for i in range(n_layers):
         p = f"model.layers.{i}"
         dense.update({f"{p}.input_layernorm.weight": np.ones(H, np.float32),
@@ -434,7 +450,7 @@ def _big_checkpoint(d, n_layers=5, E=128, H=1024, I=1024, vocab=256):
         _write_st_repeated(os.path.join(d, f"model-experts-{i:02d}.safetensors"),
                            [(f"{p}.gate_up_proj", "BF16", (E, 2 * I, H)),
                             (f"{p}.down_proj", "BF16", (E, H, I))], block)
-    return cfg, block
+    return cfg, block, fblock
 
 
 @pytest.mark.slow
@@ -442,7 +458,7 @@ def test_multi_gb_checkpoint_bounded_rss(tmp_path):
     import subprocess
     import sys
     src = tmp_path / "big"
-    cfg, block = _big_checkpoint(src)
+    cfg, block, fblock = _big_checkpoint(src, n_layers=4, big_vocab=1 << 18)   # 3 GiB experts + 1 GiB embedding
     total = sum(os.path.getsize(src / f) for f in os.listdir(src))
     assert total >= 4e9, total
     dst = tmp_path / "out"
@@ -465,6 +481,11 @@ def test_multi_gb_checkpoint_bounded_rss(tmp_path):
         raw = md.expert_raw(0, e)
         np.testing.assert_array_equal(raw["gate"], want[:I])
         np.testing.assert_array_equal(raw["up"], want[I:])
+    emb = md.dense_raw("tok_embd")             # bf16 bits of the F32 source (bf16-exact values)
+    fb = np.frombuffer(fblock, np.float32)
+    for r in (0, 12345, (1 << 18) - 1):
+        want = fb[(np.arange(H) + r * H) % fb.size]
+        np.testing.assert_array_equal(fmt_bf16_to_f32(emb[r]), want)
     for f in os.listdir(src):   # free the disk early
         os.remove(src / f)
 
@@ -584,7 +605,7 @@ def test_cli_killed_midway_leaves_nothing_loadable(tmp_path):
     import time
     from pyflashmoe.errors import FormatError
     src = tmp_path / "mid"
-    _big_checkpoint(src, n_layers=4, E=64, H=512, I=512)
+    _big_checkpoint(src, n_layers=4, E=64, H=512, I=512)[0]
     dst = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "convert", str(src), str(dst), "--bits", "4",
                           "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -628,3 +649,20 @@ def test_cli_info_and_verify(qmoe_src, tmp_path):
     # a truncated data file is caught by the size check already (info and verify)
     os.truncate(f, os.path.getsize(f) - 1)
     _assert_clean_error(_cli("info", dst), "L002.safetensors", "size")
+
+
+def test_dense_row_chunking_gives_identical_files(tiny_dirs, tmp_path, monkeypatch):
+    """Big dense matrices are streamed in row chunks; tiny chunks must give the same bytes."""
+    import pyflashmoe.convert as conv
+    src, cfg = tiny_dirs["qwen3_moe"]
+    _fp8_checkpoint(src, tmp_path / "fp8")
+    cases = [(src, dict(bits=16, dense_bits=8, group_size=32)), (src, dict(bits=16)),
+             (tmp_path / "fp8", dict(bits=16)), (tmp_path / "fp8", dict(bits=16, dense_bits=8, group_size=32))]
+    for i, (s, kw) in enumerate(cases):
+        convert(s, tmp_path / f"big{i}", progress=False, **kw)
+        monkeypatch.setattr(conv, "DENSE_CHUNK", 700)      # a few rows per chunk
+        convert(s, tmp_path / f"small{i}", progress=False, **kw)
+        monkeypatch.setattr(conv, "DENSE_CHUNK", 32 << 20)
+        a = (tmp_path / f"big{i}" / "dense.safetensors").read_bytes()
+        b = (tmp_path / f"small{i}" / "dense.safetensors").read_bytes()
+        assert a == b, (s, kw)

@@ -29,6 +29,7 @@ from pyflashmoe.models import (TensorMap, canonical_type, expert_prefix, normali
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
               "generation_config.json", "config.json", "special_tokens_map.json")
 QUANT_BITS = (2, 3, 4, 8)
+DENSE_CHUNK = 32 << 20   # bytes of float32 per row chunk when streaming a big dense matrix
 GROUP_SIZES = (32, 64, 128)
 # Dense matrices quantized by --dense-bits 8: every 2-D Linear weight except the token embedding
 # (a row gather, kept bf16) and the two routers (expert choice is sensitive; they are tiny).
@@ -338,6 +339,70 @@ class Converter:
                 ents.append((n, "BF16" if d.dtype == "bf16" else "F32", shp, nb))
         return ents
 
+    def _row_chunks(self, s: Src, rows_total, row_bytes):
+        """[r0, r1) ranges of about DENSE_CHUNK bytes (a multiple of the FP8 block rows)."""
+        step = max(1, DENSE_CHUNK // max(1, row_bytes))
+        if s.fp8_scale:
+            bo = s.fp8_block[0]
+            step = max(bo, step // bo * bo)
+        return [(r0, min(rows_total, r0 + step)) for r0 in range(0, rows_total, step)]
+
+    def _float_rows(self, s: Src, r0, r1):
+        ck = self.ck
+        w = to_f32(ck.read_rows(s.name, r0, r1, s.index0), ck.dtype(s.name), ck.where(s.name))
+        if s.fp8_scale:
+            bo, bi = s.fp8_block
+            sc = ck.read_f32(s.fp8_scale, s.index0)[r0 // bo: -(-r1 // bo)]
+            w = w * np.repeat(np.repeat(sc, bo, axis=0)[:r1 - r0], bi, axis=1)[:, :w.shape[1]]
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    def _dense_matrix_stream(self, w, d):
+        """Write a 2-D dense tensor in row chunks (bounded memory for vocab-sized matrices)."""
+        n, shp, s, ck = d.tm.name, d.tm.shape, d.src, self.ck
+        if s.rows is not None:        # small fused projections: whole tensor, rows gathered
+            if d.dtype == "bf16":
+                w.write(n, self._bf16(s, shp))
+                return
+            q, sc, b = self._affine(s, shp, d.bits, d.group_size)
+            for k, arr in (("q", q), ("scales", sc), ("biases", b)):
+                w.write(f"{n}.{k}", arr)
+            return
+        R = shp[0]
+        if d.dtype == "bf16":
+            raw_bf16 = ck.dtype(s.name) == "BF16" and not s.fp8_scale
+
+            def gen():
+                for r0, r1 in self._row_chunks(s, R, shp[1] * 4):
+                    if raw_bf16:
+                        yield ck.read_rows(s.name, r0, r1)
+                    else:
+                        yield fmt.f32_to_bf16(self._float_rows(s, r0, r1))
+            w.write_chunks(n, gen())
+            return
+        if s.qbits:                   # MLX affine: copy q, scales, biases in row chunks
+            base = s.name[:-len(".weight")]
+            for k, nm in (("q", s.name), ("scales", base + ".scales"), ("biases", base + ".biases")):
+                def gen(nm=nm):
+                    rb = int(np.prod(ck.shape(nm)[1:])) * 4
+                    for r0, r1 in self._row_chunks(Src(nm), R, rb):
+                        raw = ck.read_rows(nm, r0, r1)
+                        if nm != s.name and ck.dtype(nm) != "BF16":
+                            raw = fmt.f32_to_bf16(to_f32(raw, ck.dtype(nm), ck.where(nm)))
+                        yield raw
+                w.write_chunks(f"{n}.{k}", gen())
+            return
+        scales, biases = [], []       # quantize row chunks; q streamed, scales/biases kept (small)
+
+        def genq():
+            for r0, r1 in self._row_chunks(s, R, shp[1] * 4):
+                q, sc, b = _quantize(self._float_rows(s, r0, r1), d.bits, d.group_size)
+                scales.append(sc)
+                biases.append(b)
+                yield q
+        w.write_chunks(f"{n}.q", genq())
+        w.write(f"{n}.scales", np.concatenate(scales))
+        w.write(f"{n}.biases", np.concatenate(biases))
+
     def _write_dense(self, tmp, bar):
         w = fmt.SafetensorsWriter(os.path.join(tmp, fmt.DENSE_FILE), self._dense_entries(),
                                   metadata={"format": fmt.FORMAT_NAME})
@@ -351,14 +416,14 @@ class Converter:
                         v = v - np.float32(1.0)
                     w.write(n, v)
                     table[n] = {"dtype": "f32", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
-                elif d.dtype == "bf16":
-                    w.write(n, self._bf16(d.src, shp))
+                    bar.update(1)
+                    continue
+                self._dense_matrix_stream(w, d)
+                if d.dtype == "bf16":
                     table[n] = {"dtype": "bf16", "shape": list(shp), "offset": w.offsets[n], "nbytes": w.sizes[n]}
                 else:
-                    q, s, b = self._affine(d.src, shp, d.bits, d.group_size)
                     e = {"dtype": "affine", "shape": list(shp), "bits": d.bits, "group_size": d.group_size}
-                    for k, arr in (("q", q), ("scales", s), ("biases", b)):
-                        w.write(f"{n}.{k}", arr)
+                    for k in ("q", "scales", "biases"):
                         e[k] = [w.offsets[f"{n}.{k}"], w.sizes[f"{n}.{k}"]]
                     table[n] = e
                 bar.update(1)

@@ -186,6 +186,17 @@ class Checkpoint:
         buf = pread_exact(self._fd(p), n, a + i * n, p, f"tensor {raw!r}[{i}]")
         return np.frombuffer(buf, ST_DTYPES[dt]).reshape(shape[1:])
 
+    def read_rows(self, name, r0, r1, index0=None) -> np.ndarray:
+        """Rows [r0, r1) of a tensor (of its slice [index0] when given), raw dtype."""
+        p, raw, dt, shape, a, b = self.tensors[name]
+        if index0 is not None:
+            shape = shape[1:]
+        inner = tuple(shape[1:])
+        rowb = int(np.prod(inner, dtype=np.int64)) * ST_DTYPES[dt].itemsize
+        base = a + (index0 or 0) * shape[0] * rowb
+        buf = pread_exact(self._fd(p), (r1 - r0) * rowb, base + r0 * rowb, p, f"tensor {raw!r} rows {r0}:{r1}")
+        return np.frombuffer(buf, ST_DTYPES[dt]).reshape((r1 - r0,) + tuple(inner))
+
     def read_f32(self, name, index0=None) -> np.ndarray:
         raw = self.read_raw(name) if index0 is None else self.read_index0(name, index0)
         return to_f32(raw, self.dtype(name), self.where(name))
