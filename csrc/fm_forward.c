@@ -11,11 +11,14 @@
  */
 #include <stdlib.h>
 
+#include "fm_backend.h"
 #include "fm_model.h"
 
 #define FM_UBATCH 512 /* tokens per internal pass; bounds scratch memory for long prompts */
 
 /* ---------------------------------------------------------------- session */
+
+static void scratch_release(void *p);
 
 static void session_free_bufs(fm_session *s) {
     fm_model *m = s->m;
@@ -70,12 +73,21 @@ fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err
                        "fm_session_new: out of memory for a context of %d tokens (KV cache %.1f MiB)", n_ctx,
                        (double)m->n_full * 2.0 * (double)n_ctx * (double)kvd * 4.0 / 1048576.0);
     }
+    if (m->cuda) {
+        fm_status cst = fm_cuda_session_new(s, &s->cuda, err, errlen);
+        if (cst != FM_OK) {
+            session_free_bufs(s);
+            free(s);
+            return cst;
+        }
+    }
     *out = s;
     return FM_OK;
 }
 
 void fm_session_free(fm_session *s) {
     if (!s) return;
+    if (s->cuda) fm_cuda_session_free(s->cuda);
     session_free_bufs(s);
     free(s);
 }
@@ -88,6 +100,7 @@ void fm_session_reset(fm_session *s) {
         memset(s->conv[i], 0, sizeof(float) * (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)cd);
         memset(s->ssm[i], 0, sizeof(float) * (size_t)m->lin_nv * m->lin_dk * m->lin_dv);
     }
+    if (s->cuda) fm_cuda_session_reset(s->cuda);
     s->pos = 0;
 }
 
@@ -170,6 +183,28 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int32_t n
 #undef IA
     if (!ok) scratch_free(b);
     return ok;
+}
+
+static void scratch_release(void *p) {
+    if (!p) return;
+    scratch_free(p);
+    free(p);
+}
+
+/* the session's scratch for nb tokens (kept and reused; regrown when a larger batch comes) */
+static fm_scratch *session_scratch(fm_session *s, int64_t nb) {
+    fm_scratch *b = s->scratch;
+    if (b && b->nb >= nb) return b;
+    scratch_release(b);
+    s->scratch = NULL;
+    b = malloc(sizeof *b);
+    if (!b) return NULL;
+    if (!scratch_alloc(b, s->m, nb, s->n_ctx)) {
+        free(b);
+        return NULL;
+    }
+    s->scratch = b;
+    return b;
 }
 
 /* ---------------------------------------------------------------- parallel pieces */
@@ -586,15 +621,17 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
                        "context full: %d tokens held + %d new > n_ctx %d (nothing was evaluated)", s->pos,
                        n_tokens, s->n_ctx);
     int64_t nb = n_tokens < FM_UBATCH ? n_tokens : FM_UBATCH;
-    fm_scratch b;
-    if (!scratch_alloc(&b, m, nb, s->n_ctx))
+    fm_scratch *b = session_scratch(s, nb);
+    if (!b)
         return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_eval: out of memory for scratch of %lld tokens",
                        (long long)nb);
     pthread_mutex_lock(&m->mu);
     double t0 = fm_now_ms();
     s->st.last_bytes_read = s->st.last_expert_loads = s->st.last_expert_hits = 0;
     fm_status st = FM_OK;
-    for (int32_t done = 0; done < n_tokens; done += (int32_t)nb) {
+    if (s->cuda) /* CUDA backend: the same layer loop over m->layers, through its ops table */
+        st = fm_cuda_session_eval(s, tokens, n_tokens, logits, all_logits, err, errlen);
+    for (int32_t done = 0; !s->cuda && done < n_tokens; done += (int32_t)nb) {
         int64_t cnt = n_tokens - done < nb ? n_tokens - done : nb;
         float *lg = NULL;
         if (logits) {
@@ -603,11 +640,10 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
             else if (done + cnt == n_tokens)
                 lg = logits;
         }
-        st = forward_batch(s, &b, tokens + done, cnt, lg, all_logits, err, errlen);
+        st = forward_batch(s, b, tokens + done, cnt, lg, all_logits, err, errlen);
         if (st != FM_OK) break;
     }
     pthread_mutex_unlock(&m->mu);
-    scratch_free(&b);
     s->st.n_eval_calls++;
     s->st.ms_total += fm_now_ms() - t0;
     s->st.bytes_read += s->st.last_bytes_read;

@@ -77,6 +77,7 @@ struct fm_model {
     int mu_init;
     fm_log_fn log_fn;
     void *log_user;
+    void *cuda; /* CUDA backend state (csrc/cuda/fm_cuda.cu) when params.backend == FM_BACKEND_CUDA */
 };
 
 struct fm_session {
@@ -85,6 +86,8 @@ struct fm_session {
     float **kc, **vc;       /* per full layer: [n_ctx, n_kv_heads*head_dim] */
     float **conv, **ssm;    /* per linear layer: conv [conv_k-1, conv_dim], ssm [nv, dk, dv] */
     fm_stats st;
+    void *scratch; /* fm_forward.c's per-session work buffers, kept between evals */
+    void *cuda; /* CUDA backend session state (VRAM KV cache, state, scratch) */
 };
 
 /* ---- ops (fm_ops.c): single-threaded on one row / head unless noted ---- */
