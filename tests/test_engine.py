@@ -257,13 +257,14 @@ def test_long_prompt_spans_internal_batches(tiny):
 
 VARIANTS = [
     ("qwen3_moe", dict(mlp_only_layers=[1], tie_word_embeddings=True)),
+    ("qwen3_moe", dict(norm_topk_prob=False, num_experts_per_tok=3)),
     ("qwen3_next", dict(decoder_sparse_step=2, num_experts_per_tok=3)),
     ("qwen3_5_moe", dict(linear_num_value_heads=2, head_dim=32, num_attention_heads=2,
                          num_key_value_heads=1, tie_word_embeddings=True)),
 ]
 
 
-@pytest.mark.parametrize("arch,over", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("arch,over", VARIANTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(VARIANTS)])
 def test_layer_variants_match_transformers(tmp_path, arch, over):
     """Dense-MLP layers (mlp_only_layers / decoder_sparse_step), tied embeddings, nv == nk,
     MQA, a larger head_dim with partial RoPE: prompt logits vs transformers."""
@@ -277,3 +278,25 @@ def test_layer_variants_match_transformers(tmp_path, arch, over):
     _close(ours, _hf_logits(ref_model, toks))
     if "mlp_only_layers" in over or "decoder_sparse_step" in over:
         assert 0 in [eng.expert_block_bytes(i) for i in range(eng.n_layers)]
+
+
+def test_sessions_of_one_engine_from_two_threads(tiny):
+    import threading
+    eng = core.Engine(tiny["fm16"], n_threads=2)
+    prompts = [_prompt(eng.n_vocab, n=9, seed=s) for s in (10, 11)]
+    serial = [core.Session(eng, 16).eval(p, all_logits=True) for p in prompts]
+    got = [None, None]
+
+    def run(i):
+        ses = core.Session(eng, 16)
+        out = [ses.eval(prompts[i][:4], all_logits=True)]
+        out += [ses.eval([t], all_logits=True) for t in prompts[i][4:]]
+        got[i] = np.concatenate(out)
+
+    th = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    for i in range(2):
+        np.testing.assert_allclose(got[i], serial[i], rtol=0, atol=2e-5 * float(np.abs(serial[i]).max()))
