@@ -32,6 +32,27 @@ def _cmd_run(a):
     return run_cli(a)
 
 
+def _cmd_chat(a):
+    from pyflashmoe.chat import chat_cli
+    return chat_cli(a)
+
+
+def _cmd_serve(a):
+    from pyflashmoe.server import serve_cli
+    return serve_cli(a)
+
+
+def _add_load_args(p):
+    p.add_argument("--k", type=int, default=None, help="experts per token (override)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--io-threads", type=int, default=None)
+    p.add_argument("--direct-io", action="store_true")
+    p.add_argument("--ram-budget", default=None, help="e.g. 16GiB")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length (default: min(max_position_embeddings, 4096))")
+    p.add_argument("--backend", default="cpu")
+
+
 def _cmd_synth(a):
     from pyflashmoe.synth import run_cli
     return run_cli(a)
@@ -90,6 +111,31 @@ def build_parser():
     r.add_argument("--backend", default="cpu")
     r.set_defaults(fn=_cmd_run)
 
+    ch = sub.add_parser("chat", help="interactive chat (stdin, piped or terminal)")
+    ch.add_argument("dir")
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("-n", "--max-tokens", type=int, default=None,
+                    help="per answer (default: the rest of the context)")
+    ch.add_argument("--temp", type=float, default=None,
+                    help="0 = greedy; default: generation_config.json when do_sample, else greedy")
+    ch.add_argument("--top-k", type=int, default=None)
+    ch.add_argument("--top-p", type=float, default=None)
+    ch.add_argument("--min-p", type=float, default=None)
+    ch.add_argument("--repeat-penalty", type=float, default=None)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--no-think", action="store_true", help="enable_thinking=false in the template")
+    ch.add_argument("-v", "--verbose", action="store_true", help="speeds after each answer (stderr)")
+    _add_load_args(ch)
+    ch.set_defaults(fn=_cmd_chat)
+
+    se = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    se.add_argument("dir")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--model-name", default=None, help="model id in the API (default: dir name)")
+    _add_load_args(se)
+    se.set_defaults(fn=_cmd_serve)
+
     from pyflashmoe.synth import PRESETS
     sy = sub.add_parser("synth", help="random-weight model at real Qwen3.5-MoE dims (benchmarks)")
     sy.add_argument("out", help="model dir to write")
@@ -99,6 +145,8 @@ def build_parser():
     sy.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
     sy.add_argument("--dense-bits", type=int, default=16, choices=[16, 8])
     sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--vocab", type=int, default=None,
+                    help="cut the vocabulary (small test models; drops the tokenizer)")
     sy.add_argument("--gguf", default=None, help="also write a llama.cpp GGUF of the same dims")
     sy.add_argument("--gguf-only", action="store_true", help="write only the GGUF")
     sy.add_argument("--tokenizer", default=None,

@@ -26,8 +26,6 @@ import math
 import os
 import shutil
 import sys
-import threading
-import queue
 import time
 
 import numpy as np
@@ -38,6 +36,7 @@ from pyflashmoe.models import spec_from_config, tensor_map
 
 VOCAB = 248320
 EOS_IDS = [248046, 248044]  # <|im_end|>, <|endoftext|>
+TOKENIZER_VOCAB = 248077      # ids used by the Qwen3.5 tokenizer (248,044 BPE + 33 special)
 
 # Text configs of the Qwen3.5-MoE family (HF `qwen3_5_moe_text` keys). DESIGN.md section 3 plus the
 # published configs: linear key/value head dims 128, full-attention head_dim 256 with 25% rotary,
@@ -71,15 +70,19 @@ PRESETS = {
                  max_position_embeddings=4096),
 }
 DENSE_Q_EXCLUDE = ("ffn_router", "shexp_router")  # as the converter: routers and tok_embd stay bf16
-POOL_ELEMS = 1 << 22   # bf16 normals per pool (8 MiB)
-CHUNK_ELEMS = 1 << 21  # elements per written chunk of a dense tensor
+POOL_ELEMS = 1 << 21   # bf16 normals per pool (4 MiB)
+CHUNK_ELEMS = 1 << 20  # elements per written chunk of a dense tensor
 N_BASE_BLOCKS = 4      # distinct random expert blocks per layer before per-expert XOR
 
 
-def preset_config(preset: str, layers: int | None = None) -> dict:
+def preset_config(preset: str, layers: int | None = None, vocab: int | None = None) -> dict:
     if preset not in PRESETS:
         raise ArgumentError(f"--preset {preset!r}: unknown; choose one of {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
+    if vocab is not None:
+        if not isinstance(vocab, int) or vocab < 16 or vocab % 16:
+            raise ArgumentError(f"--vocab must be a multiple of 16, >= 16 (got {vocab!r})")
+        cfg["vocab_size"] = vocab
     if layers is not None:
         if not isinstance(layers, int) or layers < 1 or layers > cfg["num_hidden_layers"]:
             raise ArgumentError(f"--layers must be in [1, {cfg['num_hidden_layers']}] for {preset} "
@@ -88,8 +91,8 @@ def preset_config(preset: str, layers: int | None = None) -> dict:
     return cfg
 
 
-def preset_spec(preset: str, layers: int | None = None):
-    return spec_from_config(preset_config(preset, layers), {"eos_token_id": EOS_IDS})
+def preset_spec(preset: str, layers: int | None = None, vocab: int | None = None):
+    return spec_from_config(preset_config(preset, layers, vocab), {"eos_token_id": EOS_IDS})
 
 
 def _default_tokenizer_dir():
@@ -266,36 +269,6 @@ def _write_dense(path, spec, plan, rng, pools, gs):
     return table, w.close()
 
 
-class _Writer(threading.Thread):
-    """Writes (and hashes) queued buffers on its own thread, so generation overlaps the disk."""
-
-    def __init__(self, hf):
-        super().__init__(daemon=True)
-        self.hf, self.q, self.exc = hf, queue.Queue(maxsize=3), None
-
-    def run(self):
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.exc is None:
-                try:
-                    self.hf.write(item)
-                except BaseException as e:  # re-raised on the caller's thread
-                    self.exc = e
-
-    def put(self, b):
-        if self.exc is not None:
-            raise self.exc
-        self.q.put(b)
-
-    def finish(self):
-        self.q.put(None)
-        self.join()
-        if self.exc is not None:
-            raise self.exc
-
-
 def _expert_layer_layout(spec, bits, gs):
     I, H = spec.moe_intermediate_size, spec.hidden_size
     d = {"dtype": "affine", "bits": bits, "group_size": gs}
@@ -317,42 +290,35 @@ def _base_blocks(rng, spec, layout, bb, bits, gs):
     return base
 
 
-def _write_expert_file(path, spec, layout, bb, rng, bits, gs, batch_bytes=64 << 20):
+def _write_expert_file(path, spec, layout, bb, rng, bits, gs):
+    """One expert file, one block at a time (HashingFile hashes and writes on its own threads,
+    holding a bounded number of copies)."""
     E = spec.n_experts
     base = _base_blocks(rng, spec, layout, bb, bits, gs)
     qr = [layout[pn]["q"] for pn in ("gate", "up", "down")]
     hf = fmt.HashingFile(path)
-    hdr = fmt.expert_file_header(E, bb)
-    hf.write(hdr)
-    wr = _Writer(hf)
-    wr.start()
-    per = max(1, min(E, batch_bytes // bb))
     try:
-        for e0 in range(0, E, per):
-            ne = min(per, E - e0)
-            buf = np.empty((ne, bb), np.uint8)
-            xw = rng.integers(0, 2**63, size=ne, dtype=np.uint64)
-            for i in range(ne):
-                e = e0 + i
-                buf[i] = base[e % N_BASE_BLOCKS]
-                if e >= N_BASE_BLOCKS:
-                    for o, n in qr:
-                        v = buf[i, o:o + n].view(np.uint64)
-                        np.bitwise_xor(v, xw[i], out=v)
-            wr.put(buf)
-        wr.finish()
+        hdr = fmt.expert_file_header(E, bb)
+        hf.write(hdr)
+        buf = np.empty(bb, np.uint8)
+        xw = rng.integers(0, 2**63, size=E, dtype=np.uint64)
+        for e in range(E):
+            buf[:] = base[e % N_BASE_BLOCKS]
+            if e >= N_BASE_BLOCKS:
+                for o, n in qr:
+                    v = buf[o:o + n].view(np.uint64)
+                    np.bitwise_xor(v, xw[e], out=v)
+            hf.write(buf)
     except BaseException:
-        if wr.is_alive():
-            try:
-                wr.finish()
-            except BaseException:
-                pass
+        abort = getattr(hf, "abort", None)
+        if abort:
+            abort()
         raise
     return len(hdr), hf.close()
 
 
 def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, dense_bits=16,
-          seed=0, force=False, tokenizer=None, progress=True, gguf=None):
+          seed=0, force=False, tokenizer=None, progress=True, gguf=None, vocab=None):
     """Write a random-weight model dir at `out` (atomic). Returns out. `gguf`: also write a GGUF."""
     if bits not in (2, 3, 4, 8):
         raise ArgumentError(f"--bits must be 2, 3, 4 or 8 (got {bits})")
@@ -360,7 +326,7 @@ def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, den
         raise ArgumentError(f"--group-size must be 32, 64 or 128 (got {group_size})")
     if dense_bits not in (8, 16):
         raise ArgumentError(f"--dense-bits must be 16 or 8 (got {dense_bits})")
-    spec = preset_spec(preset, layers)
+    spec = preset_spec(preset, layers, vocab)
     if spec.hidden_size % group_size or spec.moe_intermediate_size % group_size:
         raise ArgumentError(f"--group-size {group_size} does not divide the preset's dims")
     from pyflashmoe import __version__
@@ -370,6 +336,8 @@ def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, den
     layout, bb = _expert_layer_layout(spec, bits, group_size)
     moe = spec.moe_layers()
     tj, ct = _find_tokenizer(tokenizer)
+    if spec.vocab_size < TOKENIZER_VOCAB:
+        tj = ct = None  # a cut vocabulary cannot hold the tokenizer's ids: token ids only
     est = sum(int(np.prod(t.shape)) * (4 if st == "f32" else 2) for t, st in plan) + len(moe) * spec.n_experts * bb
     parent = os.path.dirname(os.path.abspath(out)) or "."
     try:
@@ -388,6 +356,7 @@ def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, den
             files = {}
             table, files[fmt.DENSE_FILE] = _write_dense(os.path.join(tmp, fmt.DENSE_FILE), spec, plan,
                                                         rng, pools, group_size)
+            del pools  # the dense pools are not needed for the experts
             log(f"dense.safetensors {files[fmt.DENSE_FILE]['size'] / 1e9:.2f} GB "
                 f"({time.time() - t0:.1f} s)")
             lay = {}
@@ -411,7 +380,7 @@ def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, den
                 shutil.copyfile(ct, os.path.join(tmp, "chat_template.jinja"))
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump({"eos_token_id": EOS_IDS, "do_sample": False}, f)
-            cfg = preset_config(preset, layers)
+            cfg = preset_config(preset, layers, vocab)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(dict(cfg, architectures=["Qwen3_5MoeForCausalLM"]), f, indent=1)
             dq = {"bits": dense_bits}
@@ -422,7 +391,8 @@ def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, den
                 "created_by": f"pyflashmoe {__version__}",
                 "spec": spec.to_dict(),
                 "source": {"path": f"synthetic:{preset}", "kind": "synth", "model_type": "qwen3_5_moe",
-                           "preset": preset, "seed": seed, "layers": spec.n_layers},
+                           "preset": preset, "seed": seed, "layers": spec.n_layers,
+                           "vocab": spec.vocab_size},
                 "quantization": {"experts": {"bits": bits, "group_size": group_size}, "dense": dq},
                 "tensors": table,
                 "experts": {"layers": lay},
@@ -658,7 +628,7 @@ def run_cli(a) -> int:
         return 0
     synth(a.out, preset=a.preset, layers=a.layers, bits=a.bits, group_size=a.group_size,
           dense_bits=a.dense_bits, seed=a.seed, force=a.force, tokenizer=a.tokenizer,
-          progress=not a.quiet, gguf=None)
+          progress=not a.quiet, gguf=None, vocab=a.vocab)
     if a.gguf:
         write_gguf(a.gguf, preset=a.preset, layers=a.layers, seed=a.seed, force=a.force,
                    progress=not a.quiet, tokenizer=a.tokenizer)
