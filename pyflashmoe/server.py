@@ -203,7 +203,7 @@ def parse_messages(body: dict) -> list[dict]:
                                   "function": {"name": fn["name"], "arguments": args_obj}})
                 if calls:
                     msg["tool_calls"] = calls
-            if content is None and "tool_calls" not in msg:
+            if content is None:  # templates read message.content (None would be dropped)
                 msg["content"] = ""
         if role == "tool" and m.get("tool_call_id") is not None:
             msg["tool_call_id"] = m["tool_call_id"]
@@ -309,12 +309,12 @@ class Server:
         self.created = int(time.time())
 
     # ----- request -> prepared generation
-    def _constraint(self, fmt):
+    def _constraint(self, fmt, max_tokens):
         if fmt is None:
             return None
         from pyflashmoe.constrain import json_constraint
         try:
-            return json_constraint(self.model, fmt[1])
+            return json_constraint(self.model, fmt[1], max_tokens=max_tokens)
         except ArgumentError as e:
             param = "response_format.json_schema" if fmt[1] is not None else "response_format"
             raise APIError(f"{param}: {e}", param) from None
@@ -346,11 +346,10 @@ class Server:
         except ArgumentError as e:
             raise APIError(f"messages: {e}", "messages") from None
         ids = tok.encode(text, add_special_tokens=False)
-        constraint = self._constraint(fmt)
-        in_reasoning = prompt_opens_thinking(text) and constraint is None
+        in_reasoning = prompt_opens_thinking(text) and fmt is None
         parser_args = dict(in_reasoning=in_reasoning, tools=tools,
-                           parse_tools=bool(tools) and constraint is None)
-        return self._start(ids, kw, constraint, parser_args)
+                           parse_tools=bool(tools) and fmt is None)
+        return self._start(ids, kw, fmt, parser_args)
 
     def prepare_completion(self, body: dict) -> dict:
         if not isinstance(body, dict):
@@ -383,14 +382,14 @@ class Server:
         if best_of not in (None, 1):
             raise APIError("'best_of' > 1 is not supported", "best_of")
         kw = parse_sampling(body)
-        constraint = self._constraint(parse_response_format(body))
+        fmt = parse_response_format(body)
         echo = _bool(body, "echo")
-        st = self._start(ids, kw, constraint, None)
+        st = self._start(ids, kw, fmt, None)
         st["echo"] = (prompt if isinstance(prompt, str) else (tok.decode(ids) if tok else "")) \
             if echo else ""
         return st
 
-    def _start(self, ids, kw, constraint, parser_args) -> dict:
+    def _start(self, ids, kw, fmt, parser_args) -> dict:
         m = self.model
         if len(ids) >= m.context_length:
             raise APIError(f"the prompt has {len(ids)} tokens; the model's context length is "
@@ -398,6 +397,8 @@ class Server:
                            code="context_length_exceeded")
         kw = dict(kw)
         kw.setdefault("max_tokens", m.context_length - len(ids))
+        budget = min(kw["max_tokens"], m.context_length - len(ids))
+        constraint = self._constraint(fmt, budget)
         try:
             gen = m.generate(ids, logits_processor=constraint, **kw)
         except ContextFullError as e:

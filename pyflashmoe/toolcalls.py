@@ -75,6 +75,10 @@ def _convert_value(raw: str, declared):
     if "string" in types and not any(t in types for t in ("object", "array", "number", "integer",
                                                           "boolean", "null")):
         return v
+    if "boolean" in types and v.strip() in ("True", "False", "true", "false"):
+        return v.strip() in ("True", "true")  # the template writes Python's True/False
+    if "null" in types and v.strip() in ("None", "null"):
+        return None
     try:
         return json.loads(v)
     except ValueError:
@@ -173,6 +177,10 @@ class OutputParser:
     def _emit(self, kind, text, out):
         if not text:
             return
+        if kind == "reasoning" and not self.reasoning:
+            text = text.lstrip("\n")  # "<think>\n" opens the block
+            if not text:
+                return
         if kind == "content" and self._strip_lead:
             text = text.lstrip()
             if not text:
@@ -196,7 +204,7 @@ class OutputParser:
             if self.state == "start":
                 s = self.buf.lstrip()
                 if s.startswith(THINK_OPEN):
-                    self.buf = s[len(THINK_OPEN):].lstrip("\n")
+                    self.buf = s[len(THINK_OPEN):]
                     self.state = "reasoning"
                     continue
                 if not final and (not s or THINK_OPEN.startswith(s)):

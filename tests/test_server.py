@@ -1,0 +1,547 @@
+"""The OpenAI-compatible server (pyflashmoe.server), in process through FastAPI's TestClient.
+
+A tiny random Qwen3.5-MoE model (tests/tiny_models.py, converted at 16 bits) with the tiny
+tokenizer of test_generate.py serves real requests: the server's output must equal what
+Model.generate gives for the chat template's prompt, streams must be framed as Server-Sent Events,
+JSON-constrained output must parse and validate (jsonschema) even from a random model.
+Tool calls are driven by test_generate's scripted fake engine, with the official Qwen3.5 and Qwen3
+chat templates, so the model "emits" exactly the format each template teaches.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the server needs fastapi (pip install 'pyflashmoe[serve]')")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
+pytest.importorskip("llguidance", reason="JSON constraints need llguidance (pip install 'pyflashmoe[serve]')")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from pyflashmoe import generate as G  # noqa: E402
+from pyflashmoe.server import Server, build_app  # noqa: E402
+from pyflashmoe.tokenizer import Tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from test_generate import FakeEngine, FakeSession, _engine_available, _tiny_tokenizer  # noqa: E402
+
+_BUILT: dict = {}
+
+
+def build_tiny(tmp_path_factory, shared_data):
+    """Converted tiny model dir with a tokenizer and the Qwen3 chat template (built once per
+    session; test_chat.py reuses it)."""
+    if not _engine_available():
+        pytest.skip("needs the engine (pyflashmoe._core.Engine)")
+    if "dir" not in _BUILT:
+        from pyflashmoe.convert import convert
+        from tiny_models import make_tiny_hf
+        base = tmp_path_factory.mktemp("serve_tiny")
+        hf = base / "hf"
+        make_tiny_hf("qwen3_5_moe", str(hf), seed=5)
+        _tiny_tokenizer(hf, shared_data)
+        out = base / "tiny-moe"
+        convert(str(hf), str(out), bits=16, group_size=32, progress=False)
+        _BUILT["dir"] = out
+    return _BUILT["dir"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, shared_data):
+    return build_tiny(tmp_path_factory, shared_data)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return G.Model.load(tiny_dir, threads=2)
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    return TestClient(build_app(Server(model, "tiny-moe")))
+
+
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story."}]
+
+
+def _chat(client, **kw):
+    body = {"messages": MSGS, "max_tokens": 12, "temperature": 0}
+    body.update(kw)
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _sse(resp):
+    """Parse an SSE body strictly: every event is one `data: ...` line followed by a blank line;
+    the last one is [DONE]."""
+    text = resp.text
+    assert text.endswith("data: [DONE]\n\n")
+    events = text.split("\n\n")
+    assert events[-1] == ""
+    out = []
+    for ev in events[:-2]:
+        assert ev.startswith("data: ") and "\n" not in ev, repr(ev)
+        out.append(json.loads(ev[len("data: "):]))
+    return out
+
+
+def _ref_text(model, msgs, n, **kw):
+    ids = model.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    pieces = list(model.generate(ids, max_tokens=n, **kw))
+    return "".join(p.text for p in pieces), pieces[-1].finish_reason, len(ids), len(pieces)
+
+
+# ----------------------------------------------------------------------------- basics
+def test_models(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    d = r.json()
+    assert d["object"] == "list" and [m["id"] for m in d["data"]] == ["tiny-moe"]
+    assert d["data"][0]["object"] == "model"
+    assert client.get("/v1/models/tiny-moe").json()["id"] == "tiny-moe"
+    r = client.get("/v1/models/other")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert client.get("/health").json() == {"status": "ok"}
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_chat_matches_model_generate(client, model):
+    d = _chat(client)
+    text, finish, n_prompt, n_gen = _ref_text(model, MSGS, 12, temperature=0)
+    assert d["object"] == "chat.completion" and d["model"] == "tiny-moe"
+    ch = d["choices"][0]
+    assert ch["message"]["role"] == "assistant"
+    assert ch["message"]["content"] == text
+    assert ch["finish_reason"] == finish
+    assert d["usage"]["prompt_tokens"] == n_prompt
+    assert d["usage"]["completion_tokens"] == n_gen
+    assert d["usage"]["total_tokens"] == n_prompt + n_gen
+    # max_completion_tokens is the newer spelling of max_tokens
+    d2 = _chat(client, max_tokens=None, max_completion_tokens=5)
+    assert d2["usage"]["completion_tokens"] <= 5
+
+
+def test_streaming_sse(client):
+    ref = _chat(client, max_tokens=16)["choices"][0]
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": MSGS, "max_tokens": 16, "temperature": 0, "stream": True,
+                             "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        r.read()
+    chunks = _sse(r)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    body = [c for c in chunks if c["choices"]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in body)
+    assert text == ref["message"]["content"]
+    finishes = [c["choices"][0]["finish_reason"] for c in body]
+    assert finishes[-1] == ref["finish_reason"] and all(f is None for f in finishes[:-1])
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 16
+    # without include_usage: no usage chunk
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": MSGS, "max_tokens": 4, "stream": True}) as r:
+        r.read()
+    assert all(c["choices"] for c in _sse(r))
+
+
+def test_stop_strings(client, model):
+    full = _chat(client, max_tokens=24)["choices"][0]["message"]["content"]
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = full[:full.find(stop)]
+    d = _chat(client, max_tokens=24, stop=[stop, "zzzz-not-there"])
+    assert d["choices"][0]["message"]["content"] == cut
+    assert d["choices"][0]["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": MSGS, "max_tokens": 24, "temperature": 0, "stop": stop,
+                             "stream": True}) as r:
+        r.read()
+    chunks = _sse(r)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == cut
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seed_determinism(client):
+    kw = dict(max_tokens=16, temperature=1.0, top_p=0.95)
+    a = _chat(client, seed=11, **kw)["choices"][0]["message"]["content"]
+    b = _chat(client, seed=11, **kw)["choices"][0]["message"]["content"]
+    c = _chat(client, seed=12, **kw)["choices"][0]["message"]["content"]
+    assert a == b
+    assert a != c
+
+
+def test_completions(client, model):
+    prompt = "ROMEO: I"
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    ref = list(model.generate(prompt, max_tokens=10, temperature=0))
+    assert d["object"] == "text_completion"
+    assert d["choices"][0]["text"] == "".join(p.text for p in ref)
+    assert d["choices"][0]["finish_reason"] == ref[-1].finish_reason
+    assert d["usage"]["prompt_tokens"] == len(model.tokenizer.encode(prompt, add_special_tokens=True))
+    # token-id prompt, echo, list-of-one prompt
+    ids = model.tokenizer.encode(prompt)
+    d2 = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 10, "temperature": 0}).json()
+    assert d2["choices"][0]["text"] == d["choices"][0]["text"]
+    d3 = client.post("/v1/completions", json={"prompt": [prompt], "max_tokens": 10, "temperature": 0,
+                                              "echo": True}).json()
+    assert d3["choices"][0]["text"] == prompt + d["choices"][0]["text"]
+    # streaming
+    with client.stream("POST", "/v1/completions",
+                       json={"prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True}) as r:
+        r.read()
+    chunks = _sse(r)
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == d["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == d["choices"][0]["finish_reason"]
+    # seeded sampling is reproducible here too
+    kw = {"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 3}
+    t1 = client.post("/v1/completions", json=kw).json()["choices"][0]["text"]
+    t2 = client.post("/v1/completions", json=kw).json()["choices"][0]["text"]
+    assert t1 == t2
+
+
+# ----------------------------------------------------------------------------- JSON output
+def test_json_object(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    assert jsonschema
+    # unconstrained, the random model does not write JSON ...
+    free = _chat(client, max_tokens=40, temperature=1.0, seed=1)["choices"][0]["message"]["content"]
+    with pytest.raises(ValueError):
+        json.loads(free)
+    # ... constrained, it must
+    for seed in range(4):
+        d = _chat(client, max_tokens=200, temperature=1.0, seed=seed,
+                  response_format={"type": "json_object"})
+        ch = d["choices"][0]
+        assert ch["finish_reason"] == "stop", ch
+        assert isinstance(json.loads(ch["message"]["content"]), dict)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "mood": {"enum": ["happy", "sad", "neutral"]},
+        "admin": {"type": "boolean"},
+        "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                    "required": ["city"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "mood", "admin", "scores", "address"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema(client, stream):
+    jsonschema = pytest.importorskip("jsonschema")
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    for seed, temp in ((0, 0.0), (1, 1.0), (2, 1.0)):
+        body = {"messages": MSGS, "max_tokens": 300, "temperature": temp, "seed": seed,
+                "response_format": rf}
+        if stream:
+            with client.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as r:
+                r.read()
+            chunks = _sse(r)
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            finish = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            d = _chat(client, **body)
+            text, finish = d["choices"][0]["message"]["content"], d["choices"][0]["finish_reason"]
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_constraint_on_completions(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    d = client.post("/v1/completions", json={
+        "prompt": "Answer:", "max_tokens": 50, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}).json()
+    assert isinstance(json.loads(d["choices"][0]["text"])["ok"], bool)
+
+
+# ----------------------------------------------------------------------------- errors
+OK = {"role": "user", "content": "hi"}
+BAD_CHAT = [
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -3}, "top_k"),
+    ({"min_p": 1.0}, "min_p"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_completion_tokens": "many"}, "max_completion_tokens"),
+    ({"seed": "abc"}, "seed"),
+    ({"n": 2}, "n"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": 5}, "stop"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream_options": 1}, "stream_options"),
+    ({"presence_penalty": 7}, "presence_penalty"),
+    ({"messages": None}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [OK, "x"]}, "messages[1]"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [OK, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]},
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}},
+     "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object",
+                                                                            "minProperties": "x"}}}},
+     "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+     "response_format.json_schema.schema"),
+    ({"tools": {"a": 1}}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
+    ({"logprobs": True}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("extra,param", BAD_CHAT, ids=[p for _, p in BAD_CHAT])
+def test_bad_chat_requests(client, extra, param):
+    body = {"messages": [OK], "max_tokens": 2}
+    body.update(extra)
+    if body["messages"] is None:
+        del body["messages"]
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_bad_bodies_and_completions(client, model):
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
+        r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json()
+    cases = [({}, "prompt"), ({"prompt": 3}, "prompt"), ({"prompt": ""}, "prompt"),
+             ({"prompt": [1, model.n_vocab + 7]}, "prompt"), ({"prompt": "x", "suffix": "y"}, "suffix"),
+             ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "temperature": -0.5}, "temperature"),
+             ({"prompt": "x", "echo": "yes"}, "echo")]
+    for body, param in cases:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.json())
+    # a prompt longer than the context
+    r = client.post("/v1/completions", json={"prompt": [5] * model.context_length})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "word " * model.context_length}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # the server is still fine afterwards
+    assert _chat(client, max_tokens=3)["usage"]["completion_tokens"] == 3
+
+
+def test_concurrent_requests_queue(client, model):
+    """Requests arriving together are served one at a time, each with its own correct answer."""
+    prompts = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(4)]
+    want = [_ref_text(model, p, 10, temperature=0)[0] for p in prompts]
+    got = [None] * 4
+
+    def worker(i):
+        r = client.post("/v1/chat/completions", json={"messages": prompts[i], "max_tokens": 10,
+                                                      "temperature": 0, "stream": i % 2 == 1})
+        if i % 2:
+            got[i] = "".join(c["choices"][0]["delta"].get("content") or "" for c in _sse(r))
+        else:
+            got[i] = r.json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == want
+
+
+def test_abandoned_stream_releases_the_model(client):
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": MSGS, "max_tokens": 200, "temperature": 0, "stream": True}) as r:
+        it = r.iter_lines()
+        assert next(it).startswith("data: ")
+    # the client went away after the first event; the next request must not hang
+    done = {}
+
+    def later():
+        done["r"] = _chat(client, max_tokens=3)
+
+    t = threading.Thread(target=later)
+    t.start()
+    t.join(60)
+    assert "r" in done and done["r"]["usage"]["completion_tokens"] == 3
+
+
+# ----------------------------------------------------------------------------- tool calls
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "days": {"type": "integer"},
+                                                    "zip": {"type": "string"}},
+                   "required": ["city"]}}}
+TOOL_MSGS = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+
+
+def _tok(shared_data, template):
+    d = shared_data / "qwen3_tokenizer"
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    tpl = None
+    if template == "qwen35":
+        tpl = (shared_data / "qwen35_chat_template" / "chat_template.jinja").read_text()
+    return Tokenizer(d / "tokenizer.json", cfg, chat_template=tpl)
+
+
+def _fake_client(tok, script_text, msgs, tools, **template_kw):
+    """A server over the scripted fake engine: after the prompt the request will render, greedy
+    decoding replays script_text and then EOS."""
+    ids = tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
+                                  **template_kw)
+    eng = FakeEngine(tok.vocab_size, tok.encode(script_text) + [tok.eos_token_id], len(ids))
+    m = G.Model(eng, FakeSession, tokenizer=tok, spec={"max_position_embeddings": 4096},
+                context_length=4096)
+    return TestClient(build_app(Server(m, "fake"))), m, ids
+
+
+XML_OUT = ("The user wants the weather.\n</think>\n\n<tool_call>\n<function=get_weather>\n"
+           "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n"
+           "<parameter=zip>\n75001\n</parameter>\n</function>\n</tool_call>")
+JSON_OUT = ("<think>\nThe user wants the weather.\n</think>\n\n<tool_call>\n"
+            '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "zip": "75001"}}\n</tool_call>')
+WANT_ARGS = {"city": "Paris", "days": 3, "zip": "75001"}
+
+
+@pytest.mark.parametrize("template,out", [("qwen35", XML_OUT), ("qwen3", JSON_OUT)])
+def test_tool_calls(shared_data, template, out):
+    tok = _tok(shared_data, template)
+    c, m, ids = _fake_client(tok, out, TOOL_MSGS, [WEATHER])
+    body = {"messages": TOOL_MSGS, "tools": [WEATHER], "temperature": 0, "max_tokens": 200}
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    # the model saw the tools in its prompt
+    assert m.session.hist[:len(ids)] == ids
+    assert "get_weather" in tok.decode(ids) and "<tools>" in tok.decode(ids)
+    ch = r.json()["choices"][0]
+    assert ch["finish_reason"] == "tool_calls"
+    msg = ch["message"]
+    assert msg["content"] is None
+    assert msg["reasoning_content"] == "The user wants the weather."
+    (call,) = msg["tool_calls"]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == WANT_ARGS
+    # streamed: reasoning deltas, then one tool_calls delta, finish_reason tool_calls
+    with c.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as r:
+        r.read()
+    chunks = _sse(r)
+    deltas = [ch["choices"][0]["delta"] for ch in chunks]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "The user wants the weather."
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    tcs = [tc for d in deltas for tc in d.get("tool_calls") or []]
+    assert len(tcs) == 1 and tcs[0]["index"] == 0 and tcs[0]["function"]["name"] == "get_weather"
+    assert json.loads(tcs[0]["function"]["arguments"]) == WANT_ARGS
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # the next turn (assistant tool call + tool result) renders and runs
+    turn2 = TOOL_MSGS + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": call["id"], "content": "{\"temp\": 21}"}]
+    r = c.post("/v1/chat/completions", json={"messages": turn2, "tools": [WEATHER], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert "<tool_response>" in tok.decode(m.session.hist)
+
+
+def test_tool_choice_none_and_plain_answers(shared_data):
+    tok = _tok(shared_data, "qwen35")
+    answer = "Let me think.\n</think>\n\nIt is sunny in Paris."
+    c, m, ids = _fake_client(tok, answer, TOOL_MSGS, None)
+    r = c.post("/v1/chat/completions", json={"messages": TOOL_MSGS, "tools": [WEATHER],
+                                             "tool_choice": "none", "temperature": 0})
+    assert r.status_code == 200
+    assert "<tools>" not in tok.decode(m.session.hist)  # tools were not offered
+    ch = r.json()["choices"][0]
+    assert ch["finish_reason"] == "stop"
+    assert ch["message"]["content"] == "It is sunny in Paris."
+    assert ch["message"]["reasoning_content"] == "Let me think."
+    assert "tool_calls" not in ch["message"]
+    # enable_thinking=false through chat_template_kwargs reaches the template
+    c, m, ids = _fake_client(tok, "Sunny.", TOOL_MSGS, None, enable_thinking=False)
+    r = c.post("/v1/chat/completions", json={"messages": TOOL_MSGS, "temperature": 0,
+                                             "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "Sunny."}
+    assert m.session.hist[:len(ids)] == ids
+
+
+# ----------------------------------------------------------------------------- the real CLI
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_cli_serve(tiny_dir):
+    import httpx
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "serve", str(tiny_dir), "--port", str(port),
+                          "--model-name", "tm", "--threads", "2"], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                r = httpx.get(url + "/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                assert p.poll() is None, p.communicate()[1]
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.3)
+        assert r.json()["data"][0]["id"] == "tm"
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tm", "messages": [OK], "max_tokens": 4, "stream": True})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    finally:
+        p.terminate()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def test_cli_serve_bad_dir(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "pyflashmoe", "serve", str(tmp_path / "nope")],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
