@@ -300,3 +300,19 @@ def test_sessions_of_one_engine_from_two_threads(tiny):
         t.join()
     for i in range(2):
         np.testing.assert_allclose(got[i], serial[i], rtol=0, atol=2e-5 * float(np.abs(serial[i]).max()))
+
+
+@pytest.mark.parametrize("opts", [dict(ram_budget=64 << 20), dict(direct_io=True, io_threads=3)],
+                         ids=["ram_cache", "direct_io"])
+def test_io_options_give_the_same_logits(tiny, opts):
+    toks = _prompt(512, n=8, seed=12)
+    base = core.Session(core.Engine(tiny["fm16"], n_threads=2), 16).eval(toks, all_logits=True)
+    ses = core.Session(core.Engine(tiny["fm16"], n_threads=2, **opts), 16)
+    for rep in range(2):
+        ses.reset()
+        np.testing.assert_array_equal(ses.eval(toks, all_logits=True), base)
+    st = ses.stats()
+    if "ram_budget" in opts:  # the second pass is served from the engine's cache
+        assert st["last_expert_hits"] > 0 and st["last_expert_loads"] == 0
+    else:
+        assert st["last_expert_loads"] > 0
