@@ -674,6 +674,14 @@ def serve_cli(a) -> int:
                        context_length=getattr(a, "ctx", None))
     name = a.model_name or os.path.basename(os.path.normpath(a.dir))
     app = build_app(Server(model, name))
+    if model.tokenizer is not None and model.eos_token_ids:
+        def warm():  # build llguidance's tokenizer now, not on the first JSON request
+            try:
+                from pyflashmoe.constrain import llg_tokenizer
+                llg_tokenizer(model.tokenizer.path, model.n_vocab, model.eos_token_ids)
+            except Exception:
+                pass  # reported when a JSON request needs it
+        threading.Thread(target=warm, daemon=True).start()
     print(f"flashmoe serve: {name} on http://{a.host}:{a.port}/v1", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     return 0
