@@ -476,38 +476,44 @@ def _gguf_nbytes(shape, kind):
     return n * 4
 
 
-def _gguf_vocab(w, tj):
+def _gguf_vocab(w, tj, V):
+    """The Qwen3.5 BPE vocabulary (ids < V; a cut vocabulary keeps the merges it can express and
+    uses id V-1 as EOS)."""
     import gguf
     with open(tj, encoding="utf-8") as f:
         d = json.load(f)
-    vocab = d["model"]["vocab"]
-    toks = [None] * VOCAB
-    types = [gguf.TokenType.UNUSED] * VOCAB
-    for t, i in vocab.items():
-        if i < VOCAB:
+    toks = [None] * V
+    types = [gguf.TokenType.UNUSED] * V
+    for t, i in d["model"]["vocab"].items():
+        if i < V:
             toks[i] = t
             types[i] = gguf.TokenType.NORMAL
     for a in d.get("added_tokens", []):
-        if a["id"] < VOCAB:
+        if a["id"] < V:
             toks[a["id"]] = a["content"]
             types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
-    for i in range(VOCAB):
+    for i in range(V):
         if toks[i] is None:
             toks[i] = f"[PAD{i}]"
-    merges = d["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"]["merges"]]
+    eos, pad = EOS_IDS
+    if V < TOKENIZER_VOCAB:
+        have = set(toks)
+        merges = [m for m in merges if all(x in have for x in m.split(" ")) and m.replace(" ", "") in have]
+        eos = pad = V - 1
+        types[eos] = gguf.TokenType.CONTROL
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen35")
     w.add_token_list(toks)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_eos_token_id(EOS_IDS[0])
-    w.add_pad_token_id(EOS_IDS[1])
+    w.add_eos_token_id(eos)
+    w.add_pad_token_id(pad)
     w.add_add_bos_token(False)
 
 
 def write_gguf(path, preset="qwen3.5-35b-a3b", layers=None, seed=0, force=False, progress=True,
-               tokenizer=None):
+               tokenizer=None, vocab=None):
     """A GGUF of the preset's dims for llama.cpp (arch qwen35moe): Q4_0 routed experts (4.5 bits
     per weight, the same bytes as 4-bit group-64 affine), F16 dense matrices, F32 norms/router/conv.
     Random weights drawn like the model dir's (not the same values). Written to PATH.tmp, renamed."""
@@ -515,7 +521,7 @@ def write_gguf(path, preset="qwen3.5-35b-a3b", layers=None, seed=0, force=False,
         import gguf
     except ImportError as e:
         raise ArgumentError(f"--gguf needs the `gguf` package ({e})") from None
-    spec = preset_spec(preset, layers)
+    spec = preset_spec(preset, layers, vocab)
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not force:
         raise ArgumentError(f"{path}: exists; pass --force to replace it")
@@ -559,7 +565,7 @@ def write_gguf(path, preset="qwen3.5-35b-a3b", layers=None, seed=0, force=False,
     w.add_full_attention_interval(4)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _gguf_vocab(w, tj)
+    _gguf_vocab(w, tj, spec.vocab_size)
     for name, shape, kind, _ in plan:
         nb = _gguf_nbytes(shape, kind)
         if kind == "q4exp":
@@ -624,12 +630,12 @@ def run_cli(a) -> int:
         if not a.gguf:
             raise ArgumentError("--gguf-only needs --gguf FILE")
         write_gguf(a.gguf, preset=a.preset, layers=a.layers, seed=a.seed, force=a.force,
-                   progress=not a.quiet, tokenizer=a.tokenizer)
+                   progress=not a.quiet, tokenizer=a.tokenizer, vocab=a.vocab)
         return 0
     synth(a.out, preset=a.preset, layers=a.layers, bits=a.bits, group_size=a.group_size,
           dense_bits=a.dense_bits, seed=a.seed, force=a.force, tokenizer=a.tokenizer,
           progress=not a.quiet, gguf=None, vocab=a.vocab)
     if a.gguf:
         write_gguf(a.gguf, preset=a.preset, layers=a.layers, seed=a.seed, force=a.force,
-                   progress=not a.quiet, tokenizer=a.tokenizer)
+                   progress=not a.quiet, tokenizer=a.tokenizer, vocab=a.vocab)
     return 0

@@ -1,8 +1,8 @@
 """`flashmoe synth`: random models at real dims load, run, stay finite, and are written in bounded memory.
 
-References nobody here wrote: transformers' Qwen3_5MoeForCausalLM config parsing of the written
-config.json (the dims must be the preset's published ones), pyflashmoe.format's validator and
-dequantizer, and the GGUF reader of the `gguf` package (plus llama.cpp itself when installed).
+References: the published dims (DESIGN.md section 3 table: block sizes, layer counts),
+pyflashmoe.format's validator and dequantizer, the `gguf` package's reader and tensor tables, and
+llama.cpp itself (through llama-cpp-python, when installed) loading and running the GGUF.
 """
 import json
 import os
@@ -52,16 +52,6 @@ def test_tiny_is_a_valid_model_dir(tiny):
     # dense matrix std ~1/sqrt(fan_in)
     q = md.dense("blk.3.attn_q")
     assert abs(q.std() * np.sqrt(H) - 1) < 0.1
-
-
-def test_tiny_config_matches_transformers(tiny):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in json.load(open(tiny / "config.json")).items()
-                                               if k not in ("architectures",)})
-    m = json.load(open(tiny / "pyflashmoe.json"))["spec"]
-    assert cfg.hidden_size == m["hidden_size"] and cfg.num_hidden_layers == m["n_layers"]
-    assert [t == "full_attention" for t in cfg.layer_types] == [l["attn"] == "full" for l in m["layers"]]
-    assert cfg.num_experts == m["n_experts"] and cfg.num_experts_per_tok == m["n_experts_per_tok"]
 
 
 def test_tiny_runs_with_finite_logits(tiny):
@@ -127,13 +117,15 @@ def test_interrupted_synth_leaves_nothing(tmp_path):
 def test_tiny_gguf(tmp_path, shared_data):
     gguf = pytest.importorskip("gguf")
     p = tmp_path / "tiny.gguf"
-    synth.write_gguf(str(p), preset="tiny", progress=False,
+    # cut vocabulary: the test stays fast (the full one is 248k strings to write and parse)
+    synth.write_gguf(str(p), preset="tiny", progress=False, vocab=4096,
                      tokenizer=str(shared_data / "qwen35_tokenizer"))
     rd = gguf.GGUFReader(str(p))
     arch = rd.fields["general.architecture"]
     assert bytes(arch.parts[arch.data[0]]).decode() == "qwen35moe"
     t = {x.name: x for x in rd.tensors}
     spec = synth.preset_spec("tiny")
+    assert list(t["token_embd.weight"].shape) == [spec.hidden_size, 4096]
     g = t["blk.0.ffn_gate_exps.weight"]
     assert g.tensor_type == gguf.GGMLQuantizationType.Q4_0
     assert list(g.shape) == [spec.hidden_size, spec.moe_intermediate_size, spec.n_experts]
@@ -145,6 +137,6 @@ def test_tiny_gguf(tmp_path, shared_data):
             "blk.1.", "blk.{bid}.").replace("blk.2.", "blk.{bid}.") in names, n
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
     llm = llama_cpp.Llama(model_path=str(p), n_ctx=64, n_threads=2, verbose=False, logits_all=False)
-    llm.eval([100, 101, 102])
+    llm.eval([100, 101, 102])  # token ids < 4096
     lg = np.array(llm.scores[llm.n_tokens - 1])
     assert np.isfinite(lg).all() and lg.std() > 0
