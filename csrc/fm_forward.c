@@ -3,6 +3,9 @@
  * Owns: fm_session_* (KV cache, conv + recurrent state, stats) and the forward pass: ONE loop over
  * the layer table, each layer = token mixer (full attention | GatedDeltaNet) + FFN (MoE | dense).
  * A call evaluates its tokens layer by layer for the whole batch (prefill); decode is n = 1.
+ * Prefill is layer-major over one pass of up to pass_tokens() tokens (the whole prompt unless its
+ * activations would pass FM_PASS_BYTES): token mixers run in chunks of FM_UBATCH tokens, the MoE
+ * routes every token of the pass and reads the union of its experts once per layer.
  * MoE: router -> fm_io_submit(union of routed experts, chunks of max_batch) -> shared expert while
  * the reads are in flight -> fm_io_wait -> each expert applied to the tokens routed to it ->
  * weighted combine (ascending expert order, then + shared, as transformers does).
@@ -14,7 +17,10 @@
 #include "fm_backend.h"
 #include "fm_model.h"
 
-#define FM_UBATCH 512 /* tokens per internal pass; bounds scratch memory for long prompts */
+#define FM_UBATCH 512 /* tokens per attention / dense chunk; bounds that scratch */
+/* bytes of per-token activations (x, xn, y, shared-expert out, routing) one pass may hold: a
+ * longer prompt is split into passes, each reading its experts once per layer */
+#define FM_PASS_BYTES ((int64_t)256 << 20)
 
 /* ---------------------------------------------------------------- session */
 
@@ -88,6 +94,7 @@ fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err
 void fm_session_free(fm_session *s) {
     if (!s) return;
     if (s->cuda) fm_cuda_session_free(s->cuda);
+    scratch_release(s->scratch);
     session_free_bufs(s);
     free(s);
 }
@@ -123,14 +130,15 @@ void fm_session_reset_stats(fm_session *s) {
 /* ---------------------------------------------------------------- scratch */
 
 typedef struct {
-    int64_t nb; /* capacity in tokens */
+    int64_t nb; /* chunk capacity in tokens (attention, dense FFN, router, shared expert) */
+    int64_t np; /* pass capacity in tokens (x, xn, y, sho, shs, routing tables) */
     float *x, *xn, *y;
     /* full attention */
     float *qg, *q, *gate, *k, *v, *att, *scores;
     /* linear attention */
     float *qkv, *qkvc, *z, *ba, *bb, *o;
     /* moe */
-    float *logits_r, *topw, *shg, *shu, *sho, *shs, *moe, *xe, *ge, *ue, *ye;
+    float *logits_r, *topw, *shg, *shu, *sho, *shs, *xe, *ge, *ue, *ye;
     int32_t *topi, *cnt, *off, *fill, *etok, *elist;
     float *ew;
     /* dense mlp */
@@ -140,7 +148,7 @@ typedef struct {
 static void scratch_free(fm_scratch *b) {
     float **f[] = {&b->x,   &b->xn,  &b->y,   &b->qg,  &b->q,   &b->gate, &b->k,   &b->v,   &b->att,
                    &b->scores, &b->qkv, &b->qkvc, &b->z, &b->ba, &b->bb, &b->o, &b->logits_r, &b->topw,
-                   &b->shg, &b->shu, &b->sho, &b->shs, &b->moe, &b->xe, &b->ge, &b->ue, &b->ye, &b->ew,
+                   &b->shg, &b->shu, &b->sho, &b->shs, &b->xe, &b->ge, &b->ue, &b->ye, &b->ew,
                    &b->dg, &b->du};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
         free(*f[i]);
@@ -153,9 +161,10 @@ static void scratch_free(fm_scratch *b) {
     }
 }
 
-static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int32_t n_ctx) {
+static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int64_t np, int32_t n_ctx) {
     memset(b, 0, sizeof *b);
     b->nb = nb;
+    b->np = np;
     int64_t H = m->H;
     int64_t qd = (int64_t)m->n_heads * m->head_dim, kvd = (int64_t)m->n_kv_heads * m->head_dim;
     int64_t cd = conv_dim_of(m), vd = (int64_t)m->lin_nv * m->lin_dv;
@@ -165,7 +174,7 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int32_t n
     int64_t ne = nb > m->max_batch ? nb : m->max_batch; /* rows of the per-expert buffers */
 #define FA(p, cnt) ((p) = malloc(sizeof(float) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
 #define IA(p, cnt) ((p) = malloc(sizeof(int32_t) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
-    int ok = FA(b->x, nb * H) && FA(b->xn, nb * H) && FA(b->y, nb * H);
+    int ok = FA(b->x, np * H) && FA(b->xn, np * H) && FA(b->y, np * H);
     if (ok && m->n_full)
         ok = FA(b->qg, nb * qd * (m->attn_gate ? 2 : 1)) && FA(b->q, nb * qd) && FA(b->gate, nb * qd) &&
              FA(b->k, nb * kvd) && FA(b->v, nb * kvd) && FA(b->att, nb * qd) && FA(b->scores, (int64_t)nt * n_ctx);
@@ -173,10 +182,10 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int32_t n
         ok = FA(b->qkv, nb * cd) && FA(b->qkvc, nb * cd) && FA(b->z, nb * vd) && FA(b->ba, nb * m->lin_nv) &&
              FA(b->bb, nb * m->lin_nv) && FA(b->o, nb * vd);
     if (ok && m->n_moe)
-        ok = FA(b->logits_r, nb * E) && FA(b->topw, nb * K) && IA(b->topi, nb * K) && FA(b->shg, nb * I) &&
-             FA(b->shu, nb * I) && FA(b->sho, nb * H) && FA(b->shs, nb) && FA(b->moe, nb * H) &&
-             FA(b->xe, nb * H) && FA(b->ge, ne * I) && FA(b->ue, ne * I) && FA(b->ye, ne * H) &&
-             IA(b->cnt, E) && IA(b->off, E + 1) && IA(b->fill, E) && IA(b->etok, nb * K) && FA(b->ew, nb * K) &&
+        ok = FA(b->logits_r, nb * E) && FA(b->topw, np * K) && IA(b->topi, np * K) && FA(b->shg, nb * I) &&
+             FA(b->shu, nb * I) && FA(b->sho, np * H) && FA(b->shs, np) && FA(b->xe, ne * H) &&
+             FA(b->ge, ne * I) && FA(b->ue, ne * I) && FA(b->ye, ne * H) && IA(b->cnt, E) && IA(b->off, E + 1) &&
+             IA(b->fill, E) && IA(b->etok, np * K) && FA(b->ew, np * K) &&
              IA(b->elist, E);
     if (ok && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
 #undef FA
@@ -191,15 +200,16 @@ static void scratch_release(void *p) {
     free(p);
 }
 
-/* the session's scratch for nb tokens (kept and reused; regrown when a larger batch comes) */
-static fm_scratch *session_scratch(fm_session *s, int64_t nb) {
+/* the session's scratch for chunks of nb and passes of np tokens (kept and reused; regrown when a
+ * larger batch comes) */
+static fm_scratch *session_scratch(fm_session *s, int64_t nb, int64_t np) {
     fm_scratch *b = s->scratch;
-    if (b && b->nb >= nb) return b;
+    if (b && b->nb >= nb && b->np >= np) return b;
     scratch_release(b);
     s->scratch = NULL;
     b = malloc(sizeof *b);
     if (!b) return NULL;
-    if (!scratch_alloc(b, s->m, nb, s->n_ctx)) {
+    if (!scratch_alloc(b, s->m, nb, np, s->n_ctx)) {
         free(b);
         return NULL;
     }
@@ -314,18 +324,19 @@ static void job_gdn(void *ctx, int64_t h0, int64_t h1, int32_t tid) {
 
 /* ---------------------------------------------------------------- layers */
 
-static void layer_full_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n) {
+/* token mixers: n tokens of b->xn at positions pos.. into b->y */
+static void layer_full_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos) {
     fm_model *m = s->m;
     fm_mm(m->pool, &L->wq, b->xn, n, b->qg);
     fm_mm(m->pool, &L->wk, b->xn, n, b->k);
     fm_mm(m->pool, &L->wv, b->xn, n, b->v);
-    fm_job j = {m, s, L, b, n, s->pos};
+    fm_job j = {m, s, L, b, n, pos};
     fm_pool_for(m->pool, n, 1, job_qk_prep, &j);
     fm_pool_for(m->pool, n * m->n_heads, 1, job_attend, &j);
     fm_mm(m->pool, &L->wo, b->att, n, b->y);
 }
 
-static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n) {
+static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos) {
     fm_model *m = s->m;
     int32_t nk = m->lin_nk, dk = m->lin_dk;
     int64_t cd = conv_dim_of(m);
@@ -333,7 +344,7 @@ static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, i
     fm_mm(m->pool, &L->ssm_z, b->xn, n, b->z);
     fm_mm(m->pool, &L->ssm_b, b->xn, n, b->bb);
     fm_mm(m->pool, &L->ssm_a, b->xn, n, b->ba);
-    fm_job j = {m, s, L, b, n, s->pos};
+    fm_job j = {m, s, L, b, n, pos};
     fm_pool_for(m->pool, cd, 64, job_conv, &j);
     /* q, k: L2 norm per key head (eps 1e-6 as the reference l2norm), q scaled by 1/sqrt(dk) */
     float qs = 1.0f / sqrtf((float)dk);
@@ -422,18 +433,22 @@ static int64_t grain_rows(const fm_qmat *W) {
     return g < 4 ? 4 : g;
 }
 
-/* MoE block for n tokens of b->xn into b->y; FM_ERR_IO on a failed read */
+/* MoE block for the n (<= b->np) tokens of b->xn into b->y; FM_ERR_IO on a failed read. Every
+ * expert routed by any of the n tokens is read once. */
 static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scratch *b, int64_t n, char *err,
                            size_t errlen) {
     fm_model *m = s->m;
     int64_t H = m->H, E = m->n_experts, I = m->moe_I, shI = m->sh_I;
     int32_t K = m->k_tok;
+    int64_t ne = b->nb > m->max_batch ? b->nb : m->max_batch; /* rows of xe/ge/ue/ye */
     double t0 = fm_now_ms();
-    /* routing: softmax over all experts, top-K, renormalise when norm_topk_prob */
-    fm_mm(m->pool, &L->router, b->xn, n, b->logits_r);
+    /* routing (router logits in chunks of nb tokens): softmax over all experts, top-K,
+     * renormalise when norm_topk_prob */
     memset(b->cnt, 0, sizeof(int32_t) * (size_t)E);
     for (int64_t t = 0; t < n; t++) {
-        float *p = b->logits_r + t * E;
+        if (t % b->nb == 0)
+            fm_mm(m->pool, &L->router, b->xn + t * H, n - t < b->nb ? n - t : b->nb, b->logits_r);
+        float *p = b->logits_r + (t % b->nb) * E;
         fm_softmax(p, E);
         int32_t *idx = b->topi + t * K;
         float *w = b->topw + t * K;
@@ -465,20 +480,24 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
     double t1 = fm_now_ms();
     s->st.ms_route += t1 - t0;
 
-    memset(b->moe, 0, sizeof(float) * (size_t)(n * H));
+    memset(b->y, 0, sizeof(float) * (size_t)(n * H));
     int shared_done = 0;
     for (int32_t c0 = 0; c0 < n_used; c0 += m->max_batch) {
         int32_t nc = n_used - c0 < m->max_batch ? n_used - c0 : m->max_batch;
         fm_status st = fm_io_submit(m->io, il, b->elist + c0, nc, err, errlen);
         if (st != FM_OK) return st;
         if (!shared_done && L->has_shexp) {
-            /* shared expert while the reads are in flight */
+            /* shared expert while the reads are in flight (chunks of nb tokens) */
             double ts = fm_now_ms();
-            fm_mm(m->pool, &L->sh_gate, b->xn, n, b->shg);
-            fm_mm(m->pool, &L->sh_up, b->xn, n, b->shu);
-            swiglu(b->shg, b->shu, n * shI);
-            fm_mm(m->pool, &L->sh_down, b->shg, n, b->sho);
-            fm_mm(m->pool, &L->sh_router, b->xn, n, b->shs);
+            for (int64_t c = 0; c < n; c += b->nb) {
+                int64_t nn = n - c < b->nb ? n - c : b->nb;
+                const float *xc = b->xn + c * H;
+                fm_mm(m->pool, &L->sh_gate, xc, nn, b->shg);
+                fm_mm(m->pool, &L->sh_up, xc, nn, b->shu);
+                swiglu(b->shg, b->shu, nn * shI);
+                fm_mm(m->pool, &L->sh_down, b->shg, nn, b->sho + c * H);
+                fm_mm(m->pool, &L->sh_router, xc, nn, b->shs + c);
+            }
             s->st.ms_expert += fm_now_ms() - ts;
         }
         shared_done = 1;
@@ -505,34 +524,33 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
                 int32_t e = b->elist[c0 + c];
                 float wt = b->ew[b->off[e]];
                 const float *src = b->ye + (int64_t)c * H;
-                for (int64_t d = 0; d < H; d++) b->moe[d] += wt * src[d];
+                for (int64_t d = 0; d < H; d++) b->y[d] += wt * src[d];
             }
             s->st.ms_expert += fm_now_ms() - te;
             continue;
         }
         for (int32_t c = 0; c < nc; c++) {
             int32_t e = b->elist[c0 + c];
-            int64_t me = b->cnt[e];
-            const int32_t *toks = b->etok + b->off[e];
-            const float *wts = b->ew + b->off[e];
             fm_qmat wg = part_view(&L->parts[FM_PART_GATE], blocks[c]);
             fm_qmat wu = part_view(&L->parts[FM_PART_UP], blocks[c]);
             fm_qmat wd = part_view(&L->parts[FM_PART_DOWN], blocks[c]);
-            const float *xin = b->xn;
-            if (!(me == n && n == 1)) {
+            /* the expert's tokens, gathered ne rows at a time */
+            for (int64_t r0 = 0; r0 < b->cnt[e]; r0 += ne) {
+                int64_t me = b->cnt[e] - r0 < ne ? b->cnt[e] - r0 : ne;
+                const int32_t *toks = b->etok + b->off[e] + r0;
+                const float *wts = b->ew + b->off[e] + r0;
                 for (int64_t r = 0; r < me; r++)
                     memcpy(b->xe + r * H, b->xn + (int64_t)toks[r] * H, sizeof(float) * (size_t)H);
-                xin = b->xe;
-            }
-            fm_mm(m->pool, &wg, xin, me, b->ge);
-            fm_mm(m->pool, &wu, xin, me, b->ue);
-            swiglu(b->ge, b->ue, me * I);
-            fm_mm(m->pool, &wd, b->ge, me, b->ye);
-            for (int64_t r = 0; r < me; r++) {
-                float *dst = b->moe + (int64_t)toks[r] * H;
-                const float *src = b->ye + r * H;
-                float w = wts[r];
-                for (int64_t d = 0; d < H; d++) dst[d] += w * src[d];
+                fm_mm(m->pool, &wg, b->xe, me, b->ge);
+                fm_mm(m->pool, &wu, b->xe, me, b->ue);
+                swiglu(b->ge, b->ue, me * I);
+                fm_mm(m->pool, &wd, b->ge, me, b->ye);
+                for (int64_t r = 0; r < me; r++) {
+                    float *dst = b->y + (int64_t)toks[r] * H;
+                    const float *src = b->ye + r * H;
+                    float w = wts[r];
+                    for (int64_t d = 0; d < H; d++) dst[d] += w * src[d];
+                }
             }
         }
         s->st.ms_expert += fm_now_ms() - te;
@@ -540,16 +558,16 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
     if (L->has_shexp) {
         for (int64_t t = 0; t < n; t++) {
             float gsc = fm_sigmoid(b->shs[t]);
-            float *dst = b->moe + t * H;
+            float *dst = b->y + t * H;
             const float *src = b->sho + t * H;
             for (int64_t d = 0; d < H; d++) dst[d] += gsc * src[d];
         }
     }
-    memcpy(b->y, b->moe, sizeof(float) * (size_t)(n * H));
     return FM_OK;
 }
 
-/* one pass over all layers for n tokens at s->pos; on success s->pos += n */
+/* one pass over all layers for n (<= b->np) tokens at s->pos, layer-major: per layer the token
+ * mixer runs in chunks of b->nb tokens, then the FFN over all n; on success s->pos += n */
 static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *tokens, int64_t n, float *logits,
                                int32_t all_logits, char *err, size_t errlen) {
     fm_model *m = s->m;
@@ -562,10 +580,16 @@ static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *toke
         const fm_layer *L = &m->layers[il];
         double ta = fm_now_ms();
         for (int64_t t = 0; t < n; t++) fm_rmsnorm(b->xn + t * H, b->x + t * H, L->attn_norm, H, m->eps, m->norm_offset);
-        if (L->attn == FM_ATTN_FULL)
-            layer_full_attn(s, L, b, n);
-        else
-            layer_linear_attn(s, L, b, n);
+        for (int64_t c = 0; c < n; c += b->nb) {
+            fm_scratch v = *b; /* the chunk's rows of xn (in) and y (out) */
+            v.xn = b->xn + c * H;
+            v.y = b->y + c * H;
+            int64_t nn = n - c < b->nb ? n - c : b->nb;
+            if (L->attn == FM_ATTN_FULL)
+                layer_full_attn(s, L, &v, nn, s->pos + (int32_t)c);
+            else
+                layer_linear_attn(s, L, &v, nn, s->pos + (int32_t)c);
+        }
         for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
         double tb = fm_now_ms();
         s->st.ms_attn += tb - ta;
@@ -575,7 +599,12 @@ static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *toke
             fm_status st = layer_moe(s, il, L, b, n, err, errlen);
             if (st != FM_OK) return st;
         } else {
-            layer_dense_ffn(s, L, b, n);
+            for (int64_t c = 0; c < n; c += b->nb) {
+                fm_scratch v = *b;
+                v.xn = b->xn + c * H;
+                v.y = b->y + c * H;
+                layer_dense_ffn(s, L, &v, n - c < b->nb ? n - c : b->nb);
+            }
             s->st.ms_expert += fm_now_ms() - tb;
         }
         for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
@@ -620,19 +649,24 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
         return fm_errf(err, errlen, FM_ERR_CTX_FULL,
                        "context full: %d tokens held + %d new > n_ctx %d (nothing was evaluated)", s->pos,
                        n_tokens, s->n_ctx);
-    int64_t nb = n_tokens < FM_UBATCH ? n_tokens : FM_UBATCH;
-    fm_scratch *b = session_scratch(s, nb);
+    /* pass length: the whole call unless its per-token activations would pass FM_PASS_BYTES */
+    int64_t per_tok = (int64_t)sizeof(float) * (4 * (int64_t)m->H + 1 + 3 * (int64_t)m->k_tok);
+    int64_t np_cap = FM_PASS_BYTES / per_tok;
+    if (np_cap < FM_UBATCH) np_cap = FM_UBATCH;
+    int64_t np = n_tokens < np_cap ? n_tokens : np_cap;
+    int64_t nb = np < FM_UBATCH ? np : FM_UBATCH;
+    fm_scratch *b = session_scratch(s, nb, np);
     if (!b)
         return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_eval: out of memory for scratch of %lld tokens",
-                       (long long)nb);
+                       (long long)np);
     pthread_mutex_lock(&m->mu);
     double t0 = fm_now_ms();
     s->st.last_bytes_read = s->st.last_expert_loads = s->st.last_expert_hits = 0;
     fm_status st = FM_OK;
     if (s->cuda) /* CUDA backend: the same layer loop over m->layers, through its ops table */
         st = fm_cuda_session_eval(s, tokens, n_tokens, logits, all_logits, err, errlen);
-    for (int32_t done = 0; !s->cuda && done < n_tokens; done += (int32_t)nb) {
-        int64_t cnt = n_tokens - done < nb ? n_tokens - done : nb;
+    for (int32_t done = 0; !s->cuda && done < n_tokens; done += (int32_t)np) {
+        int64_t cnt = n_tokens - done < np ? n_tokens - done : np;
         float *lg = NULL;
         if (logits) {
             if (all_logits)
