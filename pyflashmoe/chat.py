@@ -73,13 +73,8 @@ def chat_cli(a) -> int:
     if a.max_tokens is not None:
         validate_max_tokens(a.max_tokens)
     from pyflashmoe.errors import FormatError
-    from pyflashmoe.generate import Model
-    model = Model.load(a.dir, backend=getattr(a, "backend", "cpu") or "cpu",
-                       threads=getattr(a, "threads", None), io_threads=getattr(a, "io_threads", None),
-                       direct_io=bool(getattr(a, "direct_io", False)),
-                       ram_budget=getattr(a, "ram_budget", None),
-                       experts_per_token=getattr(a, "k", None),
-                       context_length=getattr(a, "ctx", None))
+    from pyflashmoe.generate import load_from_args
+    model = load_from_args(a)
     if model.tokenizer is None or not model.tokenizer.chat_template:
         raise FormatError(f"{a.dir}: flashmoe chat needs tokenizer.json and a chat template")
     think = False if getattr(a, "no_think", False) else None

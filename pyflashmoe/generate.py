@@ -486,6 +486,16 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def load_from_args(a) -> "Model":
+    """Model.load with the engine options shared by `flashmoe run`, `chat` and `serve`."""
+    return Model.load(a.dir, backend=getattr(a, "backend", "cpu") or "cpu",
+                      threads=getattr(a, "threads", None), io_threads=getattr(a, "io_threads", None),
+                      direct_io=bool(getattr(a, "direct_io", False)),
+                      ram_budget=getattr(a, "ram_budget", None),
+                      experts_per_token=getattr(a, "k", None),
+                      context_length=getattr(a, "ctx", None))
+
+
 def run_cli(a) -> int:
     """`flashmoe run DIR -p PROMPT ...`: stream the completion to stdout, speeds to stderr."""
     # validate what was given before the (slow) model load
@@ -494,12 +504,7 @@ def run_cli(a) -> int:
              "repetition_penalty": getattr(a, "repeat_penalty", None)}
     SamplingParams(seed=a.seed, **{k: v for k, v in given.items() if v is not None})
     validate_max_tokens(a.max_tokens)
-    model = Model.load(a.dir, backend=getattr(a, "backend", "cpu") or "cpu",
-                       threads=getattr(a, "threads", None), io_threads=getattr(a, "io_threads", None),
-                       direct_io=bool(getattr(a, "direct_io", False)),
-                       ram_budget=getattr(a, "ram_budget", None),
-                       experts_per_token=getattr(a, "k", None),
-                       context_length=getattr(a, "ctx", None))
+    model = load_from_args(a)
     prompt = a.prompt
     if getattr(a, "chat", False):
         prompt = [{"role": "user", "content": a.prompt}]

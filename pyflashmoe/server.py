@@ -665,13 +665,8 @@ def serve_cli(a) -> int:
         import uvicorn
     except ImportError:
         raise FlashMoEError("flashmoe serve needs fastapi and uvicorn: pip install 'pyflashmoe[serve]'") from None
-    from pyflashmoe.generate import Model
-    model = Model.load(a.dir, backend=getattr(a, "backend", "cpu") or "cpu",
-                       threads=getattr(a, "threads", None), io_threads=getattr(a, "io_threads", None),
-                       direct_io=bool(getattr(a, "direct_io", False)),
-                       ram_budget=getattr(a, "ram_budget", None),
-                       experts_per_token=getattr(a, "k", None),
-                       context_length=getattr(a, "ctx", None))
+    from pyflashmoe.generate import load_from_args
+    model = load_from_args(a)
     name = a.model_name or os.path.basename(os.path.normpath(a.dir))
     app = build_app(Server(model, name))
     if model.tokenizer is not None and model.eos_token_ids:
