@@ -59,19 +59,23 @@ def llama_worker(a):
                               verbose=False, kv_overrides=kv or None)
         return llm, time.perf_counter() - t0
 
+    def last_logits(llm):
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
     def one(llm):
         prompt = rng.integers(0, 240000, size=P).tolist()
         llm.reset()
         d0, t0 = fb.proc_read_bytes(), time.perf_counter()
         llm.eval(prompt)
         t1, d1 = time.perf_counter(), fb.proc_read_bytes()
-        lg = np.asarray(llm.scores[llm.n_tokens - 1])
-        finite = bool(np.isfinite(lg).all())
+        lg = last_logits(llm)
+        finite = bool(np.isfinite(lg).all()) and float(lg.std()) > 0
         tok = int(np.argmax(lg))
         d2, t2 = fb.proc_read_bytes(), time.perf_counter()
         for _ in range(N):
             llm.eval([tok])
-            lg = np.asarray(llm.scores[llm.n_tokens - 1])
+            lg = last_logits(llm)
             finite = finite and bool(np.isfinite(lg).all())
             tok = int(np.argmax(lg))
         t3, d3 = time.perf_counter(), fb.proc_read_bytes()

@@ -259,6 +259,7 @@ def _one_repeat(core, path, eng_kw, P, N, rng, cold, files, dense_file, stats_ke
                      "ms_per_token": [1000 * x for x in per_tok]}
     out["finite"] = finite
     out["cold_residency_after"] = residency(files) if cold else None
+    out["dense_residency_after"] = residency([dense_file])
     del sess, engine
     return out
 
@@ -413,6 +414,10 @@ def format_report(r) -> str:
                  f"{100 * d['ram_cache_hit_rate']:.1f}%"
                  + (f", page-cache hits {100 * d['page_cache_hit_rate']:.1f}%"
                     if d.get("page_cache_hit_rate") is not None else ""))
+    dr = [x.get("dense_residency_after") for x in r["runs"] if x.get("dense_residency_after") is not None]
+    if dr:
+        L.append(f"  dense.safetensors resident in the page cache after each repeat: "
+                 f"{', '.join(f'{100 * x:.1f}%' for x in dr)}")
     if r.get("cold_check"):
         c = r["cold_check"]
         L.append(f"  cold check: expert files resident before each repeat "

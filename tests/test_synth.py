@@ -138,5 +138,6 @@ def test_tiny_gguf(tmp_path, shared_data):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
     llm = llama_cpp.Llama(model_path=str(p), n_ctx=64, n_threads=2, verbose=False, logits_all=False)
     llm.eval([100, 101, 102])  # token ids < 4096
-    lg = np.array(llm.scores[llm.n_tokens - 1])
+    lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    assert llm.n_vocab() == 4096
     assert np.isfinite(lg).all() and lg.std() > 0
