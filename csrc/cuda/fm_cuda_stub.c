@@ -1,0 +1,83 @@
+/* fm_cuda_stub.c: the CUDA entry points of fm_backend.h for builds without CUDA (FLASHMOE_CUDA=0
+ * or no nvcc). Every entry point reports FM_ERR_BACKEND; fm_cuda_compiled() and
+ * fm_cuda_available() return 0. setup.py compiles this file instead of the .cu files in csrc/cuda.
+ */
+#include "fm_backend.h"
+#include "fm_internal.h"
+
+#define NO_CUDA "backend cuda: this build of pyflashmoe was compiled without CUDA (no nvcc, or FLASHMOE_CUDA=0)"
+
+int32_t fm_cuda_compiled(void) { return 0; }
+int32_t fm_cuda_available(void) { return 0; }
+void fm_cuda_describe(char *buf, size_t len) {
+    if (buf && len) snprintf(buf, len, "%s", "compiled without CUDA");
+}
+
+fm_status fm_cuda_model_open(struct fm_model *m, const fm_model_params *p, void **out, char *err, size_t errlen) {
+    (void)m;
+    (void)p;
+    if (out) *out = NULL;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+void fm_cuda_model_close(void *cm) { (void)cm; }
+fm_status fm_cuda_session_new(struct fm_session *s, void **out, char *err, size_t errlen) {
+    (void)s;
+    if (out) *out = NULL;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+void fm_cuda_session_free(void *cs) { (void)cs; }
+void fm_cuda_session_reset(void *cs) { (void)cs; }
+fm_status fm_cuda_session_eval(struct fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
+                               int32_t all_logits, char *err, size_t errlen) {
+    (void)s, (void)tokens, (void)n_tokens, (void)logits, (void)all_logits;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+
+fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
+                              const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n, float *Y,
+                              char *err, size_t errlen) {
+    (void)bits, (void)group_size, (void)rows, (void)cols, (void)q, (void)scales, (void)biases, (void)X, (void)n, (void)Y;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_test_norm(int32_t op, const float *x, const float *z, const float *w, int64_t n, int64_t d,
+                            float eps, float offset, float *y, char *err, size_t errlen) {
+    (void)op, (void)x, (void)z, (void)w, (void)n, (void)d, (void)eps, (void)offset, (void)y;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_test_route(const float *logits, int64_t n, int32_t E, int32_t K, int32_t norm, int32_t *idx,
+                             float *w, char *err, size_t errlen) {
+    (void)logits, (void)n, (void)E, (void)K, (void)norm, (void)idx, (void)w;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_test_conv1d(const float *X, int64_t n, float *state, const float *w, int32_t C, int32_t k,
+                              float *Y, char *err, size_t errlen) {
+    (void)X, (void)n, (void)state, (void)w, (void)C, (void)k, (void)Y;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_test_gdn(const float *qkv, const float *z, const float *a, const float *b, const float *A_log,
+                           const float *dt_bias, const float *norm_w, int64_t n, int32_t nk, int32_t nv, int32_t dk,
+                           int32_t dv, float eps, float *S, float *O, char *err, size_t errlen) {
+    (void)qkv, (void)z, (void)a, (void)b, (void)A_log, (void)dt_bias, (void)norm_w, (void)n, (void)nk, (void)nv;
+    (void)dk, (void)dv, (void)eps, (void)S, (void)O;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_test_attention(const float *qg, const float *k, const float *v, const float *q_norm,
+                                 const float *k_norm, float *kc, float *vc, int64_t n, int32_t pos, int32_t nh,
+                                 int32_t nkv, int32_t dh, int32_t rot, float theta, int32_t gate, float eps,
+                                 float offset, float *out, char *err, size_t errlen) {
+    (void)qg, (void)k, (void)v, (void)q_norm, (void)k_norm, (void)kc, (void)vc, (void)n, (void)pos, (void)nh;
+    (void)nkv, (void)dh, (void)rot, (void)theta, (void)gate, (void)eps, (void)offset, (void)out;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_h2d_bandwidth(uint64_t bytes, int32_t reps, double *gbps, char *err, size_t errlen) {
+    (void)bytes, (void)reps, (void)gbps;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_d2d_bandwidth(uint64_t bytes, int32_t reps, double *gbps, char *err, size_t errlen) {
+    (void)bytes, (void)reps, (void)gbps;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+void fm_cuda_session_counters(const struct fm_session *s, fm_cuda_counters *out) {
+    (void)s;
+    if (out) memset(out, 0, sizeof *out);
+}

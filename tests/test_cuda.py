@@ -1,0 +1,274 @@
+"""The CUDA backend (csrc/cuda) against the C reference (csrc/fm_quant.c, csrc/fm_ops.c) and the CPU engine.
+
+Kernel tests: each CUDA kernel runs on fresh random inputs and is compared with the C reference kernel
+run on the same inputs (pyflashmoe._core._kernel_*(gpu=True/False, ...)); outputs are poisoned
+(0xff bytes = NaN) on the device before each kernel, so an element the kernel never writes fails.
+Engine tests: logits of Engine(backend=1) against Engine(backend=0) on tiny transformers-derived
+models converted with pyflashmoe.convert (bf16 and 4-bit experts), prefill and decode, with every
+expert tier (all experts resident in VRAM; a VRAM cache smaller than a layer's experts, with and
+without a pinned host cache).
+
+Tolerances (relative error ||gpu - ref|| / ||ref||, the METHOD.md measure): both sides compute in
+fp32 from the same bf16/affine weights and differ only in the order of float sums (warp tree vs
+the CPU's 4/8/16-lane partial sums), so one dot product of n terms is off by about sqrt(n) * 6e-8;
+at n = 4096 that is < 1e-5. Norms, RoPE and softmax use the device's expf/rsqrtf/powf/sincosf
+(<= 2 ulp): 1e-5. The delta rule over a sequence compounds rounding through the state: 1e-4.
+Attention over a few hundred keys: 1e-5. Engine logits: 22 layers of the above, compared as
+max |diff| <= 2e-4 * max |logit| (the CPU-vs-transformers test in test_engine.py uses 1e-4).
+"""
+import numpy as np
+import pytest
+
+core = pytest.importorskip("pyflashmoe._core")
+from pyflashmoe.errors import BackendError  # noqa: E402
+
+HAVE_CUDA_API = hasattr(core, "cuda_available")
+GPU = HAVE_CUDA_API and core.cuda_available()
+REASON = ("pyflashmoe._core has no CUDA API" if not HAVE_CUDA_API else
+          "this build has no CUDA backend (built without nvcc or FLASHMOE_CUDA=0)" if not core.cuda_compiled() else
+          core.cuda_describe())
+needs_gpu = pytest.mark.skipif(not GPU, reason=REASON)
+
+TOL = {"f32": 2e-6, "bf16": 2e-5, "affine": 2e-5, "norm": 1e-5, "route": 1e-6, "conv": 1e-5,
+       "gdn": 1e-4, "attn": 1e-5}
+
+
+def rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "non-finite GPU output (unwritten element?)"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _bf16(x):
+    """float32 -> bf16 bit patterns (round to nearest even) as uint16."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+# ---------------------------------------------------------------- availability (runs everywhere)
+
+def test_cuda_api_present():
+    assert HAVE_CUDA_API, "pyflashmoe._core lacks cuda_available()"
+    assert isinstance(core.cuda_compiled(), bool)
+    assert isinstance(core.cuda_describe(), str) and core.cuda_describe()
+    if not core.cuda_compiled():
+        assert not core.cuda_available()
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is present: the no-GPU error path cannot be exercised")
+def test_backend_cuda_without_gpu_raises_clear_error(tmp_path):
+    tm = pytest.importorskip("tiny_models")
+    pytest.importorskip("transformers")
+    from pyflashmoe.convert import convert
+    hf, _ = tm.make_tiny_hf("qwen3_moe", str(tmp_path / "hf"), seed=0, num_hidden_layers=1)
+    out = convert(hf, str(tmp_path / "fm"), bits=16, progress=False)
+    with pytest.raises(BackendError, match="cuda"):
+        core.Engine(out, backend=1)
+    eng = core.Engine(out, backend=0)  # the CPU backend still opens the same dir
+    assert eng.n_layers == 1
+
+
+# ---------------------------------------------------------------- kernels
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 3, 8, 19])
+@pytest.mark.parametrize("bits,gs", [(2, 64), (3, 64), (4, 32), (4, 64), (4, 128), (5, 64), (6, 64), (8, 64)])
+def test_affine_matmul(bits, gs, n):
+    rng = np.random.default_rng(bits * 100 + gs + n)
+    rows, cols = (192, 1024) if n > 1 else (1000, 4096)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    q, s, b = core.quantize(w, bits=bits, group_size=gs) if hasattr(core, "quantize") else _quantize(w, bits, gs)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    got = core._kernel_matmul(True, bits, gs, q, s, b, X)
+    ref = core._kernel_matmul(False, bits, gs, q, s, b, X)
+    assert got.shape == (n, rows)
+    assert rel(got, ref) < TOL["affine"]
+
+
+def _quantize(w, bits, gs):
+    from pyflashmoe import quant
+    return quant.quantize(w, bits=bits, group_size=gs)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 5, 16])
+@pytest.mark.parametrize("rows,cols", [(512, 4096), (33, 64), (7, 100)])
+def test_bf16_and_f32_matmul(rows, cols, n):
+    rng = np.random.default_rng(rows + cols + n)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    wb = _bf16(w)
+    assert rel(core._kernel_matmul(True, 16, 0, wb, None, None, X),
+               core._kernel_matmul(False, 16, 0, wb, None, None, X)) < TOL["bf16"]
+    assert rel(core._kernel_matmul(True, 32, 0, w, None, None, X),
+               core._kernel_matmul(False, 32, 0, w, None, None, X)) < TOL["f32"] * 10
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [16, 128, 256, 4096])
+def test_norms(d):
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((5, d)).astype(np.float32) * 3
+    z = rng.standard_normal((5, d)).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32) * 0.1
+    for op, off in ((0, 1.0), (0, 0.0), (1, 0.0), (2, 0.0)):
+        eps = 1e-6
+        got = core._kernel_norm(True, op, x, z if op == 1 else None, w if op != 2 else None, eps, off)
+        ref = core._kernel_norm(False, op, x, z if op == 1 else None, w if op != 2 else None, eps, off)
+        assert rel(got, ref) < TOL["norm"], f"op {op}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("E,K,norm", [(8, 2, 1), (256, 8, 1), (512, 10, 1), (128, 8, 0)])
+def test_route_topk(E, K, norm):
+    rng = np.random.default_rng(E + K)
+    logits = rng.standard_normal((7, E)).astype(np.float32) * 2
+    gi, gw = core._kernel_route(True, logits, K, norm)
+    ri, rw = core._kernel_route(False, logits, K, norm)
+    np.testing.assert_array_equal(gi, ri)
+    assert rel(gw, rw) < TOL["route"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 7, 64])
+@pytest.mark.parametrize("C,k", [(96, 4), (8192, 4), (40, 2)])
+def test_conv1d(C, k, n):
+    rng = np.random.default_rng(C + k + n)
+    X = rng.standard_normal((n, C)).astype(np.float32)
+    st = rng.standard_normal((k - 1, C)).astype(np.float32)
+    w = rng.standard_normal((C, k)).astype(np.float32) * 0.3
+    gy, gs = core._kernel_conv1d(True, X, st, w)
+    ry, rs = core._kernel_conv1d(False, X, st, w)
+    assert rel(gy, ry) < TOL["conv"]
+    assert rel(gs, rs) < TOL["conv"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 9, 100])
+@pytest.mark.parametrize("nk,nv,dk,dv", [(2, 4, 16, 16), (16, 32, 128, 128), (4, 8, 64, 32)])
+def test_gated_delta_net(nk, nv, dk, dv, n):
+    rng = np.random.default_rng(nk * nv + dk + n)
+    cd = 2 * nk * dk + nv * dv
+    qkv = rng.standard_normal((n, cd)).astype(np.float32)
+    z = rng.standard_normal((n, nv * dv)).astype(np.float32)
+    a = rng.standard_normal((n, nv)).astype(np.float32)
+    b = rng.standard_normal((n, nv)).astype(np.float32)
+    A_log = np.log(rng.uniform(1, 16, nv)).astype(np.float32)
+    dt_bias = (rng.standard_normal(nv) * 0.5).astype(np.float32)
+    nw = (1 + rng.standard_normal(dv) * 0.1).astype(np.float32)
+    S = (rng.standard_normal((nv, dk, dv)) * 0.1).astype(np.float32)
+    go, gS = core._kernel_gdn(True, qkv, z, a, b, A_log, dt_bias, nw, S, nk, nv, dk, dv, 1e-6)
+    ro, rS = core._kernel_gdn(False, qkv, z, a, b, A_log, dt_bias, nw, S, nk, nv, dk, dv, 1e-6)
+    assert rel(go, ro) < TOL["gdn"]
+    assert rel(gS, rS) < TOL["gdn"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n,pos", [(1, 0), (1, 300), (13, 0), (6, 41)])
+@pytest.mark.parametrize("nh,nkv,dh,rot,gate,qk", [(4, 2, 16, 4, 1, 1), (32, 2, 256, 64, 1, 1),
+                                                    (8, 8, 128, 128, 0, 1), (6, 3, 64, 32, 0, 0)])
+def test_attention(nh, nkv, dh, rot, gate, qk, n, pos):
+    rng = np.random.default_rng(nh + dh + n + pos)
+    qd, kvd = nh * dh, nkv * dh
+    qg = rng.standard_normal((n, qd * (2 if gate else 1))).astype(np.float32)
+    k = rng.standard_normal((n, kvd)).astype(np.float32)
+    v = rng.standard_normal((n, kvd)).astype(np.float32)
+    qn = (rng.standard_normal(dh) * 0.1).astype(np.float32) if qk else None
+    kn = (rng.standard_normal(dh) * 0.1).astype(np.float32) if qk else None
+    kc = rng.standard_normal((pos + n, kvd)).astype(np.float32)
+    vc = rng.standard_normal((pos + n, kvd)).astype(np.float32)
+    args = (qg, k, v, qn, kn, kc, vc, pos, nh, nkv, dh, rot, 1e7 if dh == 256 else 1e4, gate, 1e-6, 1.0)
+    go, gkc, gvc = core._kernel_attention(True, *args)
+    ro, rkc, rvc = core._kernel_attention(False, *args)
+    assert rel(gkc, rkc) < TOL["attn"]
+    np.testing.assert_array_equal(gvc, rvc)
+    assert rel(go, ro) < TOL["attn"]
+
+
+# ---------------------------------------------------------------- engine: GPU backend vs CPU backend
+
+@pytest.fixture(scope="module", params=["qwen3_5_moe", "qwen3_next", "qwen3_moe"])
+def tiny_dirs(request, tmp_path_factory):
+    if not GPU:
+        pytest.skip(REASON)
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tm = pytest.importorskip("tiny_models")
+    from pyflashmoe.convert import convert
+    arch = request.param
+    need = {"qwen3_5_moe": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM"}[arch]
+    if not hasattr(transformers, need):
+        pytest.skip(f"transformers {transformers.__version__} has no {need}")
+    root = tmp_path_factory.mktemp("cuda_" + arch)
+    hf, _ = tm.make_tiny_hf(arch, str(root / "hf"), seed=0)
+    return {"arch": arch, "bf16": convert(hf, str(root / "fm16"), bits=16, progress=False),
+            "q4": convert(hf, str(root / "fm4"), bits=4, group_size=32, progress=False)}
+
+
+def _close(ours, ref, rel_tol=2e-4):
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(ours - ref).max())
+    assert np.all(np.isfinite(ours))
+    assert err <= rel_tol * scale, f"max |diff| {err:.3g} > {rel_tol} * max|ref| {scale:.3g}"
+
+
+TIERS = {  # name -> Engine kwargs (block sizes of the tiny models are a few KiB)
+    "resident": {},
+    "vram_lru": {"vram_budget": 3 * 16384},
+    "vram_lru+ram": {"vram_budget": 3 * 16384, "ram_budget": 5 * 16384},
+    "vram_lru+ram_resident": {"vram_budget": 3 * 16384, "ram_budget": 1 << 30},
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("which", ["bf16", "q4"])
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_engine_logits_match_cpu(tiny_dirs, which, tier):
+    path = tiny_dirs[which]
+    cpu = core.Engine(path, backend=0, n_threads=2)
+    kw = dict(TIERS[tier])
+    bb = max(cpu.expert_block_bytes(i) for i in range(cpu.n_layers))
+    if "vram_budget" in kw:
+        kw["vram_budget"] = 3 * bb  # 3 slots: K=2 fits, a prompt's union (8 experts) needs 3 chunks
+    if kw.get("ram_budget") == 5 * 16384:
+        kw["ram_budget"] = 5 * bb
+    gpu = core.Engine(path, backend=1, **kw)
+    rng = np.random.default_rng(7)
+    toks = rng.integers(3, cpu.n_vocab, size=12).astype(np.int32)
+    sc, sg = core.Session(cpu, 64), core.Session(gpu, 64)
+    lc = sc.eval(toks, all_logits=True)
+    lg = sg.eval(toks, all_logits=True)
+    _close(lg, lc)
+    # greedy decode, step by step (decode kernels, KV cache and recurrent state carried on the GPU)
+    tok = int(np.argmax(lc[-1]))
+    for _ in range(8):
+        a = sc.eval([tok])
+        b = sg.eval([tok])
+        _close(b, a)
+        tok = int(np.argmax(a))
+    cnt = core.cuda_counters(sg)
+    st = sg.stats()
+    if tier == "resident":
+        assert cnt["resident"] and cnt["storage_reads"] == 0
+    else:
+        assert not cnt["resident"] and cnt["vram_slots"] == 3
+        assert st["expert_loads"] == cnt["storage_reads"] and st["expert_hits_vram"] == cnt["vram_hits"]
+        if tier == "vram_lru+ram_resident":  # every expert pinned in RAM at open: no storage reads
+            assert cnt["ram_hits"] > 0 and cnt["storage_reads"] == 0
+        else:
+            assert cnt["storage_reads"] > 0
+    # reset: a fresh timeline reproduces the prompt logits
+    sg.reset()
+    _close(sg.eval(toks, all_logits=True), lc)
+
+
+@needs_gpu
+def test_engine_long_prompt_spans_ubatches(tiny_dirs):
+    cpu = core.Engine(tiny_dirs["bf16"], backend=0, n_threads=2)
+    gpu = core.Engine(tiny_dirs["bf16"], backend=1)
+    toks = np.random.default_rng(3).integers(3, cpu.n_vocab, size=300).astype(np.int32)
+    a = core.Session(cpu, 512).eval(toks)
+    b = core.Session(gpu, 512).eval(toks)  # 256-token passes on the GPU
+    _close(b, a, 5e-4)
