@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fm_backend.h"
 #include "fm_model.h"
 
 #define MANIFEST "pyflashmoe.json"
@@ -577,9 +578,14 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
     *out = NULL;
     if (!dir) return fm_errf(err, errlen, FM_ERR_ARG, "fm_model_open: dir is NULL");
     fm_model_params p = params ? *params : fm_model_default_params();
-    if (p.backend != FM_BACKEND_CPU)
-        return fm_errf(err, errlen, FM_ERR_BACKEND, "fm_model_open: backend %d is not available in this build (CPU only)",
+    if (p.backend != FM_BACKEND_CPU && p.backend != FM_BACKEND_CUDA)
+        return fm_errf(err, errlen, FM_ERR_BACKEND, "fm_model_open: backend %d is not one of 0 (cpu), 1 (cuda)",
                        p.backend);
+    if (p.backend == FM_BACKEND_CUDA && !fm_cuda_available()) {
+        char why[256];
+        fm_cuda_describe(why, sizeof why);
+        return fm_errf(err, errlen, FM_ERR_BACKEND, "fm_model_open: backend cuda is not available: %s", why);
+    }
     fm_model *m = calloc(1, sizeof *m);
     if (!m) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
     fm_status st = FM_OK;
@@ -684,6 +690,7 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
                              errlen)) != FM_OK)
             goto fail;
     }
+    if (p.backend == FM_BACKEND_CUDA && (st = fm_cuda_model_open(m, &p, &m->cuda, err, errlen)) != FM_OK) goto fail;
     fm_json_free(root);
     free(text);
     free(mpath);
@@ -702,6 +709,7 @@ fail:
 
 void fm_model_close(fm_model *m) {
     if (!m) return;
+    if (m->cuda) fm_cuda_model_close(m->cuda);
     if (m->io) fm_io_close(m->io);
     if (m->pool) fm_pool_free(m->pool);
     if (m->map) munmap(m->map, m->map_len);

@@ -36,3 +36,4 @@ def simd_name():
 
 include "_quant.pxi"
 include "_engine.pxi"
+include "_cuda.pxi"

@@ -21,7 +21,7 @@ cdef class Engine:
         self._m = NULL
 
     def __init__(self, str path, int backend=0, int n_threads=0, int io_threads=0,
-                 bint direct_io=False, ram_budget=0, int experts_per_token=0):
+                 bint direct_io=False, ram_budget=0, int experts_per_token=0, vram_budget=0):
         cdef fm_model_params p = fm_model_default_params()
         cdef char err[1024]
         cdef fm_status st
@@ -36,6 +36,9 @@ cdef class Engine:
         p.io_threads = io_threads
         p.direct_io = 1 if direct_io else 0
         p.ram_budget = <uint64_t>int(ram_budget)
+        if int(vram_budget) < 0:
+            raise ArgumentError(f"vram_budget must be >= 0 (got {vram_budget})")
+        p.vram_budget = <uint64_t>int(vram_budget)
         p.experts_per_token = experts_per_token
         err[0] = 0
         with nogil:
