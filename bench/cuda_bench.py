@@ -119,6 +119,11 @@ def cmd_resident(a):
           f"HBM roofline {1e3 / floor_ms:.0f} tok/s ({total / 1e9:.2f} GB/token at {d2d:.0f} GB/s) -> "
           f"{100 * floor_ms / r['ms_median']:.0f}% ; syncs/token {r['per_token'].get('syncs', 0):.2f}")
     print("  breakdown with a sync per op (ms/token):", {k: round(v, 3) for k, v in r["per_token"]["breakdown_ms"].items()})
+    os.environ["FM_CUDA_GRAPH"] = "0"
+    r0 = decode_run(eng, a.tokens, a.warmup)
+    os.environ["FM_CUDA_GRAPH"] = "1"
+    print(f"  without the CUDA graph (plain launches): {r0['tok_s']:.1f} tok/s ({r0['ms_median']:.3f} ms/token)")
+    print(json.dumps({"case": "resident_no_graph", "tok_s": r0["tok_s"], "ms_median": r0["ms_median"]}))
 
 
 def cmd_tiers(a):

@@ -192,15 +192,15 @@ static fm_status launch_gdn(cudaStream_t st, const float *QKV, const float *Z, c
 
 static fm_status launch_attn(cudaStream_t st, const float *QG, const float *Kn, const float *Vn, const float *qnw,
                              const float *knw, float *Q, float *Gt, float *KC, float *VC, float *O, int64_t n, int pos,
-                             int nh, int nkv, int dh, int rot, float theta, int gate, float eps, float off, char *err,
-                             size_t errlen) {
+                             const int *dpos, int nh, int nkv, int dh, int rot, float theta, int gate, float eps,
+                             float off, char *err, size_t errlen) {
     if (dh > 256 || nkv <= 0 || nh % nkv)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: attention with head_dim %d (max 256), %d/%d heads", dh, nh,
                        nkv);
     k_attn_prep<<<dim3((unsigned)n, (unsigned)(nh + nkv)), 128, (size_t)dh * sizeof(float), st>>>(
-        QG, Kn, Vn, qnw, knw, Q, Gt, KC, VC, pos, nh, nkv, dh, rot, theta, gate, eps, off);
+        QG, Kn, Vn, qnw, knw, Q, Gt, KC, VC, pos, dpos, nh, nkv, dh, rot, theta, gate, eps, off);
     CKL();
-    k_attn<<<dim3((unsigned)n, (unsigned)nh), FMC_ATT_WARPS * 32, 0, st>>>(Q, KC, VC, Gt, O, pos, nh, nkv, dh,
+    k_attn<<<dim3((unsigned)n, (unsigned)nh), FMC_ATT_WARPS * 32, 0, st>>>(Q, KC, VC, Gt, O, pos, dpos, nh, nkv, dh,
                                                                            1.0f / sqrtf((float)dh), gate);
     CKL();
     return FM_OK;
@@ -816,6 +816,9 @@ typedef struct {
     float *x, *xn, *qg, *q, *gate, *k, *v, *att, *qkv, *qkvc, *z, *ba, *bb, *o, *lr, *topw, *shg, *sho, *shs,
         *hb, *ye, *dg, *logits;
     int32_t *topi, *tok;
+    int32_t *d_pos, *h_io;     /* graph decode: position on the device, pinned [token, pos] */
+    cudaGraphExec_t gexec;     /* resident decode step captured once (embed .. lm_head) */
+    int graph_failed;
     fm_cuda_counters cnt;
 } fmc_session;
 
@@ -837,6 +840,9 @@ void fm_cuda_session_free(void *p) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) cudaFree(bufs[i]);
     cudaFree(c->topi);
     cudaFree(c->tok);
+    cudaFree(c->d_pos);
+    if (c->h_io) cudaFreeHost(c->h_io);
+    if (c->gexec) cudaGraphExecDestroy(c->gexec);
     free(c);
 }
 
@@ -901,6 +907,8 @@ fm_status fm_cuda_session_new(fm_session *s, void **out, char *err, size_t errle
     DA(c->logits, (int64_t)FMC_LOGIT_ROWS * m->vocab);
     if (ok && cudaMalloc((void **)&c->topi, sizeof(int32_t) * (size_t)(nb * K > 0 ? nb * K : 1)) != cudaSuccess) ok = 0;
     if (ok && cudaMalloc((void **)&c->tok, sizeof(int32_t) * (size_t)nb) != cudaSuccess) ok = 0;
+    if (ok && cudaMalloc((void **)&c->d_pos, sizeof(int32_t)) != cudaSuccess) ok = 0;
+    if (ok && cudaHostAlloc((void **)&c->h_io, 2 * sizeof(int32_t), cudaHostAllocDefault) != cudaSuccess) ok = 0;
 #undef DA
     if (!ok) {
         fm_cuda_session_free(c);
@@ -944,11 +952,13 @@ typedef struct {
     fm_model *m;
     int64_t n;
     int32_t pos;
+    int graph; /* capturing the decode graph: no host copies or syncs, position read from c->d_pos */
 } fmc_ctx;
 
 static fm_status op_embed(void *vx, const int32_t *tokens, int64_t n, char *err, size_t errlen) {
     fmc_ctx *x = (fmc_ctx *)vx;
-    CK(cudaMemcpyAsync(x->c->tok, tokens, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, x->cm->cs));
+    if (!x->graph)
+        CK(cudaMemcpyAsync(x->c->tok, tokens, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, x->cm->cs));
     k_embed<<<(unsigned)n, 256, 0, x->cm->cs>>>(x->cm->tok_embd, x->c->tok, x->c->x);
     CKL();
     return FM_OK;
@@ -975,7 +985,7 @@ static fm_status op_attn_full(void *vx, int32_t il, char *err, size_t errlen) {
         CKS(launch_mm(st, sms, L->wv, c->xn, H, n, c->v, kvd, 0, err, errlen));
     }
     CKS(launch_attn(st, c->qg, c->k, c->v, L->q_norm, L->k_norm, c->q, c->gate, c->kc[si], c->vc[si], c->att, n, x->pos,
-                    m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
+                    x->graph ? c->d_pos : NULL, m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
                     m->norm_offset, err, errlen));
     CKS(launch_mm(st, sms, L->wo, c->att, qd, n, c->x, H, 1, err, errlen));
     return FM_OK;
@@ -1220,6 +1230,7 @@ static fm_status op_final(void *vx, float *logits, int32_t all_logits, char *err
         int64_t nr = n - r0 < FMC_LOGIT_ROWS ? n - r0 : FMC_LOGIT_ROWS;
         CKS(launch_norm(st, 0, c->x + r0 * H, NULL, cm->output_norm, nr, H, m->eps, m->norm_offset, c->xn, err, errlen));
         CKS(launch_mm(st, cm->sms, lm, c->xn, H, nr, c->logits, V, 0, err, errlen));
+        if (x->graph) return FM_OK; /* the caller copies the logits after the replay */
         float *dst = all_logits ? logits + r0 * V : logits;
         CK(cudaMemcpyAsync(dst, c->logits, sizeof(float) * (size_t)(nr * V), cudaMemcpyDeviceToHost, st));
     }
@@ -1260,6 +1271,44 @@ static fm_status cuda_forward(const fm_backend_ops *ops, void *ctx, const fm_mod
     return op_timed(x, t, &st->ms_other, err, errlen);
 }
 
+/* one resident decode step as a CUDA graph (captured on first use): no launch gaps, one sync */
+static fm_status graph_decode(fm_session *s, fmc_session *c, int32_t token, float *logits, char *err, size_t errlen) {
+    fmc_model *cm = c->cm;
+    fm_model *m = s->m;
+    cudaStream_t st = cm->cs;
+    if (!c->gexec) {
+        fmc_ctx x = {s, c, cm, m, 1, s->pos, 1};
+        fm_cuda_counters saved = c->cnt;
+        int64_t saved_hits = s->st.expert_hits_vram;
+        cudaGraph_t g = NULL;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        fm_status rs = cuda_forward(&cuda_ops, &x, m, NULL, 1, logits, 0, err, errlen);
+        cudaError_t ce = cudaStreamEndCapture(st, &g);
+        c->cnt = saved;
+        s->st.expert_hits_vram = saved_hits;
+        if (rs == FM_OK && ce == cudaSuccess) ce = cudaGraphInstantiate(&c->gexec, g, 0);
+        if (g) cudaGraphDestroy(g);
+        if (rs != FM_OK || ce != cudaSuccess) {
+            cudaGetLastError();
+            c->gexec = NULL;
+            c->graph_failed = 1;
+            return FM_ERR_BACKEND; /* the caller falls back to plain launches */
+        }
+    }
+    c->h_io[0] = token;
+    c->h_io[1] = s->pos;
+    CK(cudaMemcpyAsync(c->tok, &c->h_io[0], sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(c->d_pos, &c->h_io[1], sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    CK(cudaGraphLaunch(c->gexec, st));
+    CK(cudaMemcpyAsync(logits, c->logits, sizeof(float) * (size_t)m->vocab, cudaMemcpyDeviceToHost, st));
+    CK(cudaStreamSynchronize(st));
+    c->cnt.syncs++;
+    c->cnt.vram_hits += (int64_t)m->k_tok * m->n_moe;
+    s->st.expert_hits_vram += (int64_t)m->k_tok * m->n_moe;
+    s->pos += 1;
+    return FM_OK;
+}
+
 fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
                                int32_t all_logits, char *err, size_t errlen) {
     fmc_session *c = (fmc_session *)s->cuda;
@@ -1270,6 +1319,18 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
         const char *tv = getenv("FM_CUDA_TIMING"); /* read per eval: benchmarks toggle it */
         c->cm->timing = tv && tv[0] == '1';
     }
+    {
+        const char *gv = getenv("FM_CUDA_GRAPH"); /* 0: plain launches (comparison) */
+        if (n_tokens == 1 && logits && !all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
+            !(gv && gv[0] == '0')) {
+            char gerr[256];
+            gerr[0] = 0;
+            fm_status gs = graph_decode(s, c, tokens[0], logits, gerr, sizeof gerr);
+            if (gs == FM_OK) return FM_OK;
+            if (!c->graph_failed) return fm_errf(err, errlen, gs, "%s", gerr);
+            /* capture failed: plain launches below */
+        }
+    }
     for (int32_t done = 0; done < n_tokens; done += c->nb) {
         int64_t cnt = n_tokens - done < c->nb ? n_tokens - done : c->nb;
         float *lg = NULL;
@@ -1277,7 +1338,7 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
             if (all_logits) lg = logits + (int64_t)done * m->vocab;
             else if (done + cnt == n_tokens) lg = logits;
         }
-        fmc_ctx x = {s, c, c->cm, m, cnt, s->pos};
+        fmc_ctx x = {s, c, c->cm, m, cnt, s->pos, 0};
         fm_status st = cuda_forward(&cuda_ops, &x, m, tokens + done, cnt, lg, all_logits, err, errlen);
         if (st != FM_OK) {
             cudaStreamSynchronize(c->cm->cs);
@@ -1513,7 +1574,7 @@ extern "C" fm_status fm_cuda_test_attention(const float *qg, const float *k, con
     TPUT(dout, NULL, (size_t)(n * qd) * 4);
     fm_status st = launch_attn(0, (const float *)dqg, (const float *)dk, (const float *)dv, (const float *)dqn,
                                (const float *)dkn, (float *)dq, (float *)dg, (float *)dkc, (float *)dvc, (float *)dout, n,
-                               pos, nh, nkv, dh, rot, theta, gate, eps, offset, err, errlen);
+                               pos, NULL, nh, nkv, dh, rot, theta, gate, eps, offset, err, errlen);
     if (st != FM_OK) {
         tb_free(&tb);
         return st;

@@ -623,8 +623,10 @@ __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm
  * of k and v at row pos+t). blockDim 128. */
 __global__ void k_attn_prep(const float *__restrict__ QG, const float *__restrict__ Kn, const float *__restrict__ Vn,
                             const float *__restrict__ qnw, const float *__restrict__ knw, float *__restrict__ Q,
-                            float *__restrict__ Gt, float *__restrict__ KC, float *__restrict__ VC, int pos, int nh,
-                            int nkv, int dh, int rot, float theta, int gate, float eps, float off) {
+                            float *__restrict__ Gt, float *__restrict__ KC, float *__restrict__ VC, int pos_arg,
+                            const int *__restrict__ dpos, int nh, int nkv, int dh, int rot, float theta, int gate,
+                            float eps, float off) {
+    const int pos = dpos ? *dpos : pos_arg; /* dpos: graph replays read the position from the device */
     extern __shared__ float buf[]; /* dh */
     __shared__ float red[33];
     const int64_t t = blockIdx.x;
@@ -681,8 +683,10 @@ __global__ void k_attn_prep(const float *__restrict__ QG, const float *__restric
 #define FMC_ATT_WARPS 4
 __global__ void __launch_bounds__(FMC_ATT_WARPS * 32) k_attn(const float *__restrict__ Q, const float *__restrict__ KC,
                                                               const float *__restrict__ VC, const float *__restrict__ Gt,
-                                                              float *__restrict__ O, int pos, int nh, int nkv, int dh,
+                                                              float *__restrict__ O, int pos_arg,
+                                                              const int *__restrict__ dpos, int nh, int nkv, int dh,
                                                               float scale, int gate) {
+    const int pos = dpos ? *dpos : pos_arg;
     __shared__ float sq[256];
     __shared__ float sm[FMC_ATT_WARPS], sl[FMC_ATT_WARPS];
     __shared__ float so[FMC_ATT_WARPS][256];
