@@ -266,7 +266,7 @@ def _one_repeat(core, path, eng_kw, P, N, rng, cold, files, dense_file, stats_ke
 
 def bench(path, backend="cpu", cold=False, tokens=16, prompt_tokens=16, repeat=3, k=None, threads=None,
           io_threads=None, direct_io=False, ram_budget=None, seed=0, roofline=True, warmup=True,
-          log=None) -> dict:
+          log=None, vram_budget=None) -> dict:
     """Run the benchmark; returns a dict (see format_report for the fields)."""
     from pyflashmoe.generate import parse_size
     path = os.fspath(path)
@@ -289,7 +289,8 @@ def bench(path, backend="cpu", cold=False, tokens=16, prompt_tokens=16, repeat=3
         raise BackendError(f"pyflashmoe._core is not built: {e}") from None
     ncpu = os.cpu_count() or 1
     eng_kw = dict(backend=_BACKENDS[backend], n_threads=int(threads or 0), io_threads=int(io_threads or 0),
-                  direct_io=bool(direct_io), ram_budget=budget, experts_per_token=int(k or 0))
+                  direct_io=bool(direct_io), ram_budget=budget, experts_per_token=int(k or 0),
+                  vram_budget=parse_size(vram_budget, "vram_budget"))
     log = log or (lambda *a: None)
     rng = np.random.default_rng(seed)
     files = sz["expert_files"]
@@ -449,10 +450,11 @@ def plot_budgets(path, budgets, out_png, log=None, **kw):
         r = bench(path, ram_budget=int(b), roofline=False, log=log, **kw)
         pts.append((b, r["decode"]["tps"]["median"], r["decode"]["tps"]["min"], r["decode"]["tps"]["max"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [p[0] / 2 ** 30 for p in pts]
+    gib = max(p[0] for p in pts) >= 2 ** 30
+    xs = [p[0] / (2 ** 30 if gib else 2 ** 20) for p in pts]
     ax.errorbar(xs, [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
                 marker="o", capsize=3)
-    ax.set_xlabel("engine RAM budget (GiB)")
+    ax.set_xlabel(f"engine RAM budget ({'GiB' if gib else 'MiB'})")
     ax.set_ylabel("decode tok/s")
     ax.set_title(os.path.basename(os.path.normpath(path)))
     ax.grid(True, alpha=0.3)
@@ -466,7 +468,7 @@ def run_cli(a) -> int:
     log = (lambda *x: print("flashmoe bench:", *x, file=sys.stderr, flush=True)) if not a.json else None
     kw = dict(backend=a.backend, cold=a.cold, tokens=a.tokens, prompt_tokens=a.prompt_tokens,
               repeat=a.repeat, k=a.k, threads=a.threads, io_threads=a.io_threads, direct_io=a.direct_io,
-              seed=a.seed)
+              seed=a.seed, vram_budget=a.vram_budget)
     if a.plot:
         if a.plot_budgets:
             budgets = [parse_size(x.strip(), "--plot-budgets") for x in a.plot_budgets.split(",")]
@@ -478,7 +480,7 @@ def run_cli(a) -> int:
             print(json.dumps({"plot": a.plot, "points": pts}))
         else:
             for b, med, lo, hi in pts:
-                print(f"ram_budget {b / 2 ** 30:.2f} GiB: decode {med:.3f} tok/s ({lo:.3f}..{hi:.3f})")
+                print(f"ram_budget {b / 2 ** 20:.1f} MiB: decode {med:.3f} tok/s ({lo:.3f}..{hi:.3f})")
             print(f"wrote {a.plot}")
         return 0
     r = bench(a.model, ram_budget=a.ram_budget, roofline=not a.no_roofline, log=log, **kw)

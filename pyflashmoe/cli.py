@@ -50,7 +50,8 @@ def _add_load_args(p):
     p.add_argument("--ram-budget", default=None, help="e.g. 16GiB")
     p.add_argument("--ctx", type=int, default=None,
                    help="context length (default: min(max_position_embeddings, 4096))")
-    p.add_argument("--backend", default="cpu")
+    p.add_argument("--vram-budget", default=None, help="CUDA: VRAM for the expert cache, e.g. 16GiB")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
 
 
 def _cmd_synth(a):
@@ -99,16 +100,9 @@ def build_parser():
     r.add_argument("--repeat-penalty", type=float, default=None)
     r.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--k", type=int, default=None, help="experts per token (override)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     r.add_argument("--timing", action="store_true", help="ms per phase, bytes read, cache hits")
-    r.add_argument("--threads", type=int, default=None)
-    r.add_argument("--io-threads", type=int, default=None)
-    r.add_argument("--direct-io", action="store_true")
-    r.add_argument("--ram-budget", default=None, help="e.g. 16GiB")
-    r.add_argument("--ctx", type=int, default=None,
-                   help="context length (default: min(max_position_embeddings, 4096))")
-    r.add_argument("--backend", default="cpu")
+    _add_load_args(r)
     r.set_defaults(fn=_cmd_run)
 
     ch = sub.add_parser("chat", help="interactive chat (stdin, piped or terminal)")
@@ -157,7 +151,7 @@ def build_parser():
 
     b = sub.add_parser("bench", help="decode/prefill tok/s, per-phase ms, I/O, roofline")
     b.add_argument("model")
-    b.add_argument("--backend", default="cpu")
+    b.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
     b.add_argument("--cold", action="store_true",
                    help="drop the model files from the page cache before each repeat")
     b.add_argument("--tokens", type=int, default=16, help="decode tokens per repeat")
@@ -168,6 +162,7 @@ def build_parser():
     b.add_argument("--io-threads", type=int, default=None)
     b.add_argument("--direct-io", action="store_true")
     b.add_argument("--ram-budget", default=None, help="engine expert cache, e.g. 4GiB")
+    b.add_argument("--vram-budget", default=None, help="CUDA: VRAM for the expert cache, e.g. 16GiB")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-roofline", action="store_true", help="skip the disk/RAM bandwidth probes")
     b.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -159,13 +159,16 @@ class Model:
     @classmethod
     def load(cls, path, backend: str = "cpu", threads: int | None = None,
              io_threads: int | None = None, direct_io: bool = False, ram_budget=None,
-             experts_per_token: int | None = None, context_length: int | None = None) -> "Model":
+             experts_per_token: int | None = None, context_length: int | None = None,
+             vram_budget=None) -> "Model":
         """Open a model dir written by `flashmoe convert`.
 
         backend: "cpu", "cuda" (BackendError unless the extension has CUDA) or "auto" (CUDA when
         available, else CPU). ram_budget: bytes for the engine's own expert cache (int, or a string
         like "16GiB"); None/0 relies on the OS page cache. experts_per_token overrides the
-        model's top-K. context_length defaults to min(max_position_embeddings, 4096)."""
+        model's top-K. context_length defaults to min(max_position_embeddings, 4096).
+        vram_budget (CUDA): bytes of VRAM for the expert cache (int or "16GiB"); None: the
+        backend's default (60% of free VRAM)."""
         path = os.fspath(path)
         manifest_path = os.path.join(path, "pyflashmoe.json")
         if not os.path.isdir(path):
@@ -194,10 +197,12 @@ class Model:
         if experts_per_token is not None and n_exp and experts_per_token > n_exp:
             raise ArgumentError(f"experts_per_token={experts_per_token} exceeds the model's n_experts={n_exp}")
         budget = parse_size(ram_budget, "ram_budget")
+        vbudget = parse_size(vram_budget, "vram_budget")
         core = _core()
         engine = core.Engine(path, backend=_BACKENDS[backend], n_threads=int(threads or 0),
                              io_threads=int(io_threads or 0), direct_io=bool(direct_io),
-                             ram_budget=budget, experts_per_token=int(experts_per_token or 0))
+                             ram_budget=budget, experts_per_token=int(experts_per_token or 0),
+                             vram_budget=vbudget)
         tokenizer = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             from pyflashmoe.tokenizer import Tokenizer
@@ -493,7 +498,8 @@ def load_from_args(a) -> "Model":
                       direct_io=bool(getattr(a, "direct_io", False)),
                       ram_budget=getattr(a, "ram_budget", None),
                       experts_per_token=getattr(a, "k", None),
-                      context_length=getattr(a, "ctx", None))
+                      context_length=getattr(a, "ctx", None),
+                      vram_budget=getattr(a, "vram_budget", None))
 
 
 def run_cli(a) -> int:
