@@ -270,6 +270,9 @@ def bench(path, backend="cpu", cold=False, tokens=16, prompt_tokens=16, repeat=3
     """Run the benchmark; returns a dict (see format_report for the fields)."""
     from pyflashmoe.generate import parse_size
     path = os.fspath(path)
+    if backend == "auto":
+        from pyflashmoe.generate import cuda_available
+        backend = "cuda" if cuda_available() else "cpu"
     if backend not in _BACKENDS:
         raise ArgumentError(f"--backend must be one of {', '.join(_BACKENDS)} (got {backend!r})")
     for name, v, lo in (("--tokens", tokens, 1), ("--prompt-tokens", prompt_tokens, 1),
