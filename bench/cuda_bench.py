@@ -4,6 +4,8 @@
   python bench/cuda_bench.py tiers DIR --budgets 8,16,32 [--scale-layers 60] [--tokens N]
                                                                (b) experts in pinned host RAM,
                                                                VRAM cache of each budget
+                                                               [--splits 0,auto] FM_CUDA_CPU_SPLIT
+                                                               settings run on each engine
   python bench/cuda_bench.py bw                                pinned H2D and D2D bandwidth
 
 Model dirs come from `flashmoe synth` (pyflashmoe/synth.py: random weights at real dimensions).
@@ -74,8 +76,12 @@ def decode_run(eng, n_tok, warmup, n_ctx=512):
         tok = int(np.argmax(lg))
     c1 = core.cuda_counters(ses) if hasattr(core, "cuda_counters") else {}
     s1 = ses.stats()
-    d = {k: c1[k] - c0[k] for k in ("syncs", "h2d_bytes", "vram_hits", "ram_hits", "storage_reads")} if c0 else {}
+    keys = ("syncs", "h2d_bytes", "vram_hits", "ram_hits", "storage_reads", "cpu_experts", "cpu_layers", "cpu_ms")
+    d = {k: c1[k] - c0[k] for k in keys if k in c1} if c0 else {}
     d = {k: v / n_tok for k, v in d.items()}
+    for k in ("h2d_gbps", "cpu_gbps", "split"):  # the engine's measured rates (EMA over layers) after the run
+        if k in c1:
+            d[k] = c1[k]
     d["io_wait_ms"] = (s1["ms_io_wait"] - s0["ms_io_wait"]) / n_tok
     times = np.array(times) * 1e3
     # breakdown: the same decode with a host sync after every op (FM_CUDA_TIMING=1; slower overall)
@@ -138,6 +144,21 @@ def cmd_tiers(a):
         t0 = time.perf_counter()
         eng = core.Engine(a.dir, backend=1, io_threads=16, vram_budget=budget, ram_budget=total_experts + (1 << 30))
         t_open = time.perf_counter() - t0
+        for sp in a.splits.split(","):
+            os.environ["FM_CUDA_CPU_SPLIT"] = sp
+            rows.append(tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp))
+        os.environ.pop("FM_CUDA_CPU_SPLIT", None)
+        del eng
+    if a.resident_too:
+        eng = core.Engine(a.dir, backend=1, io_threads=16)
+        r = decode_run(eng, a.tokens, a.warmup)
+        print(f"TIERS all-resident floor: {r['ms_median'] / n_layers:.3f} ms/layer "
+              f"(syncs/token {r['per_token'].get('syncs', 0):.1f})", r["per_token"]["breakdown_ms"])
+        print(json.dumps({"case": "tiers_resident_floor", "ms_per_layer": r["ms_median"] / n_layers, **r}))
+
+
+def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp):
+    if True:
         k = eng.experts_per_token
         bb = eng.expert_block_bytes(0)
         r = decode_run(eng, a.tokens, a.warmup)
@@ -146,25 +167,21 @@ def cmd_tiers(a):
         routed = k * n_layers
         hit = pt.get("vram_hits", 0) / routed
         pcie_ms_layer = pt.get("h2d_bytes", 0) / n_layers / (h2d * 1e9) * 1e3
-        row = {"case": "tiers", "vram_budget_GiB_full_model": gb, "vram_budget_bytes_here": budget,
+        row = {"case": "tiers", "cpu_split": sp, "vram_budget_GiB_full_model": gb, "vram_budget_bytes_here": budget,
                "open_s": t_open, "ms_per_layer": per_layer, "vram_hit_rate": hit,
                "h2d_MB_per_layer": pt.get("h2d_bytes", 0) / n_layers / 1e6, "pcie_floor_ms_per_layer": pcie_ms_layer,
                "pcie_frac": pcie_ms_layer / per_layer if per_layer else 0, "h2d_GBps": h2d,
                "tok_s_full_model": 1e3 / (per_layer * a.scale_layers) if a.scale_layers else r["tok_s"], **r}
-        rows.append(row)
         print(json.dumps(row))
-        print(f"TIERS vram {gb:g} GiB (x{scale:.3f} -> {budget / 2**30:.2f} GiB here): {per_layer:.3f} ms/layer, "
+        print(f"TIERS split={sp} vram {gb:g} GiB (x{scale:.3f} -> {budget / 2**30:.2f} GiB here): {per_layer:.3f} ms/layer, "
               f"VRAM hit {100 * hit:.1f}%, {row['h2d_MB_per_layer']:.1f} MB/layer over PCIe "
               f"(floor {pcie_ms_layer:.3f} ms at {h2d:.1f} GB/s, {100 * row['pcie_frac']:.0f}%), "
               f"syncs/token {pt.get('syncs', 0):.1f}, io wait {pt['io_wait_ms']:.2f} ms/token, block {bb / 2**20:.2f} MiB")
+        print(f"  CPU split: {pt.get('cpu_experts', 0) / n_layers:.2f} experts/layer on the CPU "
+              f"({pt.get('cpu_ms', 0) / n_layers:.3f} ms/layer), engine-measured PCIe {pt.get('h2d_gbps', 0):.1f} GB/s, "
+              f"CPU expert matvec {pt.get('cpu_gbps', 0):.1f} GB/s")
         print("  breakdown with a sync per op (ms/token):", {k: round(v, 3) for k, v in pt["breakdown_ms"].items()})
-        del eng
-    if a.resident_too:
-        eng = core.Engine(a.dir, backend=1, io_threads=16)
-        r = decode_run(eng, a.tokens, a.warmup)
-        print(f"TIERS all-resident floor: {r['ms_median'] / n_layers:.3f} ms/layer "
-              f"(syncs/token {r['per_token'].get('syncs', 0):.1f})", r["per_token"]["breakdown_ms"])
-        print(json.dumps({"case": "tiers_resident_floor", "ms_per_layer": r["ms_median"] / n_layers, **r}))
+        return row
 
 
 def main():
@@ -176,6 +193,7 @@ def main():
     ap.add_argument("--budgets", default="8,16,32")
     ap.add_argument("--scale-layers", type=int, default=0)
     ap.add_argument("--resident-too", action="store_true")
+    ap.add_argument("--splits", default="0,auto", help="FM_CUDA_CPU_SPLIT settings to run per budget (tiers)")
     a = ap.parse_args()
     {"resident": cmd_resident, "tiers": cmd_tiers, "bw": cmd_bw}[a.cmd](a)
 

@@ -1,6 +1,8 @@
 #!/bin/bash
 # bench/cuda_device.sh STAGE... : what one call on the GPU machine runs (logs under $OUT).
 # Stages: info build test a b. The CUDA object may come prebuilt in build/cuda (carried).
+# Env: TEST_K (pytest -k filter), B_LAYERS, B_BUDGETS, B_TOKENS, B_SPLITS (FM_CUDA_CPU_SPLIT settings
+# per budget, default 0,auto), B_RESIDENT=1 (also the all-resident floor), *_TIMEOUT.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fm_out}
@@ -19,7 +21,7 @@ for st in "$@"; do
     echo "build $(( $(date +%s) - t0 )) s"
     python3 -c "import pyflashmoe._core as c; print('cuda', c.cuda_compiled(), c.cuda_available(), c.cuda_describe())" ;;
   test)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rs --tb=short --maxfail=25 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^SKIPPED" | tail -60 ;;
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rs --tb=short --maxfail=25 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^SKIPPED" | tail -60 ;;
   a)
     t0=$(date +%s)
     python3 -c "from pyflashmoe.synth import synth; synth('$MD/q35', preset='qwen3.5-35b-a3b', bits=4, dense_bits=8, progress=False, force=True)" 2>&1 | tail -3
@@ -30,7 +32,7 @@ for st in "$@"; do
     t0=$(date +%s)
     python3 -c "from pyflashmoe.synth import synth; synth('$MD/q397', preset='qwen3.5-397b-a17b', layers=${B_LAYERS:-8}, bits=4, dense_bits=8, progress=False, force=True)" 2>&1 | tail -3
     echo "synth 397B x${B_LAYERS:-8} layers $(( $(date +%s) - t0 )) s"; du -sh "$MD/q397"
-    timeout ${B_TIMEOUT:-300} python3 bench/cuda_bench.py tiers "$MD/q397" --budgets 8,16,32 --scale-layers 60 --tokens 48 --warmup 8 --resident-too 2>&1 | tee "$OUT/bench_b.log" | grep -v "^{" ;;
+    timeout ${B_TIMEOUT:-300} python3 bench/cuda_bench.py tiers "$MD/q397" --budgets ${B_BUDGETS:-8,16,32} --scale-layers 60 --tokens ${B_TOKENS:-48} --warmup 8 --splits ${B_SPLITS:-0,auto} ${B_RESIDENT:+--resident-too} 2>&1 | tee "$OUT/bench_b.log" | grep -v "^{" ;;
   esac
 done
 echo "=== done $(date +%T)"

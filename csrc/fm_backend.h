@@ -127,6 +127,12 @@ typedef struct {
     int64_t vram_hits, ram_hits, storage_reads;
     int64_t vram_slots, ram_slots;
     int32_t resident;       /* 1: every expert lives in VRAM (no per-layer sync) */
+    /* CPU split (FM_CUDA_CPU_SPLIT, decode with a pinned host tier): missed experts computed on the
+     * host from the pinned cache instead of copied (counted in ram_hits, not in h2d_bytes) */
+    int64_t cpu_experts, cpu_layers;
+    double cpu_ms;          /* host wall time of those expert computations */
+    double split;           /* the setting of the last eval: <0 auto, else the fraction */
+    double h2d_gbps, cpu_gbps; /* the model's measured rates (EMA over layers; 0: not measured yet) */
 } fm_cuda_counters;
 void fm_cuda_session_counters(const struct fm_session *s, fm_cuda_counters *out);
 

@@ -272,3 +272,62 @@ def test_engine_long_prompt_spans_ubatches(tiny_dirs):
     a = core.Session(cpu, 512).eval(toks)
     b = core.Session(gpu, 512).eval(toks)  # 256-token passes on the GPU
     _close(b, a, 5e-4)
+
+
+# ---------------------------------------------------------------- CPU split: missed experts computed on the host
+
+@needs_gpu
+@pytest.mark.parametrize("which", ["bf16", "q4"])
+@pytest.mark.parametrize("tier", ["vram_lru+ram_resident", "vram_lru+ram"])
+@pytest.mark.parametrize("split", ["0", "0.5", "1", "auto"])
+def test_cpu_split_matches_cpu_backend(tiny_dirs, which, tier, split, monkeypatch):
+    """Decode with FM_CUDA_CPU_SPLIT: part (0.5), all (1), none (0) or an automatic share of the
+    misses found in the pinned host cache computed on the CPU from that cache while the GPU copies
+    the rest; logits against the CPU backend at every step."""
+    path = tiny_dirs[which]
+    cpu = core.Engine(path, backend=0, n_threads=2)
+    bb = max(cpu.expert_block_bytes(i) for i in range(cpu.n_layers))
+    ram = (1 << 30) if tier == "vram_lru+ram_resident" else 5 * bb
+    monkeypatch.setenv("FM_CUDA_CPU_SPLIT", split)
+    gpu = core.Engine(path, backend=1, n_threads=2, vram_budget=3 * bb, ram_budget=ram)
+    toks = np.random.default_rng(11).integers(3, cpu.n_vocab, size=10).astype(np.int32)
+    sc, sg = core.Session(cpu, 64), core.Session(gpu, 64)
+    _close(sg.eval(toks), sc.eval(toks))  # prefill: never split
+    c0 = core.cuda_counters(sg)
+    assert c0["cpu_experts"] == 0
+    tok = int(np.argmax(sc.eval([int(toks[-1])])))
+    sg.eval([int(toks[-1])])
+    n_dec = 12
+    for _ in range(n_dec):
+        a = sc.eval([tok])
+        b = sg.eval([tok])
+        _close(b, a)
+        tok = int(np.argmax(a))
+    c1 = core.cuda_counters(sg)
+    st = sg.stats()
+    assert st["expert_loads"] == c1["storage_reads"] and st["expert_hits_vram"] == c1["vram_hits"]
+    routed = (n_dec + 1) * gpu.experts_per_token * sum(
+        1 for i in range(gpu.n_layers) if gpu.expert_block_bytes(i) > 0)
+    dec = {k: c1[k] - c0[k] for k in ("vram_hits", "ram_hits", "storage_reads", "cpu_experts", "h2d_bytes")}
+    assert dec["vram_hits"] + dec["ram_hits"] + dec["storage_reads"] == routed
+    # every expert not computed on the host was copied
+    assert dec["h2d_bytes"] <= (dec["ram_hits"] - dec["cpu_experts"] + dec["storage_reads"]) * bb
+    if split == "0":
+        assert c1["cpu_experts"] == 0 and c1["split"] == 0.0
+    elif split == "auto":
+        assert c1["split"] < 0
+    else:
+        assert dec["cpu_experts"] > 0 and c1["split"] == float(split)
+        assert c1["cpu_gbps"] > 0
+        if split == "1" and tier == "vram_lru+ram_resident":  # every miss is in RAM: nothing crosses PCIe
+            assert dec["h2d_bytes"] == 0 and dec["cpu_experts"] == dec["ram_hits"]
+
+
+@needs_gpu
+def test_cpu_split_bad_setting_raises(tiny_dirs, monkeypatch):
+    cpu = core.Engine(tiny_dirs["bf16"], backend=0, n_threads=2)
+    bb = max(cpu.expert_block_bytes(i) for i in range(cpu.n_layers))
+    gpu = core.Engine(tiny_dirs["bf16"], backend=1, vram_budget=3 * bb, ram_budget=1 << 30)
+    monkeypatch.setenv("FM_CUDA_CPU_SPLIT", "1.5")
+    with pytest.raises(Exception, match="FM_CUDA_CPU_SPLIT"):
+        core.Session(gpu, 16).eval([5])

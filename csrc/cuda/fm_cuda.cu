@@ -451,6 +451,19 @@ typedef struct {
     rpool *pool;
     int io_threads;
     int timing; /* FM_CUDA_TIMING=1 (read per eval): sync after every op, charge its time to fm_stats.ms_* */
+    /* CPU split (decode, pinned host tier): part of a layer's missed experts is computed on the host
+     * from the pinned cache (fm_pool + fm_qmat_matvec_rows) while the GPU copies + computes the rest */
+    double split;             /* FM_CUDA_CPU_SPLIT (read per eval): <0 auto, else the fraction in [0, 1] */
+    double rate_h2d, rate_cpu; /* bytes per ms (= GB/s * 1e6), EMAs of the measured rates; 0: unknown */
+    int calibrated;
+    float *h_xn, *h_topw, *h_ycpu; /* pinned [H], [K], [H] */
+    float *d_ycpu;                 /* device [H] */
+    float *cg, *cu, *cy;           /* host [K*I], [K*I], [K*H] */
+    const uint8_t **cblk;          /* host [K]: pinned blocks of the CPU share */
+    int32_t *cpair;                /* host [K]: their pair index */
+    cudaEvent_t ev_t0, ev_t1;      /* timing events around a layer's copies */
+    int t_pending;
+    uint64_t t_bytes;
 } fmc_model;
 
 static fm_status dev_upload(fmc_model *cm, const void *src, size_t bytes, void **out, char *err, size_t errlen) {
@@ -565,6 +578,17 @@ void fm_cuda_model_close(void *p) {
     if (cm->ev_topi) cudaEventDestroy(cm->ev_topi);
     if (cm->ev_copy) cudaEventDestroy(cm->ev_copy);
     if (cm->ev_comp) cudaEventDestroy(cm->ev_comp);
+    if (cm->ev_t0) cudaEventDestroy(cm->ev_t0);
+    if (cm->ev_t1) cudaEventDestroy(cm->ev_t1);
+    if (cm->h_xn) cudaFreeHost(cm->h_xn);
+    if (cm->h_topw) cudaFreeHost(cm->h_topw);
+    if (cm->h_ycpu) cudaFreeHost(cm->h_ycpu);
+    if (cm->d_ycpu) cudaFree(cm->d_ycpu);
+    free(cm->cg);
+    free(cm->cu);
+    free(cm->cy);
+    free((void *)cm->cblk);
+    free(cm->cpair);
     if (cm->cs) cudaStreamDestroy(cm->cs);
     if (cm->xs) cudaStreamDestroy(cm->xs);
     free(cm->L);
@@ -646,6 +670,9 @@ fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, 
         TRYC(cudaEventCreateWithFlags(&cm->ev_topi, cudaEventDisableTiming));
         TRYC(cudaEventCreateWithFlags(&cm->ev_copy, cudaEventDisableTiming));
         TRYC(cudaEventCreateWithFlags(&cm->ev_comp, cudaEventDisableTiming));
+        TRYC(cudaEventCreate(&cm->ev_t0));
+        TRYC(cudaEventCreate(&cm->ev_t1));
+        cm->split = -1.0;
         cm->L = (cl_layer *)calloc((size_t)m->n_layers, sizeof(cl_layer));
         if (!cm->L) {
             st = fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
@@ -777,6 +804,19 @@ fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, 
                 cm->fds[il] = open(m->files[il].path, O_RDONLY | O_CLOEXEC);
                 if (cm->fds[il] < 0)
                     TRY(fm_errf(err, errlen, FM_ERR_IO, "%s: cannot open (%s)", m->files[il].path, strerror(errno)));
+            }
+            if (cm->has_ram) { /* CPU split buffers */
+                TRYC(cudaHostAlloc((void **)&cm->h_xn, sizeof(float) * (size_t)m->H, cudaHostAllocDefault));
+                TRYC(cudaHostAlloc((void **)&cm->h_topw, sizeof(float) * (size_t)K, cudaHostAllocDefault));
+                TRYC(cudaHostAlloc((void **)&cm->h_ycpu, sizeof(float) * (size_t)m->H, cudaHostAllocDefault));
+                TRYC(cudaMalloc((void **)&cm->d_ycpu, sizeof(float) * (size_t)m->H));
+                cm->cg = (float *)malloc(sizeof(float) * (size_t)K * (size_t)m->moe_I);
+                cm->cu = (float *)malloc(sizeof(float) * (size_t)K * (size_t)m->moe_I);
+                cm->cy = (float *)malloc(sizeof(float) * (size_t)K * (size_t)m->H);
+                cm->cblk = (const uint8_t **)calloc((size_t)K, sizeof(void *));
+                cm->cpair = (int32_t *)calloc((size_t)K, sizeof(int32_t));
+                if (!cm->cg || !cm->cu || !cm->cy || !cm->cblk || !cm->cpair)
+                    TRY(fm_errf(err, errlen, FM_ERR_OOM, "out of memory"));
             }
             cm->io_threads = p->io_threads > 0 ? p->io_threads : (K > 8 ? K : 8);
             cm->pool = rpool_new(cm->io_threads, cm->chunk, cm->xs, (const char *const *)m->paths);
@@ -940,7 +980,13 @@ void fm_cuda_session_reset(void *p) {
 
 void fm_cuda_session_counters(const fm_session *s, fm_cuda_counters *out) {
     memset(out, 0, sizeof *out);
-    if (s && s->cuda) *out = ((const fmc_session *)s->cuda)->cnt;
+    if (s && s->cuda) {
+        const fmc_session *c = (const fmc_session *)s->cuda;
+        *out = c->cnt;
+        out->split = c->cm->split;
+        out->h2d_gbps = c->cm->rate_h2d * 1e-6;
+        out->cpu_gbps = c->cm->rate_cpu * 1e-6;
+    }
 }
 
 /* ================================================================== the layer ops */
@@ -1060,6 +1106,151 @@ static fm_status launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *co
     return FM_OK;
 }
 
+/* ---- the CPU share of a layer's missed experts (decode, one token) ----
+ * y_cpu = sum_j w_j * down_j(silu(gate_j x) * up_j x) over the experts in cm->cblk, straight from
+ * the pinned host cache, on the model's fm_pool (the same kernels as the CPU backend, fm_forward.c) */
+static fm_qmat cpu_part(const fm_part *p, const uint8_t *blk) {
+    fm_qmat w;
+    memset(&w, 0, sizeof w);
+    w.dt = p->dt;
+    w.bits = p->bits;
+    w.group_size = p->group_size;
+    w.rows = p->rows;
+    w.cols = p->cols;
+    if (p->dt == FM_DT_AFFINE) {
+        w.q = (const uint32_t *)(const void *)(blk + p->off_q);
+        w.scales = (const uint16_t *)(const void *)(blk + p->off_s);
+        w.biases = (const uint16_t *)(const void *)(blk + p->off_b);
+    } else {
+        w.data = blk + p->off_data;
+    }
+    return w;
+}
+
+typedef struct {
+    const fm_part *parts;
+    const uint8_t *const *blk;
+    const float *x;
+    float *g, *u, *y;
+    int64_t I, H;
+} cpu_job;
+
+static void cpu_job_gu(void *ctx, int64_t s, int64_t e, int32_t tid) {
+    (void)tid;
+    cpu_job *j = (cpu_job *)ctx;
+    const int64_t I = j->I;
+    while (s < e) {
+        const int64_t c = s / (2 * I), r = s % (2 * I);
+        const int up = r >= I;
+        const int64_t r0 = up ? r - I : r;
+        const int64_t end = c * 2 * I + (up ? 2 * I : I);
+        const int64_t r1 = r0 + ((e < end ? e : end) - s);
+        const fm_qmat w = cpu_part(&j->parts[up ? FM_PART_UP : FM_PART_GATE], j->blk[c]);
+        fm_qmat_matvec_rows(&w, j->x, (up ? j->u : j->g) + c * I, r0, r1);
+        s += r1 - r0;
+    }
+}
+
+static void cpu_job_down(void *ctx, int64_t s, int64_t e, int32_t tid) {
+    (void)tid;
+    cpu_job *j = (cpu_job *)ctx;
+    const int64_t H = j->H;
+    while (s < e) {
+        const int64_t c = s / H, r0 = s % H;
+        const int64_t end = (c + 1) * H;
+        const int64_t r1 = r0 + ((e < end ? e : end) - s);
+        const fm_qmat w = cpu_part(&j->parts[FM_PART_DOWN], j->blk[c]);
+        fm_qmat_matvec_rows(&w, j->g + c * j->I, j->y + c * H, r0, r1);
+        s += r1 - r0;
+    }
+}
+
+static int64_t cpu_grain(const fm_part *p) {
+    const int64_t bits = p->dt == FM_DT_F32 ? 32 : p->dt == FM_DT_BF16 ? 16 : p->bits;
+    int64_t rb = p->cols * bits / 8 + 1;
+    if (p->dt == FM_DT_AFFINE && p->group_size > 0) rb += p->cols / p->group_size * 4;
+    const int64_t g = 16384 / rb;
+    return g < 4 ? 4 : g;
+}
+
+/* the nc experts of cm->cblk on the host: cm->cy[j*H..] = expert j's output (unweighted) */
+static void cpu_experts(fmc_model *cm, const fm_layer *FL, int64_t nc, const float *xn) {
+    fm_model *m = cm->m;
+    const int64_t I = FL->parts[FM_PART_GATE].rows, H = m->H;
+    cpu_job j = {FL->parts, cm->cblk, xn, cm->cg, cm->cu, cm->cy, I, H};
+    fm_pool_for(m->pool, nc * 2 * I, cpu_grain(&FL->parts[FM_PART_GATE]), cpu_job_gu, &j);
+    for (int64_t i = 0; i < nc * I; i++) cm->cg[i] = fm_silu(cm->cg[i]) * cm->cu[i];
+    fm_pool_for(m->pool, nc * H, cpu_grain(&FL->parts[FM_PART_DOWN]), cpu_job_down, &j);
+}
+
+/* how many of a layer's misses the CPU takes: m_ram of them are in the pinned host cache (the only
+ * ones the CPU can take), m_other come from storage (always the GPU's). split > 0: that fraction of
+ * m_ram; split < 0 (auto): both sides finish at once when the CPU takes a share rate_cpu /
+ * (rate_cpu + rate_h2d) of all the missed bytes. */
+static int64_t split_count(double split, double rate_h2d, double rate_cpu, int64_t m_ram, int64_t m_other) {
+    if (split == 0.0 || m_ram <= 0) return 0;
+    double want;
+    if (split > 0.0) {
+        want = split * (double)m_ram;
+    } else if (rate_h2d <= 0.0 || rate_cpu <= 0.0) {
+        want = 1.0; /* a rate not measured yet: one expert on the host measures both sides */
+    } else {
+        want = (double)(m_ram + m_other) * rate_cpu / (rate_cpu + rate_h2d);
+    }
+    int64_t n = (int64_t)(want + 0.5);
+    if (n < 0) n = 0;
+    if (n > m_ram) n = m_ram;
+    return n;
+}
+
+static void ema(double *r, double sample) {
+    if (!(sample > 0.0) || !isfinite(sample)) return;
+    *r = *r > 0.0 ? 0.75 * *r + 0.25 * sample : sample;
+}
+
+/* first auto-split layer: time a few blocks of the pinned cache over PCIe and on the CPU pool
+ * (the online EMAs refine both afterwards) */
+static fm_status split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, const fm_layer *FL, char *err,
+                                 size_t errlen) {
+    (void)c;
+    cm->calibrated = 1;
+    fm_model *m = cm->m;
+    const int64_t E = m->n_experts, cap = m->k_tok < 4 ? m->k_tok : 4;
+    const uint64_t bb = FL->block_bytes;
+    int64_t nb = 0;
+    for (int64_t sl = 0; sl < cm->rl.n && nb < cap; sl++) {
+        const int64_t key = cm->rl.key[sl];
+        if (key >= 0 && key / E == il) cm->cblk[nb++] = rslot_ptr(cm, sl);
+    }
+    if (nb < 1) return FM_OK; /* nothing of this layer pinned yet: the online rates decide */
+    void *d = NULL;
+    CK(cudaMalloc(&d, (size_t)nb * bb));
+    float best = 0.f;
+    cudaError_t e = cudaSuccess;
+    for (int rep = 0; rep < 3 && e == cudaSuccess; rep++) {
+        cudaEventRecord(cm->ev_t0, cm->xs);
+        for (int64_t i = 0; i < nb; i++)
+            cudaMemcpyAsync((uint8_t *)d + (uint64_t)i * bb, cm->cblk[i], bb, cudaMemcpyHostToDevice, cm->xs);
+        cudaEventRecord(cm->ev_t1, cm->xs);
+        e = cudaEventSynchronize(cm->ev_t1);
+        float ms = 0.f;
+        if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, cm->ev_t0, cm->ev_t1);
+        if (e == cudaSuccess && ms > 0.f && (best == 0.f || ms < best)) best = ms;
+    }
+    cudaFree(d);
+    CK(e);
+    if (best > 0.f) cm->rate_h2d = (double)((uint64_t)nb * bb) / (double)best;
+    double bc = 0.0;
+    for (int rep = 0; rep < 3; rep++) {
+        const double t0 = fm_now_ms();
+        cpu_experts(cm, FL, nb, cm->h_xn);
+        const double ms = fm_now_ms() - t0;
+        if (rep > 0 && (bc == 0.0 || ms < bc)) bc = ms;
+    }
+    if (bc > 0.0) cm->rate_cpu = (double)((uint64_t)nb * bb) / bc;
+    return FM_OK;
+}
+
 static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
     fmc_ctx *x = (fmc_ctx *)vx;
     fm_model *m = x->m;
@@ -1076,10 +1267,19 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
     CKS(launch_mm(st, sms, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
     k_route<<<(unsigned)n, 256, sizeof(float) * (size_t)E, st>>>(c->lr, (int)E, K, m->norm_topk, c->topi, c->topw);
     CKL();
+    /* CPU split possible: decode, pinned host tier; the layer's normalized input and routing weights
+     * come back with the routed ids (one sync) */
+    const int try_split = !cm->resident && n == 1 && cm->has_ram && cm->split != 0.0 && !x->graph;
     if (!cm->resident) {
         CK(cudaMemcpyAsync(cm->h_topi, c->topi, sizeof(int32_t) * (size_t)npairs, cudaMemcpyDeviceToHost, st));
+        if (try_split) {
+            CK(cudaMemcpyAsync(cm->h_topw, c->topw, sizeof(float) * (size_t)K, cudaMemcpyDeviceToHost, st));
+            CK(cudaMemcpyAsync(cm->h_xn, c->xn, sizeof(float) * (size_t)H, cudaMemcpyDeviceToHost, st));
+        }
         CK(cudaEventRecord(cm->ev_topi, st));
     }
+    const uint8_t *const *skip = NULL; /* combine: pairs computed on the host */
+    const float *ycpu = NULL;
     /* shared expert: queued now, runs while the host waits for the ids and the copies fly */
     if (FL->has_shexp) {
         CKS(launch_swiglu(st, sms, L->sh_gate, L->sh_up, c->xn, H, n, c->shg, err, errlen));
@@ -1098,6 +1298,14 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
         CK(cudaEventSynchronize(cm->ev_topi));
         c->cnt.syncs++;
         x->s->st.ms_io_wait += fm_now_ms() - tw;
+        if (cm->t_pending) { /* the previous layer's copies are done: their PCIe rate */
+            float ms = 0.f;
+            if (cudaEventElapsedTime(&ms, cm->ev_t0, cm->ev_t1) == cudaSuccess && ms > 0.f)
+                ema(&cm->rate_h2d, (double)cm->t_bytes / (double)ms);
+            cudaGetLastError();
+            cm->t_pending = 0;
+        }
+        if (try_split && cm->split < 0.0 && !cm->calibrated) CKS(split_calibrate(cm, c, il, FL, err, errlen));
         /* union of the routed experts, ascending */
         int64_t nu = 0;
         int32_t *list = cm->used; /* reuse as a list after marking */
@@ -1125,9 +1333,13 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
                 CK(cudaEventSynchronize(cm->ev_copy));
                 c->cnt.syncs++;
                 x->s->st.ms_io_wait += fm_now_ms() - t0;
+                /* the previous chunk's experts may still read the slots this chunk overwrites */
+                CK(cudaEventRecord(cm->ev_comp, st));
+                CK(cudaStreamWaitEvent(cm->xs, cm->ev_comp, 0));
             }
-            CK(cudaEventRecord(cm->ev_comp, st));
-            CK(cudaStreamWaitEvent(cm->xs, cm->ev_comp, 0));
+            /* first chunk: every kernel that reads expert slots was queued before ev_topi, which has
+             * completed; the copies need not wait for the shared expert */
+            CK(cudaEventRecord(cm->ev_t0, cm->xs));
             /* pass 1: hits (touch first so that no slot in use is evicted) */
             for (int64_t i = 0; i < nc; i++) {
                 const int64_t e = list[c0 + i], key = (int64_t)il * E + e;
@@ -1139,10 +1351,33 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
             }
             int nt = 0;
             int64_t vh = 0, rh = 0, sr = 0;
+            /* CPU share: decode, one chunk; taken from the misses found in the pinned host cache */
+            int64_t ncpu = 0, ncpu_want = 0;
+            if (try_split && c0 == 0 && nc == nu) {
+                int64_t m_ram = 0, m_other = 0;
+                for (int64_t i = 0; i < nc; i++) {
+                    const int64_t e = list[i], key = (int64_t)il * E + e;
+                    if (cm->eptr[e]) continue;
+                    if (cm->rl.of[key] >= 0) m_ram++;
+                    else m_other++;
+                }
+                ncpu_want = split_count(cm->split, cm->rate_h2d, cm->rate_cpu, m_ram, m_other);
+            }
             for (int64_t i = 0; i < nc; i++) {
                 const int64_t e = list[c0 + i], key = (int64_t)il * E + e;
                 if (cm->eptr[e]) {
                     vh++;
+                    continue;
+                }
+                if (ncpu < ncpu_want && cm->rl.of[key] >= 0) { /* computed on the host, not copied */
+                    const int64_t rs = cm->rl.of[key];
+                    lru_touch(&cm->rl, rs, ep);
+                    cm->cblk[ncpu] = rslot_ptr(cm, rs);
+                    cm->cpair[ncpu] = -1;
+                    for (int64_t p = 0; p < npairs; p++)
+                        if (cm->h_topi[p] == e) cm->cpair[ncpu] = (int32_t)p;
+                    ncpu++;
+                    rh++;
                     continue;
                 }
                 const int64_t vs = lru_take(&cm->vl, key, ep);
@@ -1193,11 +1428,14 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
                 return rst;
             }
             CK(cudaEventRecord(cm->ev_copy, cm->xs));
+            CK(cudaEventRecord(cm->ev_t1, cm->xs));
+            cm->t_bytes = (uint64_t)(rh - ncpu + sr) * bb;
+            cm->t_pending = cm->t_bytes > 0;
             CK(cudaStreamWaitEvent(st, cm->ev_copy, 0));
             c->cnt.vram_hits += vh;
             c->cnt.ram_hits += rh;
             c->cnt.storage_reads += sr;
-            c->cnt.h2d_bytes += (int64_t)((uint64_t)(rh + sr) * bb);
+            c->cnt.h2d_bytes += (int64_t)((uint64_t)(rh - ncpu + sr) * bb);
             x->s->st.expert_hits_vram += vh;
             x->s->st.last_expert_hits += rh;
             x->s->st.last_expert_loads += sr;
@@ -1208,10 +1446,28 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
             CK(cudaMemcpyAsync((void *)dp, (const void *)hp, sizeof(void *) * (size_t)npairs, cudaMemcpyHostToDevice, st));
             CKS(launch_experts(x, L, dp, npairs, err, errlen));
             for (int64_t i = 0; i < nc; i++) cm->eptr[list[c0 + i]] = NULL;
+            if (ncpu > 0) { /* the host's share, while the GPU copies and computes the rest */
+                const double tc = fm_now_ms();
+                cpu_experts(cm, FL, ncpu, cm->h_xn);
+                for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] = 0.f;
+                for (int64_t j = 0; j < ncpu; j++) {
+                    const float w = cm->cpair[j] >= 0 ? cm->h_topw[cm->cpair[j]] : 0.f;
+                    const float *src = cm->cy + j * H;
+                    for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] += w * src[d];
+                }
+                const double ms = fm_now_ms() - tc;
+                ema(&cm->rate_cpu, (double)((uint64_t)ncpu * bb) / ms);
+                c->cnt.cpu_experts += ncpu;
+                c->cnt.cpu_layers++;
+                c->cnt.cpu_ms += ms;
+                CK(cudaMemcpyAsync(cm->d_ycpu, cm->h_ycpu, sizeof(float) * (size_t)H, cudaMemcpyHostToDevice, st));
+                skip = dp;
+                ycpu = cm->d_ycpu;
+            }
         }
     }
     k_moe_combine<<<dim3((unsigned)((H + 255) / 256), (unsigned)n), 256, 0, st>>>(c->x, c->ye, c->topw, K, c->sho, c->shs,
-                                                                                FL->has_shexp, n, H);
+                                                                                FL->has_shexp, n, H, skip, ycpu);
     CKL();
     return FM_OK;
 }
@@ -1318,6 +1574,18 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
     {
         const char *tv = getenv("FM_CUDA_TIMING"); /* read per eval: benchmarks toggle it */
         c->cm->timing = tv && tv[0] == '1';
+        /* FM_CUDA_CPU_SPLIT=auto (default) | 0 (off) | fraction in (0, 1] of the missed experts that
+         * sit in the pinned host cache, computed on the CPU (decode) */
+        const char *sv = getenv("FM_CUDA_CPU_SPLIT");
+        double sp = -1.0;
+        if (sv && sv[0] && strcmp(sv, "auto") != 0) {
+            char *end = NULL;
+            sp = strtod(sv, &end);
+            if (end == sv || *end || !(sp >= 0.0 && sp <= 1.0))
+                return fm_errf(err, errlen, FM_ERR_ARG, "FM_CUDA_CPU_SPLIT=%s: expected auto, 0 or a fraction in [0, 1]",
+                               sv);
+        }
+        c->cm->split = sp;
     }
     {
         const char *gv = getenv("FM_CUDA_GRAPH"); /* 0: plain launches (comparison) */

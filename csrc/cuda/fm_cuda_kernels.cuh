@@ -491,13 +491,17 @@ __global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const uint8_t *
 }
 
 /* X[t] += sum_k w[t,k] * Ye[t*K+k] + (has_sh ? sigmoid(shs[t]) * sho[t] : 0) */
+/* skip (CPU split, decode): pairs whose pointer is NULL were computed on the host; their weighted
+ * sum arrives as ycpu [n, H] (NULL: none) */
 __global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Ye, const float *__restrict__ topw,
                               int K, const float *__restrict__ sho, const float *__restrict__ shs, int has_sh,
-                              int64_t n, int64_t H) {
+                              int64_t n, int64_t H, const uint8_t *const *skip, const float *__restrict__ ycpu) {
     const int64_t t = blockIdx.y;
     for (int64_t d = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; d < H; d += (int64_t)gridDim.x * blockDim.x) {
         float acc = 0.f;
-        for (int k = 0; k < K; k++) acc += topw[t * K + k] * Ye[(t * K + k) * H + d];
+        for (int k = 0; k < K; k++)
+            if (!skip || skip[t * K + k]) acc += topw[t * K + k] * Ye[(t * K + k) * H + d];
+        if (ycpu) acc += ycpu[t * H + d];
         if (has_sh) acc += d_sigmoid(shs[t]) * sho[t * H + d];
         X[t * H + d] += acc;
     }
