@@ -231,6 +231,9 @@ if [ "$RUN_PYTEST" = 1 ] && [ "$EXT_OK" = 1 ]; then
         for t in test_quant test_io test_format test_engine test_generate test_models test_convert test_synth; do
             [ -f "tests/$t.py" ] && PYTEST_ARGS+=("tests/$t.py")
         done
+        # ASan's shadow memory and quarantine (the child process inherits LD_PRELOAD) inflate the
+        # peak RSS this test bounds: a sanitizer artefact, not a finding
+        [ -f tests/test_synth.py ] && PYTEST_ARGS+=(--deselect tests/test_synth.py::test_bounded_rss_on_a_cut_preset)
     fi
     say "pytest ${PYTEST_ARGS[*]} (log $SAN_LOGS/pytest.log)"
     san_py -m pytest -q -p no:cacheprovider --capture=sys "${PYTEST_ARGS[@]}" >"$SAN_LOGS/pytest.log" 2>&1
@@ -242,8 +245,9 @@ fi
 # ---- 5. summary ------------------------------------------------------------------------------
 echo
 echo "==================== sanitizer summary ($(($(date +%s) - T0)) s) ===================="
-[ -f "$SAN_LOGS/driver.log" ] && echo "san_driver: $(tail -n 1 "$SAN_LOGS/driver.log")"
-[ -f "$SAN_LOGS/pytest.log" ] && echo "pytest:     $(tail -n 1 "$SAN_LOGS/pytest.log")"
+[ -f "$SAN_LOGS/driver.log" ] && echo "driver (ASan+UBSan+LSan): $(tail -n 1 "$SAN_LOGS/driver.log")"
+[ -f "$SAN_LOGS/tsan.log" ] && echo "driver (TSan):            $(tail -n 1 "$SAN_LOGS/tsan.log")"
+[ -f "$SAN_LOGS/pytest.log" ] && echo "pytest (sanitized _core): $(tail -n 1 "$SAN_LOGS/pytest.log")"
 # one line per distinct finding: the report's first line and its first frame in our sources
 findings=$(
     for f in "$SAN_LOGS"/asan.* "$SAN_LOGS"/tsan.* "$SAN_LOGS"/driver.log "$SAN_LOGS"/pytest.log "$SAN_LOGS"/models.log "$SAN_LOGS"/mutants/*.log; do
