@@ -317,10 +317,13 @@ def test_cpu_split_matches_cpu_backend(tiny_dirs, which, tier, split, monkeypatc
     elif split == "auto":
         assert c1["split"] < 0
     else:
-        assert dec["cpu_experts"] > 0 and c1["split"] == float(split)
-        assert c1["cpu_gbps"] > 0
-        if split == "1" and tier == "vram_lru+ram_resident":  # every miss is in RAM: nothing crosses PCIe
-            assert dec["h2d_bytes"] == 0 and dec["cpu_experts"] == dec["ram_hits"]
+        assert c1["split"] == float(split)
+        # only misses found in the pinned host cache go to the CPU: with every expert pinned, every
+        # decode miss is one (with 5 RAM slots behind 3 VRAM slots almost none is: storage reads)
+        if tier == "vram_lru+ram_resident":
+            assert dec["cpu_experts"] > 0 and c1["cpu_gbps"] > 0
+            if split == "1":  # every miss computed on the host: nothing crosses PCIe
+                assert dec["h2d_bytes"] == 0 and dec["cpu_experts"] == dec["ram_hits"]
 
 
 @needs_gpu
