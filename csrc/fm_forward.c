@@ -187,7 +187,7 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int64_t n
              FA(b->ge, ne * I) && FA(b->ue, ne * I) && FA(b->ye, ne * H) && IA(b->cnt, E) && IA(b->off, E + 1) &&
              IA(b->fill, E) && IA(b->etok, np * K) && FA(b->ew, np * K) &&
              IA(b->elist, E);
-    if (ok && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
+    if (ok && m->n_moe < m->n_layers && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
 #undef FA
 #undef IA
     if (!ok) scratch_free(b);

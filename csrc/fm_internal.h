@@ -1,4 +1,4 @@
-/* fm_internal.h: types shared by csrc/*.c, never seen by Python.
+/* fm_internal.h: types shared by the csrc C files, never seen by Python.
  *
  * Owns: bf16 helpers, the quantized-matrix view (fm_qmat) and the kernel entry points every backend
  * implements, the compute thread pool, timing. Does not own: model layout (fm_model.c), I/O (fm_io.c).

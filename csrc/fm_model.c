@@ -60,7 +60,8 @@ static fm_status spec_int(const fm_json *spec, const char *key, int32_t *out, in
     if (!v || fm_json_kind(v) != FM_JSON_NUM)
         return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s is missing or not a number", key);
     double d = fm_json_num(v, 0);
-    if (d != (double)(int64_t)d || d < lo || d > 2147483647.0)
+    /* range first: casting an out-of-range double to an integer is undefined behaviour */
+    if (!(d >= lo && d <= 2147483647.0) || d != (double)(int64_t)d)
         return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s = %g is not an integer >= %d", key, d, lo);
     *out = (int32_t)d;
     return FM_OK;
@@ -77,9 +78,15 @@ static fm_status spec_num(const fm_json *spec, const char *key, double *out, cha
 static int json_u64(const fm_json *v, uint64_t *out) {
     if (!v || fm_json_kind(v) != FM_JSON_NUM) return 0;
     double d = fm_json_num(v, -1);
-    if (d < 0 || d != (double)(uint64_t)d || d > 9.0e15) return 0;
+    if (!(d >= 0 && d <= 9.0e15) || d != (double)(uint64_t)d) return 0; /* range before the cast */
     *out = (uint64_t)d;
     return 1;
+}
+
+/* a small non-negative integer field, 0 when absent or out of [0, hi] (the caller rejects 0) */
+static int32_t json_small_int(const fm_json *v, int32_t hi) {
+    double d = fm_json_num(v, 0);
+    return d >= 0 && d <= hi ? (int32_t)d : 0;
 }
 
 /* [offset, nbytes] pair */
@@ -178,8 +185,8 @@ static fm_status get_mat(fm_ld *ld, const char *name, int64_t rows, int64_t cols
     out->rows = rows;
     out->cols = cols;
     if (dt == FM_DT_AFFINE) {
-        int32_t bits = (int32_t)fm_json_num(fm_json_get(e, "bits"), 0);
-        int32_t gs = (int32_t)fm_json_num(fm_json_get(e, "group_size"), 0);
+        int32_t bits = json_small_int(fm_json_get(e, "bits"), 64);
+        int32_t gs = json_small_int(fm_json_get(e, "group_size"), 1 << 20);
         if (!valid_bits(bits) || !valid_gs(gs) || cols % gs != 0 || (cols * bits) % 32 != 0)
             return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
                            MANIFEST ": tensors[\"%s\"]: bits %d / group_size %d invalid for %lld columns", name, bits,
@@ -280,8 +287,8 @@ static fm_status get_part(fm_model *m, const fm_json *parts, const char *pname, 
                        MANIFEST ": experts.layers[\"%d\"].parts.%s.dtype is \"%s\", expected bf16 or affine", il, pname,
                        ds ? ds : "?");
     if (out->dt == FM_DT_AFFINE) {
-        int32_t bits = (int32_t)fm_json_num(fm_json_get(e, "bits"), 0);
-        int32_t gs = (int32_t)fm_json_num(fm_json_get(e, "group_size"), 0);
+        int32_t bits = json_small_int(fm_json_get(e, "bits"), 64);
+        int32_t gs = json_small_int(fm_json_get(e, "group_size"), 1 << 20);
         if (!valid_bits(bits) || !valid_gs(gs) || cols % gs != 0 || (cols * bits) % 32 != 0)
             return fm_errf(err, errlen, FM_ERR_FORMAT,
                            MANIFEST ": experts.layers[\"%d\"].parts.%s: bits %d / group_size %d invalid for %lld columns",
@@ -444,6 +451,11 @@ static fm_status parse_spec(fm_model *m, const fm_json *spec, char *err, size_t 
         if (m->conv_k > 16)
             return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.linear_conv_kernel %d > 16 is not supported",
                            m->conv_k);
+        /* the recurrence keeps a dv-float row on the stack: bound it (real models use 128) */
+        if (m->lin_dk > 4096 || m->lin_dv > 4096)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": spec.linear_k_dim %d / spec.linear_v_dim %d > 4096 is not supported",
+                           m->lin_dk, m->lin_dv);
     }
     if (m->n_moe) {
         if (m->n_experts < 1 || m->k_model < 1 || m->k_model > m->n_experts || m->moe_I < 1)
