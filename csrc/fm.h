@@ -45,6 +45,11 @@ typedef struct {
     uint64_t ram_budget;       /* bytes for the engine's own LRU expert cache; 0: none (page cache only) */
     uint64_t vram_budget;      /* CUDA: bytes for the VRAM expert cache */
     int32_t verify_sizes;      /* 1 (default): check every file's size against the manifest at open */
+    int32_t prefetch;          /* 1 (default): decode predicts the next MoE layer's experts and has the
+                                  kernel read them into the page cache early (buffered I/O only) */
+    int32_t lock_dense;        /* 1 (default): mlock the dense weights so streamed experts cannot evict
+                                  them from the page cache; when RLIMIT_MEMLOCK refuses, they stay
+                                  mapped unlocked (fm_model_dense_locked tells) */
 } fm_model_params;
 
 typedef struct {
@@ -66,6 +71,10 @@ typedef struct {
     int64_t last_expert_loads;
     int64_t last_expert_hits;
     int32_t last_n_tokens;
+    /* speculative prefetch (cumulative): blocks queued for prefetch, and how many of them the
+     * real routing of that layer then used */
+    int64_t prefetch_blocks;
+    int64_t prefetch_used;
 } fm_stats;
 
 typedef void (*fm_log_fn)(void *user, int level, const char *msg);
@@ -86,6 +95,7 @@ int32_t fm_model_n_layers(const fm_model *m);
 int32_t fm_model_hidden(const fm_model *m);
 int32_t fm_model_experts_per_token(const fm_model *m);
 uint64_t fm_model_dense_bytes(const fm_model *m);
+int32_t fm_model_dense_locked(const fm_model *m); /* 1 when the dense weights are mlock'ed */
 uint64_t fm_model_expert_block_bytes(const fm_model *m, int32_t il); /* 0 for non-MoE layers */
 
 /* ---- session ---- */

@@ -33,6 +33,8 @@ fm_model_params fm_model_default_params(void) {
     memset(&p, 0, sizeof p);
     p.backend = FM_BACKEND_CPU;
     p.verify_sizes = 1;
+    p.prefetch = 1;
+    p.lock_dense = 1;
     return p;
 }
 
@@ -675,6 +677,12 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
     }
     close(fd);
     fd = -1;
+    /* Keep the dense weights resident: every token touches all of them, while streamed experts flow
+     * through the page cache and would otherwise evict them. A refused lock is not an error. */
+    if (p.lock_dense && m->map_len && mlock(m->map, m->map_len) == 0)
+        m->dense_locked = 1;
+    else
+        madvise(m->map, m->map_len, MADV_WILLNEED);
     const fm_json *tensors = fm_json_get(root, "tensors");
     if (!tensors || fm_json_kind(tensors) != FM_JSON_OBJ) {
         st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: field \"tensors\" is missing", mpath);
@@ -701,6 +709,7 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
         if ((st = fm_io_open(&m->io, m->files, m->n_layers, iot, p.direct_io, p.ram_budget, m->max_batch, err,
                              errlen)) != FM_OK)
             goto fail;
+        if (p.backend == FM_BACKEND_CPU) fm_io_set_prefetch(m->io, p.prefetch);
     }
     if (p.backend == FM_BACKEND_CUDA && (st = fm_cuda_model_open(m, &p, &m->cuda, err, errlen)) != FM_OK) goto fail;
     fm_json_free(root);
@@ -724,7 +733,10 @@ void fm_model_close(fm_model *m) {
     if (m->cuda) fm_cuda_model_close(m->cuda);
     if (m->io) fm_io_close(m->io);
     if (m->pool) fm_pool_free(m->pool);
-    if (m->map) munmap(m->map, m->map_len);
+    if (m->map) {
+        if (m->dense_locked) munlock(m->map, m->map_len);
+        munmap(m->map, m->map_len);
+    }
     if (m->mu_init) pthread_mutex_destroy(&m->mu);
     for (int32_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
@@ -748,6 +760,7 @@ int32_t fm_model_n_layers(const fm_model *m) { return m ? m->n_layers : 0; }
 int32_t fm_model_hidden(const fm_model *m) { return m ? m->H : 0; }
 int32_t fm_model_experts_per_token(const fm_model *m) { return m ? m->k_tok : 0; }
 uint64_t fm_model_dense_bytes(const fm_model *m) { return m ? (uint64_t)m->map_len : 0; }
+int32_t fm_model_dense_locked(const fm_model *m) { return m ? m->dense_locked : 0; }
 uint64_t fm_model_expert_block_bytes(const fm_model *m, int32_t il) {
     if (!m || il < 0 || il >= m->n_layers || m->layers[il].ffn != FM_FFN_MOE) return 0;
     return m->layers[il].block_bytes;

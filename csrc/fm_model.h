@@ -67,6 +67,7 @@ struct fm_model {
     char *dir;
     void *map;
     size_t map_len;
+    int32_t dense_locked;      /* map is mlock'ed (fm_model_params.lock_dense) */
     void **owned; /* copies of misaligned tensors / f32 vectors */
     int32_t n_owned, cap_owned;
     fm_expert_file *files;

@@ -9,7 +9,7 @@ import numpy as _np
 _STATS_KEYS = ("n_eval_calls", "n_tokens", "bytes_read", "expert_loads", "expert_hits",
                "expert_hits_vram", "ms_total", "ms_attn", "ms_route", "ms_io_wait", "ms_expert",
                "ms_other", "last_bytes_read", "last_expert_loads", "last_expert_hits",
-               "last_n_tokens")
+               "last_n_tokens", "prefetch_blocks", "prefetch_used")
 
 
 cdef class Engine:
@@ -21,7 +21,8 @@ cdef class Engine:
         self._m = NULL
 
     def __init__(self, str path, int backend=0, int n_threads=0, int io_threads=0,
-                 bint direct_io=False, ram_budget=0, int experts_per_token=0, vram_budget=0):
+                 bint direct_io=False, ram_budget=0, int experts_per_token=0, vram_budget=0,
+                 bint lock_dense=True, bint prefetch=True):
         cdef fm_model_params p = fm_model_default_params()
         cdef char err[1024]
         cdef fm_status st
@@ -40,6 +41,8 @@ cdef class Engine:
             raise ArgumentError(f"vram_budget must be >= 0 (got {vram_budget})")
         p.vram_budget = <uint64_t>int(vram_budget)
         p.experts_per_token = experts_per_token
+        p.prefetch = 1 if prefetch else 0
+        p.lock_dense = 1 if lock_dense else 0
         err[0] = 0
         with nogil:
             st = fm_model_open(&self._m, cpath, &p, err, sizeof(err))
@@ -77,6 +80,11 @@ cdef class Engine:
     @property
     def dense_bytes(self):
         return fm_model_dense_bytes(self._ptr())
+
+    @property
+    def dense_locked(self):
+        """True when the dense weights are mlock'ed (resident whatever the expert traffic)."""
+        return bool(fm_model_dense_locked(self._ptr()))
 
     def expert_block_bytes(self, int il):
         """Bytes of one expert block of layer il (0 for a layer without routed experts)."""
@@ -189,7 +197,8 @@ cdef class Session:
                 "ms_total": st.ms_total, "ms_attn": st.ms_attn, "ms_route": st.ms_route,
                 "ms_io_wait": st.ms_io_wait, "ms_expert": st.ms_expert, "ms_other": st.ms_other,
                 "last_bytes_read": st.last_bytes_read, "last_expert_loads": st.last_expert_loads,
-                "last_expert_hits": st.last_expert_hits, "last_n_tokens": st.last_n_tokens}
+                "last_expert_hits": st.last_expert_hits, "last_n_tokens": st.last_n_tokens,
+                "prefetch_blocks": st.prefetch_blocks, "prefetch_used": st.prefetch_used}
 
     def reset_stats(self):
         fm_session_reset_stats(self._ptr())

@@ -27,6 +27,8 @@ cdef extern from "fm.h" nogil:
         uint64_t ram_budget
         uint64_t vram_budget
         int32_t verify_sizes
+        int32_t prefetch
+        int32_t lock_dense
 
     ctypedef struct fm_stats:
         int64_t n_eval_calls
@@ -45,6 +47,8 @@ cdef extern from "fm.h" nogil:
         int64_t last_expert_loads
         int64_t last_expert_hits
         int32_t last_n_tokens
+        int64_t prefetch_blocks
+        int64_t prefetch_used
 
     fm_model_params fm_model_default_params()
     fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *params,
@@ -55,6 +59,7 @@ cdef extern from "fm.h" nogil:
     int32_t fm_model_hidden(const fm_model *m)
     int32_t fm_model_experts_per_token(const fm_model *m)
     uint64_t fm_model_dense_bytes(const fm_model *m)
+    int32_t fm_model_dense_locked(const fm_model *m)
     uint64_t fm_model_expert_block_bytes(const fm_model *m, int32_t il)
 
     fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err, size_t errlen)
