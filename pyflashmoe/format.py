@@ -203,15 +203,7 @@ class SafetensorsWriter:
         self._next = 0
 
     def write(self, name, arr):
-        exp = self.entries[self._next]
-        if exp[0] != name:
-            raise AssertionError(f"SafetensorsWriter: wrote {name!r}, expected {exp[0]!r}")
-        b = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
-        if b.nbytes != exp[3]:
-            raise AssertionError(f"SafetensorsWriter: {name!r} has {b.nbytes} bytes, expected {exp[3]}")
-        self.f.pad_to(self.offsets[name])
-        self.f.write(b)
-        self._next += 1
+        self.write_chunks(name, (arr,))
 
     def write_chunks(self, name, chunks):
         """Write tensor `name` from an iterable of arrays whose bytes, concatenated, are its data."""

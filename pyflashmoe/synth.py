@@ -177,24 +177,6 @@ def _affine_random(rng, shape, bits, gs, gain=1.0):
 
 # ---- the model dir -----------------------------------------------------------------------------
 
-class _StreamST(fmt.SafetensorsWriter):
-    """SafetensorsWriter that takes a tensor's data as a sequence of chunks (bounded memory)."""
-
-    def write_chunks(self, name, chunks):
-        exp = self.entries[self._next]
-        if exp[0] != name:
-            raise AssertionError(f"synth: wrote {name!r}, expected {exp[0]!r}")
-        self.f.pad_to(self.offsets[name])
-        n = 0
-        for c in chunks:
-            b = np.ascontiguousarray(c).view(np.uint8).reshape(-1)
-            self.f.write(b)
-            n += b.nbytes
-        if n != exp[3]:
-            raise AssertionError(f"synth: {name!r} got {n} bytes, expected {exp[3]}")
-        self._next += 1
-
-
 def _dense_plan(spec, dense_bits, gs):
     """[(TensorMap, storage)] with storage 'f32' | 'bf16' | 'affine'."""
     plan = []
@@ -235,7 +217,7 @@ def _write_dense(path, spec, plan, rng, pools, gs):
         else:
             nb = int(np.prod(shp)) * (4 if st == "f32" else 2)
             ents.append((t.name, "F32" if st == "f32" else "BF16", shp, nb))
-    w = _StreamST(path, ents, metadata={"format": fmt.FORMAT_NAME})
+    w = fmt.SafetensorsWriter(path, ents, metadata={"format": fmt.FORMAT_NAME})
     table = {}
     for t, st in plan:
         n, shp = t.name, t.shape
