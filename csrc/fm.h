@@ -45,8 +45,10 @@ typedef struct {
     uint64_t ram_budget;       /* bytes for the engine's own LRU expert cache; 0: none (page cache only) */
     uint64_t vram_budget;      /* CUDA: bytes for the VRAM expert cache */
     int32_t verify_sizes;      /* 1 (default): check every file's size against the manifest at open */
-    int32_t prefetch;          /* 1 (default): decode predicts the next MoE layer's experts and has the
-                                  kernel read them into the page cache early (buffered I/O only) */
+    int32_t prefetch;          /* decode predicts the next MoE layer's experts from the current hidden
+                                  state and has the kernel read them into the page cache early
+                                  (buffered I/O only; results unchanged). 0: off; 1 (default): the
+                                  top ceil(0.3 K) predicted; n >= 2: the top n (at most K) */
     int32_t lock_dense;        /* 1 (default): mlock the dense weights so streamed experts cannot evict
                                   them from the page cache; when RLIMIT_MEMLOCK refuses, they stay
                                   mapped unlocked (fm_model_dense_locked tells) */

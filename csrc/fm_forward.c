@@ -9,6 +9,11 @@
  * MoE: router -> fm_io_submit(union of routed experts, chunks of max_batch) -> shared expert while
  * the reads are in flight -> fm_io_wait -> each expert applied to the tokens routed to it ->
  * weighted combine (ascending expert order, then + shared, as transformers does).
+ * Decode prefetch (fm_model_params.prefetch, buffered I/O): once a MoE layer's reads are in,
+ * the next MoE layer's router is applied to the current residual (under that layer's ffn_norm) and
+ * its top experts (fm_model_params.prefetch says how many) go to fm_io_prefetch, so the disk reads them while this layer and the next
+ * layer's attention compute; the first MoE layer is predicted from the embedding. Only the page
+ * cache is touched: logits are identical with prefetch on or off.
  * Does not own: kernels (fm_quant.c), ops (fm_ops.c), weights and expert layout (fm_model.c),
  * reads (fm_io.c).
  */
@@ -143,6 +148,9 @@ typedef struct {
     float *ew;
     /* dense mlp */
     float *dg, *du;
+    /* decode prefetch: the experts predicted for layer pf_il (-1: none), pf_n of them queued */
+    int32_t *pfi;
+    int32_t pf_il, pf_n;
 } fm_scratch;
 
 static void scratch_free(fm_scratch *b) {
@@ -154,7 +162,7 @@ static void scratch_free(fm_scratch *b) {
         free(*f[i]);
         *f[i] = NULL;
     }
-    int32_t **g[] = {&b->topi, &b->cnt, &b->off, &b->fill, &b->etok, &b->elist};
+    int32_t **g[] = {&b->topi, &b->cnt, &b->off, &b->fill, &b->etok, &b->elist, &b->pfi};
     for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) {
         free(*g[i]);
         *g[i] = NULL;
@@ -186,7 +194,8 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int64_t n
              FA(b->shu, nb * I) && FA(b->sho, np * H) && FA(b->shs, np) && FA(b->xe, ne * H) &&
              FA(b->ge, ne * I) && FA(b->ue, ne * I) && FA(b->ye, ne * H) && IA(b->cnt, E) && IA(b->off, E + 1) &&
              IA(b->fill, E) && IA(b->etok, np * K) && FA(b->ew, np * K) &&
-             IA(b->elist, E);
+             IA(b->elist, E) && IA(b->pfi, E);
+    b->pf_il = -1;
     if (ok && m->n_moe < m->n_layers && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
 #undef FA
 #undef IA
@@ -433,6 +442,34 @@ static int64_t grain_rows(const fm_qmat *W) {
     return g < 4 ? 4 : g;
 }
 
+/* decode prefetch: predict the experts of the first MoE layer after `after` (-1: from the start)
+ * from the residual x (H floats) and queue them for the page cache (uses logits_r and xe, which
+ * are free between routing and expert compute) */
+static void prefetch_predict(fm_session *s, fm_scratch *b, int32_t after, const float *x) {
+    fm_model *m = s->m;
+    b->pf_il = -1;
+    if (!m->io || !fm_io_prefetch_active(m->io)) return;
+    int32_t jl = after + 1;
+    while (jl < m->n_layers && m->layers[jl].ffn != FM_FFN_MOE) jl++;
+    if (jl >= m->n_layers) return;
+    const fm_layer *J = &m->layers[jl];
+    double t0 = fm_now_ms();
+    fm_rmsnorm(b->xe, x, J->ffn_norm, m->H, m->eps, m->norm_offset);
+    fm_qmat_matvec(m->pool, &J->router, b->xe, b->logits_r);
+    /* how many: prefetch == 1 (default) the top ceil(K * 3 / 10), the ranks predicted well enough
+     * that prefetching them pays (bench/RESULTS.md); prefetch = n >= 2: the top n (at most K) */
+    int32_t pf = fm_io_prefetch_active(m->io);
+    int32_t nk = pf == 1 ? (m->k_tok * 3 + 9) / 10 : pf;
+    if (nk > m->k_tok) nk = m->k_tok;
+    if (nk > m->n_experts) nk = m->n_experts;
+    if (nk < 1) nk = 1;
+    fm_topk(b->logits_r, m->n_experts, nk, b->pfi); /* top-K of the logits == top-K of the softmax */
+    b->pf_n = fm_io_prefetch(m->io, jl, b->pfi, nk);
+    b->pf_il = jl;
+    s->st.prefetch_blocks += b->pf_n;
+    s->st.ms_route += fm_now_ms() - t0;
+}
+
 /* MoE block for the n (<= b->np) tokens of b->xn into b->y; FM_ERR_IO on a failed read. Every
  * expert routed by any of the n tokens is read once. */
 static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scratch *b, int64_t n, char *err,
@@ -477,6 +514,10 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
             b->etok[at] = (int32_t)t;
             b->ew[at] = b->topw[t * K + k];
         }
+    if (b->pf_il == il) { /* how many of the blocks prefetched for this layer the routing used */
+        for (int32_t i = 0; i < b->pf_n; i++) s->st.prefetch_used += b->cnt[b->pfi[i]] > 0;
+        b->pf_il = -1;
+    }
     double t1 = fm_now_ms();
     s->st.ms_route += t1 - t0;
 
@@ -504,22 +545,38 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
         const uint8_t *blocks[m->max_batch];
         fm_io_stats ios;
         memset(&ios, 0, sizeof ios);
-        double tw = fm_now_ms();
-        st = fm_io_wait(m->io, blocks, &ios, err, errlen);
-        double te = fm_now_ms();
-        s->st.ms_io_wait += te - tw;
-        s->st.last_bytes_read += ios.bytes_read;
-        s->st.last_expert_loads += ios.loads;
-        s->st.last_expert_hits += ios.hits;
-        if (st != FM_OK) return st;
         if (n == 1) {
+            /* decode: each expert is computed as soon as its block is in, while the rest are read */
             fm_qmat w[nc * 3];
-            for (int32_t c = 0; c < nc; c++)
-                for (int p = 0; p < 3; p++) w[c * 3 + p] = part_view(&L->parts[p], blocks[c]);
-            fm_exp_job ej = {w, b->xn, b->ge, b->ue, b->ye, I, H};
-            fm_pool_for(m->pool, (int64_t)nc * 2 * I, grain_rows(&w[0]), job_exp_gu, &ej);
-            swiglu(b->ge, b->ue, (int64_t)nc * I);
-            fm_pool_for(m->pool, (int64_t)nc * H, grain_rows(&w[2]), job_exp_down, &ej);
+            double tx = 0, tn = fm_now_ms();
+            int32_t c, got = 0;
+            const uint8_t *blk;
+            while (fm_io_next(m->io, &c, &blk) && blk) {
+                double tg = fm_now_ms();
+                s->st.ms_io_wait += tg - tn;
+                /* every read of this layer is in: the disk is free for the next MoE layer's
+                 * predicted experts (issued only now so they never delay this layer's reads) */
+                if (++got == nc && c0 == 0) {
+                    prefetch_predict(s, b, il, b->x);
+                    tg = fm_now_ms();
+                }
+                for (int p = 0; p < 3; p++) w[c * 3 + p] = part_view(&L->parts[p], blk);
+                fm_exp_job ej = {w + c * 3, b->xn, b->ge + (int64_t)c * I, b->ue + (int64_t)c * I,
+                                 b->ye + (int64_t)c * H, I, H};
+                fm_pool_for(m->pool, 2 * I, grain_rows(&w[c * 3]), job_exp_gu, &ej);
+                swiglu(ej.g, ej.u, I);
+                fm_pool_for(m->pool, H, grain_rows(&w[c * 3 + 2]), job_exp_down, &ej);
+                tn = fm_now_ms();
+                tx += tn - tg;
+            }
+            st = fm_io_wait(m->io, blocks, &ios, err, errlen); /* stats, RAM cache, error text */
+            double te = fm_now_ms();
+            s->st.ms_io_wait += te - tn;
+            s->st.ms_expert += tx;
+            s->st.last_bytes_read += ios.bytes_read;
+            s->st.last_expert_loads += ios.loads;
+            s->st.last_expert_hits += ios.hits;
+            if (st != FM_OK) return st;
             for (int32_t c = 0; c < nc; c++) {
                 int32_t e = b->elist[c0 + c];
                 float wt = b->ew[b->off[e]];
@@ -529,6 +586,14 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
             s->st.ms_expert += fm_now_ms() - te;
             continue;
         }
+        double tw = fm_now_ms();
+        st = fm_io_wait(m->io, blocks, &ios, err, errlen);
+        double te = fm_now_ms();
+        s->st.ms_io_wait += te - tw;
+        s->st.last_bytes_read += ios.bytes_read;
+        s->st.last_expert_loads += ios.loads;
+        s->st.last_expert_hits += ios.hits;
+        if (st != FM_OK) return st;
         for (int32_t c = 0; c < nc; c++) {
             int32_t e = b->elist[c0 + c];
             fm_qmat wg = part_view(&L->parts[FM_PART_GATE], blocks[c]);
@@ -575,6 +640,8 @@ static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *toke
     double t0 = fm_now_ms();
     for (int64_t t = 0; t < n; t++) fm_qmat_get_row(&m->tok_embd, tokens[t], b->x + t * H);
     s->st.ms_other += fm_now_ms() - t0;
+    b->pf_il = -1;
+    if (n == 1 && m->n_moe) prefetch_predict(s, b, -1, b->x); /* first MoE layer, from the embedding */
 
     for (int32_t il = 0; il < m->n_layers; il++) {
         const fm_layer *L = &m->layers[il];

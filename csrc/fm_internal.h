@@ -119,9 +119,24 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
 void fm_io_close(fm_io *io);
 fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n, char *err, size_t errlen);
 fm_status fm_io_wait(fm_io *io, const uint8_t **blocks, fm_io_stats *st, char *err, size_t errlen);
+/* Between fm_io_submit and fm_io_wait: blocks until one more distinct block of the request is in
+ * (cache hits first, then reads in completion order), sets *index (its first request index) and
+ * *block (NULL if its read failed) and returns 1; 0 once every distinct block was handed out.
+ * The pointer stays valid until the next fm_io_submit; fm_io_wait must still be called (stats,
+ * RAM cache, error text) and then returns at once. */
+int32_t fm_io_next(fm_io *io, int32_t *index, const uint8_t **block);
 /* 1 when direct_io was asked for and every expert file is read through O_DIRECT; 0 when the
  * filesystem refused it (reads fell back to buffered) or direct_io was not asked for. */
 int32_t fm_io_direct_active(const fm_io *io);
+/* Speculative prefetch into the page cache (buffered reads only). fm_io_set_prefetch(v > 0) starts
+ * the prefetch thread and keeps v (fm_model_params.prefetch), returned by it and by
+ * fm_io_prefetch_active while prefetch is on (0: off, always with direct_io). fm_io_prefetch queues the
+ * blocks of (il, experts[n]) that are not in the RAM cache, replacing what was queued and not yet
+ * issued; never blocks on the disk; returns q, the number queued, and moves the queued experts to
+ * experts[0..q). Results never change. */
+int32_t fm_io_set_prefetch(fm_io *io, int32_t on);
+int32_t fm_io_prefetch_active(const fm_io *io);
+int32_t fm_io_prefetch(fm_io *io, int32_t il, int32_t *experts, int32_t n);
 /* Disk probe (also in fm.h): n_reads random block-aligned reads of path, `threads` in flight. */
 fm_status fm_io_probe(const char *path, uint64_t block_bytes, int32_t n_reads, int32_t threads, int32_t direct_io,
                       double *gbps, char *err, size_t errlen);

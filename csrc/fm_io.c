@@ -12,6 +12,12 @@
  * holds. Slots: 2*max_batch buffers, allocated on first use; consecutive requests alternate
  * between the two halves, so memory grows only to twice the largest request's misses (prefill
  * batches can be large). A failed read leaves the reader usable: the next submit starts afresh.
+ *
+ * Speculative prefetch (fm_io_prefetch, buffered reads only): blocks the caller expects to need
+ * soon are handed to one prefetch thread that asks the kernel to read them into the page cache
+ * (posix_fadvise WILLNEED; the call can block while the device queue is full, hence the thread).
+ * It touches only the page cache, never the slots or the RAM cache, so results cannot change; a
+ * later fm_io_submit of such a block finds it in (or on its way into) the page cache.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -51,6 +57,7 @@ typedef struct {
     uint64_t got;
     int err_no;             /* 0 and got < len: short read */
     int done_ok;
+    int done;               /* finished (ok or not); set under fm_io.mu */
 } io_task;
 
 struct fm_io {
@@ -71,6 +78,7 @@ struct fm_io {
     int32_t *dist_ie;       /* [max_batch] */
     uint8_t **dist_ptr;     /* [max_batch]: block memory (hit: cache; miss: slot) */
     int32_t *dist_task;     /* [max_batch]: task index or -1 (hit) */
+    uint8_t *dist_taken;    /* [max_batch]: already handed out by fm_io_next */
     int32_t *pinned;        /* [max_batch]: entries pinned by this request */
     int32_t n_pinned;
     int64_t req_hits;
@@ -81,6 +89,12 @@ struct fm_io {
     int stop;
     io_task *tasks;         /* [max_batch] */
     int32_t n_tasks, next_task, pending;
+    /* prefetch thread: a queue of (layer, expert) replaced by each fm_io_prefetch call */
+    int32_t pf_on, pf_started, pf_stop, pf_cap, pf_n, pf_next;
+    int32_t *pf_il, *pf_ie;  /* [pf_cap] */
+    pthread_t pf_thread;
+    pthread_mutex_t pf_mu;
+    pthread_cond_t pf_cv;
 };
 
 /* ---- helpers ---- */
@@ -138,9 +152,33 @@ static void *io_main(void *arg) {
         t->err_no = e;
         t->done_ok = t->got == t->len;
         pthread_mutex_lock(&io->mu);
-        if (--io->pending == 0) pthread_cond_broadcast(&io->cv_done);
+        t->done = 1;
+        io->pending--;
+        pthread_cond_broadcast(&io->cv_done); /* fm_io_next waits for any one block */
     }
     pthread_mutex_unlock(&io->mu);
+    return NULL;
+}
+
+static void *pf_main(void *arg) {
+    fm_io *io = arg;
+    pthread_mutex_lock(&io->pf_mu);
+    for (;;) {
+        while (!io->pf_stop && io->pf_next >= io->pf_n) pthread_cond_wait(&io->pf_cv, &io->pf_mu);
+        if (io->pf_stop) break;
+        int32_t il = io->pf_il[io->pf_next], ie = io->pf_ie[io->pf_next];
+        io->pf_next++;
+        pthread_mutex_unlock(&io->pf_mu);
+        io_layer *L = &io->layers[il];
+#ifdef POSIX_FADV_WILLNEED
+        posix_fadvise(L->fd, (off_t)(L->data_offset + (uint64_t)ie * L->block_bytes), (off_t)L->block_bytes,
+                      POSIX_FADV_WILLNEED);
+#else
+        (void)L;
+#endif
+        pthread_mutex_lock(&io->pf_mu);
+    }
+    pthread_mutex_unlock(&io->pf_mu);
     return NULL;
 }
 
@@ -207,6 +245,17 @@ static int32_t cache_insert(fm_io *io, int32_t il, int32_t ie, int32_t s) {
 /* ---- open / close ---- */
 void fm_io_close(fm_io *io) {
     if (!io) return;
+    if (io->pf_started) {
+        pthread_mutex_lock(&io->pf_mu);
+        io->pf_stop = 1;
+        pthread_cond_broadcast(&io->pf_cv);
+        pthread_mutex_unlock(&io->pf_mu);
+        pthread_join(io->pf_thread, NULL);
+    }
+    pthread_mutex_destroy(&io->pf_mu);
+    pthread_cond_destroy(&io->pf_cv);
+    free(io->pf_il);
+    free(io->pf_ie);
     if (io->threads) {
         io_drain(io);
         pthread_mutex_lock(&io->mu);
@@ -239,6 +288,7 @@ void fm_io_close(fm_io *io) {
     free(io->dist_ie);
     free(io->dist_ptr);
     free(io->dist_task);
+    free(io->dist_taken);
     free(io->pinned);
     free(io->tasks);
     free(io);
@@ -260,6 +310,8 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
     pthread_mutex_init(&io->mu, NULL);
     pthread_cond_init(&io->cv_work, NULL);
     pthread_cond_init(&io->cv_done, NULL);
+    pthread_mutex_init(&io->pf_mu, NULL);
+    pthread_cond_init(&io->pf_cv, NULL);
     io->n_layers = n_layers;
     io->max_batch = max_batch;
     io->direct_requested = direct_io != 0;
@@ -328,9 +380,11 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
     io->dist_ie = malloc((size_t)max_batch * sizeof(int32_t));
     io->dist_ptr = malloc((size_t)max_batch * sizeof(uint8_t *));
     io->dist_task = malloc((size_t)max_batch * sizeof(int32_t));
+    io->dist_taken = malloc((size_t)max_batch);
     io->pinned = malloc((size_t)max_batch * sizeof(int32_t));
     io->tasks = calloc((size_t)max_batch, sizeof(io_task));
-    if (!io->req_map || !io->dist_ie || !io->dist_ptr || !io->dist_task || !io->pinned || !io->tasks) {
+    if (!io->req_map || !io->dist_ie || !io->dist_ptr || !io->dist_task || !io->dist_taken || !io->pinned ||
+        !io->tasks) {
         st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory");
         goto fail;
     }
@@ -376,6 +430,49 @@ int32_t fm_io_direct_active(const fm_io *io) {
     return any;
 }
 
+/* ---- speculative prefetch ---- */
+int32_t fm_io_set_prefetch(fm_io *io, int32_t on) {
+    if (!io) return 0;
+    io->pf_on = 0;
+    if (on <= 0 || io->direct_requested || !io->max_block) return 0; /* O_DIRECT bypasses the page cache */
+    if (!io->pf_started) {
+        int32_t cap = 0;
+        for (int32_t il = 0; il < io->n_layers; il++)
+            if (io->layers[il].n_experts > cap) cap = io->layers[il].n_experts;
+        io->pf_il = malloc((size_t)cap * sizeof(int32_t));
+        io->pf_ie = malloc((size_t)cap * sizeof(int32_t));
+        if (!io->pf_il || !io->pf_ie) return 0;
+        io->pf_cap = cap;
+        if (pthread_create(&io->pf_thread, NULL, pf_main, io) != 0) return 0;
+        io->pf_started = 1;
+    }
+    io->pf_on = on;
+    return on;
+}
+
+int32_t fm_io_prefetch_active(const fm_io *io) { return io ? io->pf_on : 0; }
+
+int32_t fm_io_prefetch(fm_io *io, int32_t il, int32_t *experts, int32_t n) {
+    if (!io || !io->pf_on || il < 0 || il >= io->n_layers || !experts || n <= 0) return 0;
+    io_layer *L = &io->layers[il];
+    if (!L->path) return 0;
+    int32_t q = 0;
+    pthread_mutex_lock(&io->pf_mu);
+    io->pf_n = io->pf_next = 0; /* what was not yet issued is stale now */
+    for (int32_t i = 0; i < n && q < io->pf_cap; i++) {
+        int32_t ie = experts[i];
+        if (ie < 0 || ie >= L->n_experts) continue;
+        if (io->cache_cap && L->cache_slot[ie] >= 0) continue; /* in the engine's RAM cache */
+        io->pf_il[q] = il;
+        io->pf_ie[q] = ie;
+        experts[q++] = ie; /* the queued ones first, for the caller's stats */
+    }
+    io->pf_n = q;
+    if (q) pthread_cond_signal(&io->pf_cv);
+    pthread_mutex_unlock(&io->pf_mu);
+    return q;
+}
+
 /* ---- requests ---- */
 fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n, char *err, size_t errlen) {
     if (!io) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_submit: io is NULL");
@@ -406,6 +503,7 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
         io->req_map[i] = d;
         if (d < io->n_distinct) continue; /* duplicate: read once */
         io->n_distinct++;
+        io->dist_taken[d] = 0;
         io->dist_ie[d] = ie;
         int32_t k = io->cache_cap ? L->cache_slot[ie] : -1;
         if (k >= 0) { /* hit: most recent, and pinned until the next submit */
@@ -433,6 +531,7 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
         t->got = 0;
         t->err_no = 0;
         t->done_ok = 0;
+        t->done = 0;
         io->dist_ptr[d] = NULL;
         io->dist_task[d] = n_tasks++;
     }
@@ -445,6 +544,33 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
     pthread_mutex_unlock(&io->mu);
     io->req_active = 1;
     return FM_OK;
+}
+
+int32_t fm_io_next(fm_io *io, int32_t *index, const uint8_t **block) {
+    if (!io || !io->req_active || !index || !block) return 0;
+    pthread_mutex_lock(&io->mu);
+    for (;;) {
+        int32_t left = 0, pick = -1;
+        for (int32_t d = 0; d < io->n_distinct && pick < 0; d++) {
+            if (io->dist_taken[d]) continue;
+            left++;
+            if (io->dist_task[d] < 0 || io->tasks[io->dist_task[d]].done) pick = d;
+        }
+        if (pick >= 0) {
+            io->dist_taken[pick] = 1;
+            int32_t ti = io->dist_task[pick];
+            *block = ti < 0 ? io->dist_ptr[pick] : (io->tasks[ti].done_ok ? io->tasks[ti].dst : NULL);
+            int32_t i = 0;
+            while (i < io->req_n && io->req_map[i] != pick) i++;
+            *index = i;
+            pthread_mutex_unlock(&io->mu);
+            return 1;
+        }
+        if (!left) break;
+        pthread_cond_wait(&io->cv_done, &io->mu);
+    }
+    pthread_mutex_unlock(&io->mu);
+    return 0;
 }
 
 fm_status fm_io_wait(fm_io *io, const uint8_t **blocks, fm_io_stats *st, char *err, size_t errlen) {

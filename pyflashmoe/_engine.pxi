@@ -22,7 +22,7 @@ cdef class Engine:
 
     def __init__(self, str path, int backend=0, int n_threads=0, int io_threads=0,
                  bint direct_io=False, ram_budget=0, int experts_per_token=0, vram_budget=0,
-                 bint lock_dense=True, bint prefetch=True):
+                 bint lock_dense=True, prefetch=True):
         cdef fm_model_params p = fm_model_default_params()
         cdef char err[1024]
         cdef fm_status st
@@ -41,7 +41,9 @@ cdef class Engine:
             raise ArgumentError(f"vram_budget must be >= 0 (got {vram_budget})")
         p.vram_budget = <uint64_t>int(vram_budget)
         p.experts_per_token = experts_per_token
-        p.prefetch = 1 if prefetch else 0
+        if int(prefetch) < 0:
+            raise ArgumentError(f"prefetch must be a bool or a count >= 0 (got {prefetch})")
+        p.prefetch = <int32_t>min(int(prefetch), 1 << 30)
         p.lock_dense = 1 if lock_dense else 0
         err[0] = 0
         with nogil:
