@@ -382,24 +382,6 @@ static void layer_dense_ffn(fm_session *s, const fm_layer *L, fm_scratch *b, int
     fm_mm(m->pool, &L->ffn_down, b->dg, n, b->y);
 }
 
-static fm_qmat part_view(const fm_part *p, const uint8_t *blk) {
-    fm_qmat w;
-    memset(&w, 0, sizeof w);
-    w.dt = p->dt;
-    w.bits = p->bits;
-    w.group_size = p->group_size;
-    w.rows = p->rows;
-    w.cols = p->cols;
-    if (p->dt == FM_DT_AFFINE) {
-        w.q = (const uint32_t *)(const void *)(blk + p->off_q);
-        w.scales = (const uint16_t *)(const void *)(blk + p->off_s);
-        w.biases = (const uint16_t *)(const void *)(blk + p->off_b);
-    } else {
-        w.data = blk + p->off_data;
-    }
-    return w;
-}
-
 /* decode (one token): all experts of a chunk in two pool jobs, gate+up rows then down rows */
 typedef struct {
     const fm_qmat *w; /* [nc][3] */
@@ -560,7 +542,7 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
                     prefetch_predict(s, b, il, b->x);
                     tg = fm_now_ms();
                 }
-                for (int p = 0; p < 3; p++) w[c * 3 + p] = part_view(&L->parts[p], blk);
+                for (int p = 0; p < 3; p++) w[c * 3 + p] = fm_part_view(&L->parts[p], blk);
                 fm_exp_job ej = {w + c * 3, b->xn, b->ge + (int64_t)c * I, b->ue + (int64_t)c * I,
                                  b->ye + (int64_t)c * H, I, H};
                 fm_pool_for(m->pool, 2 * I, grain_rows(&w[c * 3]), job_exp_gu, &ej);
@@ -596,9 +578,9 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
         if (st != FM_OK) return st;
         for (int32_t c = 0; c < nc; c++) {
             int32_t e = b->elist[c0 + c];
-            fm_qmat wg = part_view(&L->parts[FM_PART_GATE], blocks[c]);
-            fm_qmat wu = part_view(&L->parts[FM_PART_UP], blocks[c]);
-            fm_qmat wd = part_view(&L->parts[FM_PART_DOWN], blocks[c]);
+            fm_qmat wg = fm_part_view(&L->parts[FM_PART_GATE], blocks[c]);
+            fm_qmat wu = fm_part_view(&L->parts[FM_PART_UP], blocks[c]);
+            fm_qmat wd = fm_part_view(&L->parts[FM_PART_DOWN], blocks[c]);
             /* the expert's tokens, gathered ne rows at a time */
             for (int64_t r0 = 0; r0 < b->cnt[e]; r0 += ne) {
                 int64_t me = b->cnt[e] - r0 < ne ? b->cnt[e] - r0 : ne;

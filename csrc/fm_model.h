@@ -26,6 +26,27 @@ typedef struct {
     uint64_t off_q, off_s, off_b; /* FM_DT_AFFINE */
 } fm_part;
 
+/* fm_qmat view of one part (gate/up/down) of an expert block held at blk (CPU backend and the
+ * CUDA backend's CPU share use the same view) */
+static inline fm_qmat fm_part_view(const fm_part *p, const uint8_t *blk) {
+    fm_qmat w;
+    memset(&w, 0, sizeof w);
+    w.dt = p->dt;
+    w.bits = p->bits;
+    w.group_size = p->group_size;
+    w.rows = p->rows;
+    w.cols = p->cols;
+    if (p->dt == FM_DT_AFFINE) {
+        w.q = (const uint32_t *)(const void *)(blk + p->off_q);
+        w.scales = (const uint16_t *)(const void *)(blk + p->off_s);
+        w.biases = (const uint16_t *)(const void *)(blk + p->off_b);
+    } else {
+        w.data = blk + p->off_data;
+    }
+    return w;
+}
+
+
 typedef struct {
     int32_t attn, ffn;   /* FM_ATTN_*, FM_FFN_* */
     int32_t state_idx;   /* index into the session's KV caches (full) or linear states (linear) */

@@ -1108,25 +1108,7 @@ static fm_status launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *co
 
 /* ---- the CPU share of a layer's missed experts (decode, one token) ----
  * y_cpu = sum_j w_j * down_j(silu(gate_j x) * up_j x) over the experts in cm->cblk, straight from
- * the pinned host cache, on the model's fm_pool (the same kernels as the CPU backend, fm_forward.c) */
-static fm_qmat cpu_part(const fm_part *p, const uint8_t *blk) {
-    fm_qmat w;
-    memset(&w, 0, sizeof w);
-    w.dt = p->dt;
-    w.bits = p->bits;
-    w.group_size = p->group_size;
-    w.rows = p->rows;
-    w.cols = p->cols;
-    if (p->dt == FM_DT_AFFINE) {
-        w.q = (const uint32_t *)(const void *)(blk + p->off_q);
-        w.scales = (const uint16_t *)(const void *)(blk + p->off_s);
-        w.biases = (const uint16_t *)(const void *)(blk + p->off_b);
-    } else {
-        w.data = blk + p->off_data;
-    }
-    return w;
-}
-
+ * the pinned host cache, on the model's fm_pool (the same kernels and views as the CPU backend) */
 typedef struct {
     const fm_part *parts;
     const uint8_t *const *blk;
@@ -1145,7 +1127,7 @@ static void cpu_job_gu(void *ctx, int64_t s, int64_t e, int32_t tid) {
         const int64_t r0 = up ? r - I : r;
         const int64_t end = c * 2 * I + (up ? 2 * I : I);
         const int64_t r1 = r0 + ((e < end ? e : end) - s);
-        const fm_qmat w = cpu_part(&j->parts[up ? FM_PART_UP : FM_PART_GATE], j->blk[c]);
+        const fm_qmat w = fm_part_view(&j->parts[up ? FM_PART_UP : FM_PART_GATE], j->blk[c]);
         fm_qmat_matvec_rows(&w, j->x, (up ? j->u : j->g) + c * I, r0, r1);
         s += r1 - r0;
     }
@@ -1159,7 +1141,7 @@ static void cpu_job_down(void *ctx, int64_t s, int64_t e, int32_t tid) {
         const int64_t c = s / H, r0 = s % H;
         const int64_t end = (c + 1) * H;
         const int64_t r1 = r0 + ((e < end ? e : end) - s);
-        const fm_qmat w = cpu_part(&j->parts[FM_PART_DOWN], j->blk[c]);
+        const fm_qmat w = fm_part_view(&j->parts[FM_PART_DOWN], j->blk[c]);
         fm_qmat_matvec_rows(&w, j->g + c * j->I, j->y + c * H, r0, r1);
         s += r1 - r0;
     }
