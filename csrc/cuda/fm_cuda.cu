@@ -1836,6 +1836,37 @@ extern "C" fm_status fm_cuda_test_attention(const float *qg, const float *k, con
     return FM_OK;
 }
 
+/* Median GB/s of `reps` timed copies (1..64) after one untimed warm-up; `factor` counts bytes moved
+ * per byte copied (2 for device-to-device: read + write). */
+static double timed_copy_gbps(void *dst, const void *src, uint64_t bytes, cudaMemcpyKind kind, int32_t reps,
+                              double factor) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    double v[64];
+    if (reps > 64) reps = 64;
+    if (reps < 1) reps = 1;
+    cudaMemcpy(dst, src, bytes, kind);
+    for (int i = 0; i < reps; i++) {
+        cudaEventRecord(a, 0);
+        cudaMemcpyAsync(dst, src, bytes, kind, 0);
+        cudaEventRecord(b, 0);
+        cudaEventSynchronize(b);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, a, b);
+        v[i] = factor * (double)bytes / (ms * 1e-3) / 1e9;
+    }
+    for (int i = 1; i < reps; i++) /* insertion sort for the median */
+        for (int j = i; j > 0 && v[j] < v[j - 1]; j--) {
+            double t = v[j];
+            v[j] = v[j - 1];
+            v[j - 1] = t;
+        }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return v[reps / 2];
+}
+
 extern "C" fm_status fm_cuda_h2d_bandwidth(uint64_t bytes, int32_t reps, double *gbps, char *err, size_t errlen) {
     CKS(test_ready(err, errlen));
     void *h = NULL, *d = NULL;
@@ -1846,33 +1877,8 @@ extern "C" fm_status fm_cuda_h2d_bandwidth(uint64_t bytes, int32_t reps, double 
         cudaFreeHost(h);
         CK(e);
     }
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    double best[64];
-    if (reps > 64) reps = 64;
-    if (reps < 1) reps = 1;
-    cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
-    for (int i = 0; i < reps; i++) {
-        cudaEventRecord(a, 0);
-        cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, 0);
-        cudaEventRecord(b, 0);
-        cudaEventSynchronize(b);
-        float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
-        best[i] = (double)bytes / (ms * 1e-3) / 1e9;
-    }
-    /* median */
-    for (int i = 1; i < reps; i++)
-        for (int j = i; j > 0 && best[j] < best[j - 1]; j--) {
-            double t = best[j];
-            best[j] = best[j - 1];
-            best[j - 1] = t;
-        }
-    *gbps = best[reps / 2];
+    *gbps = timed_copy_gbps(d, h, bytes, cudaMemcpyHostToDevice, reps, 1.0);
     e = cudaGetLastError();
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
     cudaFree(d);
     cudaFreeHost(h);
     CK(e);
@@ -1889,32 +1895,8 @@ extern "C" fm_status fm_cuda_d2d_bandwidth(uint64_t bytes, int32_t reps, double 
         CK(e);
     }
     cudaMemset(s, 0x3c, bytes);
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    double v[64];
-    if (reps > 64) reps = 64;
-    if (reps < 1) reps = 1;
-    cudaMemcpy(d, s, bytes, cudaMemcpyDeviceToDevice);
-    for (int i = 0; i < reps; i++) {
-        cudaEventRecord(a, 0);
-        cudaMemcpyAsync(d, s, bytes, cudaMemcpyDeviceToDevice, 0);
-        cudaEventRecord(b, 0);
-        cudaEventSynchronize(b);
-        float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
-        v[i] = 2.0 * (double)bytes / (ms * 1e-3) / 1e9;
-    }
-    for (int i = 1; i < reps; i++)
-        for (int j = i; j > 0 && v[j] < v[j - 1]; j--) {
-            double t = v[j];
-            v[j] = v[j - 1];
-            v[j - 1] = t;
-        }
-    *gbps = v[reps / 2];
+    *gbps = timed_copy_gbps(d, s, bytes, cudaMemcpyDeviceToDevice, reps, 2.0);
     e = cudaGetLastError();
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
     cudaFree(s);
     cudaFree(d);
     CK(e);
