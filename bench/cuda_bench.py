@@ -79,6 +79,8 @@ def decode_run(eng, n_tok, warmup, n_ctx=512):
     keys = ("syncs", "h2d_bytes", "vram_hits", "ram_hits", "storage_reads", "cpu_experts", "cpu_layers", "cpu_ms")
     d = {k: c1[k] - c0[k] for k in keys if k in c1} if c0 else {}
     d = {k: v / n_tok for k, v in d.items()}
+    if c0 and c1.get("head_evals", 0) > c0.get("head_evals", 0):  # device ms of final norm + lm_head per token
+        d["head_ms"] = (c1["head_ms"] - c0["head_ms"]) / (c1["head_evals"] - c0["head_evals"])
     for k in ("h2d_gbps", "cpu_gbps", "split"):  # the engine's measured rates (EMA over layers) after the run
         if k in c1:
             d[k] = c1[k]
@@ -163,7 +165,10 @@ def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp):
         bb = eng.expert_block_bytes(0)
         r = decode_run(eng, a.tokens, a.warmup)
         pt = r["per_token"]
-        per_layer = r["ms_median"] / n_layers
+        # the per-token head (final norm + lm_head over the 248k vocab, ~1 GB at 8-bit) is paid once per
+        # token, not per layer: take its measured device time out before dividing by the layer count
+        head = pt.get("head_ms", 0.0)
+        per_layer = (r["ms_median"] - head) / n_layers
         routed = k * n_layers
         hit = pt.get("vram_hits", 0) / routed
         pcie_ms_layer = pt.get("h2d_bytes", 0) / n_layers / (h2d * 1e9) * 1e3
@@ -171,12 +176,15 @@ def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp):
                "open_s": t_open, "ms_per_layer": per_layer, "vram_hit_rate": hit,
                "h2d_MB_per_layer": pt.get("h2d_bytes", 0) / n_layers / 1e6, "pcie_floor_ms_per_layer": pcie_ms_layer,
                "pcie_frac": pcie_ms_layer / per_layer if per_layer else 0, "h2d_GBps": h2d,
-               "tok_s_full_model": 1e3 / (per_layer * a.scale_layers) if a.scale_layers else r["tok_s"], **r}
+               "head_ms": head, "ms_per_layer_incl_head": r["ms_median"] / n_layers,
+               "tok_s_full_model": 1e3 / (per_layer * a.scale_layers + head) if a.scale_layers else r["tok_s"], **r}
         print(json.dumps(row))
         print(f"TIERS split={sp} vram {gb:g} GiB (x{scale:.3f} -> {budget / 2**30:.2f} GiB here): {per_layer:.3f} ms/layer, "
               f"VRAM hit {100 * hit:.1f}%, {row['h2d_MB_per_layer']:.1f} MB/layer over PCIe "
               f"(floor {pcie_ms_layer:.3f} ms at {h2d:.1f} GB/s, {100 * row['pcie_frac']:.0f}%), "
-              f"syncs/token {pt.get('syncs', 0):.1f}, io wait {pt['io_wait_ms']:.2f} ms/token, block {bb / 2**20:.2f} MiB")
+              f"syncs/token {pt.get('syncs', 0):.1f}, io wait {pt['io_wait_ms']:.2f} ms/token, block {bb / 2**20:.2f} MiB; "
+              f"head (final norm + lm_head) {head:.3f} ms/token, {r['ms_median'] / n_layers:.3f} ms/layer with it; "
+              f"{row['tok_s_full_model']:.1f} tok/s at {a.scale_layers or n_layers} layers")
         print(f"  CPU split: {pt.get('cpu_experts', 0) / n_layers:.2f} experts/layer on the CPU "
               f"({pt.get('cpu_ms', 0) / n_layers:.3f} ms/layer), engine-measured PCIe {pt.get('h2d_gbps', 0):.1f} GB/s, "
               f"CPU expert matvec {pt.get('cpu_gbps', 0):.1f} GB/s")

@@ -133,6 +133,8 @@ typedef struct {
     double cpu_ms;          /* host wall time of those expert computations */
     double split;           /* the setting of the last eval: <0 auto, else the fraction */
     double h2d_gbps, cpu_gbps; /* the model's measured rates (EMA over layers; 0: not measured yet) */
+    double head_ms;         /* device time of the final norm + lm_head (CUDA events; plain launches only) */
+    int64_t head_evals;     /* evals that timed it */
 } fm_cuda_counters;
 void fm_cuda_session_counters(const struct fm_session *s, fm_cuda_counters *out);
 

@@ -21,6 +21,8 @@ cdef extern from "fm_backend.h" nogil:
         double split
         double h2d_gbps
         double cpu_gbps
+        double head_ms
+        int64_t head_evals
     int32_t fm_cuda_compiled()
     int32_t fm_cuda_available()
     void fm_cuda_describe(char *buf, size_t len)
@@ -305,10 +307,12 @@ def cuda_d2d_bandwidth(uint64_t nbytes=1 << 30, int reps=10):
 def cuda_counters(Session session):
     """CUDA-side counters of a session (all zero on the CPU backend): host syncs, H2D expert bytes,
     hits per tier, storage reads, slot counts, resident flag; the CPU split's experts / layers / ms
-    (cumulative), its setting (-1 auto) and the model's measured PCIe and CPU-expert rates (GB/s)."""
+    (cumulative), its setting (-1 auto), the model's measured PCIe and CPU-expert rates (GB/s), and the
+    device time of the final norm + lm_head (head_ms, cumulative over head_evals evals; plain launches)."""
     cdef fm_cuda_counters c
     fm_cuda_session_counters(session._ptr(), &c)
     return {"syncs": c.syncs, "h2d_bytes": c.h2d_bytes, "vram_hits": c.vram_hits, "ram_hits": c.ram_hits,
             "storage_reads": c.storage_reads, "vram_slots": c.vram_slots, "ram_slots": c.ram_slots,
             "resident": bool(c.resident), "cpu_experts": c.cpu_experts, "cpu_layers": c.cpu_layers,
-            "cpu_ms": c.cpu_ms, "split": c.split, "h2d_gbps": c.h2d_gbps, "cpu_gbps": c.cpu_gbps}
+            "cpu_ms": c.cpu_ms, "split": c.split, "h2d_gbps": c.h2d_gbps, "cpu_gbps": c.cpu_gbps,
+            "head_ms": c.head_ms, "head_evals": c.head_evals}

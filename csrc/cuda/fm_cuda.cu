@@ -462,6 +462,7 @@ typedef struct {
     const uint8_t **cblk;          /* host [K]: pinned blocks of the CPU share */
     int32_t *cpair;                /* host [K]: their pair index */
     cudaEvent_t ev_t0, ev_t1;      /* timing events around a layer's copies */
+    cudaEvent_t ev_h0, ev_h1;      /* timing events around the final norm + lm_head */
     int t_pending;
     uint64_t t_bytes;
 } fmc_model;
@@ -580,6 +581,8 @@ void fm_cuda_model_close(void *p) {
     if (cm->ev_comp) cudaEventDestroy(cm->ev_comp);
     if (cm->ev_t0) cudaEventDestroy(cm->ev_t0);
     if (cm->ev_t1) cudaEventDestroy(cm->ev_t1);
+    if (cm->ev_h0) cudaEventDestroy(cm->ev_h0);
+    if (cm->ev_h1) cudaEventDestroy(cm->ev_h1);
     if (cm->h_xn) cudaFreeHost(cm->h_xn);
     if (cm->h_topw) cudaFreeHost(cm->h_topw);
     if (cm->h_ycpu) cudaFreeHost(cm->h_ycpu);
@@ -672,6 +675,8 @@ fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, 
         TRYC(cudaEventCreateWithFlags(&cm->ev_comp, cudaEventDisableTiming));
         TRYC(cudaEventCreate(&cm->ev_t0));
         TRYC(cudaEventCreate(&cm->ev_t1));
+        TRYC(cudaEventCreate(&cm->ev_h0));
+        TRYC(cudaEventCreate(&cm->ev_h1));
         cm->split = -1.0;
         cm->L = (cl_layer *)calloc((size_t)m->n_layers, sizeof(cl_layer));
         if (!cm->L) {
@@ -1464,16 +1469,27 @@ static fm_status op_final(void *vx, float *logits, int32_t all_logits, char *err
     const DMat &lm = m->tie ? cm->tok_embd : cm->output;
     if (!logits) return FM_OK;
     int64_t r0 = all_logits ? 0 : n - 1;
+    const int timed = !x->graph && !all_logits;
+    if (timed) CK(cudaEventRecord(cm->ev_h0, st));
     for (; r0 < n; r0 += FMC_LOGIT_ROWS) {
         int64_t nr = n - r0 < FMC_LOGIT_ROWS ? n - r0 : FMC_LOGIT_ROWS;
         CKS(launch_norm(st, 0, c->x + r0 * H, NULL, cm->output_norm, nr, H, m->eps, m->norm_offset, c->xn, err, errlen));
         CKS(launch_mm(st, cm->sms, lm, c->xn, H, nr, c->logits, V, 0, err, errlen));
         if (x->graph) return FM_OK; /* the caller copies the logits after the replay */
+        if (timed) CK(cudaEventRecord(cm->ev_h1, st));
         float *dst = all_logits ? logits + r0 * V : logits;
         CK(cudaMemcpyAsync(dst, c->logits, sizeof(float) * (size_t)(nr * V), cudaMemcpyDeviceToHost, st));
     }
     CK(cudaStreamSynchronize(st));
     c->cnt.syncs++;
+    if (timed) {
+        float ms = 0.f;
+        if (cudaEventElapsedTime(&ms, cm->ev_h0, cm->ev_h1) == cudaSuccess) {
+            c->cnt.head_ms += ms;
+            c->cnt.head_evals++;
+        }
+        cudaGetLastError();
+    }
     return FM_OK;
 }
 
