@@ -7,6 +7,9 @@
                                                                [--splits 0,auto] FM_CUDA_CPU_SPLIT
                                                                settings run on each engine
   python bench/cuda_bench.py bw                                pinned H2D and D2D bandwidth
+  python bench/cuda_bench.py prefill DIR [--lens 64,256,1024]  prompt tok/s, every expert in VRAM, the
+                                                               tensor-core prefill kernels (FM_CUDA_MMA=1)
+                                                               and the fp32 ones (FM_CUDA_MMA=0) side by side
 
 Model dirs come from `flashmoe synth` (pyflashmoe/synth.py: random weights at real dimensions).
 Decode timing: a 16-token prompt, `--warmup` greedy decode steps (fill the caches), then `--tokens`
@@ -134,6 +137,47 @@ def cmd_resident(a):
     print(json.dumps({"case": "resident_no_graph", "tok_s": r0["tok_s"], "ms_median": r0["ms_median"]}))
 
 
+def prefill_run(eng, n, reps=3):
+    """median wall time of Session.eval over an n-token prompt (fresh session each run, one warm-up run
+    first); Session.eval returns after the logits are on the host."""
+    rng = np.random.default_rng(n)
+    prompt = rng.integers(10, min(eng.n_vocab, 150000), size=n).astype(np.int32)
+    times, finite = [], True
+    for i in range(reps + 1):
+        ses = core.Session(eng, n + 8)
+        t = time.perf_counter()
+        lg = ses.eval(prompt)
+        dt = time.perf_counter() - t
+        finite = finite and bool(np.isfinite(lg).all())
+        if i:
+            times.append(dt)
+        del ses
+    ms = float(np.median(times)) * 1e3
+    return {"ms_median": ms, "tok_s": n / ms * 1e3, "ms_all": [t * 1e3 for t in times], "finite": finite}
+
+
+def cmd_prefill(a):
+    eng = core.Engine(a.dir, backend=1, io_threads=16)
+    lens = [int(v) for v in a.lens.split(",") if v.strip()]
+    old = os.environ.get("FM_CUDA_MMA")
+    try:
+        for n in lens:
+            row = {"case": "prefill", "dir": a.dir, "layers": eng.n_layers, "tokens": n}
+            for mma in ("1", "0"):
+                os.environ["FM_CUDA_MMA"] = mma  # read per launch by the CUDA backend
+                row["mma" if mma == "1" else "fp32"] = prefill_run(eng, n, a.reps)
+            row["speedup"] = row["mma"]["tok_s"] / row["fp32"]["tok_s"]
+            print(json.dumps(row))
+            print(f"PREFILL {n} tokens: tensor cores {row['mma']['tok_s']:.0f} tok/s "
+                  f"({row['mma']['ms_median']:.1f} ms), fp32 kernels {row['fp32']['tok_s']:.0f} tok/s "
+                  f"({row['fp32']['ms_median']:.1f} ms): x{row['speedup']:.2f}")
+    finally:
+        if old is None:
+            os.environ.pop("FM_CUDA_MMA", None)
+        else:
+            os.environ["FM_CUDA_MMA"] = old
+
+
 def cmd_tiers(a):
     h2d, d2d = cmd_bw(a)
     man = manifest(a.dir)
@@ -194,7 +238,7 @@ def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["resident", "tiers", "bw"])
+    ap.add_argument("cmd", choices=["resident", "tiers", "bw", "prefill"])
     ap.add_argument("dir", nargs="?")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
@@ -202,8 +246,10 @@ def main():
     ap.add_argument("--scale-layers", type=int, default=0)
     ap.add_argument("--resident-too", action="store_true")
     ap.add_argument("--splits", default="0,auto", help="FM_CUDA_CPU_SPLIT settings to run per budget (tiers)")
+    ap.add_argument("--lens", default="64,256,1024", help="prompt lengths (prefill)")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per prompt length (prefill), median")
     a = ap.parse_args()
-    {"resident": cmd_resident, "tiers": cmd_tiers, "bw": cmd_bw}[a.cmd](a)
+    {"resident": cmd_resident, "tiers": cmd_tiers, "bw": cmd_bw, "prefill": cmd_prefill}[a.cmd](a)
 
 
 if __name__ == "__main__":

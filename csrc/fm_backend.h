@@ -76,6 +76,17 @@ fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, in
 fm_status fm_ref_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                         const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
                         float *Y, char *err, size_t errlen);
+/* Y[n, rows] = silu(X G^T) * (X U^T), G and U of one kind (bits as above) */
+fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
+                              const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
+                              const uint16_t *bu, const float *X, int64_t n, float *Y, char *err, size_t errlen);
+/* routed experts grouped by expert (the prefill path): Ye[p, H] = down_e(silu(gate_e x) * up_e x)
+ * for pair p = t*K + k, e = ids[p], x = X[t]. blocks: E expert blocks of block_bytes, gate/up
+ * [I, H] and down [H, I] of one kind (bits as above) at offs[9] (gate w, s, b, up w, s, b, down
+ * w, s, b; s and b unused for bf16) inside a block. */
+fm_status fm_cuda_test_experts(int32_t bits, int32_t group_size, int64_t H, int64_t I, int32_t E, int32_t K,
+                               const void *blocks, uint64_t block_bytes, const uint64_t *offs, const int32_t *ids,
+                               const float *X, int64_t n, float *Ye, char *err, size_t errlen);
 /* op: 0 rmsnorm(x, w, offset) 1 gated rmsnorm(x, z, w) 2 l2norm(x) on n rows of d */
 fm_status fm_cuda_test_norm(int32_t op, const float *x, const float *z, const float *w, int64_t n,
                             int64_t d, float eps, float offset, float *y, char *err, size_t errlen);

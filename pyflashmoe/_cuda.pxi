@@ -32,6 +32,12 @@ cdef extern from "fm_backend.h" nogil:
     fm_status fm_ref_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                             const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
                             float *Y, char *err, size_t errlen)
+    fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
+                                  const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
+                                  const uint16_t *bu, const float *X, int64_t n, float *Y, char *err, size_t errlen)
+    fm_status fm_cuda_test_experts(int32_t bits, int32_t group_size, int64_t H, int64_t I, int32_t E, int32_t K,
+                                   const void *blocks, uint64_t block_bytes, const uint64_t *offs, const int32_t *ids,
+                                   const float *X, int64_t n, float *Ye, char *err, size_t errlen)
     fm_status fm_cuda_test_norm(int32_t op, const float *x, const float *z, const float *w, int64_t n,
                                 int64_t d, float eps, float offset, float *y, char *err, size_t errlen)
     fm_status fm_ref_norm(int32_t op, const float *x, const float *z, const float *w, int64_t n, int64_t d,
@@ -132,6 +138,83 @@ def _kernel_matmul(bint gpu, int bits, int group_size, q, scales, biases, X):
     if st != FM_OK:
         raise _error_from(st, err)
     return Y
+
+
+def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X):
+    """Y[n, rows] = silu(X G^T) * (X U^T) on the GPU; G (qg, sg, bg) and U as _kernel_matmul's q, scales,
+    biases (one bits / group_size for both)."""
+    X = _f32(X)
+    if X.ndim == 1:
+        X = X[None, :]
+    cdef int64_t n = X.shape[0], cols = X.shape[1]
+    qg = _np.ascontiguousarray(qg)
+    qu = _np.ascontiguousarray(qu)
+    if qg.shape != qu.shape:
+        raise ValueError("gate and up differ in shape")
+    cdef int64_t rows = qg.shape[0]
+    Y = _np.empty((n, rows), dtype=_np.float32)
+    cdef const unsigned char[::1] gb = qg.reshape(-1).view(_np.uint8)
+    cdef const unsigned char[::1] ub = qu.reshape(-1).view(_np.uint8)
+    cdef const uint16_t[::1] v0
+    cdef const uint16_t[::1] v1
+    cdef const uint16_t[::1] v2
+    cdef const uint16_t[::1] v3
+    cdef const uint16_t *p0 = NULL
+    cdef const uint16_t *p1 = NULL
+    cdef const uint16_t *p2 = NULL
+    cdef const uint16_t *p3 = NULL
+    if bits < 16:
+        v0 = _np.ascontiguousarray(sg, dtype=_np.uint16).reshape(-1)
+        v1 = _np.ascontiguousarray(bg, dtype=_np.uint16).reshape(-1)
+        v2 = _np.ascontiguousarray(su, dtype=_np.uint16).reshape(-1)
+        v3 = _np.ascontiguousarray(bu, dtype=_np.uint16).reshape(-1)
+        p0 = &v0[0]
+        p1 = &v1[0]
+        p2 = &v2[0]
+        p3 = &v3[0]
+    cdef const float *xp = _fp(X)
+    cdef float *yp = <float *>_fp(Y)
+    cdef char err[512]
+    cdef fm_status st
+    err[0] = 0
+    with nogil:
+        st = fm_cuda_test_swiglu(bits, group_size, rows, cols, &gb[0], p0, p1, &ub[0], p2, p3, xp, n, yp, err,
+                                 sizeof(err))
+    if st != FM_OK:
+        raise _error_from(st, err)
+    return Y
+
+
+def _kernel_experts(int bits, int group_size, int64_t H, int64_t I, blocks, offs, ids, X):
+    """Routed experts grouped by expert on the GPU (the prefill path): Ye[p, H] for pair p = t*K + k of
+    ids [n, K], expert blocks [E, block_bytes] (uint8) with gate/up [I, H] and down [H, I] at offs[9]
+    (gate w, s, b, up w, s, b, down w, s, b)."""
+    X = _f32(X)
+    ids = _np.ascontiguousarray(ids, dtype=_np.int32)
+    blocks = _np.ascontiguousarray(blocks, dtype=_np.uint8)
+    cdef int64_t n = X.shape[0]
+    cdef int32_t K = ids.shape[1], E = blocks.shape[0]
+    cdef uint64_t bb = blocks.shape[1]
+    if X.shape[1] != H or ids.shape[0] != n:
+        raise ValueError("X / ids shapes do not match")
+    o = _np.ascontiguousarray(offs, dtype=_np.uint64)
+    if o.shape[0] != 9:
+        raise ValueError("offs needs 9 offsets")
+    Ye = _np.empty((n * K, H), dtype=_np.float32)
+    cdef const unsigned char[::1] bv = blocks.reshape(-1)
+    cdef const uint64_t[::1] ov = o
+    cdef const int32_t[::1] iv = ids.reshape(-1)
+    cdef const float *xp = _fp(X)
+    cdef float *yp = <float *>_fp(Ye)
+    cdef char err[512]
+    cdef fm_status st
+    err[0] = 0
+    with nogil:
+        st = fm_cuda_test_experts(bits, group_size, H, I, E, K, &bv[0], bb, &ov[0], &iv[0], xp, n, yp, err,
+                                  sizeof(err))
+    if st != FM_OK:
+        raise _error_from(st, err)
+    return Ye
 
 
 def _kernel_norm(bint gpu, int op, x, z, w, float eps, float offset):

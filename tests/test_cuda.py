@@ -105,6 +105,126 @@ def test_bf16_and_f32_matmul(rows, cols, n):
                core._kernel_matmul(False, 32, 0, w, None, None, X)) < TOL["f32"] * 10
 
 
+# ---------------------------------------------------------------- tensor-core prefill kernels (fm_cuda_mma.cuh)
+# bf16 weights / affine codes x fp32 activations split into bf16 hi + lo on mma.sync, fp32 accumulate;
+# against the C reference with the same tolerances as the fp32 kernels. Shapes: rows not multiples of
+# the 64-row tile, an odd number of 32-column packs (96 cols: a half stage), few tiles (split-K over
+# the columns, partials summed in order) and many.
+
+MMA_KINDS = [(2, 32), (3, 64), (4, 32), (4, 128), (5, 64), (6, 32), (8, 64), (16, 0)]
+
+
+def _mma_weights(rng, bits, gs, rows, cols):
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    if bits == 16:
+        return _bf16(w), None, None
+    return core.quantize(w, bits=bits, group_size=gs) if hasattr(core, "quantize") else _quantize(w, bits, gs)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [2, 5, 16, 33, 64, 100, 256])
+@pytest.mark.parametrize("bits,gs", MMA_KINDS)
+@pytest.mark.parametrize("rows,cols", [(7, 1024), (100, 96), (4096, 512)])
+def test_mma_matmul(bits, gs, rows, cols, n, monkeypatch):
+    if bits < 16 and cols % gs:
+        pytest.skip("group size does not divide cols")
+    monkeypatch.setenv("FM_CUDA_MMA", "1")
+    rng = np.random.default_rng(bits * 1000 + gs + rows + cols + n)
+    q, s, b = _mma_weights(rng, bits, gs, rows, cols)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    got = core._kernel_matmul(True, bits, gs, q, s, b, X)
+    ref = core._kernel_matmul(False, bits, gs, q, s, b, X)
+    assert got.shape == (n, rows)
+    assert rel(got, ref) < TOL["affine" if bits < 16 else "bf16"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("mma", ["1", "0"])
+@pytest.mark.parametrize("n", [2, 17, 64, 256])
+@pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, 128), (16, 0)])
+@pytest.mark.parametrize("rows,cols", [(7, 512), (100, 96), (520, 1024)])
+def test_mma_swiglu(bits, gs, rows, cols, n, mma, monkeypatch):
+    """SwiGLU pair (dense MLP, shared expert): tensor cores (1) and the fp32 kernels (0)."""
+    if bits < 16 and cols % gs:
+        pytest.skip("group size does not divide cols")
+    monkeypatch.setenv("FM_CUDA_MMA", mma)
+    rng = np.random.default_rng(bits * 1000 + gs + rows + cols + n)
+    qg, sg, bg = _mma_weights(rng, bits, gs, rows, cols)
+    qu, su, bu = _mma_weights(rng, bits, gs, rows, cols)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    got = core._kernel_swiglu(bits, gs, qg, sg, bg, qu, su, bu, X)
+    g = core._kernel_matmul(False, bits, gs, qg, sg, bg, X).astype(np.float64)
+    u = core._kernel_matmul(False, bits, gs, qu, su, bu, X).astype(np.float64)
+    assert rel(got, g / (1 + np.exp(-g)) * u) < 2 * TOL["affine"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [5, 100])
+@pytest.mark.parametrize("mma", ["1", "0"])
+def test_matmul_fp32_fallback(n, mma, monkeypatch):
+    """FM_CUDA_MMA=0 (the fp32 k_mm path, for A/B runs) and bf16 widths the tensor-core path does not
+    take (cols % 32 != 0) still match."""
+    monkeypatch.setenv("FM_CUDA_MMA", mma)
+    rng = np.random.default_rng(n)
+    for bits, gs, rows, cols in [(4, 64, 300, 1024), (16, 0, 70, 100), (16, 0, 300, 512)]:
+        q, s, b = _mma_weights(rng, bits, gs, rows, cols)
+        X = rng.standard_normal((n, cols)).astype(np.float32)
+        assert rel(core._kernel_matmul(True, bits, gs, q, s, b, X),
+                   core._kernel_matmul(False, bits, gs, q, s, b, X)) < TOL["affine"]
+
+
+def _expert_blocks(rng, bits, gs, H, I, E):
+    """E expert blocks (uint8 [E, bytes]) of gate/up [I, H] and down [H, I], the parts 64-byte aligned,
+    their offsets (gate w, s, b, up w, s, b, down w, s, b) and the matrices per expert."""
+    mats, offs, parts = [], [], []
+    for e in range(E):
+        m = [_mma_weights(rng, bits, gs, r, c) for r, c in ((I, H), (I, H), (H, I))]
+        mats.append(m)
+        chunks, off = [], 0
+        eo = []
+        for q, s, b in m:
+            for a in (q, s, b):
+                if a is None:
+                    eo.append(0)
+                    continue
+                raw = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+                eo.append(off)
+                chunks.append(raw)
+                pad = (-raw.size) % 64
+                if pad:
+                    chunks.append(np.zeros(pad, np.uint8))
+                off += raw.size + pad
+        offs = eo
+        parts.append(np.concatenate(chunks))
+    return np.stack(parts), np.array(offs, np.uint64), mats
+
+
+@needs_gpu
+@pytest.mark.parametrize("n,K,E", [(3, 2, 8), (100, 4, 6), (256, 8, 64)])
+@pytest.mark.parametrize("bits,gs,H,I", [(4, 32, 160, 96), (3, 64, 320, 128), (8, 64, 192, 64), (2, 32, 96, 160),
+                                         (16, 0, 160, 96), (6, 128, 256, 128), (5, 32, 96, 96)])
+def test_mma_experts_grouped(bits, gs, H, I, n, K, E):
+    """Routed experts grouped by expert (prefill): one block reads an expert's row tile once for up
+    to 64 of its pairs (100 tokens x 4 of 6 experts: ~67 pairs per expert, items split)."""
+    rng = np.random.default_rng(bits * 7 + H + I + n)
+    blocks, offs, mats = _expert_blocks(rng, bits, gs, H, I, E)
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(n)]).astype(np.int32)
+    X = rng.standard_normal((n, H)).astype(np.float32)
+    got = core._kernel_experts(bits, gs, H, I, blocks, offs, ids, X)
+    ref = np.zeros((n * K, H), np.float64)
+    for e in range(E):
+        pairs = np.nonzero(ids.reshape(-1) == e)[0]
+        if pairs.size == 0:
+            continue
+        xe = X[pairs // K]
+        (gq, gsc, gb), (uq, usc, ub), (dq, dsc, db) = mats[e]
+        g = core._kernel_matmul(False, bits, gs, gq, gsc, gb, xe).astype(np.float64)
+        u = core._kernel_matmul(False, bits, gs, uq, usc, ub, xe).astype(np.float64)
+        h = (g / (1 + np.exp(-g)) * u).astype(np.float32)
+        ref[pairs] = core._kernel_matmul(False, bits, gs, dq, dsc, db, h)
+    assert rel(got, ref) < 3 * TOL["affine"]
+
+
 @needs_gpu
 @pytest.mark.parametrize("d", [16, 128, 256, 4096])
 def test_norms(d):

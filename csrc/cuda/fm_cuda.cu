@@ -27,6 +27,7 @@ extern "C" {
 #include "fm_backend.h"
 }
 #include "fm_cuda_kernels.cuh"
+#include "fm_cuda_mma.cuh"
 
 #define CK(x)                                                                                                 \
     do {                                                                                                      \
@@ -114,6 +115,139 @@ static fm_status launch_mv_multi(cudaStream_t st, int sms, int nm, const DMat *c
     return FM_OK;
 }
 
+/* ---- tensor-core prefill matmuls (fm_cuda_mma.cuh) ----
+ * Used for n >= 2 tokens when the weights are bf16 or affine with cols % 32 == 0 (f32 weights and
+ * odd bf16 widths keep k_mm). FM_CUDA_MMA=0 (read per launch, prefill only) falls back to the
+ * fp32 kernels, for A/B benchmarks. */
+static int mma_enabled(void) {
+    const char *e = getenv("FM_CUDA_MMA");
+    return !(e && e[0] == '0');
+}
+
+static int mma_mat_ok(int kind, int64_t cols, int gs) {
+    if (kind < 1 || kind > 8 || kind == 7 || cols <= 0 || cols % 32) return 0;
+    return kind == 1 || (gs > 0 && gs % 32 == 0 && cols % gs == 0);
+}
+
+static int mma_x_ok(const float *X, int64_t ldx) { return ((uintptr_t)X & 15) == 0 && ldx % 4 == 0; }
+
+/* split-K workspace: one per stream (a stream runs one kernel at a time, the reduction follows
+ * the partials on the same stream), allocated on first use, released by mma_ws_release */
+#define FMC_MMA_WS_FLOATS ((int64_t)4 << 20)
+#define FMC_MMA_WS_SLOTS 16
+static pthread_mutex_t g_mma_ws_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    cudaStream_t st;
+    float *p;
+} g_mma_ws[FMC_MMA_WS_SLOTS];
+
+static float *mma_ws(cudaStream_t st) {
+    float *r = NULL;
+    pthread_mutex_lock(&g_mma_ws_mu);
+    int fr = -1;
+    for (int i = 0; i < FMC_MMA_WS_SLOTS && !r; i++) {
+        if (g_mma_ws[i].p && g_mma_ws[i].st == st) r = g_mma_ws[i].p;
+        else if (!g_mma_ws[i].p && fr < 0) fr = i;
+    }
+    if (!r && fr >= 0) {
+        if (cudaMalloc((void **)&r, (size_t)FMC_MMA_WS_FLOATS * sizeof(float)) == cudaSuccess) {
+            g_mma_ws[fr].st = st;
+            g_mma_ws[fr].p = r;
+        } else {
+            cudaGetLastError();
+            r = NULL;
+        }
+    }
+    pthread_mutex_unlock(&g_mma_ws_mu);
+    return r;
+}
+
+static void mma_ws_release(cudaStream_t st) {
+    pthread_mutex_lock(&g_mma_ws_mu);
+    for (int i = 0; i < FMC_MMA_WS_SLOTS; i++)
+        if (g_mma_ws[i].p && g_mma_ws[i].st == st) {
+            cudaFree(g_mma_ws[i].p);
+            g_mma_ws[i].p = NULL;
+        }
+    pthread_mutex_unlock(&g_mma_ws_mu);
+}
+
+/* 8-token n-tiles per block for up to n tokens per block */
+static int mma_nt(int64_t n) { return n <= 8 ? 1 : n <= 16 ? 2 : n <= 32 ? 4 : 8; }
+
+template <int SWI>
+static fm_status mma_launch(cudaStream_t st, const MmaArgs &a, int kind, int nt, dim3 g, char *err, size_t errlen) {
+#define MMA_NT(K)                                                                                             \
+    switch (nt) {                                                                                             \
+    case 1: k_mma<K, 1, SWI><<<g, FMC_MMA_THREADS, 0, st>>>(a); break;                                         \
+    case 2: k_mma<K, 2, SWI><<<g, FMC_MMA_THREADS, 0, st>>>(a); break;                                         \
+    case 4: k_mma<K, 4, SWI><<<g, FMC_MMA_THREADS, 0, st>>>(a); break;                                         \
+    default: k_mma<K, 8, SWI><<<g, FMC_MMA_THREADS, 0, st>>>(a); break;                                        \
+    }
+    switch (kind) {
+    case 1: MMA_NT(1) break;
+    case 2: MMA_NT(2) break;
+    case 3: MMA_NT(3) break;
+    case 4: MMA_NT(4) break;
+    case 5: MMA_NT(5) break;
+    case 6: MMA_NT(6) break;
+    case 8: MMA_NT(8) break;
+    default: return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no tensor-core kernel for weight kind %d", kind);
+    }
+#undef MMA_NT
+    CKL();
+    return FM_OK;
+}
+
+/* dense Y (+)= W X (U == NULL) or Y = silu(W X) * (U X), n >= 2 tokens. The tile grid is
+ * (row tiles, token tiles); when it would leave SMs idle (small n or few rows) the columns are
+ * split over gridDim.z and the partials summed in order by k_mma_reduce. */
+static fm_status launch_mma_dense(cudaStream_t st, int sms, const DMat &W, const DMat *U, const float *X, int64_t ldx,
+                                  int64_t n, float *Y, int64_t ldy, int acc, char *err, size_t errlen) {
+    const int swi = U != NULL;
+    const int nt = mma_nt(n);
+    const int64_t tr = (W.rows + (swi ? FMC_MMA_ROWS / 2 : FMC_MMA_ROWS) - 1) / (swi ? FMC_MMA_ROWS / 2 : FMC_MMA_ROWS);
+    const int64_t tt = (n + 8 * nt - 1) / (8 * nt);
+    const int64_t nst = (W.cols / 32 + 1) / 2; /* 64-column stages */
+    const int64_t tiles = tr * tt, want = (int64_t)sms * 3;
+    int64_t splits = 1;
+    float *ws = NULL;
+    if (tiles < want && nst >= 4 && tt <= 65535) {
+        splits = (want + tiles - 1) / tiles;
+        if (splits > nst / 2) splits = nst / 2; /* at least 2 stages per split */
+        if (splits > 16) splits = 16;
+        const int64_t per_split = n * W.rows * (swi ? 2 : 1);
+        if (splits * per_split > FMC_MMA_WS_FLOATS) splits = FMC_MMA_WS_FLOATS / per_split;
+        if (splits >= 2) ws = mma_ws(st);
+        if (!ws) splits = 1;
+        else { /* no empty split */
+            const int64_t per = (nst + splits - 1) / splits;
+            splits = (nst + per - 1) / per;
+        }
+    }
+    if (tt > 65535) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: %lld tokens in one matmul", (long long)n);
+    MmaArgs a;
+    memset(&a, 0, sizeof a);
+    a.A = W;
+    a.B = swi ? *U : W;
+    a.X = X;
+    a.ldx = ldx;
+    a.Y = Y;
+    a.ldy = ldy;
+    a.n = n;
+    a.accumulate = acc;
+    a.ws = splits > 1 ? ws : NULL;
+    dim3 g((unsigned)tr, (unsigned)tt, (unsigned)splits);
+    CKS(swi ? mma_launch<1>(st, a, W.kind, nt, g, err, errlen) : mma_launch<0>(st, a, W.kind, nt, g, err, errlen));
+    if (splits > 1) {
+        int64_t nb = (n * W.rows + 255) / 256;
+        if (nb > (int64_t)sms * 8) nb = (int64_t)sms * 8;
+        k_mma_reduce<<<(unsigned)nb, 256, 0, st>>>(ws, (int)splits, n, W.rows, swi, Y, ldy, acc);
+        CKL();
+    }
+    return FM_OK;
+}
+
 static fm_status launch_mm(cudaStream_t st, int sms, const DMat &W, const float *X, int64_t ldx, int64_t n, float *Y,
                            int64_t ldy, int acc, char *err, size_t errlen) {
     if (n <= 0 || W.rows <= 0) return FM_OK;
@@ -123,6 +257,8 @@ static fm_status launch_mm(cudaStream_t st, int sms, const DMat &W, const float 
         int accs[1] = {acc};
         return launch_mv_multi(st, sms, 1, Ws, ys, accs, X, err, errlen);
     }
+    if (mma_mat_ok(W.kind, W.cols, W.gs) && mma_x_ok(X, ldx) && mma_enabled())
+        return launch_mma_dense(st, sms, W, NULL, X, ldx, n, Y, ldy, acc, err, errlen);
     dim3 g = row_grid(W.rows, sms);
 #define L1(K) k_mm<K, 1><<<g, FMC_WARPS * 32, 0, st>>>(W, X, ldx, n, Y, ldy, acc)
 #define L8(K) k_mm<K, 8><<<g, FMC_WARPS * 32, 0, st>>>(W, X, ldx, n, Y, ldy, acc)
@@ -150,6 +286,8 @@ static fm_status launch_swiglu(cudaStream_t st, int sms, const DMat &G, const DM
         CKL();
         return FM_OK;
     }
+    if (mma_mat_ok(G.kind, G.cols, G.gs) && G.gs == U.gs && mma_x_ok(X, ldx) && mma_enabled())
+        return launch_mma_dense(st, sms, G, &U, X, ldx, n, Hout, G.rows, 0, err, errlen);
     dim3 g = row_grid(G.rows, sms);
 #define L1(K) k_mm_swiglu<K, 1><<<g, FMC_WARPS * 32, 0, st>>>(G, U, X, ldx, n, Hout)
 #define L8(K) k_mm_swiglu<K, 8><<<g, FMC_WARPS * 32, 0, st>>>(G, U, X, ldx, n, Hout)
@@ -444,6 +582,8 @@ typedef struct {
     const uint8_t **h_ptrs, **d_ptrs;
     int64_t ptr_cap;
     int32_t *h_topi;
+    int32_t *h_mwork, *d_mwork; /* prefill expert work lists: per chunk [2 * items + pairs], pinned / device */
+    int32_t *mcnt;              /* host scratch [E]: pairs per expert */
     const uint8_t **eptr; /* host scratch [E] */
     int32_t *used;        /* host scratch [E] */
     int64_t epoch;
@@ -563,6 +703,10 @@ void fm_cuda_model_close(void *p) {
     if (cm->d_ptrs) cudaFree((void *)cm->d_ptrs);
     if (cm->h_ptrs) cudaFreeHost((void *)cm->h_ptrs);
     if (cm->h_topi) cudaFreeHost(cm->h_topi);
+    if (cm->h_mwork) cudaFreeHost(cm->h_mwork);
+    if (cm->d_mwork) cudaFree(cm->d_mwork);
+    free(cm->mcnt);
+    if (cm->cs) mma_ws_release(cm->cs);
     if (cm->stage) cudaFreeHost(cm->stage);
     for (int32_t i = 0; i < cm->n_rchunks; i++)
         if (cm->rchunks[i]) cudaFreeHost(cm->rchunks[i]);
@@ -799,6 +943,13 @@ fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, 
             TRYC(cudaHostAlloc((void **)&cm->h_ptrs, (size_t)cm->ptr_cap * sizeof(void *), cudaHostAllocDefault));
             TRYC(cudaMalloc((void **)&cm->d_ptrs, (size_t)cm->ptr_cap * sizeof(void *)));
             TRYC(cudaHostAlloc((void **)&cm->h_topi, (size_t)FMC_UBATCH * K * sizeof(int32_t), cudaHostAllocDefault));
+            {
+                const size_t wb = (size_t)max_chunks * 3 * FMC_UBATCH * (size_t)K * sizeof(int32_t);
+                TRYC(cudaHostAlloc((void **)&cm->h_mwork, wb, cudaHostAllocDefault));
+                TRYC(cudaMalloc((void **)&cm->d_mwork, wb));
+                cm->mcnt = (int32_t *)calloc((size_t)E, sizeof(int32_t));
+                if (!cm->mcnt) TRY(fm_errf(err, errlen, FM_ERR_OOM, "out of memory"));
+            }
             cm->eptr = (const uint8_t **)calloc((size_t)E, sizeof(void *));
             cm->used = (int32_t *)calloc((size_t)E, sizeof(int32_t));
             cm->fds = (int *)malloc(sizeof(int) * (size_t)m->n_layers);
@@ -1085,12 +1236,129 @@ static fm_status op_ffn_dense(void *vx, int32_t il, char *err, size_t errlen) {
     return FM_OK;
 }
 
-static fm_status launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const *dptrs, int64_t npairs, char *err,
+/* prefill (n > 1): the routed experts grouped by expert on tensor cores. The host sorts a chunk's
+ * pairs by expert id (counting sort, pairs ascending within an expert) into a permutation and a
+ * work list of items {first, count <= 8*NT}: hw = [items (2 * nitems) | perm (np)]. Pairs with
+ * hptrs[p] == NULL (not in this chunk) are left out. cnt: scratch [E]. */
+static fm_status mma_work_build(const int32_t *ids, const uint8_t *const *hptrs, int64_t npairs, int64_t E,
+                                int32_t *cnt, int32_t *hw, int *nt_out, int64_t *nitems_out, int64_t *np_out, char *err,
                                 size_t errlen) {
+    for (int64_t e = 0; e < E; e++) cnt[e] = 0;
+    int64_t np = 0;
+    for (int64_t p = 0; p < npairs; p++) {
+        if (hptrs && !hptrs[p]) continue;
+        const int32_t e = ids[p];
+        if (e < 0 || e >= E) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: router produced expert id %d", e);
+        cnt[e]++;
+        np++;
+    }
+    int32_t maxc = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (cnt[e] > maxc) maxc = cnt[e];
+    const int nt = mma_nt(maxc), cap = 8 * nt;
+    int64_t nitems = 0, run = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int32_t v = cnt[e];
+        nitems += (v + cap - 1) / cap;
+        cnt[e] = (int32_t)run; /* exclusive offsets */
+        run += v;
+    }
+    int32_t *perm = hw + 2 * nitems;
+    for (int64_t p = 0; p < npairs; p++) {
+        if (hptrs && !hptrs[p]) continue;
+        perm[cnt[ids[p]]++] = (int32_t)p; /* cnt[e] ends as the end of expert e */
+    }
+    int64_t it = 0, beg = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t end = cnt[e];
+        for (int64_t f = beg; f < end; f += cap) {
+            hw[2 * it] = (int32_t)f;
+            hw[2 * it + 1] = (int32_t)(end - f < cap ? end - f : cap);
+            it++;
+        }
+        beg = end;
+    }
+    *nt_out = nt;
+    *nitems_out = nitems;
+    *np_out = np;
+    return FM_OK;
+}
+
+static int mma_experts_ok(const DPart &pg, const DPart &pu, const DPart &pd, int64_t H) {
+    return mma_mat_ok(pg.kind, pg.cols, pg.gs) && pu.kind == pg.kind && pu.rows == pg.rows && pu.cols == pg.cols &&
+           pu.gs == pg.gs && mma_mat_ok(pd.kind, pd.cols, pd.gs) && pd.cols == pg.rows && pg.cols == H;
+}
+
+/* dw: the device copy of a work list (mma_work_build). gate + up: Hbuf[p*I + r] = silu(g) * u from
+ * row p / K of xn [., H]; down: Ye[p*H + r] from Hbuf[p]. Each block reads one row tile of one
+ * expert once for all of its item's pairs. */
+static fm_status mma_launch_experts(cudaStream_t st, const uint8_t *const *dptrs, const int32_t *dw, int64_t nitems,
+                                    int nt, const DPart &pg, const DPart &pu, const DPart &pd, int K, int64_t H,
+                                    const float *xn, float *hb, float *ye, char *err, size_t errlen) {
+    if (nitems <= 0) return FM_OK;
+    if (nitems > 65535) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: %lld expert work items", (long long)nitems);
+    MmaArgs a;
+    memset(&a, 0, sizeof a);
+    a.ptrs = dptrs;
+    a.items = dw;
+    a.perm = dw + 2 * nitems;
+    a.PA = pg;
+    a.PB = pu;
+    a.in_div = K;
+    a.X = xn;
+    a.ldx = H;
+    a.Y = hb;
+    a.ldy = pg.rows;
+    dim3 g1((unsigned)((pg.rows + FMC_MMA_ROWS / 2 - 1) / (FMC_MMA_ROWS / 2)), (unsigned)nitems);
+    CKS(mma_launch<1>(st, a, pg.kind, nt, g1, err, errlen));
+    a.PA = a.PB = pd;
+    a.in_div = 1;
+    a.X = hb;
+    a.ldx = pd.cols;
+    a.Y = ye;
+    a.ldy = pd.rows;
+    dim3 g2((unsigned)((pd.rows + FMC_MMA_ROWS - 1) / FMC_MMA_ROWS), (unsigned)nitems);
+    CKS(mma_launch<0>(st, a, pd.kind, nt, g2, err, errlen));
+    return FM_OK;
+}
+
+/* the work list goes up in one copy from this chunk's region of the pinned cm->h_mwork; a region is
+ * rewritten only after the host has synced past the copy that read it (the next layer's ev_topi
+ * wait, or the stream sync below) */
+static fm_status launch_experts_grouped(fmc_ctx *x, const cl_layer *L, const uint8_t *const *dptrs,
+                                        const uint8_t *const *hptrs, int64_t ci, int64_t npairs, char *err,
+                                        size_t errlen) {
+    fm_model *m = x->m;
+    fmc_session *c = x->c;
+    fmc_model *cm = x->cm;
+    cudaStream_t st = cm->cs;
+    if (!hptrs) { /* resident: the routed ids live on the device only */
+        CK(cudaMemcpyAsync(cm->h_topi, c->topi, sizeof(int32_t) * (size_t)npairs, cudaMemcpyDeviceToHost, st));
+        CK(cudaStreamSynchronize(st));
+        c->cnt.syncs++;
+    }
+    const int64_t reg = 3 * (int64_t)FMC_UBATCH * m->k_tok;
+    int32_t *hw = cm->h_mwork + ci * reg, *dw = cm->d_mwork + ci * reg;
+    int nt = 1;
+    int64_t nitems = 0, np = 0;
+    CKS(mma_work_build(cm->h_topi, hptrs, npairs, m->n_experts, cm->mcnt, hw, &nt, &nitems, &np, err, errlen));
+    if (!np) return FM_OK;
+    CK(cudaMemcpyAsync(dw, hw, sizeof(int32_t) * (size_t)(2 * nitems + np), cudaMemcpyHostToDevice, st));
+    return mma_launch_experts(st, dptrs, dw, nitems, nt, L->pg, L->pu, L->pd, m->k_tok, m->H, c->xn, c->hb, c->ye, err,
+                              errlen);
+}
+
+/* the routed experts of npairs (token, k) pairs; dptrs: device pointer per pair (NULL: not in
+ * this chunk). Prefill (n > 1) goes grouped by expert (launch_experts_grouped); hptrs: the host
+ * copy of this chunk's pointers (cached tiers; NULL: resident, ids read back here), ci: chunk */
+static fm_status launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const *dptrs,
+                                const uint8_t *const *hptrs, int64_t ci, int64_t npairs, char *err, size_t errlen) {
     fm_model *m = x->m;
     fmc_session *c = x->c;
     cudaStream_t st = x->cm->cs;
     const int K = m->k_tok;
+    if (x->n > 1 && !x->graph && x->cm->mcnt && mma_enabled() && mma_experts_ok(L->pg, L->pu, L->pd, m->H))
+        return launch_experts_grouped(x, L, dptrs, hptrs, ci, npairs, err, errlen);
     dim3 g1 = mv_grid(L->pg.rows, 2, x->cm->sms), g2 = mv_grid(L->pd.rows, FMC_MV_R, x->cm->sms);
     /* spread a pair's rows over fewer blocks when many pairs run at once */
     unsigned b1 = g1.x, b2 = g2.x;
@@ -1277,7 +1545,7 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
         k_fill_ptrs<<<(unsigned)((npairs + 255) / 256), 256, 0, st>>>(c->topi, npairs, cm->d_table + (int64_t)il * E,
                                                                       cm->d_ptrs);
         CKL();
-        CKS(launch_experts(x, L, cm->d_ptrs, npairs, err, errlen));
+        CKS(launch_experts(x, L, cm->d_ptrs, NULL, 0, npairs, err, errlen));
         c->cnt.vram_hits += npairs;
         x->s->st.expert_hits_vram += npairs;
     } else {
@@ -1431,7 +1699,7 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
             const uint8_t **dp = cm->d_ptrs + ci * (int64_t)FMC_UBATCH * K;
             for (int64_t p = 0; p < npairs; p++) hp[p] = cm->eptr[cm->h_topi[p]];
             CK(cudaMemcpyAsync((void *)dp, (const void *)hp, sizeof(void *) * (size_t)npairs, cudaMemcpyHostToDevice, st));
-            CKS(launch_experts(x, L, dp, npairs, err, errlen));
+            CKS(launch_experts(x, L, dp, hp, ci, npairs, err, errlen));
             for (int64_t i = 0; i < nc; i++) cm->eptr[list[c0 + i]] = NULL;
             if (ncpu > 0) { /* the host's share, while the GPU copies and computes the rest */
                 const double tc = fm_now_ms();
@@ -1734,6 +2002,109 @@ extern "C" fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64
         return st;
     }
     TEND(Y, dy, (size_t)(n * rows) * 4);
+    tb_free(&tb);
+    return FM_OK;
+}
+
+/* a test matrix (bits as fm_cuda_test_matmul) into device buffers owned by tb; 0 on failure */
+static int test_mat(tbufs *tb, int32_t bits, int32_t gs, int64_t rows, int64_t cols, const void *q,
+                    const uint16_t *scales, const uint16_t *biases, DMat *W) {
+    memset(W, 0, sizeof *W);
+    W->rows = rows;
+    W->cols = cols;
+    W->gs = gs;
+    if (bits == 32 || bits == 16) {
+        W->kind = bits == 32 ? 0 : 1;
+        return (W->w = tb_put(tb, q, (size_t)(rows * cols * (bits / 8)))) != NULL;
+    }
+    W->kind = bits;
+    if (!(W->w = tb_put(tb, q, (size_t)(rows * cols * bits / 8)))) return 0;
+    if (!(W->s = (const uint16_t *)tb_put(tb, scales, (size_t)(rows * (cols / gs) * 2)))) return 0;
+    return (W->b = (const uint16_t *)tb_put(tb, biases, (size_t)(rows * (cols / gs) * 2))) != NULL;
+}
+
+extern "C" fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
+                                         const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
+                                         const uint16_t *bu, const float *X, int64_t n, float *Y, char *err,
+                                         size_t errlen) {
+    CKS(test_ready(err, errlen));
+    if (bits != 16 && bits != 32 && (cols % 32 || group_size % 32 || cols % group_size))
+        return fm_errf(err, errlen, FM_ERR_ARG, "cols/group_size must be multiples of 32");
+    tbufs tb = {{0}, 0};
+    DMat G, U;
+    void *dx, *dy;
+    if (!test_mat(&tb, bits, group_size, rows, cols, qg, sg, bg, &G) ||
+        !test_mat(&tb, bits, group_size, rows, cols, qu, su, bu, &U)) {
+        tb_free(&tb);
+        return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: test buffer allocation/copy failed");
+    }
+    TPUT(dx, X, (size_t)(n * cols) * 4);
+    TPUT(dy, NULL, (size_t)(n * rows) * 4);
+    fm_status st = launch_swiglu(0, g_sm_count(), G, U, (const float *)dx, cols, n, (float *)dy, err, errlen);
+    if (st != FM_OK) {
+        tb_free(&tb);
+        return st;
+    }
+    TEND(Y, dy, (size_t)(n * rows) * 4);
+    tb_free(&tb);
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_test_experts(int32_t bits, int32_t group_size, int64_t H, int64_t I, int32_t E, int32_t K,
+                                          const void *blocks, uint64_t block_bytes, const uint64_t *offs,
+                                          const int32_t *ids, const float *X, int64_t n, float *Ye, char *err,
+                                          size_t errlen) {
+    CKS(test_ready(err, errlen));
+    const int kind = bits == 32 ? 0 : bits == 16 ? 1 : bits;
+    DPart pg = {kind, group_size, I, H, offs[0], offs[1], offs[2]};
+    DPart pu = {kind, group_size, I, H, offs[3], offs[4], offs[5]};
+    DPart pd = {kind, group_size, H, I, offs[6], offs[7], offs[8]};
+    if (!mma_experts_ok(pg, pu, pd, H))
+        return fm_errf(err, errlen, FM_ERR_ARG, "expert shapes / kind not supported by the grouped kernels");
+    const int64_t npairs = n * K;
+    if (npairs <= 0) return FM_OK;
+    tbufs tb = {{0}, 0};
+    void *dblk, *dx, *dhb, *dye, *dp, *dw;
+    TPUT(dblk, blocks, (size_t)E * block_bytes);
+    TPUT(dx, X, (size_t)(n * H) * 4);
+    TPUT(dhb, NULL, (size_t)(npairs * I) * 4);
+    TPUT(dye, NULL, (size_t)(npairs * H) * 4);
+    const uint8_t **hp = (const uint8_t **)malloc(sizeof(void *) * (size_t)npairs);
+    int32_t *cnt = (int32_t *)malloc(sizeof(int32_t) * (size_t)E);
+    int32_t *hw = (int32_t *)malloc(sizeof(int32_t) * 3 * (size_t)npairs);
+    fm_status st = FM_OK;
+    int nt = 1;
+    int64_t nitems = 0, np = 0;
+    if (!hp || !cnt || !hw) {
+        st = fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+        goto done;
+    }
+    for (int64_t p = 0; p < npairs; p++) {
+        if (ids[p] < 0 || ids[p] >= E) {
+            st = fm_errf(err, errlen, FM_ERR_ARG, "expert id %d out of range", ids[p]);
+            goto done;
+        }
+        hp[p] = (const uint8_t *)dblk + (uint64_t)ids[p] * block_bytes;
+    }
+    st = mma_work_build(ids, NULL, npairs, E, cnt, hw, &nt, &nitems, &np, err, errlen);
+    if (st != FM_OK) goto done;
+    dp = tb_put(&tb, hp, sizeof(void *) * (size_t)npairs);
+    dw = tb_put(&tb, hw, sizeof(int32_t) * (size_t)(2 * nitems + np));
+    if (!dp || !dw) {
+        st = fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: test buffer allocation/copy failed");
+        goto done;
+    }
+    st = mma_launch_experts(0, (const uint8_t *const *)dp, (const int32_t *)dw, nitems, nt, pg, pu, pd, K, H,
+                            (const float *)dx, (float *)dhb, (float *)dye, err, errlen);
+done:
+    free(hp);
+    free(cnt);
+    free(hw);
+    if (st != FM_OK) {
+        tb_free(&tb);
+        return st;
+    }
+    TEND(Ye, dye, (size_t)(npairs * H) * 4);
     tb_free(&tb);
     return FM_OK;
 }

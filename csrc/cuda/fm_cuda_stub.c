@@ -39,6 +39,20 @@ fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, in
     (void)bits, (void)group_size, (void)rows, (void)cols, (void)q, (void)scales, (void)biases, (void)X, (void)n, (void)Y;
     return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
 }
+fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
+                              const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
+                              const uint16_t *bu, const float *X, int64_t n, float *Y, char *err, size_t errlen) {
+    (void)bits, (void)group_size, (void)rows, (void)cols, (void)qg, (void)sg, (void)bg, (void)qu, (void)su, (void)bu;
+    (void)X, (void)n, (void)Y;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_test_experts(int32_t bits, int32_t group_size, int64_t H, int64_t I, int32_t E, int32_t K,
+                               const void *blocks, uint64_t block_bytes, const uint64_t *offs, const int32_t *ids,
+                               const float *X, int64_t n, float *Ye, char *err, size_t errlen) {
+    (void)bits, (void)group_size, (void)H, (void)I, (void)E, (void)K, (void)blocks, (void)block_bytes, (void)offs;
+    (void)ids, (void)X, (void)n, (void)Ye;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
 fm_status fm_cuda_test_norm(int32_t op, const float *x, const float *z, const float *w, int64_t n, int64_t d,
                             float eps, float offset, float *y, char *err, size_t errlen) {
     (void)op, (void)x, (void)z, (void)w, (void)n, (void)d, (void)eps, (void)offset, (void)y;
