@@ -264,11 +264,12 @@ def test_conv1d(C, k, n):
     assert rel(gs, rs) < TOL["conv"]
 
 
-@needs_gpu
-@pytest.mark.parametrize("n", [1, 9, 100])
-@pytest.mark.parametrize("nk,nv,dk,dv", [(2, 4, 16, 16), (16, 32, 128, 128), (4, 8, 64, 32)])
-def test_gated_delta_net(nk, nv, dk, dv, n):
-    rng = np.random.default_rng(nk * nv + dk + n)
+def _gdn_inputs(nk, nv, dk, dv, n, decay="mixed"):
+    """GatedDeltaNet inputs with a nonzero initial state. decay: "mixed" (g about -0.05..-50 per
+    token), "strong" (g down to -2400 per token, clamped at -200 by the chunked kernel: exp(G)
+    underflows inside a chunk, next to tokens that barely decay), "weak" (g about -1e-3..-1e-2: the
+    state remembers a whole sequence; one head decays hard)."""
+    rng = np.random.default_rng(nk * nv + dk + n + {"mixed": 0, "strong": 1000, "weak": 2000}[decay])
     cd = 2 * nk * dk + nv * dv
     qkv = rng.standard_normal((n, cd)).astype(np.float32)
     z = rng.standard_normal((n, nv * dv)).astype(np.float32)
@@ -278,10 +279,54 @@ def test_gated_delta_net(nk, nv, dk, dv, n):
     dt_bias = (rng.standard_normal(nv) * 0.5).astype(np.float32)
     nw = (1 + rng.standard_normal(dv) * 0.1).astype(np.float32)
     S = (rng.standard_normal((nv, dk, dv)) * 0.1).astype(np.float32)
-    go, gS = core._kernel_gdn(True, qkv, z, a, b, A_log, dt_bias, nw, S, nk, nv, dk, dv, 1e-6)
-    ro, rS = core._kernel_gdn(False, qkv, z, a, b, A_log, dt_bias, nw, S, nk, nv, dk, dv, 1e-6)
+    if decay == "strong":
+        A_log = np.log(rng.uniform(20, 200, nv)).astype(np.float32)
+        a = (a * 4).astype(np.float32)
+        S = (S * 10).astype(np.float32)
+    elif decay == "weak":
+        A_log = np.log(rng.uniform(1e-3, 1e-2, nv)).astype(np.float32)
+        A_log[0] = np.float32(np.log(1e4))
+        S = (S * 10).astype(np.float32)
+    return qkv, z, a, b, A_log, dt_bias, nw, S
+
+
+# n >= 2 runs the chunked kernel (64-token chunks): one partial chunk, exactly one, one + 1 token,
+# several with a partial last; n = 1 the sequential (decode) kernel.
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 2, 9, 64, 65, 100, 300])
+@pytest.mark.parametrize("nk,nv,dk,dv", [(2, 4, 16, 16), (16, 32, 128, 128), (4, 8, 64, 32)])
+def test_gated_delta_net(nk, nv, dk, dv, n):
+    args = _gdn_inputs(nk, nv, dk, dv, n)
+    go, gS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6)
+    ro, rS = core._kernel_gdn(False, *args, nk, nv, dk, dv, 1e-6)
     assert rel(go, ro) < TOL["gdn"]
     assert rel(gS, rS) < TOL["gdn"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+@pytest.mark.parametrize("n", [1, 9, 130])
+@pytest.mark.parametrize("nk,nv,dk,dv", [(2, 4, 16, 16), (1, 2, 32, 48), (3, 6, 100, 40), (2, 2, 128, 256)])
+def test_gated_delta_net_decay_and_shapes(nk, nv, dk, dv, n, decay):
+    args = _gdn_inputs(nk, nv, dk, dv, n, decay)
+    go, gS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6)
+    ro, rS = core._kernel_gdn(False, *args, nk, nv, dk, dv, 1e-6)
+    assert rel(go, ro) < TOL["gdn"]
+    assert rel(gS, rS) < TOL["gdn"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [2, 65, 300])
+@pytest.mark.parametrize("nk,nv,dk,dv", [(2, 4, 16, 16), (16, 32, 128, 128)])
+def test_gated_delta_net_chunked_matches_sequential(nk, nv, dk, dv, n, monkeypatch):
+    """FM_CUDA_GDN_CHUNK=0 (sequential kernel) and =1 (chunked from n >= 2) agree."""
+    args = _gdn_inputs(nk, nv, dk, dv, n, "weak")
+    monkeypatch.setenv("FM_CUDA_GDN_CHUNK", "0")
+    so, sS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6)
+    monkeypatch.setenv("FM_CUDA_GDN_CHUNK", "1")
+    co, cS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6)
+    assert rel(co, so) < TOL["gdn"]
+    assert rel(cS, sS) < TOL["gdn"]
 
 
 @needs_gpu

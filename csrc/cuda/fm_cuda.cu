@@ -27,6 +27,7 @@ extern "C" {
 #include "fm_backend.h"
 }
 #include "fm_cuda_kernels.cuh"
+#include "fm_cuda_gdn_chunk.cuh"
 #include "fm_cuda_mma.cuh"
 
 #define CK(x)                                                                                                 \
@@ -319,6 +320,32 @@ static fm_status launch_gdn(cudaStream_t st, const float *QKV, const float *Z, c
                        "CUDA: GatedDeltaNet with key dim %d / value dim %d is not supported (max 128 / 256)", dk, dv);
     if (nk <= 0 || nv % nk)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: GatedDeltaNet needs n_v_heads %% n_k_heads == 0");
+    /* Chunked form (fm_cuda_gdn_chunk.cuh) from FM_CUDA_GDN_CHUNK tokens on (default and minimum 2;
+     * 0: never). Its cost per chunk of up to 64 tokens is a few dependent phases, where the
+     * sequential kernel pays 3 block reductions per token; the default 2 is a guess, not yet timed
+     * (set a larger minimum to move the switch). Decode (n == 1) stays on the sequential kernel,
+     * which is also the fallback. */
+    const char *cv = getenv("FM_CUDA_GDN_CHUNK");
+    const long cmin = cv && *cv ? strtol(cv, NULL, 10) : 2;
+    if (cmin > 0 && n >= (cmin > 2 ? cmin : 2)) {
+        const size_t smem = gdn_chunk_smem(dk);
+        const dim3 grid((unsigned)nv, (unsigned)((dv + 31) / 32));
+#define GDN_CHUNK(K)                                                                                          \
+    do {                                                                                                      \
+        CK(cudaFuncSetAttribute(k_gdn_chunk<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));     \
+        k_gdn_chunk<K><<<grid, FMC_GDN_THREADS, smem, st>>>(QKV, A, B, A_log, dt_bias, S, O, n, nk, nv, dk, dv); \
+    } while (0)
+        if (dk <= 32)
+            GDN_CHUNK(32);
+        else if (dk <= 64)
+            GDN_CHUNK(64);
+        else
+            GDN_CHUNK(128);
+#undef GDN_CHUNK
+        CKL();
+        /* gated RMSNorm of each (token, head) row of dv outputs, in place (as k_gdn's) */
+        return launch_norm(st, 1, O, Z, normw, n * nv, dv, eps, 0.f, O, err, errlen);
+    }
     int bs = (dv + 31) / 32 * 32;
     if (dk <= 32)
         k_gdn<32><<<nv, bs, 0, st>>>(QKV, Z, A, B, A_log, dt_bias, normw, S, O, n, nk, nv, dk, dv, eps);
