@@ -190,10 +190,13 @@ def cmd_tiers(a):
         t0 = time.perf_counter()
         eng = core.Engine(a.dir, backend=1, io_threads=16, vram_budget=budget, ram_budget=total_experts + (1 << 30))
         t_open = time.perf_counter() - t0
-        for sp in a.splits.split(","):
-            os.environ["FM_CUDA_CPU_SPLIT"] = sp
-            rows.append(tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp))
+        for pp in a.pipes.split(","):
+            os.environ["FM_CUDA_PIPE"] = pp
+            for sp in a.splits.split(","):
+                os.environ["FM_CUDA_CPU_SPLIT"] = sp
+                rows.append(tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp, pp))
         os.environ.pop("FM_CUDA_CPU_SPLIT", None)
+        os.environ.pop("FM_CUDA_PIPE", None)
         del eng
     if a.resident_too:
         eng = core.Engine(a.dir, backend=1, io_threads=16)
@@ -203,7 +206,7 @@ def cmd_tiers(a):
         print(json.dumps({"case": "tiers_resident_floor", "ms_per_layer": r["ms_median"] / n_layers, **r}))
 
 
-def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp):
+def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp, pp="1"):
     if True:
         k = eng.experts_per_token
         bb = eng.expert_block_bytes(0)
@@ -216,14 +219,14 @@ def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp):
         routed = k * n_layers
         hit = pt.get("vram_hits", 0) / routed
         pcie_ms_layer = pt.get("h2d_bytes", 0) / n_layers / (h2d * 1e9) * 1e3
-        row = {"case": "tiers", "cpu_split": sp, "vram_budget_GiB_full_model": gb, "vram_budget_bytes_here": budget,
+        row = {"case": "tiers", "cpu_split": sp, "pipe": pp, "vram_budget_GiB_full_model": gb, "vram_budget_bytes_here": budget,
                "open_s": t_open, "ms_per_layer": per_layer, "vram_hit_rate": hit,
                "h2d_MB_per_layer": pt.get("h2d_bytes", 0) / n_layers / 1e6, "pcie_floor_ms_per_layer": pcie_ms_layer,
                "pcie_frac": pcie_ms_layer / per_layer if per_layer else 0, "h2d_GBps": h2d,
                "head_ms": head, "ms_per_layer_incl_head": r["ms_median"] / n_layers,
                "tok_s_full_model": 1e3 / (per_layer * a.scale_layers + head) if a.scale_layers else r["tok_s"], **r}
         print(json.dumps(row))
-        print(f"TIERS split={sp} vram {gb:g} GiB (x{scale:.3f} -> {budget / 2**30:.2f} GiB here): {per_layer:.3f} ms/layer, "
+        print(f"TIERS pipe={pp} split={sp} vram {gb:g} GiB (x{scale:.3f} -> {budget / 2**30:.2f} GiB here): {per_layer:.3f} ms/layer, "
               f"VRAM hit {100 * hit:.1f}%, {row['h2d_MB_per_layer']:.1f} MB/layer over PCIe "
               f"(floor {pcie_ms_layer:.3f} ms at {h2d:.1f} GB/s, {100 * row['pcie_frac']:.0f}%), "
               f"syncs/token {pt.get('syncs', 0):.1f}, io wait {pt['io_wait_ms']:.2f} ms/token, block {bb / 2**20:.2f} MiB; "
@@ -246,6 +249,8 @@ def main():
     ap.add_argument("--scale-layers", type=int, default=0)
     ap.add_argument("--resident-too", action="store_true")
     ap.add_argument("--splits", default="0,auto", help="FM_CUDA_CPU_SPLIT settings to run per budget (tiers)")
+    ap.add_argument("--pipes", default="1", help="FM_CUDA_PIPE settings (1: decode experts computed as their "
+                    "copies land, 0: after all copies) to run per budget (tiers)")
     ap.add_argument("--lens", default="64,256,1024", help="prompt lengths (prefill)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per prompt length (prefill), median")
     a = ap.parse_args()

@@ -251,6 +251,29 @@ def test_route_topk(E, K, norm):
 
 
 @needs_gpu
+@pytest.mark.parametrize("rows", [1, 5, 512, 2111, 4096])
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_decode_matvec_row_and_split_paths(rows, bits):
+    """n = 1: matrices with fewer than ~2 * SMs * 8 rows take the split-column kernel (a block per 4
+    rows, its warps split the columns), larger ones the warp-per-4-rows kernel; both against the C
+    reference."""
+    rng = np.random.default_rng(rows * 10 + bits)
+    cols = 4096
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    X = rng.standard_normal((1, cols)).astype(np.float32)
+    if bits == 16:
+        q, s, b, tol = _bf16(w), None, None, TOL["bf16"]
+    else:
+        q, s, b = core.quantize(w, bits=bits, group_size=64) if hasattr(core, "quantize") else _quantize(w, bits, 64)
+        tol = TOL["affine"]
+    gs = 0 if bits == 16 else 64
+    got = core._kernel_matmul(True, bits, gs, q, s, b, X)
+    ref = core._kernel_matmul(False, bits, gs, q, s, b, X)
+    assert got.shape == (1, rows)
+    assert rel(got, ref) < tol
+
+
+@needs_gpu
 @pytest.mark.parametrize("n", [1, 7, 64])
 @pytest.mark.parametrize("C,k", [(96, 4), (8192, 4), (40, 2)])
 def test_conv1d(C, k, n):

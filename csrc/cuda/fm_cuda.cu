@@ -107,6 +107,17 @@ static fm_status launch_mv_multi(cudaStream_t st, int sms, int nm, const DMat *c
         k++;
     }
     if (!k) return FM_OK;
+    if (maxr < (int64_t)sms * 2 * FMC_WARPS) {
+        /* few rows (routers, 1-row gates, small heads): a warp per FMC_MV_R rows would leave most SMs
+         * idle, so each block takes FMC_MV_R rows and its warps split the columns */
+        int64_t b = (maxr + FMC_MV_R - 1) / FMC_MV_R;
+        dim3 g((unsigned)(b < 1 ? 1 : b), (unsigned)k);
+#define LS(K) k_mv_sk<K><<<g, FMC_WARPS * 32, 0, st>>>(set, x)
+        KIND_SWITCH(set.W[0].kind, LS)
+#undef LS
+        CKL();
+        return FM_OK;
+    }
     dim3 g = mv_grid(maxr, FMC_MV_R, sms);
     g.y = (unsigned)k;
 #define LM(K) k_mv<K><<<g, FMC_WARPS * 32, 0, st>>>(set, x)
@@ -345,6 +356,17 @@ static fm_status launch_gdn(cudaStream_t st, const float *QKV, const float *Z, c
         CKL();
         /* gated RMSNorm of each (token, head) row of dv outputs, in place (as k_gdn's) */
         return launch_norm(st, 1, O, Z, normw, n * nv, dv, eps, 0.f, O, err, errlen);
+    }
+    const char *dvv = getenv("FM_CUDA_GDN_DEC"); /* 0: decode on the one-block-per-head k_gdn */
+    if (n == 1 && !(dvv && dvv[0] == '0')) {
+        /* decode: value columns over blocks, key dim over 4 slices (k_gdn_dec), then the norm */
+        const dim3 grid((unsigned)nv, (unsigned)((dv + 31) / 32));
+        if (dk <= 32)
+            k_gdn_dec<8><<<grid, 128, 0, st>>>(QKV, A, B, A_log, dt_bias, S, O, nk, nv, dk, dv);
+        else
+            k_gdn_dec<32><<<grid, 128, 0, st>>>(QKV, A, B, A_log, dt_bias, S, O, nk, nv, dk, dv);
+        CKL();
+        return launch_norm(st, 1, O, Z, normw, nv, dv, eps, 0.f, O, err, errlen);
     }
     int bs = (dv + 31) / 32 * 32;
     if (dk <= 32)
@@ -630,6 +652,7 @@ typedef struct {
     int32_t *cpair;                /* host [K]: their pair index */
     cudaEvent_t ev_t0, ev_t1;      /* timing events around a layer's copies */
     cudaEvent_t ev_h0, ev_h1;      /* timing events around the final norm + lm_head */
+    cudaEvent_t ev_grp[FMC_PSET];  /* decode: one per copied miss (its compute waits for it) */
     int t_pending;
     uint64_t t_bytes;
 } fmc_model;
@@ -754,6 +777,8 @@ void fm_cuda_model_close(void *p) {
     if (cm->ev_t1) cudaEventDestroy(cm->ev_t1);
     if (cm->ev_h0) cudaEventDestroy(cm->ev_h0);
     if (cm->ev_h1) cudaEventDestroy(cm->ev_h1);
+    for (int i = 0; i < FMC_PSET; i++)
+        if (cm->ev_grp[i]) cudaEventDestroy(cm->ev_grp[i]);
     if (cm->h_xn) cudaFreeHost(cm->h_xn);
     if (cm->h_topw) cudaFreeHost(cm->h_topw);
     if (cm->h_ycpu) cudaFreeHost(cm->h_ycpu);
@@ -848,6 +873,7 @@ fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, 
         TRYC(cudaEventCreate(&cm->ev_t1));
         TRYC(cudaEventCreate(&cm->ev_h0));
         TRYC(cudaEventCreate(&cm->ev_h1));
+        for (int i = 0; i < FMC_PSET; i++) TRYC(cudaEventCreateWithFlags(&cm->ev_grp[i], cudaEventDisableTiming));
         cm->split = -1.0;
         cm->L = (cl_layer *)calloc((size_t)m->n_layers, sizeof(cl_layer));
         if (!cm->L) {
@@ -1533,6 +1559,182 @@ static fm_status split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, cons
     return FM_OK;
 }
 
+/* the host's share of a decode layer's misses (cm->cblk / cm->cpair, ncpu of them), computed while
+ * the GPU copies and computes the rest; its weighted sum goes to d_ycpu for the combine */
+static fm_status host_share(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask, const float **ycpu,
+                            char *err, size_t errlen) {
+    fmc_model *cm = x->cm;
+    fmc_session *c = x->c;
+    const int64_t H = x->m->H;
+    const double tc = fm_now_ms();
+    cpu_experts(cm, FL, ncpu, cm->h_xn);
+    for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] = 0.f;
+    for (int64_t j = 0; j < ncpu; j++) {
+        const float w = cm->cpair[j] >= 0 ? cm->h_topw[cm->cpair[j]] : 0.f;
+        const float *src = cm->cy + j * H;
+        for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] += w * src[d];
+        if (cm->cpair[j] >= 0 && cm->cpair[j] < 32) *hostmask |= 1u << cm->cpair[j];
+    }
+    const double ms = fm_now_ms() - tc;
+    ema(&cm->rate_cpu, (double)((uint64_t)ncpu * FL->block_bytes) / ms);
+    c->cnt.cpu_experts += ncpu;
+    c->cnt.cpu_layers++;
+    c->cnt.cpu_ms += ms;
+    CK(cudaMemcpyAsync(cm->d_ycpu, cm->h_ycpu, sizeof(float) * (size_t)H, cudaMemcpyHostToDevice, cm->cs));
+    *ycpu = cm->d_ycpu;
+    return FM_OK;
+}
+
+/* decode experts whose VRAM blocks are in S (cnt members), on the compute stream */
+static fm_status launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int cnt, char *err, size_t errlen) {
+    if (cnt <= 0) return FM_OK;
+    fmc_session *c = x->c;
+    cudaStream_t st = x->cm->cs;
+    dim3 g1 = mv_grid(L->pg.rows, 2, x->cm->sms), g2 = mv_grid(L->pd.rows, FMC_MV_R, x->cm->sms);
+    const int64_t want = (int64_t)x->cm->sms * 8;
+    if ((int64_t)g1.x * cnt > want) g1.x = (unsigned)((want + cnt - 1) / cnt);
+    if ((int64_t)g2.x * cnt > want) g2.x = (unsigned)((want + cnt - 1) / cnt);
+    g1.y = g2.y = (unsigned)cnt;
+#define LG(KD) k_dec_gateup<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pg, L->pu, *S, c->xn, c->hb)
+#define LD(KD) k_dec_down<KD><<<g2, FMC_WARPS * 32, 0, st>>>(L->pd, *S, c->hb, c->ye)
+    KIND_SWITCH(L->pg.kind, LG)
+    CKL();
+    KIND_SWITCH(L->pd.kind, LD)
+    CKL();
+#undef LG
+#undef LD
+    return FM_OK;
+}
+
+/* One decode layer's routed experts with a VRAM cache (not resident), the nu distinct experts in
+ * list (nu <= K <= FMC_PSET, one token):
+ *   hits: computed at once (they overlap the copies);
+ *   misses in the pinned host cache: the CPU share (try_split) is computed on the host; every other
+ *   one is copied on the copy stream and its compute is queued behind an event on its own copy, so
+ *   the GPU works through the misses as they land and only the last one's compute trails the copies;
+ *   misses from storage: pread by the pool (each worker queues its copy), computed after the last.
+ * Still one host sync (the routed ids) per layer. */
+static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, int64_t nu, int try_split,
+                                   uint32_t *hostmask, const float **ycpu, char *err, size_t errlen) {
+    fm_model *m = x->m;
+    fmc_session *c = x->c;
+    fmc_model *cm = x->cm;
+    const fm_layer *FL = &m->layers[il];
+    const cl_layer *L = &cm->L[il];
+    const int64_t E = m->n_experts;
+    const int32_t K = m->k_tok;
+    const uint64_t bb = FL->block_bytes, foff = m->files[il].data_offset;
+    const int64_t ep = ++cm->epoch;
+    int32_t pair_of[FMC_PSET];
+    for (int64_t i = 0; i < nu; i++) {
+        pair_of[i] = 0;
+        for (int32_t p = 0; p < K; p++)
+            if (cm->h_topi[p] == list[i]) pair_of[i] = p;
+    }
+    /* hits first (touched now, so no slot in use is evicted below) */
+    PairSet hs;
+    int nh = 0;
+    int64_t m_ram = 0, m_other = 0;
+    for (int64_t i = 0; i < nu; i++) {
+        const int64_t key = (int64_t)il * E + list[i];
+        const int64_t vs = cm->vl.of[key];
+        if (vs >= 0) {
+            lru_touch(&cm->vl, vs, ep);
+            cm->eptr[list[i]] = cm->vram + (uint64_t)vs * cm->slot_bytes;
+            hs.p[nh] = cm->eptr[list[i]];
+            hs.pair[nh++] = pair_of[i];
+        } else if (cm->has_ram && cm->rl.of[key] >= 0) {
+            m_ram++;
+        } else {
+            m_other++;
+        }
+    }
+    CKS(launch_dec(x, L, &hs, nh, err, errlen));
+    const int64_t ncpu_want = try_split ? split_count(cm->split, cm->rate_h2d, cm->rate_cpu, m_ram, m_other) : 0;
+    int64_t ncpu = 0, rh = 0, sr = 0;
+    int nt = 0, ng = 0, nstore = 0;
+    PairSet ss; /* the misses read from storage */
+    CK(cudaEventRecord(cm->ev_t0, cm->xs));
+    for (int64_t i = 0; i < nu; i++) {
+        const int64_t e = list[i], key = (int64_t)il * E + e;
+        if (cm->eptr[e]) continue;
+        const int64_t rs0 = cm->has_ram ? cm->rl.of[key] : -1;
+        if (ncpu < ncpu_want && rs0 >= 0) { /* computed on the host, not copied */
+            lru_touch(&cm->rl, rs0, ep);
+            cm->cblk[ncpu] = rslot_ptr(cm, rs0);
+            cm->cpair[ncpu++] = pair_of[i];
+            rh++;
+            continue;
+        }
+        const int64_t vs = lru_take(&cm->vl, key, ep);
+        if (vs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free VRAM expert slot");
+        uint8_t *dst = cm->vram + (uint64_t)vs * cm->slot_bytes;
+        cm->eptr[e] = dst;
+        if (rs0 >= 0) { /* pinned host cache -> VRAM, then its compute behind its own event */
+            lru_touch(&cm->rl, rs0, ep);
+            CK(cudaMemcpyAsync(dst, rslot_ptr(cm, rs0), bb, cudaMemcpyHostToDevice, cm->xs));
+            CK(cudaEventRecord(cm->ev_grp[ng], cm->xs));
+            CK(cudaStreamWaitEvent(cm->cs, cm->ev_grp[ng], 0));
+            ng++;
+            PairSet one;
+            one.p[0] = dst;
+            one.pair[0] = pair_of[i];
+            CKS(launch_dec(x, L, &one, 1, err, errlen));
+            rh++;
+            continue;
+        }
+        rtask *t = &cm->pool->tasks[nt];
+        if (cm->has_ram) {
+            const int64_t rs = lru_take(&cm->rl, key, ep);
+            if (rs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free pinned expert slot");
+            t->dst = rslot_ptr(cm, rs);
+        } else {
+            t->dst = cm->stage + (uint64_t)nt * cm->slot_bytes;
+        }
+        nt++;
+        t->fd = cm->fds[il];
+        t->off = foff + (uint64_t)e * bb;
+        t->len = bb;
+        t->ddst = dst;
+        t->il = il;
+        t->e = (int32_t)e;
+        ss.p[nstore] = dst;
+        ss.pair[nstore++] = pair_of[i];
+        sr++;
+    }
+    const double tr = fm_now_ms();
+    fm_status rst = rpool_run(cm->pool, nt, err, errlen);
+    x->s->st.ms_io_wait += fm_now_ms() - tr;
+    if (rst != FM_OK) { /* the slots assigned to failed reads hold garbage: forget them */
+        for (int i = 0; i < nt; i++) {
+            const int64_t key = (int64_t)il * E + cm->pool->tasks[i].e;
+            if (cm->vl.of[key] >= 0) { cm->vl.key[cm->vl.of[key]] = -1; cm->vl.of[key] = -1; }
+            if (cm->has_ram && cm->rl.of[key] >= 0) { cm->rl.key[cm->rl.of[key]] = -1; cm->rl.of[key] = -1; }
+        }
+        for (int64_t i = 0; i < nu; i++) cm->eptr[list[i]] = NULL;
+        return rst;
+    }
+    CK(cudaEventRecord(cm->ev_copy, cm->xs));
+    CK(cudaEventRecord(cm->ev_t1, cm->xs));
+    if (nstore) {
+        CK(cudaStreamWaitEvent(cm->cs, cm->ev_copy, 0));
+        CKS(launch_dec(x, L, &ss, nstore, err, errlen));
+    }
+    cm->t_bytes = (uint64_t)(rh - ncpu + sr) * bb;
+    cm->t_pending = cm->t_bytes > 0;
+    c->cnt.vram_hits += nh;
+    c->cnt.ram_hits += rh;
+    c->cnt.storage_reads += sr;
+    c->cnt.h2d_bytes += (int64_t)cm->t_bytes;
+    x->s->st.expert_hits_vram += nh;
+    x->s->st.last_expert_hits += rh;
+    x->s->st.last_expert_loads += sr;
+    x->s->st.last_bytes_read += (int64_t)((uint64_t)sr * bb);
+    for (int64_t i = 0; i < nu; i++) cm->eptr[list[i]] = NULL;
+    if (ncpu > 0) CKS(host_share(x, FL, ncpu, hostmask, ycpu, err, errlen));
+    return FM_OK;
+}
+
 static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
     fmc_ctx *x = (fmc_ctx *)vx;
     fm_model *m = x->m;
@@ -1547,11 +1749,11 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
     const int64_t npairs = n * K;
     CKS(launch_norm(st, 0, c->x, NULL, L->ffn_norm, n, H, m->eps, m->norm_offset, c->xn, err, errlen));
     CKS(launch_mm(st, sms, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
-    k_route<<<(unsigned)n, 256, sizeof(float) * (size_t)E, st>>>(c->lr, (int)E, K, m->norm_topk, c->topi, c->topw);
+    k_route<<<(unsigned)n, 32, sizeof(float) * (size_t)E, st>>>(c->lr, (int)E, K, m->norm_topk, c->topi, c->topw);
     CKL();
     /* CPU split possible: decode, pinned host tier; the layer's normalized input and routing weights
      * come back with the routed ids (one sync) */
-    const int try_split = !cm->resident && n == 1 && cm->has_ram && cm->split != 0.0 && !x->graph;
+    const int try_split = !cm->resident && n == 1 && K <= 32 && cm->has_ram && cm->split != 0.0 && !x->graph;
     if (!cm->resident) {
         CK(cudaMemcpyAsync(cm->h_topi, c->topi, sizeof(int32_t) * (size_t)npairs, cudaMemcpyDeviceToHost, st));
         if (try_split) {
@@ -1560,7 +1762,7 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
         }
         CK(cudaEventRecord(cm->ev_topi, st));
     }
-    const uint8_t *const *skip = NULL; /* combine: pairs computed on the host */
+    uint32_t hostmask = 0; /* combine: bit k = pair k computed on the host (decode) */
     const float *ycpu = NULL;
     /* shared expert: queued now, runs while the host waits for the ids and the copies fly */
     if (FL->has_shexp) {
@@ -1606,8 +1808,13 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
             }
         const uint64_t bb = FL->block_bytes;
         const uint64_t foff = m->files[il].data_offset;
+        /* decode: the pipelined path (hits at once, each copied miss as soon as it lands); the chunk
+         * loop below serves prefill (and FM_CUDA_PIPE=0, for comparison) */
+        const char *pv = getenv("FM_CUDA_PIPE");
+        const int pipe = n == 1 && npairs <= FMC_PSET && nu <= cm->chunk && !(pv && pv[0] == '0');
+        if (pipe) CKS(moe_decode_cached(x, il, list, nu, try_split, &hostmask, &ycpu, err, errlen));
         int64_t ci = 0;
-        for (int64_t c0 = 0; c0 < nu; c0 += cm->chunk, ci++) {
+        for (int64_t c0 = 0; !pipe && c0 < nu; c0 += cm->chunk, ci++) {
             const int64_t nc = nu - c0 < cm->chunk ? nu - c0 : cm->chunk;
             const int64_t ep = ++cm->epoch;
             if (c0 > 0) { /* staging / pinned slots of the previous chunk may still be in flight */
@@ -1728,28 +1935,11 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
             CK(cudaMemcpyAsync((void *)dp, (const void *)hp, sizeof(void *) * (size_t)npairs, cudaMemcpyHostToDevice, st));
             CKS(launch_experts(x, L, dp, hp, ci, npairs, err, errlen));
             for (int64_t i = 0; i < nc; i++) cm->eptr[list[c0 + i]] = NULL;
-            if (ncpu > 0) { /* the host's share, while the GPU copies and computes the rest */
-                const double tc = fm_now_ms();
-                cpu_experts(cm, FL, ncpu, cm->h_xn);
-                for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] = 0.f;
-                for (int64_t j = 0; j < ncpu; j++) {
-                    const float w = cm->cpair[j] >= 0 ? cm->h_topw[cm->cpair[j]] : 0.f;
-                    const float *src = cm->cy + j * H;
-                    for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] += w * src[d];
-                }
-                const double ms = fm_now_ms() - tc;
-                ema(&cm->rate_cpu, (double)((uint64_t)ncpu * bb) / ms);
-                c->cnt.cpu_experts += ncpu;
-                c->cnt.cpu_layers++;
-                c->cnt.cpu_ms += ms;
-                CK(cudaMemcpyAsync(cm->d_ycpu, cm->h_ycpu, sizeof(float) * (size_t)H, cudaMemcpyHostToDevice, st));
-                skip = dp;
-                ycpu = cm->d_ycpu;
-            }
+            if (ncpu > 0) CKS(host_share(x, FL, ncpu, &hostmask, &ycpu, err, errlen));
         }
     }
     k_moe_combine<<<dim3((unsigned)((H + 255) / 256), (unsigned)n), 256, 0, st>>>(c->x, c->ye, c->topw, K, c->sho, c->shs,
-                                                                                FL->has_shexp, n, H, skip, ycpu);
+                                                                                FL->has_shexp, n, H, hostmask, ycpu);
     CKL();
     return FM_OK;
 }
@@ -2164,7 +2354,7 @@ extern "C" fm_status fm_cuda_test_route(const float *logits, int64_t n, int32_t 
     TPUT(dl, logits, (size_t)(n * E) * 4);
     TPUT(di, NULL, (size_t)(n * K) * 4);
     TPUT(dw, NULL, (size_t)(n * K) * 4);
-    k_route<<<(unsigned)n, 256, sizeof(float) * (size_t)E>>>((const float *)dl, E, K, norm, (int32_t *)di, (float *)dw);
+    k_route<<<(unsigned)n, 32, sizeof(float) * (size_t)E>>>((const float *)dl, E, K, norm, (int32_t *)di, (float *)dw);
     TEND(idx, di, (size_t)(n * K) * 4);
     TEND(w, dw, (size_t)(n * K) * 4);
     tb_free(&tb);

@@ -199,11 +199,11 @@ __device__ __forceinline__ void row_dot(const DMat &W, int64_t r, const float *X
 
 template <int BITS, int R>
 __device__ __forceinline__ void rows_mv_affine(const DMat &W, int64_t r0, int nr, const float *__restrict__ x,
-                                               float (&acc)[R], int lane) {
+                                               float (&acc)[R], int lane, int ps) {
     const int64_t packs = W.cols >> 5, ng = W.cols / W.gs, rw = W.cols * BITS / 32;
     const int ppg = W.gs >> 5;
     const uint32_t *q0 = reinterpret_cast<const uint32_t *>(W.w) + r0 * rw;
-    for (int64_t p = lane; p < packs; p += 32) {
+    for (int64_t p = lane; p < packs; p += ps) {
         uint32_t w[R][BITS];
 #pragma unroll
         for (int r = 0; r < R; r++) {
@@ -246,11 +246,11 @@ __device__ __forceinline__ void rows_mv_affine(const DMat &W, int64_t r0, int nr
 
 template <int R>
 __device__ __forceinline__ void rows_mv_bf16(const DMat &W, int64_t r0, int nr, const float *__restrict__ x,
-                                             float (&acc)[R], int lane) {
+                                             float (&acc)[R], int lane, int ps) {
     const uint16_t *w0 = reinterpret_cast<const uint16_t *>(W.w) + r0 * W.cols;
     if ((W.cols & 7) == 0) {
         const int64_t packs = W.cols >> 3;
-        for (int64_t p = lane; p < packs; p += 32) {
+        for (int64_t p = lane; p < packs; p += ps) {
             uint4 v[R];
 #pragma unroll
             for (int r = 0; r < R; r++)
@@ -266,7 +266,7 @@ __device__ __forceinline__ void rows_mv_bf16(const DMat &W, int64_t r0, int nr, 
             }
         }
     } else {
-        for (int64_t c = lane; c < W.cols; c += 32) {
+        for (int64_t c = lane; c < W.cols; c += ps) {
             const float xv = __ldg(x + c);
 #pragma unroll
             for (int r = 0; r < R; r++)
@@ -277,10 +277,10 @@ __device__ __forceinline__ void rows_mv_bf16(const DMat &W, int64_t r0, int nr, 
 
 template <int R>
 __device__ __forceinline__ void rows_mv_f32(const DMat &W, int64_t r0, int nr, const float *__restrict__ x,
-                                            float (&acc)[R], int lane) {
+                                            float (&acc)[R], int lane, int ps) {
     const float *w0 = reinterpret_cast<const float *>(W.w) + r0 * W.cols;
     if ((W.cols & 3) == 0) {
-        for (int64_t p = lane; p < (W.cols >> 2); p += 32) {
+        for (int64_t p = lane; p < (W.cols >> 2); p += ps) {
             const float4 a = __ldg(reinterpret_cast<const float4 *>(x) + p);
 #pragma unroll
             for (int r = 0; r < R; r++)
@@ -290,7 +290,7 @@ __device__ __forceinline__ void rows_mv_f32(const DMat &W, int64_t r0, int nr, c
                 }
         }
     } else {
-        for (int64_t c = lane; c < W.cols; c += 32) {
+        for (int64_t c = lane; c < W.cols; c += ps) {
             const float xv = __ldg(x + c);
 #pragma unroll
             for (int r = 0; r < R; r++)
@@ -299,12 +299,86 @@ __device__ __forceinline__ void rows_mv_f32(const DMat &W, int64_t r0, int nr, c
     }
 }
 
+/* p0: this thread's first pack (lane, or lane + 32 * warp when a block's warps split the columns),
+ * ps: the pack stride (32, or 32 * warps) */
 template <int KIND, int R>
 __device__ __forceinline__ void rows_mv(const DMat &W, int64_t r0, int nr, const float *__restrict__ x,
-                                        float (&acc)[R], int lane) {
-    if constexpr (KIND == 0) rows_mv_f32<R>(W, r0, nr, x, acc, lane);
-    else if constexpr (KIND == 1) rows_mv_bf16<R>(W, r0, nr, x, acc, lane);
-    else rows_mv_affine<KIND, R>(W, r0, nr, x, acc, lane);
+                                        float (&acc)[R], int p0, int ps = 32) {
+    if constexpr (KIND == 0) rows_mv_f32<R>(W, r0, nr, x, acc, p0, ps);
+    else if constexpr (KIND == 1) rows_mv_bf16<R>(W, r0, nr, x, acc, p0, ps);
+    else rows_mv_affine<KIND, R>(W, r0, nr, x, acc, p0, ps);
+}
+
+/* gate and up rows r0..r0+nr of two affine matrices of one shape in one pass: each lane loads its
+ * slice of x once for 2R rows (x traffic from L1 halved against two rows_mv calls) */
+template <int BITS, int R>
+__device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, int64_t r0, int nr,
+                                                const float *__restrict__ x, float (&ag)[R], float (&au)[R], int p0,
+                                                int ps) {
+    const int64_t packs = G.cols >> 5, ng = G.cols / G.gs, rw = G.cols * BITS / 32;
+    const int ppg = G.gs >> 5;
+    const uint32_t *g0 = reinterpret_cast<const uint32_t *>(G.w) + r0 * rw;
+    const uint32_t *u0 = reinterpret_cast<const uint32_t *>(U.w) + r0 * rw;
+    for (int64_t p = p0; p < packs; p += ps) {
+        uint32_t wg[R][BITS], wu[R][BITS];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            if (r < nr) {
+                load_words<BITS>(g0 + r * rw + p * BITS, wg[r]);
+                load_words<BITS>(u0 + r * rw + p * BITS, wu[r]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < BITS; i++) wg[r][i] = wu[r][i] = 0u;
+            }
+        }
+        const int64_t g = p / ppg;
+        float sg[R], bg[R], su[R], bu[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int64_t o = (r0 + r) * ng + g;
+            sg[r] = r < nr ? bf2f(__ldg(G.s + o)) : 0.f;
+            bg[r] = r < nr ? bf2f(__ldg(G.b + o)) : 0.f;
+            su[r] = r < nr ? bf2f(__ldg(U.s + o)) : 0.f;
+            bu[r] = r < nr ? bf2f(__ldg(U.b + o)) : 0.f;
+        }
+        const float4 *xp = reinterpret_cast<const float4 *>(x + p * 32);
+        float xf[32];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float4 a = __ldg(xp + j);
+            xf[4 * j] = a.x; xf[4 * j + 1] = a.y; xf[4 * j + 2] = a.z; xf[4 * j + 3] = a.w;
+        }
+        float xs0 = 0.f, xs1 = 0.f;
+#pragma unroll
+        for (int i = 0; i < 32; i += 2) { xs0 += xf[i]; xs1 += xf[i + 1]; }
+        const float xs = xs0 + xs1;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float d0 = 0.f, d1 = 0.f, e0 = 0.f, e1 = 0.f;
+#pragma unroll
+            for (int i = 0; i < 32; i += 2) {
+                d0 += getq<BITS>(wg[r], i) * xf[i];
+                d1 += getq<BITS>(wg[r], i + 1) * xf[i + 1];
+                e0 += getq<BITS>(wu[r], i) * xf[i];
+                e1 += getq<BITS>(wu[r], i + 1) * xf[i + 1];
+            }
+            ag[r] += sg[r] * (d0 + d1) + bg[r] * xs;
+            au[r] += su[r] * (e0 + e1) + bu[r] * xs;
+        }
+    }
+}
+
+/* gate/up of any kind: the fused pass for affine, two passes otherwise */
+template <int KIND, int R>
+__device__ __forceinline__ void rows_mv_gu(const DMat &G, const DMat &U, int64_t r0, int nr,
+                                           const float *__restrict__ x, float (&ag)[R], float (&au)[R], int p0,
+                                           int ps = 32) {
+    if constexpr (KIND >= 2) {
+        rows_mv_affine2<KIND, R>(G, U, r0, nr, x, ag, au, p0, ps);
+    } else {
+        rows_mv<KIND, R>(G, r0, nr, x, ag, p0, ps);
+        rows_mv<KIND, R>(U, r0, nr, x, au, p0, ps);
+    }
 }
 
 #define FMC_MV_R 4
@@ -339,6 +413,38 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_mv(MVSet set, const float *_
     }
 }
 
+/* the same for matrices with few rows (routers, 1-row gates): a block per FMC_MV_R rows, its warps
+ * split the columns (pack p goes to warp (p / 32) % FMC_WARPS); the partial sums meet in shared
+ * memory in a fixed order (deterministic) */
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_sk(MVSet set, const float *__restrict__ x) {
+    const DMat &W = set.W[blockIdx.y];
+    float *__restrict__ y = set.y[blockIdx.y];
+    const int accumulate = set.acc[blockIdx.y];
+    __shared__ float part[FMC_WARPS][FMC_MV_R];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    for (int64_t r0 = (int64_t)blockIdx.x * FMC_MV_R; r0 < W.rows; r0 += (int64_t)gridDim.x * FMC_MV_R) {
+        const int nr = (int)(W.rows - r0 < FMC_MV_R ? W.rows - r0 : FMC_MV_R);
+        float acc[FMC_MV_R];
+#pragma unroll
+        for (int r = 0; r < FMC_MV_R; r++) acc[r] = 0.f;
+        rows_mv<KIND, FMC_MV_R>(W, r0, nr, x, acc, lane + 32 * wid, 32 * FMC_WARPS);
+#pragma unroll
+        for (int r = 0; r < FMC_MV_R; r++) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0) part[wid][r] = v;
+        }
+        __syncthreads();
+        if (threadIdx.x < FMC_MV_R && (int)threadIdx.x < nr) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < FMC_WARPS; w++) v += part[w][threadIdx.x];
+            y[r0 + threadIdx.x] = accumulate ? y[r0 + threadIdx.x] + v : v;
+        }
+        __syncthreads();
+    }
+}
+
 /* decode SwiGLU: h[r] = silu(G[r].x) * (U[r].x), 2 rows of each per warp pass */
 template <int KIND>
 __global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_swiglu(DMat G, DMat U, const float *__restrict__ x,
@@ -349,8 +455,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_swiglu(DMat G, DMat U, co
     for (int64_t r0 = warp * 2; r0 < G.rows; r0 += nwarps * 2) {
         const int nr = (int)(G.rows - r0 < 2 ? G.rows - r0 : 2);
         float ag[2] = {0.f, 0.f}, au[2] = {0.f, 0.f};
-        rows_mv<KIND, 2>(G, r0, nr, x, ag, lane);
-        rows_mv<KIND, 2>(U, r0, nr, x, au, lane);
+        rows_mv_gu<KIND, 2>(G, U, r0, nr, x, ag, au, lane);
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const float g = warp_sum(ag[r]), u = warp_sum(au[r]);
@@ -448,8 +553,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_gateup(DPart PG, DPart P
     for (int64_t r0 = warp * 2; r0 < G.rows; r0 += nwarps * 2) {
         const int nr = (int)(G.rows - r0 < 2 ? G.rows - r0 : 2);
         float ag[2] = {0.f, 0.f}, au[2] = {0.f, 0.f};
-        rows_mv<KIND, 2>(G, r0, nr, x, ag, lane);
-        rows_mv<KIND, 2>(U, r0, nr, x, au, lane);
+        rows_mv_gu<KIND, 2>(G, U, r0, nr, x, ag, au, lane);
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const float g = warp_sum(ag[r]), u = warp_sum(au[r]);
@@ -484,6 +588,60 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_down(DPart PD, const uin
     }
 }
 
+/* decode (one token) with the experts' VRAM blocks passed by value: member j (blockIdx.y) is the
+ * block at S.p[j] for pair S.pair[j] (= k); no pointer array in device memory, so a layer can launch
+ * its experts in several groups (hits at once, each copied miss as soon as its copy lands) */
+#define FMC_PSET 32
+struct PairSet {
+    const uint8_t *p[FMC_PSET];
+    int32_t pair[FMC_PSET];
+};
+
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_dec_gateup(DPart PG, DPart PU, PairSet S,
+                                                                const float *__restrict__ x, float *__restrict__ Hbuf) {
+    const uint8_t *base = S.p[blockIdx.y];
+    const int p = S.pair[blockIdx.y];
+    const DMat G = part_mat(PG, base), U = part_mat(PU, base);
+    const int lane = threadIdx.x & 31;
+    const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
+    const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
+    for (int64_t r0 = warp * 2; r0 < G.rows; r0 += nwarps * 2) {
+        const int nr = (int)(G.rows - r0 < 2 ? G.rows - r0 : 2);
+        float ag[2] = {0.f, 0.f}, au[2] = {0.f, 0.f};
+        rows_mv_gu<KIND, 2>(G, U, r0, nr, x, ag, au, lane);
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float g = warp_sum(ag[r]), u = warp_sum(au[r]);
+            if (lane == r && r < nr) Hbuf[(int64_t)p * G.rows + r0 + r] = d_silu(g) * u;
+        }
+    }
+}
+
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_dec_down(DPart PD, PairSet S, const float *__restrict__ Hbuf,
+                                                              float *__restrict__ Ye) {
+    const uint8_t *base = S.p[blockIdx.y];
+    const int p = S.pair[blockIdx.y];
+    const DMat D = part_mat(PD, base);
+    const float *h = Hbuf + (int64_t)p * D.cols;
+    const int lane = threadIdx.x & 31;
+    const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
+    const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
+    for (int64_t r0 = warp * FMC_MV_R; r0 < D.rows; r0 += nwarps * FMC_MV_R) {
+        const int nr = (int)(D.rows - r0 < FMC_MV_R ? D.rows - r0 : FMC_MV_R);
+        float a[FMC_MV_R];
+#pragma unroll
+        for (int r = 0; r < FMC_MV_R; r++) a[r] = 0.f;
+        rows_mv<KIND, FMC_MV_R>(D, r0, nr, h, a, lane);
+#pragma unroll
+        for (int r = 0; r < FMC_MV_R; r++) {
+            const float v = warp_sum(a[r]);
+            if (lane == r && r < nr) Ye[(int64_t)p * D.rows + r0 + r] = v;
+        }
+    }
+}
+
 /* resident experts: ptrs[p] = table[topi[p]] */
 __global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const uint8_t *const *table, const uint8_t **ptrs) {
     int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -491,16 +649,16 @@ __global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const uint8_t *
 }
 
 /* X[t] += sum_k w[t,k] * Ye[t*K+k] + (has_sh ? sigmoid(shs[t]) * sho[t] : 0) */
-/* skip (CPU split, decode): pairs whose pointer is NULL were computed on the host; their weighted
- * sum arrives as ycpu [n, H] (NULL: none) */
+/* hostmask (CPU split, decode, n == 1): bit k set = pair k was computed on the host; the weighted
+ * sum of those arrives as ycpu [n, H] (NULL: none) */
 __global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Ye, const float *__restrict__ topw,
                               int K, const float *__restrict__ sho, const float *__restrict__ shs, int has_sh,
-                              int64_t n, int64_t H, const uint8_t *const *skip, const float *__restrict__ ycpu) {
+                              int64_t n, int64_t H, uint32_t hostmask, const float *__restrict__ ycpu) {
     const int64_t t = blockIdx.y;
     for (int64_t d = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; d < H; d += (int64_t)gridDim.x * blockDim.x) {
         float acc = 0.f;
         for (int k = 0; k < K; k++)
-            if (!skip || skip[t * K + k]) acc += topw[t * K + k] * Ye[(t * K + k) * H + d];
+            if (!(k < 32 && ((hostmask >> k) & 1u))) acc += topw[t * K + k] * Ye[(t * K + k) * H + d];
         if (ycpu) acc += ycpu[t * H + d];
         if (has_sh) acc += d_sigmoid(shs[t]) * sho[t * H + d];
         X[t * H + d] += acc;
@@ -557,68 +715,51 @@ __global__ void k_norm(int op, const float *__restrict__ X, const float *__restr
 
 /* ------------------------------------------------------------------ routing */
 
-/* one block per token: softmax over E, top-K (descending, ties: lower index), renormalise */
+/* one warp per token (blockDim 32): softmax over E, top-K (descending, ties: lower index),
+ * renormalise. The K selection rounds are warp shuffles over the probabilities in shared memory:
+ * no block barriers (the old one-block version spent ~11 us per token on them). */
 __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm, int32_t *__restrict__ topi,
                         float *__restrict__ topw) {
     extern __shared__ float sp[]; /* E */
-    __shared__ float red[33];
-    __shared__ float bv[32];
-    __shared__ int bi[32];
     const int64_t t = blockIdx.x;
+    const int lane = threadIdx.x;
     const float *l = logits + t * E;
     float mx = -INFINITY;
-    for (int i = threadIdx.x; i < E; i += blockDim.x) mx = fmaxf(mx, l[i]);
-    /* block max */
+    for (int i = lane; i < E; i += 32) mx = fmaxf(mx, l[i]);
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float m = red[0];
-        for (int i = 1; i < (int)(blockDim.x >> 5); i++) m = fmaxf(m, red[i]);
-        red[32] = m;
-    }
-    __syncthreads();
-    mx = red[32];
-    __syncthreads();
     float s = 0.f;
-    for (int i = threadIdx.x; i < E; i += blockDim.x) {
-        float e = expf(l[i] - mx);
+    for (int i = lane; i < E; i += 32) {
+        const float e = expf(l[i] - mx);
         sp[i] = e;
         s += e;
     }
-    s = block_sum(s, red);
+    s = warp_sum(s);
     const float inv = 1.0f / s;
-    for (int i = threadIdx.x; i < E; i += blockDim.x) sp[i] *= inv;
-    __syncthreads();
+    for (int i = lane; i < E; i += 32) sp[i] *= inv;
+    __syncwarp();
     float wsum = 0.f;
     for (int k = 0; k < K; k++) {
         float v = -INFINITY;
         int idx = 0x7fffffff;
-        for (int i = threadIdx.x; i < E; i += blockDim.x) {
-            float x = sp[i];
+        for (int i = lane; i < E; i += 32) {
+            const float x = sp[i];
             if (x > v || (x == v && i < idx)) { v = x; idx = i; }
         }
         for (int o = 16; o > 0; o >>= 1) {
-            float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-            int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+            const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+            const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
             if (v2 > v || (v2 == v && i2 < idx)) { v = v2; idx = i2; }
         }
-        if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = v; bi[threadIdx.x >> 5] = idx; }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float bvv = bv[0];
-            int bii = bi[0];
-            for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-                if (bv[w] > bvv || (bv[w] == bvv && bi[w] < bii)) { bvv = bv[w]; bii = bi[w]; }
-            topi[t * K + k] = bii;
-            topw[t * K + k] = bvv;
-            sp[bii] = -INFINITY;
-            wsum += bvv;
+        if (lane == 0) {
+            topi[t * K + k] = idx;
+            topw[t * K + k] = v;
         }
-        __syncthreads();
+        if (idx >= 0 && idx < E && (idx & 31) == lane) sp[idx] = -INFINITY;
+        wsum += v;
+        __syncwarp();
     }
-    if (threadIdx.x == 0 && norm)
-        for (int k = 0; k < K; k++) topw[t * K + k] /= wsum;
+    if (norm && lane < K)
+        for (int k = lane; k < K; k += 32) topw[t * K + k] = topw[t * K + k] / wsum;
 }
 
 /* ------------------------------------------------------------------ full attention */
@@ -843,4 +984,76 @@ __global__ void __launch_bounds__(256) k_gdn(const float *__restrict__ QKV, cons
 #pragma unroll
     for (int i = 0; i < DKMAX; i++)
         if (act && i < dk) Sh[(int64_t)i * dv + j] = st[i];
+}
+
+/* GatedDeltaNet, decode (one token): grid (nv, ceil(dv/32)), 128 threads = 32 value columns x 4
+ * slices of the key dim; a thread keeps its column's rows i = slice*DKS .. +DKS of the state in
+ * registers (no spills, unlike k_gdn's full column); the slices' partial S^T k and S^T q meet in
+ * shared memory. O gets the un-normalized o; the gated RMSNorm over each head's dv outputs is a
+ * second pass (k_norm op 1, in place). dk <= 4 * DKS. */
+template <int DKS>
+__global__ void __launch_bounds__(128) k_gdn_dec(const float *__restrict__ QKV, const float *__restrict__ Aa,
+                                                  const float *__restrict__ Bb, const float *__restrict__ A_log,
+                                                  const float *__restrict__ dt_bias, float *__restrict__ S,
+                                                  float *__restrict__ O, int nk, int nv, int dk, int dv) {
+    __shared__ float sq[4 * DKS], sk[4 * DKS];
+    __shared__ float part[2][4][32];
+    __shared__ float nrm[2][4];
+    const int h = blockIdx.x, col = threadIdx.x & 31, sl = threadIdx.x >> 5;
+    const int j = blockIdx.y * 32 + col;
+    const bool act = j < dv;
+    const int kh = h / (nv / nk);
+    float pq = 0.f, pk = 0.f;
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+        const float a = QKV[(int64_t)kh * dk + i], b = QKV[(int64_t)nk * dk + (int64_t)kh * dk + i];
+        sq[i] = a;
+        sk[i] = b;
+        pq += a * a;
+        pk += b * b;
+    }
+    pq = warp_sum(pq);
+    pk = warp_sum(pk);
+    if (col == 0) {
+        nrm[0][sl] = pq;
+        nrm[1][sl] = pk;
+    }
+    __syncthreads();
+    const float ssq = (nrm[0][0] + nrm[0][1]) + (nrm[0][2] + nrm[0][3]);
+    const float ssk = (nrm[1][0] + nrm[1][1]) + (nrm[1][2] + nrm[1][3]);
+    const float rq = rsqrtf(ssq + 1e-6f) * rsqrtf((float)dk), rk = rsqrtf(ssk + 1e-6f);
+    const float beta = d_sigmoid(Bb[h]);
+    const float decay = expf(-expf(A_log[h]) * d_softplus(Aa[h] + dt_bias[h]));
+    float *Sh = S + (int64_t)h * dk * dv;
+    const int i0 = sl * DKS;
+    float st[DKS];
+    float kv = 0.f;
+#pragma unroll
+    for (int r = 0; r < DKS; r++) {
+        const int i = i0 + r;
+        st[r] = (act && i < dk) ? Sh[(int64_t)i * dv + j] * decay : 0.f;
+        if (i < dk) kv += st[r] * (sk[i] * rk);
+    }
+    part[0][sl][col] = kv;
+    __syncthreads();
+    kv = (part[0][0][col] + part[0][1][col]) + (part[0][2][col] + part[0][3][col]);
+    const float v = act ? QKV[2 * (int64_t)nk * dk + (int64_t)h * dv + j] : 0.f;
+    const float delta = (v - kv) * beta;
+    float o = 0.f;
+#pragma unroll
+    for (int r = 0; r < DKS; r++) {
+        const int i = i0 + r;
+        if (i < dk) {
+            st[r] += (sk[i] * rk) * delta;
+            o += st[r] * (sq[i] * rq);
+        }
+    }
+    part[1][sl][col] = o;
+    __syncthreads();
+    if (sl == 0 && act)
+        O[(int64_t)h * dv + j] = (part[1][0][col] + part[1][1][col]) + (part[1][2][col] + part[1][3][col]);
+#pragma unroll
+    for (int r = 0; r < DKS; r++) {
+        const int i = i0 + r;
+        if (act && i < dk) Sh[(int64_t)i * dv + j] = st[r];
+    }
 }
