@@ -653,6 +653,16 @@ typedef struct {
     cudaEvent_t ev_t0, ev_t1;      /* timing events around a layer's copies */
     cudaEvent_t ev_h0, ev_h1;      /* timing events around the final norm + lm_head */
     cudaEvent_t ev_grp[FMC_PSET];  /* decode: one per copied miss (its compute waits for it) */
+    /* the host share runs on its own thread (the split worker) while the main thread queues the
+     * layer's copies and kernels; started on first use */
+    pthread_t sw_th;
+    pthread_mutex_t sw_mu;
+    pthread_cond_t sw_cv;
+    int sw_state; /* 0 none, 1 running, -1 could not start (host share runs inline) */
+    int sw_stop, sw_job, sw_done;
+    const fm_layer *sw_FL;
+    int64_t sw_ncpu;
+    double sw_ms;
     int t_pending;
     uint64_t t_bytes;
 } fmc_model;
@@ -745,6 +755,15 @@ void fm_cuda_model_close(void *p) {
     cudaSetDevice(0);
     if (cm->cs) cudaStreamSynchronize(cm->cs);
     if (cm->xs) cudaStreamSynchronize(cm->xs);
+    if (cm->sw_state == 1) {
+        pthread_mutex_lock(&cm->sw_mu);
+        cm->sw_stop = 1;
+        pthread_cond_broadcast(&cm->sw_cv);
+        pthread_mutex_unlock(&cm->sw_mu);
+        pthread_join(cm->sw_th, NULL);
+        pthread_mutex_destroy(&cm->sw_mu);
+        pthread_cond_destroy(&cm->sw_cv);
+    }
     rpool_free(cm->pool);
     for (int32_t i = 0; i < cm->n_allocs; i++) cudaFree(cm->allocs[i]);
     free(cm->allocs);
@@ -1559,30 +1578,98 @@ static fm_status split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, cons
     return FM_OK;
 }
 
-/* the host's share of a decode layer's misses (cm->cblk / cm->cpair, ncpu of them), computed while
- * the GPU copies and computes the rest; its weighted sum goes to d_ycpu for the combine */
-static fm_status host_share(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask, const float **ycpu,
-                            char *err, size_t errlen) {
-    fmc_model *cm = x->cm;
-    fmc_session *c = x->c;
-    const int64_t H = x->m->H;
-    const double tc = fm_now_ms();
+/* the host's share of a decode layer's misses (cm->cblk / cm->cpair, ncpu of them): the experts on
+ * the CPU pool, then their weighted sum into h_ycpu */
+static void host_share_compute(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
+    const int64_t H = cm->m->H;
     cpu_experts(cm, FL, ncpu, cm->h_xn);
     for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] = 0.f;
     for (int64_t j = 0; j < ncpu; j++) {
         const float w = cm->cpair[j] >= 0 ? cm->h_topw[cm->cpair[j]] : 0.f;
         const float *src = cm->cy + j * H;
         for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] += w * src[d];
-        if (cm->cpair[j] >= 0 && cm->cpair[j] < 32) *hostmask |= 1u << cm->cpair[j];
     }
-    const double ms = fm_now_ms() - tc;
+}
+
+static void *split_main(void *arg) {
+    fmc_model *cm = (fmc_model *)arg;
+    pthread_mutex_lock(&cm->sw_mu);
+    for (;;) {
+        while (!cm->sw_stop && !cm->sw_job) pthread_cond_wait(&cm->sw_cv, &cm->sw_mu);
+        if (cm->sw_stop) break;
+        const fm_layer *FL = cm->sw_FL;
+        const int64_t ncpu = cm->sw_ncpu;
+        pthread_mutex_unlock(&cm->sw_mu);
+        const double t0 = fm_now_ms();
+        host_share_compute(cm, FL, ncpu);
+        const double ms = fm_now_ms() - t0;
+        pthread_mutex_lock(&cm->sw_mu);
+        cm->sw_ms = ms;
+        cm->sw_job = 0;
+        cm->sw_done = 1;
+        pthread_cond_broadcast(&cm->sw_cv);
+    }
+    pthread_mutex_unlock(&cm->sw_mu);
+    return NULL;
+}
+
+/* start the host share on the split worker (inline, now, if the worker cannot start) */
+static void host_share_start(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
+    if (cm->sw_state == 0) {
+        pthread_mutex_init(&cm->sw_mu, NULL);
+        pthread_cond_init(&cm->sw_cv, NULL);
+        if (pthread_create(&cm->sw_th, NULL, split_main, cm) == 0) {
+            cm->sw_state = 1;
+        } else {
+            pthread_mutex_destroy(&cm->sw_mu);
+            pthread_cond_destroy(&cm->sw_cv);
+            cm->sw_state = -1;
+        }
+    }
+    if (cm->sw_state != 1) {
+        const double t0 = fm_now_ms();
+        host_share_compute(cm, FL, ncpu);
+        cm->sw_ms = fm_now_ms() - t0;
+        cm->sw_done = 1;
+        return;
+    }
+    pthread_mutex_lock(&cm->sw_mu);
+    cm->sw_FL = FL;
+    cm->sw_ncpu = ncpu;
+    cm->sw_done = 0;
+    cm->sw_job = 1;
+    pthread_cond_broadcast(&cm->sw_cv);
+    pthread_mutex_unlock(&cm->sw_mu);
+}
+
+/* wait for the host share, then queue its sum for the combine (d_ycpu) and set the pairs' bits */
+static fm_status host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask,
+                                   const float **ycpu, char *err, size_t errlen) {
+    fmc_model *cm = x->cm;
+    fmc_session *c = x->c;
+    if (cm->sw_state == 1) {
+        pthread_mutex_lock(&cm->sw_mu);
+        while (!cm->sw_done) pthread_cond_wait(&cm->sw_cv, &cm->sw_mu);
+        pthread_mutex_unlock(&cm->sw_mu);
+    }
+    cm->sw_done = 0;
+    const double ms = cm->sw_ms;
+    for (int64_t j = 0; j < ncpu; j++)
+        if (cm->cpair[j] >= 0 && cm->cpair[j] < 32) *hostmask |= 1u << cm->cpair[j];
     ema(&cm->rate_cpu, (double)((uint64_t)ncpu * FL->block_bytes) / ms);
     c->cnt.cpu_experts += ncpu;
     c->cnt.cpu_layers++;
     c->cnt.cpu_ms += ms;
-    CK(cudaMemcpyAsync(cm->d_ycpu, cm->h_ycpu, sizeof(float) * (size_t)H, cudaMemcpyHostToDevice, cm->cs));
+    CK(cudaMemcpyAsync(cm->d_ycpu, cm->h_ycpu, sizeof(float) * (size_t)x->m->H, cudaMemcpyHostToDevice, cm->cs));
     *ycpu = cm->d_ycpu;
     return FM_OK;
+}
+
+/* the host share, start to finish (the prefill-era chunk loop: nothing to overlap it with there) */
+static fm_status host_share(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask, const float **ycpu,
+                            char *err, size_t errlen) {
+    host_share_start(x->cm, FL, ncpu);
+    return host_share_finish(x, FL, ncpu, hostmask, ycpu, err, errlen);
 }
 
 /* decode experts whose VRAM blocks are in S (cnt members), on the compute stream */
@@ -1606,12 +1693,90 @@ static fm_status launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int
     return FM_OK;
 }
 
+/* the copies / reads of a decode layer's misses that the GPU takes (moe_decode_cached) */
+typedef struct {
+    int64_t rh, sr;
+    int nstore;
+    PairSet ss; /* the misses read from storage */
+} dec_miss;
+
+static fm_status dec_issue_misses(fmc_ctx *x, int32_t il, const int32_t *list, const int32_t *pair_of, int64_t nu,
+                                  int64_t ep, dec_miss *dm, char *err, size_t errlen) {
+    fm_model *m = x->m;
+    fmc_model *cm = x->cm;
+    const cl_layer *L = &cm->L[il];
+    const int64_t E = m->n_experts;
+    const uint64_t bb = m->layers[il].block_bytes, foff = m->files[il].data_offset;
+    int nt = 0, ng = 0;
+    CK(cudaEventRecord(cm->ev_t0, cm->xs));
+    for (int64_t i = 0; i < nu; i++) {
+        const int64_t e = list[i], key = (int64_t)il * E + e;
+        if (cm->eptr[e]) continue; /* a hit, or the host's */
+        const int64_t vs = lru_take(&cm->vl, key, ep);
+        if (vs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free VRAM expert slot");
+        uint8_t *dst = cm->vram + (uint64_t)vs * cm->slot_bytes;
+        cm->eptr[e] = dst;
+        const int64_t rs0 = cm->has_ram ? cm->rl.of[key] : -1;
+        if (rs0 >= 0) { /* pinned host cache -> VRAM, then its compute behind its own event */
+            lru_touch(&cm->rl, rs0, ep);
+            CK(cudaMemcpyAsync(dst, rslot_ptr(cm, rs0), bb, cudaMemcpyHostToDevice, cm->xs));
+            CK(cudaEventRecord(cm->ev_grp[ng], cm->xs));
+            CK(cudaStreamWaitEvent(cm->cs, cm->ev_grp[ng], 0));
+            ng++;
+            PairSet one;
+            one.p[0] = dst;
+            one.pair[0] = pair_of[i];
+            CKS(launch_dec(x, L, &one, 1, err, errlen));
+            dm->rh++;
+            continue;
+        }
+        rtask *t = &cm->pool->tasks[nt];
+        if (cm->has_ram) {
+            const int64_t rs = lru_take(&cm->rl, key, ep);
+            if (rs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free pinned expert slot");
+            t->dst = rslot_ptr(cm, rs);
+        } else {
+            t->dst = cm->stage + (uint64_t)nt * cm->slot_bytes;
+        }
+        nt++;
+        t->fd = cm->fds[il];
+        t->off = foff + (uint64_t)e * bb;
+        t->len = bb;
+        t->ddst = dst;
+        t->il = il;
+        t->e = (int32_t)e;
+        dm->ss.p[dm->nstore] = dst;
+        dm->ss.pair[dm->nstore++] = pair_of[i];
+        dm->sr++;
+    }
+    const double tr = fm_now_ms();
+    fm_status rst = rpool_run(cm->pool, nt, err, errlen);
+    x->s->st.ms_io_wait += fm_now_ms() - tr;
+    if (rst != FM_OK) { /* the slots assigned to failed reads hold garbage: forget them */
+        for (int i = 0; i < nt; i++) {
+            const int64_t key = (int64_t)il * E + cm->pool->tasks[i].e;
+            if (cm->vl.of[key] >= 0) { cm->vl.key[cm->vl.of[key]] = -1; cm->vl.of[key] = -1; }
+            if (cm->has_ram && cm->rl.of[key] >= 0) { cm->rl.key[cm->rl.of[key]] = -1; cm->rl.of[key] = -1; }
+        }
+        return rst;
+    }
+    CK(cudaEventRecord(cm->ev_copy, cm->xs));
+    CK(cudaEventRecord(cm->ev_t1, cm->xs));
+    if (dm->nstore) {
+        CK(cudaStreamWaitEvent(cm->cs, cm->ev_copy, 0));
+        CKS(launch_dec(x, L, &dm->ss, dm->nstore, err, errlen));
+    }
+    return FM_OK;
+}
+
 /* One decode layer's routed experts with a VRAM cache (not resident), the nu distinct experts in
  * list (nu <= K <= FMC_PSET, one token):
  *   hits: computed at once (they overlap the copies);
- *   misses in the pinned host cache: the CPU share (try_split) is computed on the host; every other
- *   one is copied on the copy stream and its compute is queued behind an event on its own copy, so
- *   the GPU works through the misses as they land and only the last one's compute trails the copies;
+ *   the CPU share (try_split) of the misses in the pinned host cache: started first, on the split
+ *   worker thread, so the host computes while the main thread queues the GPU's part;
+ *   other misses in the pinned host cache: each copied on the copy stream, its compute queued behind
+ *   an event on its own copy, so the GPU works through the misses as they land and only the last
+ *   one's compute trails the copies;
  *   misses from storage: pread by the pool (each worker queues its copy), computed after the last.
  * Still one host sync (the routed ids) per layer. */
 static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, int64_t nu, int try_split,
@@ -1623,8 +1788,9 @@ static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, 
     const cl_layer *L = &cm->L[il];
     const int64_t E = m->n_experts;
     const int32_t K = m->k_tok;
-    const uint64_t bb = FL->block_bytes, foff = m->files[il].data_offset;
+    const uint64_t bb = FL->block_bytes;
     const int64_t ep = ++cm->epoch;
+    static const uint8_t host_mark = 0;
     int32_t pair_of[FMC_PSET];
     for (int64_t i = 0; i < nu; i++) {
         pair_of[i] = 0;
@@ -1649,78 +1815,32 @@ static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, 
             m_other++;
         }
     }
-    CKS(launch_dec(x, L, &hs, nh, err, errlen));
+    /* the host's share: chosen, then started before anything else is queued */
     const int64_t ncpu_want = try_split ? split_count(cm->split, cm->rate_h2d, cm->rate_cpu, m_ram, m_other) : 0;
-    int64_t ncpu = 0, rh = 0, sr = 0;
-    int nt = 0, ng = 0, nstore = 0;
-    PairSet ss; /* the misses read from storage */
-    CK(cudaEventRecord(cm->ev_t0, cm->xs));
-    for (int64_t i = 0; i < nu; i++) {
+    int64_t ncpu = 0;
+    for (int64_t i = 0; i < nu && ncpu < ncpu_want; i++) {
         const int64_t e = list[i], key = (int64_t)il * E + e;
-        if (cm->eptr[e]) continue;
-        const int64_t rs0 = cm->has_ram ? cm->rl.of[key] : -1;
-        if (ncpu < ncpu_want && rs0 >= 0) { /* computed on the host, not copied */
-            lru_touch(&cm->rl, rs0, ep);
-            cm->cblk[ncpu] = rslot_ptr(cm, rs0);
-            cm->cpair[ncpu++] = pair_of[i];
-            rh++;
-            continue;
-        }
-        const int64_t vs = lru_take(&cm->vl, key, ep);
-        if (vs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free VRAM expert slot");
-        uint8_t *dst = cm->vram + (uint64_t)vs * cm->slot_bytes;
-        cm->eptr[e] = dst;
-        if (rs0 >= 0) { /* pinned host cache -> VRAM, then its compute behind its own event */
-            lru_touch(&cm->rl, rs0, ep);
-            CK(cudaMemcpyAsync(dst, rslot_ptr(cm, rs0), bb, cudaMemcpyHostToDevice, cm->xs));
-            CK(cudaEventRecord(cm->ev_grp[ng], cm->xs));
-            CK(cudaStreamWaitEvent(cm->cs, cm->ev_grp[ng], 0));
-            ng++;
-            PairSet one;
-            one.p[0] = dst;
-            one.pair[0] = pair_of[i];
-            CKS(launch_dec(x, L, &one, 1, err, errlen));
-            rh++;
-            continue;
-        }
-        rtask *t = &cm->pool->tasks[nt];
-        if (cm->has_ram) {
-            const int64_t rs = lru_take(&cm->rl, key, ep);
-            if (rs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free pinned expert slot");
-            t->dst = rslot_ptr(cm, rs);
-        } else {
-            t->dst = cm->stage + (uint64_t)nt * cm->slot_bytes;
-        }
-        nt++;
-        t->fd = cm->fds[il];
-        t->off = foff + (uint64_t)e * bb;
-        t->len = bb;
-        t->ddst = dst;
-        t->il = il;
-        t->e = (int32_t)e;
-        ss.p[nstore] = dst;
-        ss.pair[nstore++] = pair_of[i];
-        sr++;
+        if (cm->eptr[e] || cm->rl.of[key] < 0) continue;
+        lru_touch(&cm->rl, cm->rl.of[key], ep);
+        cm->cblk[ncpu] = rslot_ptr(cm, cm->rl.of[key]);
+        cm->cpair[ncpu++] = pair_of[i];
+        cm->eptr[e] = &host_mark;
     }
-    const double tr = fm_now_ms();
-    fm_status rst = rpool_run(cm->pool, nt, err, errlen);
-    x->s->st.ms_io_wait += fm_now_ms() - tr;
-    if (rst != FM_OK) { /* the slots assigned to failed reads hold garbage: forget them */
-        for (int i = 0; i < nt; i++) {
-            const int64_t key = (int64_t)il * E + cm->pool->tasks[i].e;
-            if (cm->vl.of[key] >= 0) { cm->vl.key[cm->vl.of[key]] = -1; cm->vl.of[key] = -1; }
-            if (cm->has_ram && cm->rl.of[key] >= 0) { cm->rl.key[cm->rl.of[key]] = -1; cm->rl.of[key] = -1; }
-        }
-        for (int64_t i = 0; i < nu; i++) cm->eptr[list[i]] = NULL;
-        return rst;
+    if (ncpu > 0) host_share_start(cm, FL, ncpu);
+    dec_miss dm;
+    memset(&dm, 0, sizeof dm);
+    fm_status st = launch_dec(x, L, &hs, nh, err, errlen);
+    if (st == FM_OK) st = dec_issue_misses(x, il, list, pair_of, nu, ep, &dm, err, errlen);
+    for (int64_t i = 0; i < nu; i++) cm->eptr[list[i]] = NULL;
+    /* the worker must be done with this layer's buffers before anything returns */
+    if (ncpu > 0) {
+        char e2[256];
+        fm_status s2 = host_share_finish(x, FL, ncpu, hostmask, ycpu, e2, sizeof e2);
+        if (st == FM_OK && s2 != FM_OK) return fm_errf(err, errlen, s2, "%s", e2);
     }
-    CK(cudaEventRecord(cm->ev_copy, cm->xs));
-    CK(cudaEventRecord(cm->ev_t1, cm->xs));
-    if (nstore) {
-        CK(cudaStreamWaitEvent(cm->cs, cm->ev_copy, 0));
-        CKS(launch_dec(x, L, &ss, nstore, err, errlen));
-    }
-    cm->t_bytes = (uint64_t)(rh - ncpu + sr) * bb;
+    if (st != FM_OK) return st;
+    const int64_t rh = dm.rh + ncpu, sr = dm.sr;
+    cm->t_bytes = (uint64_t)(dm.rh + sr) * bb;
     cm->t_pending = cm->t_bytes > 0;
     c->cnt.vram_hits += nh;
     c->cnt.ram_hits += rh;
@@ -1730,8 +1850,6 @@ static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, 
     x->s->st.last_expert_hits += rh;
     x->s->st.last_expert_loads += sr;
     x->s->st.last_bytes_read += (int64_t)((uint64_t)sr * bb);
-    for (int64_t i = 0; i < nu; i++) cm->eptr[list[i]] = NULL;
-    if (ncpu > 0) CKS(host_share(x, FL, ncpu, hostmask, ycpu, err, errlen));
     return FM_OK;
 }
 
