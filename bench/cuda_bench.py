@@ -193,10 +193,13 @@ def cmd_tiers(a):
         for pp in a.pipes.split(","):
             os.environ["FM_CUDA_PIPE"] = pp
             for sp in a.splits.split(","):
-                os.environ["FM_CUDA_CPU_SPLIT"] = sp
+                # "auto+t": the host share on its own thread (FM_CUDA_SPLIT_THREAD=1)
+                os.environ["FM_CUDA_SPLIT_THREAD"] = "1" if sp.endswith("+t") else "0"
+                os.environ["FM_CUDA_CPU_SPLIT"] = sp[:-2] if sp.endswith("+t") else sp
                 rows.append(tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp, pp))
         os.environ.pop("FM_CUDA_CPU_SPLIT", None)
         os.environ.pop("FM_CUDA_PIPE", None)
+        os.environ.pop("FM_CUDA_SPLIT_THREAD", None)
         del eng
     if a.resident_too:
         eng = core.Engine(a.dir, backend=1, io_threads=16)
@@ -248,7 +251,8 @@ def main():
     ap.add_argument("--budgets", default="8,16,32")
     ap.add_argument("--scale-layers", type=int, default=0)
     ap.add_argument("--resident-too", action="store_true")
-    ap.add_argument("--splits", default="0,auto", help="FM_CUDA_CPU_SPLIT settings to run per budget (tiers)")
+    ap.add_argument("--splits", default="0,auto", help="FM_CUDA_CPU_SPLIT settings to run per budget (tiers); "
+                    "a +t suffix runs the host share on its own thread (FM_CUDA_SPLIT_THREAD=1)")
     ap.add_argument("--pipes", default="1", help="FM_CUDA_PIPE settings (1: decode experts computed as their "
                     "copies land, 0: after all copies) to run per budget (tiers)")
     ap.add_argument("--lens", default="64,256,1024", help="prompt lengths (prefill)")

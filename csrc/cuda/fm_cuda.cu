@@ -659,6 +659,7 @@ typedef struct {
     pthread_mutex_t sw_mu;
     pthread_cond_t sw_cv;
     int sw_state; /* 0 none, 1 running, -1 could not start (host share runs inline) */
+    int split_async; /* FM_CUDA_SPLIT_THREAD (read per eval) */
     int sw_stop, sw_job, sw_done;
     const fm_layer *sw_FL;
     int64_t sw_ncpu;
@@ -1613,6 +1614,14 @@ static void *split_main(void *arg) {
     return NULL;
 }
 
+/* the host share on the calling thread, now */
+static void host_share_inline(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
+    const double t0 = fm_now_ms();
+    host_share_compute(cm, FL, ncpu);
+    cm->sw_ms = fm_now_ms() - t0;
+    cm->sw_done = 1;
+}
+
 /* start the host share on the split worker (inline, now, if the worker cannot start) */
 static void host_share_start(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
     if (cm->sw_state == 0) {
@@ -1627,10 +1636,7 @@ static void host_share_start(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
         }
     }
     if (cm->sw_state != 1) {
-        const double t0 = fm_now_ms();
-        host_share_compute(cm, FL, ncpu);
-        cm->sw_ms = fm_now_ms() - t0;
-        cm->sw_done = 1;
+        host_share_inline(cm, FL, ncpu);
         return;
     }
     pthread_mutex_lock(&cm->sw_mu);
@@ -1647,7 +1653,7 @@ static fm_status host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu,
                                    const float **ycpu, char *err, size_t errlen) {
     fmc_model *cm = x->cm;
     fmc_session *c = x->c;
-    if (cm->sw_state == 1) {
+    if (cm->sw_state == 1 && !cm->sw_done) {
         pthread_mutex_lock(&cm->sw_mu);
         while (!cm->sw_done) pthread_cond_wait(&cm->sw_cv, &cm->sw_mu);
         pthread_mutex_unlock(&cm->sw_mu);
@@ -1826,12 +1832,21 @@ static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, 
         cm->cpair[ncpu++] = pair_of[i];
         cm->eptr[e] = &host_mark;
     }
-    if (ncpu > 0) host_share_start(cm, FL, ncpu);
+    /* FM_CUDA_SPLIT_THREAD=1: the host share starts on the split worker before the GPU's part is
+     * queued; default (0): on this thread after it (measured faster on the H100 machine: with the
+     * worker, the compute pool's 16 threads plus this one oversubscribe the 16 cores and a
+     * descheduled pool thread stalls the share; bench/RESULTS.md) */
+    const int async = cm->split_async;
+    if (ncpu > 0 && async) host_share_start(cm, FL, ncpu);
     dec_miss dm;
     memset(&dm, 0, sizeof dm);
     fm_status st = launch_dec(x, L, &hs, nh, err, errlen);
     if (st == FM_OK) st = dec_issue_misses(x, il, list, pair_of, nu, ep, &dm, err, errlen);
     for (int64_t i = 0; i < nu; i++) cm->eptr[list[i]] = NULL;
+    if (ncpu > 0 && !async) {
+        if (st != FM_OK) return st;
+        host_share_inline(cm, FL, ncpu);
+    }
     /* the worker must be done with this layer's buffers before anything returns */
     if (ncpu > 0) {
         char e2[256];
@@ -2187,6 +2202,8 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
                                sv);
         }
         c->cm->split = sp;
+        const char *tv2 = getenv("FM_CUDA_SPLIT_THREAD");
+        c->cm->split_async = tv2 && tv2[0] == '1';
     }
     {
         const char *gv = getenv("FM_CUDA_GRAPH"); /* 0: plain launches (comparison) */
