@@ -13,6 +13,9 @@
  * array copy per chunk (cached mode).
  * Host syncs per decode step: resident: 1 (the logits); cached: 1 per MoE layer (reading the
  * routed ids, needed to manage the tiers) + 1 (the logits), whether the layer hits or misses.
+ * Decode with a cache is pipelined (moe_decode_cached): hits run at once, each missed block's
+ * compute waits only for its own copy. Prefill: + 1 per MoE layer per batch (the grouped expert
+ * work list is built on the host). Kernel switches: docs/INTERNALS.md section 5.
  * Does not own: model parsing (fm_model.c), the CPU forward pass (fm_forward.c), kernels
  * (fm_cuda_kernels.cuh).
  */
