@@ -663,6 +663,7 @@ typedef struct {
     pthread_cond_t sw_cv;
     int sw_state; /* 0 none, 1 running, -1 could not start (host share runs inline) */
     int split_async; /* FM_CUDA_SPLIT_THREAD (read per eval) */
+    int64_t split_calls; /* auto-split decisions (every 64th may probe the host with one expert) */
     int sw_stop, sw_job, sw_done;
     const fm_layer *sw_FL;
     int64_t sw_ncpu;
@@ -1518,7 +1519,8 @@ static void cpu_experts(fmc_model *cm, const fm_layer *FL, int64_t nc, const flo
  * ones the CPU can take), m_other come from storage (always the GPU's). split > 0: that fraction of
  * m_ram; split < 0 (auto): both sides finish at once when the CPU takes a share rate_cpu /
  * (rate_cpu + rate_h2d) of all the missed bytes. */
-static int64_t split_count(double split, double rate_h2d, double rate_cpu, int64_t m_ram, int64_t m_other) {
+static int64_t split_count(double split, double rate_h2d, double rate_cpu, int64_t m_ram, int64_t m_other,
+                           int probe) {
     if (split == 0.0 || m_ram <= 0) return 0;
     double want;
     if (split > 0.0) {
@@ -1527,6 +1529,11 @@ static int64_t split_count(double split, double rate_h2d, double rate_cpu, int64
         want = 1.0; /* a rate not measured yet: one expert on the host measures both sides */
     } else {
         want = (double)(m_ram + m_other) * rate_cpu / (rate_cpu + rate_h2d);
+        /* a share under 2 experts does not pay for itself: its result still has to cross PCIe
+         * after the host's fixed costs, and on the H100 machine such shares made decode slower
+         * than PCIe alone (bench/RESULTS.md). Off then, except a 1-expert probe (probe != 0) that
+         * keeps rate_cpu current, so the split comes back when the host is fast again. */
+        if (want < 1.5) want = probe ? 1.0 : 0.0;
     }
     int64_t n = (int64_t)(want + 0.5);
     if (n < 0) n = 0;
@@ -1825,7 +1832,9 @@ static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, 
         }
     }
     /* the host's share: chosen, then started before anything else is queued */
-    const int64_t ncpu_want = try_split ? split_count(cm->split, cm->rate_h2d, cm->rate_cpu, m_ram, m_other) : 0;
+    const int64_t ncpu_want =
+        try_split ? split_count(cm->split, cm->rate_h2d, cm->rate_cpu, m_ram, m_other, (++cm->split_calls & 63) == 0)
+                  : 0;
     int64_t ncpu = 0;
     for (int64_t i = 0; i < nu && ncpu < ncpu_want; i++) {
         const int64_t e = list[i], key = (int64_t)il * E + e;
@@ -1986,7 +1995,8 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
                     if (cm->rl.of[key] >= 0) m_ram++;
                     else m_other++;
                 }
-                ncpu_want = split_count(cm->split, cm->rate_h2d, cm->rate_cpu, m_ram, m_other);
+                ncpu_want = split_count(cm->split, cm->rate_h2d, cm->rate_cpu, m_ram, m_other,
+                                        (++cm->split_calls & 63) == 0);
             }
             for (int64_t i = 0; i < nc; i++) {
                 const int64_t e = list[c0 + i], key = (int64_t)il * E + e;
