@@ -1428,6 +1428,20 @@ static fm_status launch_experts_grouped(fmc_ctx *x, const cl_layer *L, const uin
 /* the routed experts of npairs (token, k) pairs; dptrs: device pointer per pair (NULL: not in
  * this chunk). Prefill (n > 1) goes grouped by expert (launch_experts_grouped); hptrs: the host
  * copy of this chunk's pointers (cached tiers; NULL: resident, ids read back here), ci: chunk */
+/* grids of the gate+up and down expert kernels for n experts (blockIdx.y): a pair's rows spread
+ * over fewer blocks when many pairs run at once */
+static void expert_grids(const cl_layer *L, int sms, int64_t n, dim3 *gu, dim3 *gd) {
+    dim3 g1 = mv_grid(L->pg.rows, 2, sms), g2 = mv_grid(L->pd.rows, FMC_MV_R, sms);
+    const int64_t want = (int64_t)sms * 8;
+    if ((int64_t)g1.x * n > want) g1.x = (unsigned)((want + n - 1) / n);
+    if ((int64_t)g2.x * n > want) g2.x = (unsigned)((want + n - 1) / n);
+    if (g1.x < 1) g1.x = 1;
+    if (g2.x < 1) g2.x = 1;
+    g1.y = g2.y = (unsigned)n;
+    *gu = g1;
+    *gd = g2;
+}
+
 static fm_status launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const *dptrs,
                                 const uint8_t *const *hptrs, int64_t ci, int64_t npairs, char *err, size_t errlen) {
     fm_model *m = x->m;
@@ -1436,15 +1450,8 @@ static fm_status launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *co
     const int K = m->k_tok;
     if (x->n > 1 && !x->graph && x->cm->mcnt && mma_enabled() && mma_experts_ok(L->pg, L->pu, L->pd, m->H))
         return launch_experts_grouped(x, L, dptrs, hptrs, ci, npairs, err, errlen);
-    dim3 g1 = mv_grid(L->pg.rows, 2, x->cm->sms), g2 = mv_grid(L->pd.rows, FMC_MV_R, x->cm->sms);
-    /* spread a pair's rows over fewer blocks when many pairs run at once */
-    unsigned b1 = g1.x, b2 = g2.x;
-    int64_t want = (int64_t)x->cm->sms * 8;
-    if ((int64_t)b1 * npairs > want) b1 = (unsigned)((want + npairs - 1) / npairs);
-    if ((int64_t)b2 * npairs > want) b2 = (unsigned)((want + npairs - 1) / npairs);
-    if (b1 < 1) b1 = 1;
-    if (b2 < 1) b2 = 1;
-    dim3 gg(b1, (unsigned)npairs), gd(b2, (unsigned)npairs);
+    dim3 gg, gd;
+    expert_grids(L, x->cm->sms, npairs, &gg, &gd);
 #define LG(KD) k_moe_gateup<KD><<<gg, FMC_WARPS * 32, 0, st>>>(L->pg, L->pu, dptrs, K, c->xn, m->H, c->hb)
 #define LD(KD) k_moe_down<KD><<<gd, FMC_WARPS * 32, 0, st>>>(L->pd, dptrs, c->hb, c->ye)
     KIND_SWITCH(L->pg.kind, LG)
@@ -1693,11 +1700,8 @@ static fm_status launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int
     if (cnt <= 0) return FM_OK;
     fmc_session *c = x->c;
     cudaStream_t st = x->cm->cs;
-    dim3 g1 = mv_grid(L->pg.rows, 2, x->cm->sms), g2 = mv_grid(L->pd.rows, FMC_MV_R, x->cm->sms);
-    const int64_t want = (int64_t)x->cm->sms * 8;
-    if ((int64_t)g1.x * cnt > want) g1.x = (unsigned)((want + cnt - 1) / cnt);
-    if ((int64_t)g2.x * cnt > want) g2.x = (unsigned)((want + cnt - 1) / cnt);
-    g1.y = g2.y = (unsigned)cnt;
+    dim3 g1, g2;
+    expert_grids(L, x->cm->sms, cnt, &g1, &g2);
 #define LG(KD) k_dec_gateup<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pg, L->pu, *S, c->xn, c->hb)
 #define LD(KD) k_dec_down<KD><<<g2, FMC_WARPS * 32, 0, st>>>(L->pd, *S, c->hb, c->ye)
     KIND_SWITCH(L->pg.kind, LG)

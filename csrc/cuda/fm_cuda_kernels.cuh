@@ -193,6 +193,20 @@ __device__ __forceinline__ void row_dot(const DMat &W, int64_t r, const float *X
     else row_affine<KIND, NT>(W, r, X, ldx, nt, acc, lane);
 }
 
+/* the 32 values of x in pack p into registers; returns their sum (the affine bias term) */
+__device__ __forceinline__ float load_xpack(const float *__restrict__ x, int64_t p, float (&xf)[32]) {
+    const float4 *xp = reinterpret_cast<const float4 *>(x + p * 32);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float4 a = __ldg(xp + j);
+        xf[4 * j] = a.x; xf[4 * j + 1] = a.y; xf[4 * j + 2] = a.z; xf[4 * j + 3] = a.w;
+    }
+    float xs0 = 0.f, xs1 = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) { xs0 += xf[i]; xs1 += xf[i + 1]; }
+    return xs0 + xs1;
+}
+
 /* ------------------------------------------------------------------ decode: R rows per warp
  * One vector x; a warp computes R consecutive rows at once so each lane loads its slice of x once
  * for R rows (x traffic from L1 / R) and has R independent weight loads in flight. */
@@ -220,17 +234,8 @@ __device__ __forceinline__ void rows_mv_affine(const DMat &W, int64_t r0, int nr
             sc[r] = r < nr ? bf2f(__ldg(W.s + (r0 + r) * ng + g)) : 0.f;
             bi[r] = r < nr ? bf2f(__ldg(W.b + (r0 + r) * ng + g)) : 0.f;
         }
-        const float4 *xp = reinterpret_cast<const float4 *>(x + p * 32);
         float xf[32];
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            float4 a = __ldg(xp + j);
-            xf[4 * j] = a.x; xf[4 * j + 1] = a.y; xf[4 * j + 2] = a.z; xf[4 * j + 3] = a.w;
-        }
-        float xs0 = 0.f, xs1 = 0.f;
-#pragma unroll
-        for (int i = 0; i < 32; i += 2) { xs0 += xf[i]; xs1 += xf[i + 1]; }
-        const float xs = xs0 + xs1;
+        const float xs = load_xpack(x, p, xf);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             float d0 = 0.f, d1 = 0.f;
@@ -341,17 +346,8 @@ __device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, in
             su[r] = r < nr ? bf2f(__ldg(U.s + o)) : 0.f;
             bu[r] = r < nr ? bf2f(__ldg(U.b + o)) : 0.f;
         }
-        const float4 *xp = reinterpret_cast<const float4 *>(x + p * 32);
         float xf[32];
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            float4 a = __ldg(xp + j);
-            xf[4 * j] = a.x; xf[4 * j + 1] = a.y; xf[4 * j + 2] = a.z; xf[4 * j + 3] = a.w;
-        }
-        float xs0 = 0.f, xs1 = 0.f;
-#pragma unroll
-        for (int i = 0; i < 32; i += 2) { xs0 += xf[i]; xs1 += xf[i + 1]; }
-        const float xs = xs0 + xs1;
+        const float xs = load_xpack(x, p, xf);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             float d0 = 0.f, d1 = 0.f, e0 = 0.f, e1 = 0.f;
@@ -536,17 +532,11 @@ __device__ __forceinline__ DMat part_mat(const DPart &P, const uint8_t *base) {
     return W;
 }
 
-/* routed experts, gate+up: pair p = t*K + k (blockIdx.y) uses the expert block at ptrs[p]
- * (NULL: not in this chunk, skipped); Hbuf[p*I + r] = silu(g)*u */
+/* one routed expert's rows in this block's warps: gate+up (2 rows of each per warp pass) into
+ * Hbuf[p*I + r] = silu(g)*u, and down (FMC_MV_R rows per warp pass) into Ye[p*H + r] */
 template <int KIND>
-__global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_gateup(DPart PG, DPart PU, const uint8_t *const *ptrs, int K,
-                                                                const float *__restrict__ X, int64_t H,
-                                                                float *__restrict__ Hbuf) {
-    const int p = blockIdx.y;
-    const uint8_t *base = ptrs[p];
-    if (!base) return;
-    const DMat G = part_mat(PG, base), U = part_mat(PU, base);
-    const float *x = X + (int64_t)(p / K) * H;
+__device__ __forceinline__ void expert_gateup(const DMat &G, const DMat &U, const float *__restrict__ x,
+                                              float *__restrict__ Hbuf, int p) {
     const int lane = threadIdx.x & 31;
     const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
     const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
@@ -562,15 +552,8 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_gateup(DPart PG, DPart P
     }
 }
 
-/* routed experts, down: Ye[p*H + r] = D[r,:] . Hbuf[p] */
 template <int KIND>
-__global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_down(DPart PD, const uint8_t *const *ptrs,
-                                                              const float *__restrict__ Hbuf, float *__restrict__ Ye) {
-    const int p = blockIdx.y;
-    const uint8_t *base = ptrs[p];
-    if (!base) return;
-    const DMat D = part_mat(PD, base);
-    const float *h = Hbuf + (int64_t)p * D.cols;
+__device__ __forceinline__ void expert_down(const DMat &D, const float *__restrict__ h, float *__restrict__ Ye, int p) {
     const int lane = threadIdx.x & 31;
     const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
     const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
@@ -586,6 +569,32 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_down(DPart PD, const uin
             if (lane == r && r < nr) Ye[(int64_t)p * D.rows + r0 + r] = v;
         }
     }
+}
+
+/* routed experts, gate+up: pair p = t*K + k (blockIdx.y) uses the expert block at ptrs[p]
+ * (NULL: not in this chunk, skipped); Hbuf[p*I + r] = silu(g)*u */
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_gateup(DPart PG, DPart PU, const uint8_t *const *ptrs, int K,
+                                                                const float *__restrict__ X, int64_t H,
+                                                                float *__restrict__ Hbuf) {
+    const int p = blockIdx.y;
+    const uint8_t *base = ptrs[p];
+    if (!base) return;
+    const DMat G = part_mat(PG, base), U = part_mat(PU, base);
+    const float *x = X + (int64_t)(p / K) * H;
+    expert_gateup<KIND>(G, U, x, Hbuf, p);
+}
+
+/* routed experts, down: Ye[p*H + r] = D[r,:] . Hbuf[p] */
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_down(DPart PD, const uint8_t *const *ptrs,
+                                                              const float *__restrict__ Hbuf, float *__restrict__ Ye) {
+    const int p = blockIdx.y;
+    const uint8_t *base = ptrs[p];
+    if (!base) return;
+    const DMat D = part_mat(PD, base);
+    const float *h = Hbuf + (int64_t)p * D.cols;
+    expert_down<KIND>(D, h, Ye, p);
 }
 
 /* decode (one token) with the experts' VRAM blocks passed by value: member j (blockIdx.y) is the
@@ -603,19 +612,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_dec_gateup(DPart PG, DPart P
     const uint8_t *base = S.p[blockIdx.y];
     const int p = S.pair[blockIdx.y];
     const DMat G = part_mat(PG, base), U = part_mat(PU, base);
-    const int lane = threadIdx.x & 31;
-    const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
-    const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
-    for (int64_t r0 = warp * 2; r0 < G.rows; r0 += nwarps * 2) {
-        const int nr = (int)(G.rows - r0 < 2 ? G.rows - r0 : 2);
-        float ag[2] = {0.f, 0.f}, au[2] = {0.f, 0.f};
-        rows_mv_gu<KIND, 2>(G, U, r0, nr, x, ag, au, lane);
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float g = warp_sum(ag[r]), u = warp_sum(au[r]);
-            if (lane == r && r < nr) Hbuf[(int64_t)p * G.rows + r0 + r] = d_silu(g) * u;
-        }
-    }
+    expert_gateup<KIND>(G, U, x, Hbuf, p);
 }
 
 template <int KIND>
@@ -625,21 +622,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_dec_down(DPart PD, PairSet S
     const int p = S.pair[blockIdx.y];
     const DMat D = part_mat(PD, base);
     const float *h = Hbuf + (int64_t)p * D.cols;
-    const int lane = threadIdx.x & 31;
-    const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
-    const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
-    for (int64_t r0 = warp * FMC_MV_R; r0 < D.rows; r0 += nwarps * FMC_MV_R) {
-        const int nr = (int)(D.rows - r0 < FMC_MV_R ? D.rows - r0 : FMC_MV_R);
-        float a[FMC_MV_R];
-#pragma unroll
-        for (int r = 0; r < FMC_MV_R; r++) a[r] = 0.f;
-        rows_mv<KIND, FMC_MV_R>(D, r0, nr, h, a, lane);
-#pragma unroll
-        for (int r = 0; r < FMC_MV_R; r++) {
-            const float v = warp_sum(a[r]);
-            if (lane == r && r < nr) Ye[(int64_t)p * D.rows + r0 + r] = v;
-        }
-    }
+    expert_down<KIND>(D, h, Ye, p);
 }
 
 /* resident experts: ptrs[p] = table[topi[p]] */
