@@ -387,11 +387,10 @@ struct MVSet {
     int acc[FMC_MULTI];
 };
 
+/* y[r] (+)= W[r,:] . x over all rows, FMC_MV_R rows per warp pass, the grid's warps in turn */
 template <int KIND>
-__global__ void __launch_bounds__(FMC_WARPS * 32) k_mv(MVSet set, const float *__restrict__ x) {
-    const DMat &W = set.W[blockIdx.y];
-    float *__restrict__ y = set.y[blockIdx.y];
-    const int accumulate = set.acc[blockIdx.y];
+__device__ __forceinline__ void warp_rows_mv(const DMat &W, const float *__restrict__ x, float *__restrict__ y,
+                                             int accumulate) {
     const int lane = threadIdx.x & 31;
     const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
     const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
@@ -407,6 +406,11 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_mv(MVSet set, const float *_
             if (lane == r && r < nr) y[r0 + r] = accumulate ? y[r0 + r] + v : v;
         }
     }
+}
+
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_mv(MVSet set, const float *__restrict__ x) {
+    warp_rows_mv<KIND>(set.W[blockIdx.y], x, set.y[blockIdx.y], set.acc[blockIdx.y]);
 }
 
 /* the same for matrices with few rows (routers, 1-row gates): a block per FMC_MV_R rows, its warps
@@ -554,21 +558,7 @@ __device__ __forceinline__ void expert_gateup(const DMat &G, const DMat &U, cons
 
 template <int KIND>
 __device__ __forceinline__ void expert_down(const DMat &D, const float *__restrict__ h, float *__restrict__ Ye, int p) {
-    const int lane = threadIdx.x & 31;
-    const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
-    const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
-    for (int64_t r0 = warp * FMC_MV_R; r0 < D.rows; r0 += nwarps * FMC_MV_R) {
-        const int nr = (int)(D.rows - r0 < FMC_MV_R ? D.rows - r0 : FMC_MV_R);
-        float a[FMC_MV_R];
-#pragma unroll
-        for (int r = 0; r < FMC_MV_R; r++) a[r] = 0.f;
-        rows_mv<KIND, FMC_MV_R>(D, r0, nr, h, a, lane);
-#pragma unroll
-        for (int r = 0; r < FMC_MV_R; r++) {
-            const float v = warp_sum(a[r]);
-            if (lane == r && r < nr) Ye[(int64_t)p * D.rows + r0 + r] = v;
-        }
-    }
+    warp_rows_mv<KIND>(D, h, Ye + (int64_t)p * D.rows, 0);
 }
 
 /* routed experts, gate+up: pair p = t*K + k (blockIdx.y) uses the expert block at ptrs[p]
