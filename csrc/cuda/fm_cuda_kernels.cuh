@@ -446,9 +446,10 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_sk(MVSet set, const float
 }
 
 /* decode SwiGLU: h[r] = silu(G[r].x) * (U[r].x), 2 rows of each per warp pass */
+/* h[r] = silu(G[r,:].x) * (U[r,:].x) over all rows, 2 rows of each per warp pass */
 template <int KIND>
-__global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_swiglu(DMat G, DMat U, const float *__restrict__ x,
-                                                               float *__restrict__ h) {
+__device__ __forceinline__ void warp_rows_swiglu(const DMat &G, const DMat &U, const float *__restrict__ x,
+                                                 float *__restrict__ h) {
     const int lane = threadIdx.x & 31;
     const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
     const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
@@ -462,6 +463,12 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_swiglu(DMat G, DMat U, co
             if (lane == r && r < nr) h[r0 + r] = d_silu(g) * u;
         }
     }
+}
+
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_swiglu(DMat G, DMat U, const float *__restrict__ x,
+                                                               float *__restrict__ h) {
+    warp_rows_swiglu<KIND>(G, U, x, h);
 }
 
 /* ------------------------------------------------------------------ matrix kernels */
@@ -541,19 +548,7 @@ __device__ __forceinline__ DMat part_mat(const DPart &P, const uint8_t *base) {
 template <int KIND>
 __device__ __forceinline__ void expert_gateup(const DMat &G, const DMat &U, const float *__restrict__ x,
                                               float *__restrict__ Hbuf, int p) {
-    const int lane = threadIdx.x & 31;
-    const int64_t warp = (int64_t)blockIdx.x * FMC_WARPS + (threadIdx.x >> 5);
-    const int64_t nwarps = (int64_t)gridDim.x * FMC_WARPS;
-    for (int64_t r0 = warp * 2; r0 < G.rows; r0 += nwarps * 2) {
-        const int nr = (int)(G.rows - r0 < 2 ? G.rows - r0 : 2);
-        float ag[2] = {0.f, 0.f}, au[2] = {0.f, 0.f};
-        rows_mv_gu<KIND, 2>(G, U, r0, nr, x, ag, au, lane);
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float g = warp_sum(ag[r]), u = warp_sum(au[r]);
-            if (lane == r && r < nr) Hbuf[(int64_t)p * G.rows + r0 + r] = d_silu(g) * u;
-        }
-    }
+    warp_rows_swiglu<KIND>(G, U, x, Hbuf + (int64_t)p * G.rows);
 }
 
 template <int KIND>
