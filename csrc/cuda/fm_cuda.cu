@@ -1713,6 +1713,62 @@ static fm_status launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int
     return FM_OK;
 }
 
+/* queue the read of layer il's expert e from storage (task nt of the read pool): into a pinned
+ * host-cache slot when there is a host tier (the block stays cached), else into staging slot nt;
+ * the worker then copies it to the VRAM slot ddst */
+static fm_status queue_read(fmc_model *cm, int32_t il, int64_t e, uint8_t *ddst, int64_t ep, int *nt, char *err,
+                            size_t errlen) {
+    const fm_model *m = cm->m;
+    const uint64_t bb = m->layers[il].block_bytes;
+    rtask *t = &cm->pool->tasks[*nt];
+    if (cm->has_ram) {
+        const int64_t rs = lru_take(&cm->rl, (int64_t)il * m->n_experts + e, ep);
+        if (rs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free pinned expert slot");
+        t->dst = rslot_ptr(cm, rs);
+    } else {
+        t->dst = cm->stage + (uint64_t)*nt * cm->slot_bytes;
+    }
+    t->fd = cm->fds[il];
+    t->off = m->files[il].data_offset + (uint64_t)e * bb;
+    t->len = bb;
+    t->ddst = ddst;
+    t->il = il;
+    t->e = (int32_t)e;
+    (*nt)++;
+    return FM_OK;
+}
+
+/* run the nt queued reads of layer il; on failure the slots assigned to them hold garbage and are
+ * forgotten */
+static fm_status run_reads(fmc_ctx *x, int32_t il, int nt, char *err, size_t errlen) {
+    fmc_model *cm = x->cm;
+    const double tr = fm_now_ms();
+    const fm_status rst = rpool_run(cm->pool, nt, err, errlen);
+    x->s->st.ms_io_wait += fm_now_ms() - tr;
+    if (rst != FM_OK) {
+        for (int i = 0; i < nt; i++) {
+            const int64_t key = (int64_t)il * x->m->n_experts + cm->pool->tasks[i].e;
+            if (cm->vl.of[key] >= 0) { cm->vl.key[cm->vl.of[key]] = -1; cm->vl.of[key] = -1; }
+            if (cm->has_ram && cm->rl.of[key] >= 0) { cm->rl.key[cm->rl.of[key]] = -1; cm->rl.of[key] = -1; }
+        }
+    }
+    return rst;
+}
+
+/* a layer's tier counts: vh VRAM hits, rh pinned-cache hits (copied or computed on the host),
+ * sr storage reads; copied = blocks that crossed PCIe */
+static void count_tiers(fmc_ctx *x, int64_t vh, int64_t rh, int64_t sr, int64_t copied, uint64_t bb) {
+    fmc_session *c = x->c;
+    c->cnt.vram_hits += vh;
+    c->cnt.ram_hits += rh;
+    c->cnt.storage_reads += sr;
+    c->cnt.h2d_bytes += (int64_t)((uint64_t)copied * bb);
+    x->s->st.expert_hits_vram += vh;
+    x->s->st.last_expert_hits += rh;
+    x->s->st.last_expert_loads += sr;
+    x->s->st.last_bytes_read += (int64_t)((uint64_t)sr * bb);
+}
+
 /* the copies / reads of a decode layer's misses that the GPU takes (moe_decode_cached) */
 typedef struct {
     int64_t rh, sr;
@@ -1726,7 +1782,7 @@ static fm_status dec_issue_misses(fmc_ctx *x, int32_t il, const int32_t *list, c
     fmc_model *cm = x->cm;
     const cl_layer *L = &cm->L[il];
     const int64_t E = m->n_experts;
-    const uint64_t bb = m->layers[il].block_bytes, foff = m->files[il].data_offset;
+    const uint64_t bb = m->layers[il].block_bytes;
     int nt = 0, ng = 0;
     CK(cudaEventRecord(cm->ev_t0, cm->xs));
     for (int64_t i = 0; i < nu; i++) {
@@ -1750,36 +1806,12 @@ static fm_status dec_issue_misses(fmc_ctx *x, int32_t il, const int32_t *list, c
             dm->rh++;
             continue;
         }
-        rtask *t = &cm->pool->tasks[nt];
-        if (cm->has_ram) {
-            const int64_t rs = lru_take(&cm->rl, key, ep);
-            if (rs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free pinned expert slot");
-            t->dst = rslot_ptr(cm, rs);
-        } else {
-            t->dst = cm->stage + (uint64_t)nt * cm->slot_bytes;
-        }
-        nt++;
-        t->fd = cm->fds[il];
-        t->off = foff + (uint64_t)e * bb;
-        t->len = bb;
-        t->ddst = dst;
-        t->il = il;
-        t->e = (int32_t)e;
+        CKS(queue_read(cm, il, e, dst, ep, &nt, err, errlen));
         dm->ss.p[dm->nstore] = dst;
         dm->ss.pair[dm->nstore++] = pair_of[i];
         dm->sr++;
     }
-    const double tr = fm_now_ms();
-    fm_status rst = rpool_run(cm->pool, nt, err, errlen);
-    x->s->st.ms_io_wait += fm_now_ms() - tr;
-    if (rst != FM_OK) { /* the slots assigned to failed reads hold garbage: forget them */
-        for (int i = 0; i < nt; i++) {
-            const int64_t key = (int64_t)il * E + cm->pool->tasks[i].e;
-            if (cm->vl.of[key] >= 0) { cm->vl.key[cm->vl.of[key]] = -1; cm->vl.of[key] = -1; }
-            if (cm->has_ram && cm->rl.of[key] >= 0) { cm->rl.key[cm->rl.of[key]] = -1; cm->rl.of[key] = -1; }
-        }
-        return rst;
-    }
+    CKS(run_reads(x, il, nt, err, errlen));
     CK(cudaEventRecord(cm->ev_copy, cm->xs));
     CK(cudaEventRecord(cm->ev_t1, cm->xs));
     if (dm->nstore) {
@@ -1802,7 +1834,6 @@ static fm_status dec_issue_misses(fmc_ctx *x, int32_t il, const int32_t *list, c
 static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, int64_t nu, int try_split,
                                    uint32_t *hostmask, const float **ycpu, char *err, size_t errlen) {
     fm_model *m = x->m;
-    fmc_session *c = x->c;
     fmc_model *cm = x->cm;
     const fm_layer *FL = &m->layers[il];
     const cl_layer *L = &cm->L[il];
@@ -1873,14 +1904,7 @@ static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, 
     const int64_t rh = dm.rh + ncpu, sr = dm.sr;
     cm->t_bytes = (uint64_t)(dm.rh + sr) * bb;
     cm->t_pending = cm->t_bytes > 0;
-    c->cnt.vram_hits += nh;
-    c->cnt.ram_hits += rh;
-    c->cnt.storage_reads += sr;
-    c->cnt.h2d_bytes += (int64_t)cm->t_bytes;
-    x->s->st.expert_hits_vram += nh;
-    x->s->st.last_expert_hits += rh;
-    x->s->st.last_expert_loads += sr;
-    x->s->st.last_bytes_read += (int64_t)((uint64_t)sr * bb);
+    count_tiers(x, nh, rh, sr, dm.rh + sr, bb);
     return FM_OK;
 }
 
@@ -1956,7 +1980,6 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
                 cm->eptr[e] = NULL;
             }
         const uint64_t bb = FL->block_bytes;
-        const uint64_t foff = m->files[il].data_offset;
         /* decode: the pipelined path (hits at once, each copied miss as soon as it lands); the chunk
          * loop below serves prefill (and FM_CUDA_PIPE=0, for comparison) */
         const char *pv = getenv("FM_CUDA_PIPE");
@@ -2023,62 +2046,23 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
                 if (vs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free VRAM expert slot");
                 uint8_t *dst = cm->vram + (uint64_t)vs * cm->slot_bytes;
                 cm->eptr[e] = dst;
-                if (cm->has_ram) {
-                    int64_t rs = cm->rl.of[key];
-                    if (rs >= 0) {
-                        lru_touch(&cm->rl, rs, ep);
-                        CK(cudaMemcpyAsync(dst, rslot_ptr(cm, rs), bb, cudaMemcpyHostToDevice, cm->xs));
-                        rh++;
-                        continue;
-                    }
-                    rs = lru_take(&cm->rl, key, ep);
-                    if (rs < 0) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: no free pinned expert slot");
-                    rtask *t = &cm->pool->tasks[nt++];
-                    t->dst = rslot_ptr(cm, rs);
-                    t->fd = cm->fds[il];
-                    t->off = foff + (uint64_t)e * bb;
-                    t->len = bb;
-                    t->ddst = dst;
-                    t->il = il;
-                    t->e = (int32_t)e;
-                } else {
-                    rtask *t = &cm->pool->tasks[nt];
-                    t->dst = cm->stage + (uint64_t)nt * cm->slot_bytes;
-                    nt++;
-                    t->fd = cm->fds[il];
-                    t->off = foff + (uint64_t)e * bb;
-                    t->len = bb;
-                    t->ddst = dst;
-                    t->il = il;
-                    t->e = (int32_t)e;
+                const int64_t rs = cm->has_ram ? cm->rl.of[key] : -1;
+                if (rs >= 0) {
+                    lru_touch(&cm->rl, rs, ep);
+                    CK(cudaMemcpyAsync(dst, rslot_ptr(cm, rs), bb, cudaMemcpyHostToDevice, cm->xs));
+                    rh++;
+                    continue;
                 }
+                CKS(queue_read(cm, il, e, dst, ep, &nt, err, errlen));
                 sr++;
             }
-            double tr = fm_now_ms();
-            fm_status rst = rpool_run(cm->pool, nt, err, errlen);
-            x->s->st.ms_io_wait += fm_now_ms() - tr;
-            if (rst != FM_OK) {
-                /* the slots assigned to failed reads hold garbage: forget them */
-                for (int i = 0; i < nt; i++) {
-                    int64_t key = (int64_t)il * E + cm->pool->tasks[i].e;
-                    if (cm->vl.of[key] >= 0) { cm->vl.key[cm->vl.of[key]] = -1; cm->vl.of[key] = -1; }
-                    if (cm->has_ram && cm->rl.of[key] >= 0) { cm->rl.key[cm->rl.of[key]] = -1; cm->rl.of[key] = -1; }
-                }
-                return rst;
-            }
+            CKS(run_reads(x, il, nt, err, errlen));
             CK(cudaEventRecord(cm->ev_copy, cm->xs));
             CK(cudaEventRecord(cm->ev_t1, cm->xs));
             cm->t_bytes = (uint64_t)(rh - ncpu + sr) * bb;
             cm->t_pending = cm->t_bytes > 0;
             CK(cudaStreamWaitEvent(st, cm->ev_copy, 0));
-            c->cnt.vram_hits += vh;
-            c->cnt.ram_hits += rh;
-            c->cnt.storage_reads += sr;
-            c->cnt.h2d_bytes += (int64_t)((uint64_t)(rh - ncpu + sr) * bb);
-            x->s->st.expert_hits_vram += vh;
-            x->s->st.last_expert_hits += rh;
-            x->s->st.last_expert_loads += sr;
-            x->s->st.last_bytes_read += (int64_t)((uint64_t)sr * bb);
+            count_tiers(x, vh, rh, sr, rh - ncpu + sr, bb);
             const uint8_t **hp = cm->h_ptrs + ci * (int64_t)FMC_UBATCH * K;
             const uint8_t **dp = cm->d_ptrs + ci * (int64_t)FMC_UBATCH * K;
             for (int64_t p = 0; p < npairs; p++) hp[p] = cm->eptr[cm->h_topi[p]];
