@@ -127,6 +127,17 @@ def build_parser():
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--model-name", default=None, help="model id in the API (default: dir name)")
+    se.add_argument("--max-queue", type=int, default=256,
+                    help="requests that may wait besides the running one; beyond: 503 + Retry-After")
+    se.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds a request may take, queued + running (0 = no limit)")
+    se.add_argument("--max-body", default="4MiB", help="largest request body, e.g. 4MiB (413 beyond)")
+    se.add_argument("--allowed-hosts", default=None,
+                    help="comma-separated Host names to accept, '*' = any (default: loopback names "
+                         "when bound to a loopback address, else any)")
+    se.add_argument("--cors-origins", default=None,
+                    help="comma-separated Origins allowed by CORS, '*' = any (default: CORS off, "
+                         "requests with an Origin header are refused)")
     _add_load_args(se)
     se.set_defaults(fn=_cmd_serve)
 

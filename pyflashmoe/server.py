@@ -1,16 +1,44 @@
-"""OpenAI-compatible HTTP server: `flashmoe serve DIR [--host 127.0.0.1] [--port 8000]`.
+"""OpenAI-compatible HTTP server: `flashmoe serve DIR [--host 127.0.0.1] [--port 8000] [--max-queue 256]
+[--timeout 3600] [--max-body 4MiB] [--allowed-hosts H,...] [--cors-origins O,...]`.
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/completions,
 POST /v1/completions.
 
-* One Model behind a lock: one generation at a time, other requests wait their turn. The
-  model's session keeps its state, so a chat request whose prompt extends the previous request's
-  prompt + answer only evaluates the new tokens.
-* Sampling: temperature, top_p, max_tokens / max_completion_tokens, stop, seed, n=1, plus the
-  common extensions top_k, min_p, repetition_penalty and chat_template_kwargs (e.g.
-  {"enable_thinking": false}). Omitted sampling fields use the model's generation_config.json
-  (greedy when it has none). presence_penalty / frequency_penalty are accepted and ignored.
-  max_tokens defaults to the rest of the context.
+* One engine thread owns the Model and runs the generations, one at a time, in FIFO order of
+  admission (Scheduler.pick_next is the one place that chooses the next work: a later batching
+  scheduler replaces it). Each request gets its own asyncio queue that the engine thread feeds
+  through loop.call_soon_threadsafe, so no request holds a lock or a worker thread while it waits
+  or streams: a slow or stalled client cannot hold up the others. The model's session keeps its
+  state, so a chat request whose prompt extends the previous request's prompt + answer only
+  evaluates the new tokens.
+* At most --max-queue requests wait (default 256) besides the running one; beyond that a request
+  gets 503 with Retry-After. --timeout bounds a request's total time, queued + running (default
+  3600 s, 0 = none): past it a request ends with 504 (in-band error event when streaming). A client
+  that disconnects cancels its request at once: a queued one is dropped before it runs, a running
+  one stops before its next token. An exception from a generation (e.g. NumericalError, an I/O
+  error) ends that request with a 500 error (streaming: a `data: {"error": ...}` event, then
+  `data: [DONE]`); the engine thread goes on with the next request. /health reports the engine
+  thread, the queue depth and counters; it is 503 when the engine thread is not running.
+* Limits, each a 4xx naming the field: the body (--max-body, default 4 MiB, 413, enforced while
+  reading, chunked or not), the message count (4096), each message's and the rendered prompt's
+  length (a prompt with more characters than the context can hold, context length x the longest
+  token in characters, is refused before it is tokenized), max_tokens / max_completion_tokens <=
+  the context length, ranges of every sampling field (below), at most 16 stop strings of <= 512
+  characters, at most 128 tools. chat_template_kwargs: a client may set only enable_thinking (a
+  boolean); any other key is a 400 naming it.
+* Sampling: temperature [0, 100], top_p (0, 1], top_k -1..vocab (-1/0 = off), min_p [0, 1),
+  repetition_penalty (0, 100], seed any int64, max_tokens / max_completion_tokens, stop, n=1.
+  Omitted sampling fields use the model's generation_config.json (greedy when it has none).
+  presence_penalty / frequency_penalty [-2, 2] are accepted and ignored. max_tokens defaults to
+  the rest of the context.
+* Browsers: POST bodies must be Content-Type application/json (else 415), so a cross-origin
+  "simple" request cannot start a generation; a request with an Origin header is refused (403)
+  unless --cors-origins lists it ("*" = any; CORS is off by default). When bound to a loopback
+  address only loopback Host headers (127.0.0.1, localhost, [::1], any port) are accepted (400
+  otherwise: DNS rebinding); --allowed-hosts sets the list ("*" = any; the default for other
+  addresses).
+* Memory: big bodies are dropped as soon as they are parsed, and when the engine goes idle after
+  work the heap is trimmed (glibc malloc_trim), so RSS comes back after large requests.
 * stream=true sends Server-Sent Events: `data: {chunk}` lines and a final `data: [DONE]`;
   stream_options.include_usage adds a usage chunk.
 * Tool calls (tools, tool_choice "auto" | "none" | "required" | {"type": "function", ...}): the
@@ -24,26 +52,54 @@ POST /v1/completions.
 * Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}; a malformed request
   gets a 400 naming the field.
 """
+import asyncio
+import collections
+import ctypes
+import gc
+import ipaddress
 import json
 import math
 import threading
 import time
 import uuid
 
+from pyflashmoe import errors as _errors
 from pyflashmoe.errors import ArgumentError, ContextFullError, FlashMoEError
 from pyflashmoe.toolcalls import OutputParser, prompt_opens_thinking
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_TIMEOUT = 3600.0
+MAX_MESSAGES = 4096
+MAX_TOOLS = 128
+MAX_STOP = 16
+MAX_STOP_CHARS = 512
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+# the chat_template_kwargs a client may set, with their types (anything else could replace the
+# template's own variables, e.g. the template, the messages or add_generation_prompt)
+CLIENT_TEMPLATE_KWARGS = {"enable_thinking": bool}
+BIG_BODY = 1 << 20  # bodies at least this big trigger a gc + heap trim once the server is idle
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 class APIError(Exception):
-    def __init__(self, message, param=None, status=400, type_="invalid_request_error", code=None):
+    def __init__(self, message, param=None, status=400, type_="invalid_request_error", code=None,
+                 headers=None):
         super().__init__(message)
         self.message, self.param, self.status, self.type, self.code = message, param, status, type_, code
+        self.headers = headers
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+def _short(v, n=60):
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 # ------------------------------------------------------------------------------ validation
@@ -56,24 +112,26 @@ def _number(body, key, lo=None, hi=None, lo_open=False, hi_open=False):
     if v is None:
         return None
     if not _is_num(v):
-        raise APIError(f"'{key}' must be a finite number, got {v!r}", key)
+        raise APIError(f"'{key}' must be a finite number, got {_short(v)}", key)
     if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise APIError(f"'{key}' must be {'>' if lo_open else '>='} {lo}, got {v}", key)
+        raise APIError(f"'{key}' must be {'>' if lo_open else '>='} {lo}, got {_short(v)}", key)
     if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise APIError(f"'{key}' must be {'<' if hi_open else '<='} {hi}, got {v}", key)
+        raise APIError(f"'{key}' must be {'<' if hi_open else '<='} {hi}, got {_short(v)}", key)
     return float(v)
 
 
-def _integer(body, key, lo=None):
+def _integer(body, key, lo=None, hi=None, hi_what=""):
     v = body.get(key)
     if v is None:
         return None
     if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-        raise APIError(f"'{key}' must be an integer, got {v!r}", key)
-    v = int(v)
-    if lo is not None and v < lo:
-        raise APIError(f"'{key}' must be >= {lo}, got {v}", key)
-    return v
+        raise APIError(f"'{key}' must be an integer, got {_short(v)}", key)
+    n = int(v)
+    if lo is not None and n < lo:
+        raise APIError(f"'{key}' must be >= {lo}, got {_short(v)}", key)
+    if hi is not None and n > hi:
+        raise APIError(f"'{key}' must be <= {hi}{hi_what}, got {_short(v)}", key)
+    return n
 
 
 def _bool(body, key, default=False):
@@ -81,35 +139,36 @@ def _bool(body, key, default=False):
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise APIError(f"'{key}' must be a boolean, got {v!r}", key)
+        raise APIError(f"'{key}' must be a boolean, got {_short(v)}", key)
     return v
 
 
-def parse_sampling(body: dict) -> dict:
-    """Validated generate() keyword arguments from an OpenAI request body."""
+def parse_sampling(body: dict, context_length: int | None = None, n_vocab: int | None = None) -> dict:
+    """Validated generate() keyword arguments from an OpenAI request body. With context_length,
+    max_tokens above it is an error; with n_vocab, so is top_k above it."""
     kw = {}
-    t = _number(body, "temperature", lo=0)
+    t = _number(body, "temperature", lo=0, hi=MAX_TEMPERATURE)
     if t is not None:
         kw["temperature"] = t
     p = _number(body, "top_p", lo=0, hi=1, lo_open=True)
     if p is not None:
         kw["top_p"] = p
-    k = _integer(body, "top_k", lo=-1)
+    k = _integer(body, "top_k", lo=-1, hi=n_vocab, hi_what=" (the vocabulary size)")
     if k is not None:
         kw["top_k"] = max(k, 0)  # -1 = disabled (vLLM convention)
     m = _number(body, "min_p", lo=0, hi=1, hi_open=True)
     if m is not None:
         kw["min_p"] = m
-    r = _number(body, "repetition_penalty", lo=0, lo_open=True)
+    r = _number(body, "repetition_penalty", lo=0, lo_open=True, hi=MAX_REPETITION_PENALTY)
     if r is not None:
         kw["repetition_penalty"] = r
     for key in ("presence_penalty", "frequency_penalty"):
         _number(body, key, lo=-2, hi=2)
-    seed = _integer(body, "seed")
+    seed = _integer(body, "seed", lo=-(1 << 63), hi=(1 << 63) - 1)
     if seed is not None:
         kw["seed"] = seed % (1 << 64)
     for key in ("max_completion_tokens", "max_tokens"):
-        n = _integer(body, key, lo=0)
+        n = _integer(body, key, lo=0, hi=context_length, hi_what=" (the model's context length)")
         if n is not None:
             kw["max_tokens"] = n
             break
@@ -122,14 +181,42 @@ def parse_sampling(body: dict) -> dict:
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise APIError("'stop' must be a string or a list of strings", "stop")
+        if len(stop) > MAX_STOP:
+            raise APIError(f"'stop' has {len(stop)} strings; at most {MAX_STOP} are allowed", "stop")
         if any(s == "" for s in stop):
             raise APIError("'stop' strings must not be empty", "stop")
+        long = [i for i, s in enumerate(stop) if len(s) > MAX_STOP_CHARS]
+        if long:
+            raise APIError(f"'stop' string {long[0]} has {len(stop[long[0]])} characters; at most "
+                           f"{MAX_STOP_CHARS} are allowed", "stop")
         if stop:
             kw["stop"] = stop
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
         key = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
         raise APIError(f"'{key}' is not supported by this server", key)
     return kw
+
+
+def parse_template_kwargs(body: dict) -> dict:
+    """The client's chat_template_kwargs, restricted to CLIENT_TEMPLATE_KWARGS."""
+    ctk = body.get("chat_template_kwargs")
+    if ctk is None:
+        return {}
+    if not isinstance(ctk, dict):
+        raise APIError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    out = {}
+    for key, v in ctk.items():
+        typ = CLIENT_TEMPLATE_KWARGS.get(key)
+        name = f"chat_template_kwargs.{key if len(key) <= 64 else key[:64] + '...'}"
+        if typ is None:
+            raise APIError(f"'{name}' cannot be set by a client (allowed keys: "
+                           f"{', '.join(CLIENT_TEMPLATE_KWARGS)})", name)
+        if v is None:
+            continue
+        if typ is bool and not isinstance(v, bool):
+            raise APIError(f"'{name}' must be a boolean, got {_short(v)}", name)
+        out[key] = v
+    return out
 
 
 def _text_of(content, where):
@@ -146,18 +233,28 @@ def _text_of(content, where):
                 raise APIError(f"{where}[{j}] must be an object", f"{where}[{j}]")
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(f"{where}[{j}]: only text content parts are supported "
-                               f"(got type {part.get('type')!r})", f"{where}[{j}].type")
+                               f"(got type {_short(part.get('type'))})", f"{where}[{j}].type")
             parts.append(part["text"])
         return "".join(parts)
     raise APIError(f"{where} must be a string, a list of content parts or null", where)
 
 
-def parse_messages(body: dict) -> list[dict]:
+def _check_len(text, where, max_chars):
+    if max_chars is not None and text is not None and len(text) > max_chars:
+        raise APIError(f"{where} has {len(text)} characters, more than the model's context can hold "
+                       f"(at most {max_chars})", where, code="context_length_exceeded")
+
+
+def parse_messages(body: dict, max_chars: int | None = None) -> list[dict]:
+    """Validated messages. max_chars: the most characters one message may have."""
     msgs = body.get("messages")
     if msgs is None:
         raise APIError("'messages' is required", "messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError("'messages' must be a non-empty list", "messages")
+    if len(msgs) > MAX_MESSAGES:
+        raise APIError(f"'messages' has {len(msgs)} entries; at most {MAX_MESSAGES} are allowed",
+                       "messages")
     out = []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
@@ -165,9 +262,10 @@ def parse_messages(body: dict) -> list[dict]:
             raise APIError(f"{where} must be an object", where)
         role = m.get("role")
         if role not in _ROLES:
-            raise APIError(f"{where}.role: unknown role {role!r} (expected one of {', '.join(_ROLES)})",
-                           f"{where}.role")
+            raise APIError(f"{where}.role: unknown role {_short(role)} (expected one of "
+                           f"{', '.join(_ROLES)})", f"{where}.role")
         content = _text_of(m.get("content"), f"{where}.content")
+        _check_len(content, f"{where}.content", max_chars)
         msg = {"role": "system" if role == "developer" else role, "content": content}
         if role in ("system", "developer", "user", "tool") and content is None:
             raise APIError(f"{where}.content is required for role {role!r}", f"{where}.content")
@@ -176,6 +274,7 @@ def parse_messages(body: dict) -> list[dict]:
             if rc is not None:
                 if not isinstance(rc, str):
                     raise APIError(f"{where}.reasoning_content must be a string", f"{where}.reasoning_content")
+                _check_len(rc, f"{where}.reasoning_content", max_chars)
                 msg["reasoning_content"] = rc
             tcs = m.get("tool_calls")
             if tcs is not None:
@@ -189,6 +288,7 @@ def parse_messages(body: dict) -> list[dict]:
                         raise APIError(f"{w}.function.name is required", f"{w}.function.name")
                     args = fn.get("arguments", "{}")
                     if isinstance(args, str):
+                        _check_len(args, f"{w}.function.arguments", max_chars)
                         try:
                             args_obj = json.loads(args) if args.strip() else {}
                         except ValueError:
@@ -223,6 +323,8 @@ def parse_tools(body: dict):
         return None, "none"
     if not isinstance(tools, list):
         raise APIError("'tools' must be a list", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise APIError(f"'tools' has {len(tools)} entries; at most {MAX_TOOLS} are allowed", "tools")
     names = []
     for i, t in enumerate(tools):
         w = f"tools[{i}]"
@@ -249,7 +351,7 @@ def parse_tools(body: dict):
             raise APIError("'tool_choice' object must be {\"type\": \"function\", \"function\": "
                            "{\"name\": ...}}", "tool_choice")
         if name not in names:
-            raise APIError(f"'tool_choice' names function {name!r}, which is not in 'tools'",
+            raise APIError(f"'tool_choice' names function {_short(name)}, which is not in 'tools'",
                            "tool_choice")
         tools = [t for t in tools if t["function"]["name"] == name]
         return tools, "required"
@@ -299,14 +401,55 @@ def _param_from_message(msg: str):
 
 
 # ------------------------------------------------------------------------------ server
-class Server:
-    """Request handling independent of the web framework (build_app wraps it in FastAPI)."""
+def _prompt_char_limit(model):
+    """The most characters a prompt that fits the context can have: context length x the longest
+    token in characters (x4 when the tokenizer normalizes text: NFC and the like can merge up to
+    4 characters into one). None when unknown (no tokenizer)."""
+    tok = model.tokenizer
+    hf = getattr(tok, "_tok", None)
+    if hf is None:
+        return None
+    key = id(hf)
+    got = _CHARS_PER_TOKEN.get(key)
+    if got is None or got[0] is not hf:
+        try:
+            longest = max((len(t) for t in hf.get_vocab(with_added_tokens=True)), default=0)
+            factor = 4 if hf.normalizer is not None else 1
+        except Exception:
+            return None
+        if len(_CHARS_PER_TOKEN) > 8:
+            _CHARS_PER_TOKEN.clear()
+        got = _CHARS_PER_TOKEN[key] = (hf, longest * factor)
+    if got[1] <= 0:
+        return None
+    return int(model.context_length) * got[1]
 
-    def __init__(self, model, model_name: str = "model"):
+
+_CHARS_PER_TOKEN: dict = {}  # id(tokenizer) -> (tokenizer, bound on characters per token)
+
+
+class Server:
+    """Request handling independent of the web framework (build_app wraps it in FastAPI).
+
+    prepare_chat / prepare_completion validate and tokenize a request (any thread); the engine
+    thread (EngineLoop, started here) runs the prepared generations one at a time."""
+
+    def __init__(self, model, model_name: str = "model", max_queue: int = DEFAULT_MAX_QUEUE,
+                 timeout: float | None = DEFAULT_TIMEOUT):
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ArgumentError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if timeout is not None and (not _is_num(timeout) or timeout < 0):
+            raise ArgumentError(f"timeout must be a number of seconds >= 0 (0 = none), got {timeout!r}")
         self.model = model
         self.model_name = model_name
-        self.lock = threading.Lock()
+        self.timeout = float(timeout) if timeout else None
         self.created = int(time.time())
+        self.max_prompt_chars = _prompt_char_limit(model)
+        self.engine = EngineLoop(self, max_queue)
+
+    def close(self):
+        """Stop the engine thread (queued and running requests end with a 503 error)."""
+        self.engine.close()
 
     # ----- request -> prepared generation
     def _constraint(self, fmt, max_tokens):
@@ -319,20 +462,22 @@ class Server:
             param = "response_format.json_schema" if fmt[1] is not None else "response_format"
             raise APIError(f"{param}: {e}", param) from None
 
+    def _too_long(self, n_chars, param):
+        m = self.model
+        return APIError(f"the prompt has {n_chars} characters, more than a {m.context_length}-token "
+                        f"context can hold (at most {self.max_prompt_chars} for this tokenizer); "
+                        f"it was not tokenized", param, code="context_length_exceeded")
+
     def prepare_chat(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object", None)
-        msgs = parse_messages(body)
-        kw = parse_sampling(body)
+        m = self.model
+        msgs = parse_messages(body, self.max_prompt_chars)
+        kw = parse_sampling(body, m.context_length, m.n_vocab)
         tools, choice = parse_tools(body)
         fmt = parse_response_format(body)
-        ctk = body.get("chat_template_kwargs")
-        if ctk is None:
-            ctk = {}
-        if not isinstance(ctk, dict):
-            raise APIError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
-        ctk = dict(ctk)
-        tok = self.model.tokenizer
+        ctk = parse_template_kwargs(body)
+        tok = m.tokenizer
         if tok is None:
             raise APIError("this model has no tokenizer.json; chat completions are unavailable", None,
                            status=500, type_="server_error")
@@ -345,6 +490,9 @@ class Server:
                                            enable_thinking=enable_thinking, **ctk)
         except ArgumentError as e:
             raise APIError(f"messages: {e}", "messages") from None
+        del msgs
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise self._too_long(len(text), "messages")
         ids = tok.encode(text, add_special_tokens=False)
         in_reasoning = prompt_opens_thinking(text) and fmt is None
         parser_args = dict(in_reasoning=in_reasoning, tools=tools,
@@ -354,25 +502,33 @@ class Server:
     def prepare_completion(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object", None)
+        m = self.model
         prompt = body.get("prompt")
         if prompt is None:
             raise APIError("'prompt' is required", "prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        tok = self.model.tokenizer
+        tok = m.tokenizer
         if isinstance(prompt, str):
             if tok is None:
                 raise APIError("this model has no tokenizer.json; pass 'prompt' as token ids", "prompt")
             if prompt == "":
                 raise APIError("'prompt' must not be empty", "prompt")
-            ids = tok.encode(prompt, add_special_tokens=True)
-        elif isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+                raise self._too_long(len(prompt), "prompt")
+            ids = None
+        elif isinstance(prompt, list) and prompt:
+            if len(prompt) >= m.context_length:
+                raise APIError(f"the prompt has {len(prompt)} tokens; the model's context length is "
+                               f"{m.context_length}", "prompt", code="context_length_exceeded")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise APIError("'prompt' must be a non-empty string or a list of token ids "
+                               "(one prompt per request)", "prompt")
             ids = list(prompt)
-            bad = [t for t in ids if t < 0 or t >= self.model.n_vocab]
+            bad = [t for t in ids if t < 0 or t >= m.n_vocab]
             if bad:
-                raise APIError(f"'prompt' token id {bad[0]} is outside the vocabulary "
-                               f"[0, {self.model.n_vocab})", "prompt")
+                raise APIError(f"'prompt' token id {_short(bad[0])} is outside the vocabulary "
+                               f"[0, {m.n_vocab})", "prompt")
         else:
             raise APIError("'prompt' must be a non-empty string or a list of token ids "
                            "(one prompt per request)", "prompt")
@@ -381,9 +537,11 @@ class Server:
         best_of = _integer(body, "best_of", lo=1)
         if best_of not in (None, 1):
             raise APIError("'best_of' > 1 is not supported", "best_of")
-        kw = parse_sampling(body)
+        kw = parse_sampling(body, m.context_length, m.n_vocab)
         fmt = parse_response_format(body)
         echo = _bool(body, "echo")
+        if ids is None:
+            ids = tok.encode(prompt, add_special_tokens=True)
         st = self._start(ids, kw, fmt, None)
         st["echo"] = (prompt if isinstance(prompt, str) else (tok.decode(ids) if tok else "")) \
             if echo else ""
@@ -407,7 +565,30 @@ class Server:
             raise APIError(str(e), _param_from_message(str(e))) from None
         return {"gen": gen, "n_prompt": len(ids), "parser_args": parser_args}
 
-    # ----- running (call with the lock held)
+    # ----- running (on the engine thread)
+    def run_job(self, job: "Job"):
+        """Run one admitted request to its end, feeding job's queue. Raises _Cancelled when the
+        client went away, APIError (504) past the deadline, or what the model raised."""
+        st = job.st
+        gen = st["gen"]
+        st["gen"] = guarded = _guarded(gen, job)
+        try:
+            job.check()  # cancelled or expired while queued: dropped before it runs
+            if job.stream:
+                fn = self.stream_chat if job.kind == "chat" else self.stream_completion
+                chunks = fn(st, job.include_usage)
+                try:
+                    for c in chunks:
+                        job.put("chunk", c)
+                finally:
+                    chunks.close()
+            else:
+                fn = self.run_chat if job.kind == "chat" else self.run_completion
+                job.put("result", fn(st))
+        finally:
+            guarded.close()
+            gen.close()
+
     def _usage(self, st):
         s = self.model.stats or {}
         n = int(s.get("generated_tokens", 0))
@@ -505,6 +686,291 @@ class Server:
                 "owned_by": "pyflashmoe", "context_length": self.model.context_length}
 
 
+def _guarded(gen, job):
+    """gen's pieces, checking job's cancel flag and deadline before each step (so a cancelled
+    request stops before its next token)."""
+    try:
+        while True:
+            job.check()
+            try:
+                piece = next(gen)
+            except StopIteration:
+                return
+            yield piece
+    finally:
+        gen.close()
+
+
+# ------------------------------------------------------------------------------ engine thread
+class _Cancelled(Exception):
+    """The client went away (or the server is closing): the request ends without an answer."""
+
+
+_libc_trim = None
+
+
+def _trim_heap(big=False):
+    """Give freed heap memory back to the OS (glibc malloc_trim; a no-op elsewhere)."""
+    global _libc_trim
+    if big:
+        gc.collect()
+    if _libc_trim is None:
+        try:
+            fn = ctypes.CDLL(None).malloc_trim
+            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+            _libc_trim = fn
+        except (OSError, AttributeError):
+            _libc_trim = False
+    if _libc_trim:
+        _libc_trim(0)
+
+
+class Job:
+    """One admitted request: its prepared generation (st), its asyncio queue, cancel flag and
+    deadline. The engine thread puts (kind, payload) items: ("chunk", dict) when streaming,
+    ("result", dict) otherwise, ("error", exception), and ("end", None) last."""
+
+    def __init__(self, kind, st, stream, include_usage, loop, arrived, timeout):
+        self.kind, self.st, self.stream, self.include_usage = kind, st, stream, include_usage
+        self.loop = loop
+        self.queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.arrived, self.timeout = arrived, timeout
+        self.deadline = arrived + timeout if timeout else None
+        self.started = None
+        self.done = False
+        self.cancel_reason = None  # "timed_out" when the deadline passed on the event loop's side
+
+    def remaining(self):
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def timeout_error(self):
+        now = time.monotonic()
+        queued = (self.started if self.started is not None else now) - self.arrived
+        ran = now - self.started if self.started is not None else 0.0
+        return APIError(f"the request ran past the server's time limit of {self.timeout:g} s "
+                        f"(--timeout): {queued:.1f} s waiting in the queue, {ran:.1f} s generating",
+                        None, 504, "timeout_error", "request_timeout")
+
+    def check(self):
+        """On the engine thread, before each step."""
+        if self.cancelled.is_set():
+            raise _Cancelled()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise self.timeout_error()
+
+    def put(self, kind, payload=None):
+        """From the engine thread to the request's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+
+class Scheduler:
+    """Fair FIFO admission: requests wait in arrival order, at most max_queue of them.
+
+    pick_next() is the one point where the engine thread chooses its next work. Today that is
+    the oldest waiting request, run to its end; continuous batching would return the next step
+    of several sessions here instead."""
+
+    IDLE_S = 0.25  # idle this long after work -> on_idle() (heap trim)
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self._waiting = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._dirty = False  # work since the last on_idle
+        self._big = False  # a big request since the last on_idle
+
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    def full(self) -> bool:
+        return len(self._waiting) >= self.max_queue
+
+    def submit(self, job, retry_after=1):
+        with self._cv:
+            if self._closed:
+                raise APIError("the server is shutting down", None, 503, "server_error", "shutting_down")
+            if len(self._waiting) >= self.max_queue:
+                raise _queue_full(self.max_queue, retry_after)
+            self._waiting.append(job)
+            self._cv.notify()
+
+    def remove(self, job) -> bool:
+        """Drop a waiting job (its client went away); False when it is not waiting."""
+        with self._cv:
+            try:
+                self._waiting.remove(job)
+                return True
+            except ValueError:
+                return False
+
+    def note_work(self, big=False):
+        with self._cv:
+            self._dirty = True
+            self._big = self._big or big
+            self._cv.notify()
+
+    def close(self) -> list:
+        with self._cv:
+            self._closed = True
+            left = list(self._waiting)
+            self._waiting.clear()
+            self._cv.notify_all()
+        return left
+
+    def pick_next(self, on_idle=None):
+        """The next job to run (the oldest waiting one), blocking until there is one; None once
+        closed. While idle after some work it calls on_idle(big) once."""
+        while True:
+            with self._cv:
+                if self._closed:
+                    return None
+                if self._waiting:
+                    return self._waiting.popleft()
+                if not self._dirty or on_idle is None:
+                    self._cv.wait()
+                    continue
+                self._cv.wait(self.IDLE_S)
+                if self._closed or self._waiting or not self._dirty:
+                    continue
+                big, self._dirty, self._big = self._big, False, False
+            try:
+                on_idle(big)
+            except Exception:
+                pass
+
+
+def _queue_full(max_queue, retry_after):
+    return APIError(f"the server is busy: {max_queue} requests are already waiting (--max-queue); "
+                    f"retry later", None, 503, "server_error", "queue_full",
+                    headers={"Retry-After": str(retry_after)})
+
+
+class EngineLoop:
+    """The one thread that owns the Model: it takes requests from the Scheduler and runs them,
+    sending their output to each request's queue. An exception from a request ends that request
+    (with an error), never the thread."""
+
+    def __init__(self, server: Server, max_queue: int):
+        self.server = server
+        self.sched = Scheduler(max_queue)
+        self.current = None
+        self._lock = threading.Lock()
+        self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "rejected": 0}
+        self._avg_s = None
+        self._thread = threading.Thread(target=self._main, name="flashmoe-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _count(self, key):
+        with self._lock:
+            self.counts[key] += 1
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free (the running request ends): the mean request
+        time, 1..60."""
+        avg = self._avg_s if self._avg_s is not None else 1.0
+        return int(min(60, max(1, math.ceil(avg))))
+
+    def admission_check(self):
+        """Fast refusal before a request is prepared (submit() checks again)."""
+        if not self.alive:
+            raise APIError("the engine thread is not running", None, 503, "server_error", "engine_down")
+        if self.sched.full():
+            self._count("rejected")
+            raise _queue_full(self.sched.max_queue, self.retry_after())
+
+    def submit(self, job: Job):
+        if not self.alive:
+            raise APIError("the engine thread is not running", None, 503, "server_error", "engine_down")
+        try:
+            self.sched.submit(job, self.retry_after())
+        except APIError as e:
+            if e.code == "queue_full":
+                self._count("rejected")
+            raise
+
+    def cancel(self, job: Job, timed_out=False):
+        """The client went away (or ran out of time): a waiting job is dropped now, a running one
+        stops before its next token. Idempotent."""
+        if job.done:
+            return
+        if timed_out and job.cancel_reason is None:
+            job.cancel_reason = "timed_out"
+        job.cancelled.set()
+        if self.sched.remove(job):
+            job.done = True
+            job.st = None
+            self._count(job.cancel_reason or "cancelled")
+
+    def note_big_request(self):
+        self.sched.note_work(big=True)
+
+    def health(self) -> dict:
+        cur = self.current
+        alive = self.alive
+        with self._lock:
+            counts = dict(self.counts)
+        return {"status": "ok" if alive else "error",
+                "engine_thread": "alive" if alive else "dead",
+                "queue_depth": self.sched.depth(), "max_queue": self.sched.max_queue,
+                "running": 0 if cur is None else 1,
+                "running_for_s": 0.0 if cur is None or cur.started is None
+                else round(time.monotonic() - cur.started, 3),
+                **counts}
+
+    def close(self, wait=5.0):
+        left = self.sched.close()
+        cur = self.current
+        if cur is not None:
+            cur.cancelled.set()
+        for job in left:
+            job.done = True
+            job.put("error", APIError("the server is shutting down", None, 503, "server_error",
+                                      "shutting_down"))
+            job.put("end")
+        if self._thread is not threading.current_thread():
+            self._thread.join(wait)
+
+    def _main(self):
+        while True:
+            job = self.sched.pick_next(_trim_heap)
+            if job is None:
+                return
+            try:
+                self._execute(job)
+            except BaseException:  # never let a request end the thread
+                pass
+
+    def _execute(self, job: Job):
+        self.current = job
+        job.started = time.monotonic()
+        outcome = "completed"
+        try:
+            self.server.run_job(job)
+        except _Cancelled:
+            outcome = job.cancel_reason or "cancelled"
+        except BaseException as e:
+            outcome = "timed_out" if getattr(e, "code", None) == "request_timeout" else "failed"
+            job.put("error", e)
+        finally:
+            job.done = True
+            job.st = None
+            job.put("end")
+            self.current = None
+            dt = time.monotonic() - job.started
+            self._avg_s = dt if self._avg_s is None else 0.8 * self._avg_s + 0.2 * dt
+            self._count(outcome)
+            self.sched.note_work()
+
+
 def _error_body(e: Exception):
     if isinstance(e, APIError):
         return e.status, e.body()
@@ -513,47 +979,146 @@ def _error_body(e: Exception):
     if isinstance(e, ArgumentError):
         return 400, APIError(str(e), _param_from_message(str(e))).body()
     if isinstance(e, FlashMoEError):
-        return 500, APIError(str(e), None, 500, "server_error").body()
+        numerical = getattr(_errors, "NumericalError", None)
+        code = "numerical_error" if numerical is not None and isinstance(e, numerical) else None
+        return 500, APIError(str(e), None, 500, "server_error", code).body()
     return 500, APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error").body()
 
 
-class _LockedStream:
-    """A sync iterator over SSE lines that holds the server lock while generating and releases
-    it when done, on error, or when the client goes away (close())."""
-
-    def __init__(self, server: Server, chunks):
-        self.server, self.chunks = server, chunks
-        self.cancelled = False
-
-    def __iter__(self):
-        with self.server.lock:
-            try:
-                for c in self.chunks:
-                    if self.cancelled:
-                        break
-                    yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
-            except Exception as e:  # report mid-stream errors in-band, then end the stream
-                yield f"data: {json.dumps(_error_body(e)[1], ensure_ascii=False)}\n\n"
-            finally:
-                close = getattr(self.chunks, "close", None)
-                if close:
-                    close()
-        yield "data: [DONE]\n\n"
+# ------------------------------------------------------------------------------ HTTP
+def _host_name(value: str):
+    """The host name of a Host header value (lower case, port and IPv6 brackets removed), or None
+    when malformed."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        rest = v[end + 1:] if end > 0 else None
+        if rest is None or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return None
+        return v[1:end]
+    if v.count(":") == 1:
+        h, port = v.split(":")
+        return h if port.isdigit() and h else None
+    if ":" in v or not v:
+        return None
+    return v
 
 
-def build_app(server: Server):
-    """The FastAPI application around a Server."""
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is loopback-only (127.0.0.0/8, ::1, localhost)."""
+    h = (_host_name(host) or host).strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def default_allowed_hosts(bind_host: str):
+    """The Host names a server bound to bind_host accepts by default: loopback names when it is
+    bound to a loopback address, else any (None)."""
+    if not is_loopback(bind_host):
+        return None
+    return sorted(set(LOOPBACK_HOSTS) | {(_host_name(bind_host) or bind_host).strip("[]").lower()})
+
+
+def _split_list(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = v.split(",")
+    return [s.strip() for s in v if s and s.strip()]
+
+
+class RequestGuard:
+    """ASGI middleware, before any route: the Host header against the allowed names (DNS
+    rebinding), an Origin header against the allowed CORS origins (403), and POST bodies must be
+    application/json (415), so a browser cannot send a cross-origin "simple" request."""
+
+    def __init__(self, app, allowed_hosts=None, cors_origins=None):
+        self.app = app
+        hosts = _split_list(allowed_hosts)
+        self.hosts = None if hosts is None or "*" in hosts else \
+            {(_host_name(h) or h).strip("[]").lower() for h in hosts}
+        origins = _split_list(cors_origins) or []
+        self.any_origin = "*" in origins
+        self.origins = {o.rstrip("/").lower() for o in origins}
+
+    def check(self, scope):
+        host = origin = ctype = None
+        for k, v in scope.get("headers") or ():
+            k = k.lower()
+            if k == b"host" and host is None:
+                host = v.decode("latin-1")
+            elif k == b"origin" and origin is None:
+                origin = v.decode("latin-1")
+            elif k == b"content-type" and ctype is None:
+                ctype = v.decode("latin-1")
+        if self.hosts is not None and (host is None or _host_name(host) not in self.hosts):
+            return APIError(f"Host header {_short(host)} is not allowed: this server accepts "
+                            f"{', '.join(sorted(self.hosts))} (flashmoe serve --allowed-hosts)",
+                            "Host", 400, code="invalid_host")
+        if origin is not None and not self.any_origin and origin.rstrip("/").lower() not in self.origins:
+            return APIError(f"cross-origin request from Origin {_short(origin)} refused (CORS is "
+                            f"{'off' if not self.origins else 'limited to ' + ', '.join(sorted(self.origins))}"
+                            f"; flashmoe serve --cors-origins)", "Origin", 403, code="origin_not_allowed")
+        if scope.get("method") == "POST":
+            media = (ctype or "").split(";")[0].strip().lower()
+            if media != "application/json":
+                return APIError(f"Content-Type must be application/json, got {_short(ctype)} "
+                                f"(curl: -H 'Content-Type: application/json')", "Content-Type", 415,
+                                code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            e = self.check(scope)
+            if e is not None:
+                body = json.dumps(e.body()).encode()
+                await send({"type": "http.response.start", "status": e.status,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+async def _wait_disconnect(receive):
+    """Returns when the client has gone away (after the body was read)."""
+    while True:
+        msg = await receive()
+        if msg.get("type") == "http.disconnect":
+            return
+
+
+def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=None,
+              cors_origins=None):
+    """The FastAPI application around a Server.
+
+    max_body: bytes a request body may have (413 beyond). allowed_hosts: Host names accepted
+    (list or comma string; None or "*" = any; serve_cli passes default_allowed_hosts). cors_origins:
+    Origins allowed (None = CORS off: any request with an Origin header is refused)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="pyflashmoe", docs_url=None, redoc_url=None)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+        raise ArgumentError(f"max_body must be a positive number of bytes, got {max_body!r}")
+    app = FastAPI(title="pyflashmoe", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
+    origins = _split_list(cors_origins)
+    if origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
+    engine = server.engine
 
     def err(e):
         status, body = _error_body(e)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=getattr(e, "headers", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request, exc):
@@ -572,15 +1137,35 @@ def build_app(server: Server):
     async def _any_exc(request, exc):
         return err(exc)
 
+    def too_big(n=None):
+        got = f" ({n} bytes)" if n is not None else ""
+        return APIError(f"the request body{got} is larger than this server's limit of {max_body} "
+                        f"bytes (flashmoe serve --max-body)", None, 413, code="request_too_large")
+
     async def read_body(request: Request):
-        raw = await request.body()
+        """The parsed JSON body and its size; 413 as soon as it passes max_body (the declared
+        Content-Length, or the bytes received so far when chunked)."""
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            if not cl.strip().isdigit():
+                raise APIError(f"invalid Content-Length header {_short(cl)}", "Content-Length")
+            if int(cl) > max_body:
+                raise too_big(int(cl))
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise too_big()
+            parts.append(chunk)
+        raw = b"".join(parts)
+        del parts
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(f"the request body is not valid JSON: {e}", None) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(f"the request body is not valid JSON: {_short(str(e), 200)}", None) from None
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object", None)
-        return body
+        return body, size
 
     def stream_opts(body):
         stream = _bool(body, "stream")
@@ -590,50 +1175,87 @@ def build_app(server: Server):
         include_usage = bool(so and so.get("include_usage"))
         return stream, include_usage
 
-    def _run_locked(fn, st):
-        with server.lock:
-            try:
-                return fn(st)
-            finally:
-                close = getattr(st["gen"], "close", None)
-                if close:
-                    close()
+    def sse(obj):
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def handle(request, prepare, run, stream_fn):
+    async def stream_events(job: Job):
         try:
-            body = await read_body(request)
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(job.queue.get(), job.remaining())
+                except asyncio.TimeoutError:
+                    engine.cancel(job, timed_out=True)
+                    yield sse(job.timeout_error().body())
+                    break
+                if kind == "chunk":
+                    yield sse(payload)
+                elif kind == "error":
+                    yield sse(_error_body(payload)[1])
+                    break
+                elif kind == "end":
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects (this generator is cancelled)
+            engine.cancel(job)
+
+    async def await_result(job: Job, receive):
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            while True:
+                get = asyncio.ensure_future(job.queue.get())
+                done, _ = await asyncio.wait({get, gone}, timeout=job.remaining(),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    kind, payload = get.result()
+                    if kind == "result":
+                        return JSONResponse(payload)
+                    if kind == "error":
+                        return err(payload)
+                    if kind == "end":
+                        return err(APIError("the request ended without a result", None, 500,
+                                            "server_error"))
+                    continue
+                get.cancel()
+                if gone in done:  # nobody will read this
+                    engine.cancel(job)
+                    return JSONResponse({}, status_code=499)
+                engine.cancel(job, timed_out=True)
+                return err(job.timeout_error())
+        finally:
+            gone.cancel()
+            engine.cancel(job)
+
+    async def handle(request: Request, kind: str):
+        body = None
+        size = 0
+        try:
+            body, size = await read_body(request)
             stream, include_usage = stream_opts(body)
+            engine.admission_check()
+            prepare = server.prepare_chat if kind == "chat" else server.prepare_completion
+            arrived = time.monotonic()
             st = await run_in_threadpool(prepare, body)
         except Exception as e:
             return err(e)
-        if stream:
-            it = _LockedStream(server, stream_fn(st, include_usage))
-            gen = iter(it)
-
-            async def agen():
-                try:
-                    while True:
-                        line = await run_in_threadpool(next, gen, None)
-                        if line is None:
-                            break
-                        yield line
-                finally:
-                    it.cancelled = True
-                    try:
-                        gen.close()
-                    except ValueError:  # still running in a worker thread: it stops at `cancelled`
-                        pass
-
-            return StreamingResponse(agen(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+        finally:
+            body = None  # drop a big body before the generation
+            if size >= BIG_BODY:
+                engine.note_big_request()
+        job = Job(kind, st, stream, include_usage, asyncio.get_running_loop(), arrived, server.timeout)
+        del st
         try:
-            return JSONResponse(await run_in_threadpool(_run_locked, run, st))
-        except Exception as e:
+            engine.submit(job)
+        except APIError as e:
             return err(e)
+        if stream:
+            return StreamingResponse(stream_events(job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await await_result(job, request.receive)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        h = engine.health()
+        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -642,18 +1264,18 @@ def build_app(server: Server):
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != server.model_name:
-            return err(APIError(f"model {model_id!r} not found (this server has {server.model_name!r})",
-                                "model", 404, "not_found_error", "model_not_found"))
+            return err(APIError(f"model {_short(model_id)} not found (this server has "
+                                f"{server.model_name!r})", "model", 404, "not_found_error",
+                                "model_not_found"))
         return server.model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, server.prepare_chat, server.run_chat, server.stream_chat)
+        return await handle(request, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, server.prepare_completion, server.run_completion,
-                            server.stream_completion)
+        return await handle(request, "completion")
 
     return app
 
@@ -665,10 +1287,26 @@ def serve_cli(a) -> int:
         import uvicorn
     except ImportError:
         raise FlashMoEError("flashmoe serve needs fastapi and uvicorn: pip install 'pyflashmoe[serve]'") from None
-    from pyflashmoe.generate import load_from_args
+    from pyflashmoe.generate import load_from_args, parse_size
+    max_queue = getattr(a, "max_queue", DEFAULT_MAX_QUEUE)
+    timeout = getattr(a, "timeout", DEFAULT_TIMEOUT)
+    if max_queue is None or max_queue < 0:
+        raise ArgumentError(f"--max-queue must be >= 0, got {max_queue}")
+    if timeout is None or not math.isfinite(timeout) or timeout < 0:
+        raise ArgumentError(f"--timeout must be a number of seconds >= 0 (0 = none), got {timeout}")
+    max_body = parse_size(getattr(a, "max_body", None) or DEFAULT_MAX_BODY, "--max-body")
+    if max_body < 1024:
+        raise ArgumentError(f"--max-body must be at least 1KiB, got {max_body} bytes")
+    allowed = _split_list(getattr(a, "allowed_hosts", None))
+    if allowed is None:
+        allowed = default_allowed_hosts(a.host)
+    elif not allowed:
+        raise ArgumentError("--allowed-hosts: give host names separated by commas, or '*' for any")
+    cors = _split_list(getattr(a, "cors_origins", None))
     model = load_from_args(a)
     name = a.model_name or os.path.basename(os.path.normpath(a.dir))
-    app = build_app(Server(model, name))
+    server = Server(model, name, max_queue=max_queue, timeout=timeout)
+    app = build_app(server, max_body=max_body, allowed_hosts=allowed, cors_origins=cors or None)
     if model.tokenizer is not None and model.eos_token_ids:
         def warm():  # build llguidance's tokenizer now, not on the first JSON request
             try:
@@ -678,5 +1316,8 @@ def serve_cli(a) -> int:
                 pass  # reported when a JSON request needs it
         threading.Thread(target=warm, daemon=True).start()
     print(f"flashmoe serve: {name} on http://{a.host}:{a.port}/v1", flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        server.close()
     return 0

@@ -108,7 +108,8 @@ def test_models(client):
     assert client.get("/v1/models/tiny-moe").json()["id"] == "tiny-moe"
     r = client.get("/v1/models/other")
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
-    assert client.get("/health").json() == {"status": "ok"}
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["engine_thread"] == "alive" and h["queue_depth"] == 0
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
 
@@ -326,6 +327,27 @@ BAD_CHAT = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
     ({"logprobs": True}, "logprobs"),
+    # limits (issue 9): values the server used to accept, clamp or crash on
+    ({"max_tokens": 1e300}, "max_tokens"),
+    ({"max_tokens": 513}, "max_tokens"),  # the tiny model's context is 512
+    ({"max_completion_tokens": 10 ** 6}, "max_completion_tokens"),
+    ({"temperature": 1e308}, "temperature"),
+    ({"temperature": 101}, "temperature"),
+    ({"top_k": 1e20}, "top_k"),
+    ({"top_k": 10 ** 6}, "top_k"),
+    ({"repetition_penalty": 1e9}, "repetition_penalty"),
+    ({"seed": 2 ** 64}, "seed"),
+    ({"seed": -(2 ** 63) - 1}, "seed"),
+    ({"stop": ["a"] * 17}, "stop"),
+    ({"stop": "x" * 513}, "stop"),
+    ({"chat_template_kwargs": {"chat_template": "{{ 'owned' }}"}}, "chat_template_kwargs.chat_template"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}},
+     "chat_template_kwargs.add_generation_prompt"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs.messages"),  # was a 500
+    ({"chat_template_kwargs": {"tools": None}}, "chat_template_kwargs.tools"),
+    ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
+    ({"messages": [OK] * 4097}, "messages"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
 ]
 
 
@@ -545,3 +567,370 @@ def test_cli_serve_bad_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyflashmoe", "serve", str(tmp_path / "nope")],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
+
+
+# ----------------------------------------------------------------------------- limits (issue 9)
+def test_body_size_limit(model):
+    c = TestClient(build_app(Server(model, "tiny-moe"), max_body=4096))
+    small = {"messages": [OK], "max_tokens": 2}
+    assert c.post("/v1/chat/completions", json=small).status_code == 200
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 2}).encode()
+    hdr = {"content-type": "application/json"}
+    r = c.post("/v1/chat/completions", content=big, headers=hdr)  # Content-Length declared
+    assert r.status_code == 413, r.text
+    e = r.json()["error"]
+    assert e["code"] == "request_too_large" and "4096" in e["message"] and "--max-body" in e["message"]
+
+    def chunked():  # no Content-Length: the limit applies to the bytes as they arrive
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    r = c.post("/v1/completions", content=chunked(), headers=hdr)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = c.post("/v1/completions", content=b"{}", headers=dict(hdr, **{"content-length": "1e9"}))
+    assert r.status_code == 400
+    assert c.post("/v1/chat/completions", json=small).status_code == 200
+
+
+def test_oversized_prompt_is_not_tokenized(client, model, monkeypatch):
+    """A prompt with more characters than the context can hold (context x the longest token) is
+    refused before tokenization."""
+    calls = []
+    real = model.tokenizer.encode
+
+    def spy(text, *a, **kw):
+        calls.append(len(text))
+        return real(text, *a, **kw)
+
+    monkeypatch.setattr(model.tokenizer, "encode", spy)
+    limit = model.context_length * max(len(t) for t in model.tokenizer._tok.get_vocab(True))
+    one = {"role": "user", "content": "y" * (limit + 1)}
+    r = client.post("/v1/chat/completions", json={"messages": [one], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    half = {"role": "user", "content": "y" * (limit // 2 + 10)}
+    r = client.post("/v1/chat/completions", json={"messages": [half, half], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "not tokenized" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "z" * (limit + 1), "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/v1/completions", json={"prompt": [1] * (10 * model.context_length)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []
+    assert _chat(client, max_tokens=2)["usage"]["completion_tokens"] == 2  # still tokenizes normally
+    assert calls
+
+
+def test_client_template_kwargs_allowed(client):
+    d = _chat(client, max_tokens=2, chat_template_kwargs={"enable_thinking": False})
+    assert d["usage"]["completion_tokens"] == 2
+    assert _chat(client, max_tokens=2, chat_template_kwargs={"enable_thinking": None})
+
+
+# ----------------------------------------------------------------------------- a controllable fake model
+class CtlEngine(FakeEngine):
+    """FakeEngine whose sessions can be slowed (delay per eval), held (gate) or made to fail."""
+
+    def __init__(self, n_vocab):
+        super().__init__(n_vocab)
+        self.delay = 0.0
+        self.gate = None  # threading.Event: eval waits for it
+        self.fail = None  # fn(engine, tokens) -> exception to raise, or None
+        self.prompts = []  # the prefill token lists evaluated
+        self.lock = threading.Lock()
+
+
+class CtlSession(FakeSession):
+    def eval(self, tokens, all_logits=False):
+        e = self.engine
+        if e.gate is not None:
+            assert e.gate.wait(60), "test gate never opened"
+        if e.delay:
+            time.sleep(e.delay)
+        with e.lock:
+            if tokens.size > 1:
+                e.prompts.append([int(t) for t in tokens])
+        exc = e.fail(e, tokens) if e.fail is not None else None
+        if exc is not None:
+            raise exc
+        return super().eval(tokens, all_logits)
+
+
+@pytest.fixture(scope="module")
+def qtok(shared_data):
+    return _tok(shared_data, "qwen3")
+
+
+def _ctl_model(qtok):
+    eng = CtlEngine(qtok.vocab_size)
+    return G.Model(eng, CtlSession, tokenizer=qtok, spec={"max_position_embeddings": 4096},
+                   context_length=4096), eng
+
+
+class _Live:
+    """A real uvicorn server on 127.0.0.1 in a thread (for concurrency and disconnects)."""
+
+    def __init__(self, app):
+        import uvicorn
+        self.port = _free_port()
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                             lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def health(self):
+        import httpx
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def wait_health(self, pred, timeout=20):
+        deadline = time.time() + timeout
+        while True:
+            h = self.health()
+            if pred(h):
+                return h
+            assert time.time() < deadline, f"health never matched: {h}"
+            time.sleep(0.02)
+
+
+def _msgs(i):
+    return [{"role": "user", "content": f"request number {i}"}]
+
+
+def _post(url, body, timeout=30):
+    import httpx
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=timeout)
+
+
+def test_queue_full_gets_503_with_retry_after(qtok):
+    m, eng = _ctl_model(qtok)
+    eng.gate = threading.Event()
+    server = Server(m, "fake", max_queue=2)
+    results = {}
+
+    def call(i):
+        results[i] = _post(live.url, {"messages": _msgs(i), "max_tokens": 3, "temperature": 0})
+
+    with _Live(build_app(server)) as live:
+        try:
+            ts = [threading.Thread(target=call, args=(0,))]
+            ts[0].start()
+            live.wait_health(lambda h: h["running"] == 1)
+            for i in (1, 2):
+                ts.append(threading.Thread(target=call, args=(i,)))
+                ts[-1].start()
+            live.wait_health(lambda h: h["queue_depth"] == 2)
+            r = _post(live.url, {"messages": _msgs(3), "max_tokens": 3}, timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "queue_full" and "--max-queue" in r.json()["error"]["message"]
+            assert int(r.headers["retry-after"]) >= 1
+            with __import__("httpx").stream("POST", live.url + "/v1/chat/completions", timeout=10,
+                                            json={"messages": _msgs(4), "stream": True}) as rs:
+                assert rs.status_code == 503
+        finally:
+            eng.gate.set()
+        for t in ts:
+            t.join(60)
+        assert [results[i].status_code for i in range(3)] == [200, 200, 200]
+        h = live.health()
+        assert h["rejected"] == 2 and h["completed"] == 3 and h["queue_depth"] == 0
+    server.close()
+
+
+def test_request_timeout(qtok):
+    m, eng = _ctl_model(qtok)
+    eng.delay = 0.02
+    server = Server(m, "fake", timeout=1.0)
+    with _Live(build_app(server)) as live:
+        t0 = time.time()
+        r = _post(live.url, {"messages": _msgs(0), "max_tokens": 3000, "temperature": 0})
+        assert r.status_code == 504, r.text
+        e = r.json()["error"]
+        assert e["code"] == "request_timeout" and "--timeout" in e["message"]
+        assert time.time() - t0 < 10
+        # streaming: the tokens so far, then an error event, then [DONE]
+        import httpx
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=30,
+                       json={"messages": _msgs(1), "max_tokens": 3000, "stream": True})
+        events = _sse(r)
+        assert events[-1]["error"]["code"] == "request_timeout"
+        assert len(events) > 2 and all("choices" in ev for ev in events[:-1])
+        # a request queued behind a long one times out too, counting its time in the queue
+        out = {}
+        th = threading.Thread(target=lambda: out.setdefault("a", _post(
+            live.url, {"messages": _msgs(2), "max_tokens": 3000})))
+        th.start()
+        live.wait_health(lambda h: h["running"] == 1)
+        eng.gate = threading.Event()  # hold the engine inside the running request
+        r = _post(live.url, {"messages": _msgs(3), "max_tokens": 2})
+        assert r.status_code == 504 and "waiting in the queue" in r.json()["error"]["message"]
+        eng.gate.set()
+        eng.gate = None
+        th.join(30)
+        assert out["a"].status_code == 504
+        # the engine goes on
+        r = _post(live.url, {"messages": _msgs(4), "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        assert live.health()["timed_out"] >= 3
+    server.close()
+
+
+def test_disconnects_free_their_slots(qtok):
+    """48 streams (more than Starlette's 40 worker threads) on a slow model, all abandoned: the
+    queued ones never run, the running one stops, and the next request is served at once."""
+    import asyncio
+
+    import httpx
+    m, eng = _ctl_model(qtok)
+    eng.delay = 0.01
+    server = Server(m, "fake")
+    with _Live(build_app(server)) as live:
+        async def main():
+            async with httpx.AsyncClient(timeout=httpx.Timeout(20.0),
+                                         limits=httpx.Limits(max_connections=100)) as c:
+                opened = []
+                for i in range(48):
+                    cm = c.stream("POST", live.url + "/v1/chat/completions",
+                                  json={"messages": _msgs(i), "max_tokens": 3000, "stream": True})
+                    opened.append((cm, await cm.__aenter__()))
+                assert all(r.status_code == 200 for _, r in opened)
+                lines = opened[0][1].aiter_lines()
+                assert (await lines.__anext__()).startswith("data: ")
+                for cm, _ in opened:
+                    await cm.__aexit__(None, None, None)
+
+        asyncio.run(main())
+        h = live.wait_health(lambda h: h["running"] == 0 and h["queue_depth"] == 0, timeout=10)
+        assert h["cancelled"] == 48
+        n_prompts = len(eng.prompts)
+        assert n_prompts <= 2  # the first one, maybe the second if it started before its cancel
+        t0 = time.time()
+        r = _post(live.url, {"messages": _msgs(99), "max_tokens": 3})
+        assert r.status_code == 200 and time.time() - t0 < 5
+        assert len(eng.prompts) == n_prompts + 1
+    server.close()
+
+
+def test_engine_error_ends_only_that_request(qtok):
+    from pyflashmoe import errors
+    numerical = getattr(errors, "NumericalError", errors.FlashMoEError)
+    m, eng = _ctl_model(qtok)
+    fail = {"n": 0}
+
+    def failing(e, tokens):
+        if fail["n"] > 0 and tokens.size == 1:  # mid-generation, after a few tokens
+            fail["n"] -= 1
+            if fail["n"] == 0:
+                return numerical("non-finite hidden state after layer 3 (inf)")
+        return None
+
+    eng.fail = failing
+    server = Server(m, "fake")
+    with _Live(build_app(server)) as live:
+        fail["n"] = 3
+        r = _post(live.url, {"messages": _msgs(0), "max_tokens": 20})
+        assert r.status_code == 500, r.text
+        assert "layer 3" in r.json()["error"]["message"] and r.json()["error"]["type"] == "server_error"
+        import httpx
+        fail["n"] = 3
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=30,
+                       json={"messages": _msgs(1), "max_tokens": 20, "stream": True})
+        assert r.status_code == 200
+        events = _sse(r)
+        assert "layer 3" in events[-1]["error"]["message"]
+        # a non-project exception (a bug) ends its request too, and the engine thread goes on
+        eng.fail = lambda e, t: RuntimeError("boom") if t.size > 1 else None
+        r = _post(live.url, {"messages": _msgs(2), "max_tokens": 5})
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        eng.fail = None
+        r = _post(live.url, {"messages": _msgs(3), "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        h = live.health()
+        assert h["engine_thread"] == "alive" and h["failed"] == 3 and h["status"] == "ok"
+    server.close()
+
+
+def test_health_reports_a_dead_engine(qtok):
+    m, _ = _ctl_model(qtok)
+    server = Server(m, "fake")
+    c = TestClient(build_app(server))
+    assert c.get("/health").status_code == 200
+    server.close()
+    r = c.get("/health")
+    assert r.status_code == 503 and r.json()["engine_thread"] == "dead"
+    r = c.post("/v1/chat/completions", json={"messages": _msgs(0), "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
+
+
+# ----------------------------------------------------------------------------- Host / Origin / CORS
+def test_host_check_on_loopback(qtok):
+    from pyflashmoe.server import default_allowed_hosts
+    assert default_allowed_hosts("0.0.0.0") is None and default_allowed_hosts("192.168.1.2") is None
+    hosts = default_allowed_hosts("127.0.0.1")
+    assert {"127.0.0.1", "localhost", "::1"} <= set(hosts)
+    m, _ = _ctl_model(qtok)
+    c = TestClient(build_app(Server(m, "fake"), allowed_hosts=hosts), base_url="http://127.0.0.1:8000")
+    for h in ("127.0.0.1:8000", "127.0.0.1", "localhost", "LocalHost:1234", "[::1]:8000", "[::1]"):
+        r = c.get("/v1/models", headers={"host": h})
+        assert r.status_code == 200, (h, r.text)
+    for h in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil:80",
+              "[::1]x", "::1", "", "127.0.0.1:80:80"):
+        r = c.get("/v1/models", headers={"host": h})
+        assert r.status_code == 400, (h, r.text)
+        assert r.json()["error"]["code"] == "invalid_host" and "--allowed-hosts" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", headers={"host": h},
+                   json={"messages": _msgs(0), "max_tokens": 2})
+        assert r.status_code == 400
+    c2 = TestClient(build_app(Server(m, "fake"), allowed_hosts="api.example, localhost"))
+    assert c2.get("/v1/models", headers={"host": "api.example:443"}).status_code == 200
+    assert c2.get("/v1/models", headers={"host": "other.example"}).status_code == 400
+    c3 = TestClient(build_app(Server(m, "fake"), allowed_hosts="*"))
+    assert c3.get("/v1/models", headers={"host": "anything.example"}).status_code == 200
+
+
+def test_cross_origin_requests_refused(qtok):
+    m, eng = _ctl_model(qtok)
+    server = Server(m, "fake")
+    c = TestClient(build_app(server))
+    body = json.dumps({"messages": _msgs(0), "max_tokens": 2})
+    # a browser's "simple" cross-origin POST: text/plain, no preflight
+    for ct in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        hdr = {"content-type": ct} if ct else {}
+        r = c.post("/v1/chat/completions", content=body, headers=hdr)
+        assert r.status_code == 415, (ct, r.text)
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+    assert eng.prompts == []  # nothing ran
+    r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+    # any Origin is refused while CORS is off, even with a JSON body
+    r = c.post("/v1/chat/completions", content=body,
+               headers={"content-type": "application/json", "origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert c.get("/v1/models", headers={"origin": "null"}).status_code == 403
+    assert "access-control-allow-origin" not in c.get("/v1/models").headers
+    # --cors-origins: the listed origin gets CORS headers (and preflights), others a 403
+    c = TestClient(build_app(server, cors_origins="http://app.example"))
+    r = c.post("/v1/chat/completions", content=body,
+               headers={"content-type": "application/json", "origin": "http://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    r = c.options("/v1/chat/completions", headers={"origin": "http://app.example",
+                                                   "access-control-request-method": "POST",
+                                                   "access-control-request-headers": "content-type"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    r = c.get("/v1/models", headers={"origin": "http://evil.example"})
+    assert r.status_code == 403
+    c = TestClient(build_app(server, cors_origins="*"))
+    assert c.get("/v1/models", headers={"origin": "http://any.example"}).status_code == 200
+    server.close()
