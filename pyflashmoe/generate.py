@@ -169,11 +169,12 @@ class Model:
         model's top-K. context_length defaults to min(max_position_embeddings, 4096).
         vram_budget (CUDA): bytes of VRAM for the expert cache (int or "16GiB"); None: the
         backend's default (60% of free VRAM)."""
+        from pyflashmoe import format as _fmt
         path = os.fspath(path)
         manifest_path = os.path.join(path, "pyflashmoe.json")
         if not os.path.isdir(path):
             raise FormatError(f"{path}: not a directory (expected a model dir made by `flashmoe convert`)")
-        manifest = _read_json(manifest_path, "manifest")
+        manifest = _fmt.read_json_file(manifest_path, "manifest")
         if manifest is None:
             raise FormatError(f"{manifest_path}: not found (is {path} a model dir made by `flashmoe convert`?)")
         if not isinstance(manifest, dict) or not isinstance(manifest.get("spec"), dict):
@@ -193,11 +194,15 @@ class Model:
                 raise ArgumentError(f"{name} must be a non-negative integer, got {v!r}")
         if experts_per_token is not None and experts_per_token == 0:
             raise ArgumentError("experts_per_token must be >= 1 (None = the model's own)")
-        n_exp = int(spec.get("n_experts") or 0)
+        n_exp = spec.get("n_experts") if isinstance(spec.get("n_experts"), int) else 0
         if experts_per_token is not None and n_exp and experts_per_token > n_exp:
             raise ArgumentError(f"experts_per_token={experts_per_token} exceeds the model's n_experts={n_exp}")
         budget = parse_size(ram_budget, "ram_budget")
         vbudget = parse_size(vram_budget, "vram_budget")
+        # the one model-dir check (paths inside the dir; every offset / size / dtype against the
+        # file headers), after the cheap argument checks and before the C core maps anything
+        manifest = _fmt.validate(path)
+        spec = manifest["spec"]
         core = _core()
         engine = core.Engine(path, backend=_BACKENDS[backend], n_threads=int(threads or 0),
                              io_threads=int(io_threads or 0), direct_io=bool(direct_io),
@@ -207,7 +212,7 @@ class Model:
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             from pyflashmoe.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_dir(path)
-        gen_cfg = _read_json(os.path.join(path, "generation_config.json"), "generation config") or {}
+        gen_cfg = _fmt.read_json_file(os.path.join(path, "generation_config.json"), "generation config") or {}
         if not isinstance(gen_cfg, dict):
             gen_cfg = {}
         m = cls(engine, lambda e, n: core.Session(e, n), tokenizer=tokenizer, spec=spec,

@@ -71,6 +71,70 @@ def to_f32(raw, dtype, where="tensor"):
     raise FormatError(f"{where}: dtype {dtype} is not a floating-point dtype")
 
 
+MAX_JSON_BYTES = 64 << 20
+MAX_TENSORS = 1 << 20
+
+
+def _read_json_file(p):
+    """A JSON file -> value; FormatError / ModelIOError naming the file, never anything else."""
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise ModelIOError(f"{p}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise FormatError(f"{p}: larger than {MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise FormatError(f"{p}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:     # JSONDecodeError, UnicodeDecodeError, over-long integers
+        raise FormatError(f"{p}: not valid JSON ({e})") from None
+
+
+def _shard_path(root, fn, where):
+    """A shard file name from the index must be a plain relative path inside the checkpoint."""
+    ok = isinstance(fn, str) and 0 < len(fn) <= 1024 and "\0" not in fn and "\\" not in fn
+    if ok:
+        try:
+            fn.encode("utf-8")
+        except UnicodeEncodeError:
+            ok = False
+    if ok:
+        ok = not os.path.isabs(fn) and all(x not in ("", ".", "..") for x in fn.split("/"))
+    if ok:
+        real, top = os.path.realpath(os.path.join(root, fn)), os.path.realpath(root)
+        ok = real != top and os.path.commonpath([top, real]) == top
+    if not ok:
+        raise FormatError(f"{where}: {repr(fn)[:200]} is not a file name inside the checkpoint directory")
+    return os.path.join(root, fn)
+
+
+def check_config(config, where="config.json"):
+    """Checks of the config.json fields the converter reads besides the spec (which
+    pyflashmoe.models.spec_from_config checks): quantization blocks must be objects, the FP8
+    weight_block_size two positive ints. FormatError naming the field."""
+    from pyflashmoe.models import normalize_config
+    try:
+        cfg = normalize_config(config)
+    except FormatError as e:
+        raise FormatError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
+    for k in ("quantization", "quantization_config"):
+        v = cfg.get(k)
+        if v is not None and not isinstance(v, dict):
+            raise FormatError(f"{where}: field {k!r} must be an object, got {type(v).__name__}")
+    for k in ("quantization", "quantization_config"):
+        q = cfg.get(k) or {}
+        if q.get("mode") is not None and not isinstance(q["mode"], str):
+            raise FormatError(f"{where}: field {k}.mode must be a string")
+    wb = (cfg.get("quantization_config") or {}).get("weight_block_size")
+    if wb is not None and not (isinstance(wb, list) and len(wb) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1 << 16 for x in wb)):
+        raise FormatError(f"{where}: field quantization_config.weight_block_size must be two positive "
+                          f"integers [rows, cols], got {wb!r}"[:400])
+    return cfg
+
+
 class Checkpoint:
     """A source checkpoint directory: config.json + *.safetensors (optionally an index)."""
 
@@ -81,26 +145,25 @@ class Checkpoint:
         cp = os.path.join(self.path, "config.json")
         if not os.path.isfile(cp):
             raise FormatError(f"{cp}: missing (a checkpoint directory needs config.json)")
-        try:
-            with open(cp, "rb") as f:
-                self.config = json.loads(f.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{cp}: not valid JSON ({e})") from None
+        self.config = _read_json_file(cp)
         if not isinstance(self.config, dict):
             raise FormatError(f"{cp}: top level is not a JSON object")
+        check_config(self.config, cp)
         self.generation_config = None
         gp = os.path.join(self.path, "generation_config.json")
         if os.path.isfile(gp):
             try:
-                with open(gp) as f:
-                    self.generation_config = json.load(f)
-            except (OSError, ValueError):
-                self.generation_config = None
+                g = _read_json_file(gp)
+            except (FormatError, ModelIOError):
+                g = None          # optional file: an unreadable one is ignored, as before
+            self.generation_config = g if isinstance(g, dict) else None
         self.files = self._shard_list()
         self.tensors = {}   # normalized name -> (file, raw name, dtype, shape, start, end)
         for fn in self.files:
             p = os.path.join(self.path, fn)
             st, _ = read_st_header(p)
+            if len(self.tensors) + len(st) > MAX_TENSORS:
+                raise FormatError(f"{p}: more than {MAX_TENSORS} tensors in the checkpoint")
             for raw, (dt, shape, a, b) in st.items():
                 n = normalize_name(raw)
                 if n is None:
@@ -113,17 +176,25 @@ class Checkpoint:
     def _shard_list(self):
         idx = os.path.join(self.path, "model.safetensors.index.json")
         if os.path.isfile(idx):
-            try:
-                with open(idx) as f:
-                    wm = json.load(f)["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise FormatError(f"{idx}: malformed (field weight_map: {e})") from None
-            files = sorted(set(wm.values()))
+            j = _read_json_file(idx)
+            wm = j.get("weight_map") if isinstance(j, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise FormatError(f"{idx}: malformed: field weight_map must be a non-empty object "
+                                  f"mapping tensor names to shard files")
+            files = set()
+            for name, fn in wm.items():
+                if not isinstance(fn, str) or fn not in files:
+                    _shard_path(self.path, fn, f"{idx}: field weight_map[{name!r}]")
+                    files.add(fn)
+            files = sorted(files)
             for fn in files:
                 if not os.path.isfile(os.path.join(self.path, fn)):
                     raise FormatError(f"{idx}: field weight_map names {fn!r}, which is missing")
             return files
-        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        try:
+            files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        except OSError as e:
+            raise ModelIOError(f"{self.path}: cannot list: {e.strerror or e}") from None
         if not files:
             raise FormatError(f"{self.path}: no *.safetensors files")
         return files

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass, field
 
 from pyflashmoe.errors import FormatError, UnsupportedModelError
@@ -21,6 +22,41 @@ from pyflashmoe.errors import FormatError, UnsupportedModelError
 SUPPORTED = ("qwen3_5_moe", "qwen3_next", "qwen3_moe")
 ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "qwen3_next_text": "qwen3_next",
            "qwen3_moe_text": "qwen3_moe"}
+
+
+# Bounds on every count a config or manifest may name, checked before anything is sized from it.
+# They are far above every released model (Qwen3.5-397B: 60 layers, 512 experts, hidden 4096,
+# vocab 248320) and far below what would exhaust memory building lists or tensor maps.
+LIMITS = {
+    "n_layers": 1024, "hidden_size": 65536, "vocab_size": 1 << 22, "n_heads": 1024,
+    "n_kv_heads": 1024, "head_dim": 1024, "n_experts": 4096, "n_experts_per_tok": 4096,
+    "moe_intermediate_size": 65536, "shared_expert_intermediate_size": 1 << 18,
+    "intermediate_size": 1 << 18, "linear_n_k_heads": 1024, "linear_n_v_heads": 1024,
+    "linear_k_dim": 4096, "linear_v_dim": 4096, "linear_conv_kernel": 16,
+    "max_position_embeddings": 1 << 24, "rotary_dim": 1024, "token_id": (1 << 31) - 1,
+    "eos_token_ids": 1024,
+}
+ATTN_KINDS = ("full", "linear")
+FFN_KINDS = ("moe", "dense")
+# per arch: (norm_offset, attn_output_gate, allowed attention kinds, allowed ffn kinds)
+ARCH_RULES = {"qwen3_5_moe": (1.0, True, ATTN_KINDS, ("moe",)),
+              "qwen3_next": (1.0, True, ATTN_KINDS, FFN_KINDS),
+              "qwen3_moe": (0.0, False, ("full",), FFN_KINDS)}
+
+
+def is_int(v) -> bool:
+    """A JSON integer: int but not bool (floats such as 1e9 are not integers here)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v) -> bool:
+    """A finite JSON number (int or float, not bool)."""
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _desc(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -71,6 +107,9 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "spec") -> "ModelSpec":
+        """The manifest's spec -> ModelSpec; every field type-checked and bounded (FormatError)."""
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.name not in d and f.default is dataclasses.MISSING
@@ -78,11 +117,22 @@ class ModelSpec:
         if missing:
             raise FormatError(f"{where}: missing key(s) {missing}")
         kw = {k: v for k, v in d.items() if k in names}
-        try:
-            kw["layers"] = tuple(LayerSpec(attn=l["attn"], ffn=l["ffn"]) for l in d["layers"])
-        except (TypeError, KeyError) as e:
-            raise FormatError(f"{where}.layers: malformed entry ({e})") from None
-        kw["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        layers = d["layers"]
+        if not isinstance(layers, list) or len(layers) > LIMITS["n_layers"]:
+            raise FormatError(f"{where}.layers: must be a list of at most {LIMITS['n_layers']} "
+                              f"entries, got {_desc(layers) if not isinstance(layers, list) else len(layers)}")
+        out = []
+        for i, l in enumerate(layers):
+            if not isinstance(l, dict) or l.get("attn") not in ATTN_KINDS or l.get("ffn") not in FFN_KINDS:
+                raise FormatError(f"{where}.layers[{i}]: must be {{\"attn\": \"full\"|\"linear\", "
+                                  f"\"ffn\": \"moe\"|\"dense\"}}, got {_desc(l)}")
+            out.append(LayerSpec(attn=l["attn"], ffn=l["ffn"]))
+        kw["layers"] = tuple(out)
+        eos = d.get("eos_token_ids", [])
+        if not isinstance(eos, list) or len(eos) > LIMITS["eos_token_ids"]:
+            raise FormatError(f"{where}.eos_token_ids: must be a list of at most "
+                              f"{LIMITS['eos_token_ids']} token ids, got {_desc(eos)}")
+        kw["eos_token_ids"] = tuple(eos)
         spec = cls(**kw)
         spec.check(where)
         return spec
@@ -90,20 +140,77 @@ class ModelSpec:
     def moe_layers(self) -> list[int]:
         return [i for i, l in enumerate(self.layers) if l.ffn == "moe"]
 
+    def _int(self, where, k, lo, hi=None):
+        v = getattr(self, k)
+        hi = LIMITS.get(k) if hi is None else hi
+        if not is_int(v):
+            raise FormatError(f"{where}.{k}: must be an integer, got {_desc(v)}")
+        if not lo <= v <= hi:
+            raise FormatError(f"{where}.{k}: {v} is out of range [{lo}, {hi}]")
+
+    def _num(self, where, k, lo, hi):
+        v = getattr(self, k)
+        if not is_num(v):
+            raise FormatError(f"{where}.{k}: must be a finite number, got {_desc(v)}")
+        if not lo <= v <= hi:
+            raise FormatError(f"{where}.{k}: {v} is out of range [{lo}, {hi}]")
+
     def check(self, where="spec"):
-        if len(self.layers) != self.n_layers:
+        """Every field's type, its bounds (LIMITS) and the consistency between fields."""
+        if not isinstance(self.arch, str) or self.arch not in ARCH_RULES:
+            raise FormatError(f"{where}.arch: {_desc(self.arch)} is not one of {', '.join(SUPPORTED)}")
+        for k in ("attn_output_gate", "norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, k), bool):
+                raise FormatError(f"{where}.{k}: must be true or false, got {_desc(getattr(self, k))}")
+        self._int(where, "n_layers", 1)
+        if not isinstance(self.layers, tuple) or len(self.layers) != self.n_layers:
             raise FormatError(f"{where}.layers: {len(self.layers)} entries but n_layers={self.n_layers}")
+        offset, gate, attn_ok, ffn_ok = ARCH_RULES[self.arch]
         for i, l in enumerate(self.layers):
-            if l.attn not in ("full", "linear") or l.ffn not in ("moe", "dense"):
-                raise FormatError(f"{where}.layers[{i}]: bad kind {l}")
-        for k in ("hidden_size", "n_layers", "vocab_size", "n_heads", "n_kv_heads", "head_dim"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
-                raise FormatError(f"{where}.{k}: must be a positive integer, got {getattr(self, k)!r}")
-        if any(l.ffn == "moe" for l in self.layers) and (self.n_experts <= 0 or self.n_experts_per_tok <= 0
-                                                          or self.moe_intermediate_size <= 0):
-            raise FormatError(f"{where}: MoE layers need n_experts, n_experts_per_tok, moe_intermediate_size > 0")
-        if any(l.ffn == "dense" for l in self.layers) and self.intermediate_size <= 0:
-            raise FormatError(f"{where}.intermediate_size: dense MLP layers need intermediate_size > 0")
+            if not isinstance(l, LayerSpec) or l.attn not in attn_ok or l.ffn not in ffn_ok:
+                raise FormatError(f"{where}.layers[{i}]: bad kind {l!r} for arch {self.arch} "
+                                  f"(attn in {list(attn_ok)}, ffn in {list(ffn_ok)})")
+        for k in ("hidden_size", "vocab_size", "n_heads", "n_kv_heads", "head_dim"):
+            self._int(where, k, 1)
+        for k in ("linear_n_k_heads", "linear_n_v_heads", "linear_k_dim", "linear_v_dim",
+                  "linear_conv_kernel", "n_experts", "n_experts_per_tok", "moe_intermediate_size",
+                  "shared_expert_intermediate_size", "intermediate_size", "rotary_dim"):
+            self._int(where, k, 0)
+        self._int(where, "max_position_embeddings", 1)
+        self._num(where, "rms_norm_eps", 1e-12, 1.0)
+        self._num(where, "rope_theta", 1.0, 1e12)
+        self._num(where, "norm_offset", 0.0, 1.0)
+        if self.norm_offset != offset or self.attn_output_gate != gate:
+            raise FormatError(f"{where}: norm_offset {self.norm_offset} / attn_output_gate "
+                              f"{self.attn_output_gate} do not match arch {self.arch} "
+                              f"(needs {offset} / {gate})")
+        if self.n_heads % self.n_kv_heads:
+            raise FormatError(f"{where}.n_heads: {self.n_heads} is not a multiple of n_kv_heads "
+                              f"{self.n_kv_heads}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise FormatError(f"{where}.rotary_dim: {self.rotary_dim} must be even and <= head_dim "
+                              f"{self.head_dim}")
+        if any(l.attn == "linear" for l in self.layers):
+            for k in ("linear_n_k_heads", "linear_n_v_heads", "linear_k_dim", "linear_v_dim",
+                      "linear_conv_kernel"):
+                self._int(where, k, 1)
+            if self.linear_n_v_heads % self.linear_n_k_heads:
+                raise FormatError(f"{where}.linear_n_v_heads: {self.linear_n_v_heads} is not a "
+                                  f"multiple of linear_n_k_heads {self.linear_n_k_heads}")
+        if any(l.ffn == "moe" for l in self.layers):
+            for k in ("n_experts", "n_experts_per_tok", "moe_intermediate_size"):
+                self._int(where, k, 1)
+            if self.n_experts_per_tok > self.n_experts:
+                raise FormatError(f"{where}.n_experts_per_tok: {self.n_experts_per_tok} exceeds "
+                                  f"n_experts {self.n_experts}")
+        if any(l.ffn == "dense" for l in self.layers):
+            self._int(where, "intermediate_size", 1)
+        if not is_int(self.bos_token_id) or not -1 <= self.bos_token_id <= LIMITS["token_id"]:
+            raise FormatError(f"{where}.bos_token_id: must be -1 or a token id, got {_desc(self.bos_token_id)}")
+        if (not isinstance(self.eos_token_ids, tuple) or len(self.eos_token_ids) > LIMITS["eos_token_ids"]
+                or not all(is_int(t) and 0 <= t <= LIMITS["token_id"] for t in self.eos_token_ids)):
+            raise FormatError(f"{where}.eos_token_ids: must be a list of at most "
+                              f"{LIMITS['eos_token_ids']} token ids, got {_desc(self.eos_token_ids)}")
 
 
 @dataclass(frozen=True)
@@ -129,9 +236,12 @@ def normalize_config(config: dict) -> dict:
     """Unwrap a multimodal config (text_config) into a flat text config with a model_type."""
     if not isinstance(config, dict):
         raise FormatError("config.json: top level is not a JSON object")
-    if isinstance(config.get("text_config"), dict):
+    tc = config.get("text_config")
+    if tc is not None and not isinstance(tc, dict):
+        raise FormatError(f"config.json: field 'text_config' must be an object, got {_desc(tc)}")
+    if isinstance(tc, dict):
         outer = config
-        cfg = dict(config["text_config"])
+        cfg = dict(tc)
         for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "quantization",
                   "quantization_config"):
             if k not in cfg and k in outer:
@@ -144,10 +254,10 @@ def normalize_config(config: dict) -> dict:
 
 
 def canonical_type(model_type) -> str:
-    mt = ALIASES.get(model_type, model_type)
+    mt = ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
     if mt not in SUPPORTED:
         raise UnsupportedModelError(
-            f"config.json: model_type {model_type!r} is not supported; supported: "
+            f"config.json: model_type {_desc(model_type)} is not supported; supported: "
             f"{', '.join(SUPPORTED)} (aliases: {', '.join(sorted(ALIASES))})")
     return mt
 
@@ -156,19 +266,99 @@ def arch_module(model_type):
     return importlib.import_module(f"pyflashmoe.models.{canonical_type(model_type)}")
 
 
+_MISSING = object()
+
+
+class ConfigFields:
+    """Typed, bounded access to config.json fields; every error is a FormatError naming the field.
+
+    `None` counts as absent (HF configs write null for unset optional fields)."""
+
+    def __init__(self, cfg: dict, where: str = "config.json"):
+        self.cfg, self.where = cfg, where
+
+    def _err(self, key, msg):
+        return FormatError(f"{self.where}: field {key!r} {msg}")
+
+    def raw(self, key, default=None):
+        v = self.cfg.get(key)
+        return default if v is None else v
+
+    def has(self, key) -> bool:
+        return self.cfg.get(key) is not None
+
+    def int(self, key, lo, hi, default=_MISSING):
+        v = self.cfg.get(key)
+        if v is None:
+            if default is _MISSING:
+                raise self._err(key, "is missing")
+            return default
+        if not is_int(v):
+            raise self._err(key, f"must be an integer, got {_desc(v)} ({type(v).__name__})")
+        if not lo <= v <= hi:
+            raise self._err(key, f"is {v}, out of range [{lo}, {hi}]")
+        return v
+
+    def num(self, key, lo, hi, default=_MISSING, src=None, label=None):
+        d = self.cfg if src is None else src
+        v = d.get(key)
+        label = label or key
+        if v is None:
+            if default is _MISSING:
+                raise self._err(label, "is missing")
+            return default
+        if not is_num(v):
+            raise self._err(label, f"must be a finite number, got {_desc(v)}")
+        if not lo <= v <= hi:
+            raise self._err(label, f"is {v}, out of range [{lo}, {hi}]")
+        return float(v)
+
+    def bool(self, key, default):
+        v = self.cfg.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self._err(key, f"must be true or false, got {_desc(v)}")
+        return v
+
+    def dict(self, key):
+        v = self.cfg.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise self._err(key, f"must be an object, got {_desc(v)}")
+        return v
+
+    def list(self, key, max_len):
+        v = self.cfg.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, list) or len(v) > max_len:
+            raise self._err(key, f"must be a list of at most {max_len} entries, got "
+                                 f"{_desc(v) if not isinstance(v, list) else f'{len(v)} entries'}")
+        return v
+
+
 def spec_from_config(config: dict, generation_config: dict | None = None) -> ModelSpec:
+    """config.json (+ generation_config.json) -> ModelSpec. Every field the arch reads is
+    type-checked and bounded before anything is sized from it; errors are FormatError /
+    UnsupportedModelError naming config.json and the field."""
     cfg = normalize_config(config)
-    if "model_type" not in cfg or cfg["model_type"] is None:
+    if cfg.get("model_type") is None:
         raise FormatError("config.json: missing field 'model_type'")
     mod = arch_module(cfg["model_type"])
+    if generation_config is not None and not isinstance(generation_config, dict):
+        generation_config = None
     try:
         spec = mod.spec_from_config(cfg, generation_config)
-    except KeyError as e:
+    except FormatError:
+        raise
+    except KeyError as e:   # pragma: no cover - every read goes through ConfigFields
         raise FormatError(f"config.json: missing field {e.args[0]!r} "
                           f"(model_type {cfg['model_type']})") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:   # pragma: no cover - as above
         raise FormatError(f"config.json: bad value ({e}) (model_type {cfg['model_type']})") from None
-    spec.check("config.json")
+    spec.check("config.json: spec")
     return spec
 
 
@@ -178,41 +368,107 @@ def tensor_map(spec: ModelSpec) -> list[TensorMap]:
 
 # ---- helpers shared by the architecture modules -------------------------------------------------
 
-def rope_params(cfg: dict, head_dim: int, default_partial: float):
-    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    prf = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
+def common_fields(f: ConfigFields) -> dict:
+    """Fields every arch reads the same way, checked and bounded (keys as in ModelSpec)."""
+    L = LIMITS
+    d = {"hidden_size": f.int("hidden_size", 1, L["hidden_size"]),
+         "n_layers": f.int("num_hidden_layers", 1, L["n_layers"]),
+         "vocab_size": f.int("vocab_size", 1, L["vocab_size"]),
+         "n_heads": f.int("num_attention_heads", 1, L["n_heads"]),
+         "n_kv_heads": f.int("num_key_value_heads", 1, L["n_kv_heads"]),
+         "rms_norm_eps": f.num("rms_norm_eps", 1e-12, 1.0, 1e-6),
+         "tie_word_embeddings": f.bool("tie_word_embeddings", False),
+         "max_position_embeddings": f.int("max_position_embeddings", 1, L["max_position_embeddings"], 4096),
+         "n_experts_per_tok": f.int("num_experts_per_tok", 1, L["n_experts_per_tok"])}
+    hd = f.int("head_dim", 1, L["head_dim"], 0)
+    if not hd:
+        hd = d["hidden_size"] // d["n_heads"]
+        if not 1 <= hd <= L["head_dim"]:
+            raise f._err("head_dim", f"is absent and hidden_size // num_attention_heads = {hd} is out "
+                                     f"of range [1, {L['head_dim']}]")
+    d["head_dim"] = hd
+    bos = f.raw("bos_token_id")
+    d["bos_token_id"] = bos if is_int(bos) and 0 <= bos <= L["token_id"] else -1
+    return d
+
+
+def linear_fields(f: ConfigFields) -> dict:
+    L = LIMITS
+    return {"linear_n_k_heads": f.int("linear_num_key_heads", 1, L["linear_n_k_heads"]),
+            "linear_n_v_heads": f.int("linear_num_value_heads", 1, L["linear_n_v_heads"]),
+            "linear_k_dim": f.int("linear_key_head_dim", 1, L["linear_k_dim"]),
+            "linear_v_dim": f.int("linear_value_head_dim", 1, L["linear_v_dim"]),
+            "linear_conv_kernel": f.int("linear_conv_kernel_dim", 1, L["linear_conv_kernel"], 4)}
+
+
+def rope_params(cfg, head_dim: int, default_partial: float):
+    """(rope_theta, rotary_dim) from rope_parameters / rope_scaling or the top-level keys."""
+    f = cfg if isinstance(cfg, ConfigFields) else ConfigFields(cfg)
+    rk = "rope_parameters" if f.dict("rope_parameters") else "rope_scaling"
+    rp = f.dict(rk)
+    if rp.get("rope_theta") is not None:
+        theta = f.num("rope_theta", 1.0, 1e12, src=rp, label=f"{rk}.rope_theta")
+    else:
+        theta = f.num("rope_theta", 1.0, 1e12, 10000.0)
+    if rp.get("partial_rotary_factor") is not None:
+        prf = f.num("partial_rotary_factor", 0.0, 1.0, src=rp, label=f"{rk}.partial_rotary_factor")
+    else:
+        prf = f.num("partial_rotary_factor", 0.0, 1.0, default_partial)
     rotary_dim = int(head_dim * prf)
+    if rotary_dim % 2:
+        raise f._err("partial_rotary_factor", f"{prf} gives an odd rotary dim {rotary_dim} "
+                                              f"(head_dim {head_dim})")
     return float(theta), rotary_dim
 
 
-def eos_ids(cfg: dict, generation_config: dict | None):
+def eos_ids(cfg, generation_config: dict | None):
+    """EOS ids of config.json and generation_config.json (non-integer entries are ignored)."""
+    f = cfg if isinstance(cfg, ConfigFields) else ConfigFields(cfg)
+    gc = generation_config if isinstance(generation_config, dict) else {}
     ids = []
-    for src in (cfg.get("eos_token_id"), (generation_config or {}).get("eos_token_id")):
+    for where, src in (("config.json", f.raw("eos_token_id")),
+                       ("generation_config.json", gc.get("eos_token_id"))):
         if src is None:
             continue
-        for t in (src if isinstance(src, (list, tuple)) else [src]):
-            if isinstance(t, int) and t not in ids:
+        lst = src if isinstance(src, list) else [src]
+        if len(lst) > LIMITS["eos_token_ids"]:
+            raise FormatError(f"{where}: field 'eos_token_id' has {len(lst)} entries (at most "
+                              f"{LIMITS['eos_token_ids']})")
+        for t in lst:
+            if is_int(t) and 0 <= t <= LIMITS["token_id"] and t not in ids:
                 ids.append(t)
     return tuple(ids)
 
 
-def hybrid_layer_kinds(cfg: dict) -> list[str]:
-    n = cfg["num_hidden_layers"]
-    lt = cfg.get("layer_types")
+def hybrid_layer_kinds(cfg, n: int | None = None) -> list[str]:
+    f = cfg if isinstance(cfg, ConfigFields) else ConfigFields(cfg)
+    if n is None:
+        n = f.int("num_hidden_layers", 1, LIMITS["n_layers"])
+    lt = f.list("layer_types", LIMITS["n_layers"])
     if lt:
         if len(lt) != n:
-            raise ValueError(f"layer_types has {len(lt)} entries, num_hidden_layers={n}")
-        return ["full" if t == "full_attention" else "linear" for t in lt]
-    every = cfg.get("full_attention_interval", 4)
+            raise f._err("layer_types", f"has {len(lt)} entries, num_hidden_layers={n}")
+        kinds = {"full_attention": "full", "linear_attention": "linear"}
+        for i, t in enumerate(lt):
+            if not isinstance(t, str) or t not in kinds:
+                raise f._err("layer_types", f"entry {i} is {_desc(t)}; expected one of {list(kinds)}")
+        return [kinds[t] for t in lt]
+    every = f.int("full_attention_interval", 1, 1 << 20, 4)
     return ["linear" if (i + 1) % every else "full" for i in range(n)]
 
 
-def moe_layer_kinds(cfg: dict, n_experts: int) -> list[str]:
-    sparse = cfg.get("decoder_sparse_step", 1) or 1
-    only = set(cfg.get("mlp_only_layers") or [])
+def moe_layer_kinds(cfg, n_experts: int, n: int | None = None) -> list[str]:
+    f = cfg if isinstance(cfg, ConfigFields) else ConfigFields(cfg)
+    if n is None:
+        n = f.int("num_hidden_layers", 1, LIMITS["n_layers"])
+    sparse = f.int("decoder_sparse_step", 0, 1 << 20, 1) or 1
+    only = f.list("mlp_only_layers", LIMITS["n_layers"]) or []
+    for i, x in enumerate(only):
+        if not is_int(x) or not 0 <= x < n:
+            raise f._err("mlp_only_layers", f"entry {i} is {_desc(x)}; expected a layer index in [0, {n})")
+    only = set(only)
     return ["moe" if (i not in only and n_experts > 0 and (i + 1) % sparse == 0) else "dense"
-            for i in range(cfg["num_hidden_layers"])]
+            for i in range(n)]
 
 
 def common_tensors(spec: ModelSpec, zc: bool) -> list[TensorMap]:

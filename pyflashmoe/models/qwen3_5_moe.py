@@ -5,32 +5,26 @@ separate in_proj_qkv / in_proj_z / in_proj_b / in_proj_a, full attention every
 `full_attention_interval`-th layer with a per-head [q | gate] q_proj), zero-centred RMSNorms
 (x̂*(1+w)), every layer MoE with a shared expert, router top-k always renormalized.
 """
-from pyflashmoe.models import (LayerSpec, ModelSpec, TensorMap, common_tensors, eos_ids,
-                               ffn_tensors, full_attn_tensors, hybrid_layer_kinds,
-                               layer_norm_tensors, linear_attn_common, rope_params)
+from pyflashmoe.models import (LIMITS, ConfigFields, LayerSpec, ModelSpec, TensorMap, common_fields,
+                               common_tensors, eos_ids, ffn_tensors, full_attn_tensors,
+                               hybrid_layer_kinds, layer_norm_tensors, linear_attn_common,
+                               linear_fields, rope_params)
 
 
 def spec_from_config(cfg, generation_config=None):
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    theta, rdim = rope_params(cfg, hd, 0.25)
-    attn = hybrid_layer_kinds(cfg)
-    n_exp = cfg["num_experts"]
+    f = ConfigFields(cfg)
+    c = common_fields(f)
+    theta, rdim = rope_params(f, c["head_dim"], 0.25)
+    attn = hybrid_layer_kinds(f, c["n_layers"])
     return ModelSpec(
-        arch="qwen3_5_moe", hidden_size=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-        vocab_size=cfg["vocab_size"], rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        norm_offset=1.0, layers=tuple(LayerSpec(a, "moe") for a in attn),
-        n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"], head_dim=hd,
-        rope_theta=theta, rotary_dim=rdim, attn_output_gate=True,
-        linear_n_k_heads=cfg["linear_num_key_heads"], linear_n_v_heads=cfg["linear_num_value_heads"],
-        linear_k_dim=cfg["linear_key_head_dim"], linear_v_dim=cfg["linear_value_head_dim"],
-        linear_conv_kernel=cfg.get("linear_conv_kernel_dim", 4),
-        n_experts=n_exp, n_experts_per_tok=cfg["num_experts_per_tok"],
-        moe_intermediate_size=cfg["moe_intermediate_size"], norm_topk_prob=True,
-        shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
-        intermediate_size=0, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        bos_token_id=cfg["bos_token_id"] if isinstance(cfg.get("bos_token_id"), int) else -1,
-        eos_token_ids=eos_ids(cfg, generation_config))
+        arch="qwen3_5_moe", norm_offset=1.0, layers=tuple(LayerSpec(a, "moe") for a in attn),
+        rope_theta=theta, rotary_dim=rdim, attn_output_gate=True, **c, **linear_fields(f),
+        n_experts=f.int("num_experts", 1, LIMITS["n_experts"]),
+        moe_intermediate_size=f.int("moe_intermediate_size", 1, LIMITS["moe_intermediate_size"]),
+        norm_topk_prob=True,
+        shared_expert_intermediate_size=f.int("shared_expert_intermediate_size", 0,
+                                              LIMITS["shared_expert_intermediate_size"], 0),
+        intermediate_size=0, eos_token_ids=eos_ids(f, generation_config))
 
 
 def tensor_map(spec):

@@ -8,35 +8,31 @@ GatedDeltaNet input projections are fused and interleaved per key-head group
 order), ssm_z, ssm_b, ssm_a by row selection. Dense MLP layers (mlp_only_layers /
 decoder_sparse_step) are supported; norm_topk_prob comes from the config.
 """
-from pyflashmoe.models import (LayerSpec, ModelSpec, TensorMap, common_tensors, eos_ids,
-                               ffn_tensors, full_attn_tensors, hybrid_layer_kinds,
-                               layer_norm_tensors, linear_attn_common, moe_layer_kinds, rope_params)
+from pyflashmoe.errors import FormatError
+from pyflashmoe.models import (LIMITS, ConfigFields, LayerSpec, ModelSpec, TensorMap, common_fields,
+                               common_tensors, eos_ids, ffn_tensors, full_attn_tensors,
+                               hybrid_layer_kinds, layer_norm_tensors, linear_attn_common,
+                               linear_fields, moe_layer_kinds, rope_params)
 
 
 def spec_from_config(cfg, generation_config=None):
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    theta, rdim = rope_params(cfg, hd, 0.25)
-    attn = hybrid_layer_kinds(cfg)
-    n_exp = cfg["num_experts"]
-    ffn = moe_layer_kinds(cfg, n_exp)
+    f = ConfigFields(cfg)
+    c = common_fields(f)
+    theta, rdim = rope_params(f, c["head_dim"], 0.25)
+    attn = hybrid_layer_kinds(f, c["n_layers"])
+    n_exp = f.int("num_experts", 0, LIMITS["n_experts"])
+    ffn = moe_layer_kinds(f, n_exp, c["n_layers"])
     return ModelSpec(
-        arch="qwen3_next", hidden_size=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-        vocab_size=cfg["vocab_size"], rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        norm_offset=1.0, layers=tuple(LayerSpec(a, f) for a, f in zip(attn, ffn)),
-        n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"], head_dim=hd,
-        rope_theta=theta, rotary_dim=rdim, attn_output_gate=True,
-        linear_n_k_heads=cfg["linear_num_key_heads"], linear_n_v_heads=cfg["linear_num_value_heads"],
-        linear_k_dim=cfg["linear_key_head_dim"], linear_v_dim=cfg["linear_value_head_dim"],
-        linear_conv_kernel=cfg.get("linear_conv_kernel_dim", 4),
-        n_experts=n_exp, n_experts_per_tok=cfg["num_experts_per_tok"],
-        moe_intermediate_size=cfg["moe_intermediate_size"],
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
-        intermediate_size=(cfg.get("intermediate_size", 0) or 0) if "dense" in ffn else 0,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        bos_token_id=cfg["bos_token_id"] if isinstance(cfg.get("bos_token_id"), int) else -1,
-        eos_token_ids=eos_ids(cfg, generation_config))
+        arch="qwen3_next", norm_offset=1.0, layers=tuple(LayerSpec(a, x) for a, x in zip(attn, ffn)),
+        rope_theta=theta, rotary_dim=rdim, attn_output_gate=True, **c, **linear_fields(f),
+        n_experts=n_exp,
+        moe_intermediate_size=f.int("moe_intermediate_size", 0, LIMITS["moe_intermediate_size"]),
+        norm_topk_prob=f.bool("norm_topk_prob", True),
+        shared_expert_intermediate_size=f.int("shared_expert_intermediate_size", 0,
+                                              LIMITS["shared_expert_intermediate_size"], 0),
+        intermediate_size=(f.int("intermediate_size", 0, LIMITS["intermediate_size"], 0)
+                           if "dense" in ffn else 0),
+        eos_token_ids=eos_ids(f, generation_config))
 
 
 def split_rows(nk, nv, dk, dv):
@@ -60,7 +56,7 @@ def tensor_map(spec):
     H = spec.hidden_size
     nk, nv, dk, dv = spec.linear_n_k_heads, spec.linear_n_v_heads, spec.linear_k_dim, spec.linear_v_dim
     if nk and nv % nk:
-        raise ValueError(f"linear_num_value_heads {nv} is not a multiple of linear_num_key_heads {nk}")
+        raise FormatError(f"spec.linear_n_v_heads: {nv} is not a multiple of linear_n_k_heads {nk}")
     qkv, z, b, a = split_rows(nk, nv, dk, dv) if nk else ((), (), (), ())
     for i, L in enumerate(spec.layers):
         out += layer_norm_tensors(spec, i, zc=True)
