@@ -768,7 +768,8 @@ class Job:
 
 
 class Scheduler:
-    """Fair FIFO admission: requests wait in arrival order, at most max_queue of them.
+    """Fair FIFO admission: requests wait in arrival order, at most max_queue of them besides
+    the running one.
 
     pick_next() is the one point where the engine thread chooses its next work. Today that is
     the oldest waiting request, run to its end; continuous batching would return the next step
@@ -781,6 +782,7 @@ class Scheduler:
         self._waiting = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._active = 0  # jobs handed out by pick_next and not yet finished
         self._dirty = False  # work since the last on_idle
         self._big = False  # a big request since the last on_idle
 
@@ -788,13 +790,13 @@ class Scheduler:
         return len(self._waiting)
 
     def full(self) -> bool:
-        return len(self._waiting) >= self.max_queue
+        return len(self._waiting) + self._active > self.max_queue
 
     def submit(self, job, retry_after=1):
         with self._cv:
             if self._closed:
                 raise APIError("the server is shutting down", None, 503, "server_error", "shutting_down")
-            if len(self._waiting) >= self.max_queue:
+            if self.full():
                 raise _queue_full(self.max_queue, retry_after)
             self._waiting.append(job)
             self._cv.notify()
@@ -807,6 +809,13 @@ class Scheduler:
                 return True
             except ValueError:
                 return False
+
+    def finished(self, job):
+        """The engine is done with a job that pick_next returned."""
+        with self._cv:
+            self._active -= 1
+            self._dirty = True
+            self._cv.notify()
 
     def note_work(self, big=False):
         with self._cv:
@@ -830,6 +839,7 @@ class Scheduler:
                 if self._closed:
                     return None
                 if self._waiting:
+                    self._active += 1
                     return self._waiting.popleft()
                 if not self._dirty or on_idle is None:
                     self._cv.wait()
@@ -930,6 +940,7 @@ class EngineLoop:
         left = self.sched.close()
         cur = self.current
         if cur is not None:
+            cur.cancel_reason = "shutdown"
             cur.cancelled.set()
         for job in left:
             job.done = True
@@ -956,7 +967,10 @@ class EngineLoop:
         try:
             self.server.run_job(job)
         except _Cancelled:
-            outcome = job.cancel_reason or "cancelled"
+            outcome = "timed_out" if job.cancel_reason == "timed_out" else "cancelled"
+            if job.cancel_reason == "shutdown":
+                job.put("error", APIError("the server is shutting down", None, 503, "server_error",
+                                          "shutting_down"))
         except BaseException as e:
             outcome = "timed_out" if getattr(e, "code", None) == "request_timeout" else "failed"
             job.put("error", e)
@@ -968,7 +982,7 @@ class EngineLoop:
             dt = time.monotonic() - job.started
             self._avg_s = dt if self._avg_s is None else 0.8 * self._avg_s + 0.2 * dt
             self._count(outcome)
-            self.sched.note_work()
+            self.sched.finished(job)
 
 
 def _error_body(e: Exception):

@@ -553,6 +553,19 @@ def test_cli_serve(tiny_dir):
         r = httpx.post(url + "/v1/chat/completions", timeout=60,
                        json={"model": "tm", "messages": [OK], "max_tokens": 4, "stream": True})
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        # bound to 127.0.0.1: a foreign Host (DNS rebinding) and any Origin are refused
+        r = httpx.get(url + "/v1/models", headers={"Host": "rebind.example"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+        r = httpx.get(url + "/v1/models", headers={"Host": f"localhost:{port}"}, timeout=10)
+        assert r.status_code == 200
+        r = httpx.post(url + "/v1/chat/completions", headers={"Origin": "http://page.example"},
+                       json={"messages": [OK], "max_tokens": 1}, timeout=10)
+        assert r.status_code == 403
+        r = httpx.post(url + "/v1/chat/completions", content=json.dumps({"messages": [OK]}),
+                       headers={"Content-Type": "text/plain"}, timeout=10)
+        assert r.status_code == 415
+        h = httpx.get(url + "/health", timeout=10).json()
+        assert h["max_queue"] == 256 and h["completed"] == 1
     finally:
         p.terminate()
         try:
@@ -860,6 +873,36 @@ def test_engine_error_ends_only_that_request(qtok):
         h = live.health()
         assert h["engine_thread"] == "alive" and h["failed"] == 3 and h["status"] == "ok"
     server.close()
+
+
+def test_scheduler_fifo_and_capacity():
+    from pyflashmoe.server import APIError, Scheduler
+    s = Scheduler(max_queue=2)
+    jobs = [object() for _ in range(5)]
+    for j in jobs[:3]:  # nothing running yet: 2 waiting + the one about to run
+        s.submit(j)
+    with pytest.raises(APIError) as ei:
+        s.submit(jobs[3], retry_after=7)
+    assert ei.value.status == 503 and ei.value.headers == {"Retry-After": "7"}
+    assert s.pick_next() is jobs[0]  # FIFO
+    assert s.full() and s.depth() == 2
+    assert s.remove(jobs[1]) and not s.remove(jobs[1]) and not s.full()
+    s.submit(jobs[3])
+    assert [s.pick_next() for _ in range(1)] == [jobs[2]]
+    s.finished(jobs[0])
+    s.finished(jobs[2])
+    assert s.pick_next() is jobs[3]
+    # max_queue=0: one request at a time, none waiting
+    z = Scheduler(max_queue=0)
+    z.submit(jobs[0])
+    with pytest.raises(APIError):
+        z.submit(jobs[1])
+    assert z.pick_next() is jobs[0]
+    with pytest.raises(APIError):
+        z.submit(jobs[1])
+    z.finished(jobs[0])
+    z.submit(jobs[1])
+    assert z.close() == [jobs[1]] and z.pick_next() is None
 
 
 def test_health_reports_a_dead_engine(qtok):
