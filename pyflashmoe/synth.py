@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -274,7 +275,7 @@ def _base_blocks(rng, spec, layout, bb, bits, gs):
 
 def _write_expert_file(path, spec, layout, bb, rng, bits, gs):
     """One expert file, one block at a time (HashingFile hashes and writes on its own threads,
-    holding a bounded number of copies)."""
+    holding a bounded number of copies). -> (data offset, {size, sha256}, [crc32 of each block])."""
     E = spec.n_experts
     base = _base_blocks(rng, spec, layout, bb, bits, gs)
     qr = [layout[pn]["q"] for pn in ("gate", "up", "down")]
@@ -284,19 +285,21 @@ def _write_expert_file(path, spec, layout, bb, rng, bits, gs):
         hf.write(hdr)
         buf = np.empty(bb, np.uint8)
         xw = rng.integers(0, 2**63, size=E, dtype=np.uint64)
+        crcs = []
         for e in range(E):
             buf[:] = base[e % N_BASE_BLOCKS]
             if e >= N_BASE_BLOCKS:
                 for o, n in qr:
                     v = buf[o:o + n].view(np.uint64)
                     np.bitwise_xor(v, xw[e], out=v)
+            crcs.append(zlib.crc32(buf))
             hf.write(buf)
     except BaseException:
         abort = getattr(hf, "abort", None)
         if abort:
             abort()
         raise
-    return len(hdr), hf.close()
+    return len(hdr), hf.close(), crcs
 
 
 def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, dense_bits=16,
@@ -344,10 +347,10 @@ def synth(out, preset="qwen3.5-35b-a3b", layers=None, bits=4, group_size=64, den
             lay = {}
             for j, il in enumerate(moe):
                 rel = f"experts/L{il:03d}.safetensors"
-                doff, files[rel] = _write_expert_file(os.path.join(tmp, rel), spec, layout, bb, rng,
-                                                      bits, group_size)
+                doff, files[rel], crcs = _write_expert_file(os.path.join(tmp, rel), spec, layout, bb,
+                                                            rng, bits, group_size)
                 lay[str(il)] = {"file": rel, "n_experts": spec.n_experts, "block_bytes": bb,
-                                "data_offset": doff, "parts": layout}
+                                "data_offset": doff, "parts": layout, "block_crc32": crcs}
                 if progress and (j + 1) % max(1, len(moe) // 10) == 0:
                     done = sum(f["size"] for f in files.values())
                     dt = time.time() - t0

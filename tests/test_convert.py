@@ -663,7 +663,10 @@ def test_cli_info_and_verify(qmoe_src, tmp_path):
         b = fh.read(1)
         fh.seek(5000)
         fh.write(bytes([b[0] ^ 0x40]))
-    _assert_clean_error(_cli("verify", dst, "-q"), "experts/L002.safetensors", "sha256")
+    r = _cli("verify", dst, "-q")
+    _assert_clean_error(r, "experts/L002.safetensors")
+    # the block's crc32 (block_crc32) names the damaged expert; the file's sha256 catches it too
+    assert "crc32" in r.stderr or "sha256" in r.stderr, r.stderr
     # a truncated data file is caught by the size check already (info and verify)
     os.truncate(f, os.path.getsize(f) - 1)
     _assert_clean_error(_cli("info", dst), "L002.safetensors", "size")
@@ -684,3 +687,64 @@ def test_dense_row_chunking_gives_identical_files(tiny_dirs, tmp_path, monkeypat
         a = (tmp_path / f"big{i}" / "dense.safetensors").read_bytes()
         b = (tmp_path / f"small{i}" / "dense.safetensors").read_bytes()
         assert a == b, (s, kw)
+
+
+# ---- per-block checksums (manifest experts.layers[il].block_crc32) ------------------------------
+
+def _check_block_crcs(d):
+    import zlib
+    md = ModelDir(d)
+    layers = md.manifest["experts"]["layers"]
+    assert layers
+    for k, L in layers.items():
+        crcs = L["block_crc32"]
+        assert isinstance(crcs, list) and len(crcs) == L["n_experts"] == md.spec.n_experts, k
+        assert all(isinstance(c, int) and 0 <= c < 2 ** 32 for c in crcs), k
+        with open(os.path.join(d, L["file"]), "rb") as f:
+            f.seek(L["data_offset"])
+            for e in range(L["n_experts"]):
+                blk = f.read(L["block_bytes"])
+                assert len(blk) == L["block_bytes"]
+                assert zlib.crc32(blk) == crcs[e], (k, e)
+    return layers
+
+
+@pytest.mark.parametrize("kw", [dict(bits=16), dict(bits=4, group_size=32)])
+def test_block_crc32_recorded(tiny_dirs, tmp_path, kw):
+    src, _ = tiny_dirs["qwen3_5_moe"]
+    fused, _ = rewrite_checkpoint(src, tmp_path / "fused", layout="fused")
+    for s in (src, fused):
+        d = tmp_path / f"o-{os.path.basename(s)}"
+        convert(s, d, progress=False, **kw)
+        layers = _check_block_crcs(d)
+        assert len(set(layers["0"]["block_crc32"])) == len(layers["0"]["block_crc32"])   # distinct experts
+
+
+def test_block_crc32_mlx_repacked(tmp_path):
+    pytest.importorskip("mlx_lm")
+    src, _ = make_tiny_hf("qwen3_moe", tmp_path / "hf", seed=2)
+    mlx = make_mlx_quantized(src, tmp_path / "mlx", bits=4, group_size=32)
+    convert(mlx, tmp_path / "o", progress=False)
+    _check_block_crcs(tmp_path / "o")
+
+
+# ---- counts checked before anything is sized from them ---------------------------------------
+
+@pytest.mark.parametrize("value", [1e9, 10 ** 9, 1024, 5, "4", 0])
+def test_huge_layer_count_fails_fast(qmoe_src, tmp_path, value):
+    import time
+    import tracemalloc
+    from pyflashmoe.errors import FormatError
+    cfg = json.loads((qmoe_src / "config.json").read_text())
+    cfg["num_hidden_layers"] = value
+    cfg.pop("layer_types", None)
+    (qmoe_src / "config.json").write_text(json.dumps(cfg))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(FormatError, match="num_hidden_layers|config.json"):
+        convert(qmoe_src, tmp_path / "o", bits=16, progress=False)
+    dt = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert dt < 5 and peak < 256 << 20, (dt, peak)     # the bug: 20+ s and 3.8 GB
+    assert os.listdir(tmp_path) == ["src"]          # nothing created beside the destination

@@ -54,6 +54,22 @@ def test_tiny_is_a_valid_model_dir(tiny):
     assert abs(q.std() * np.sqrt(H) - 1) < 0.1
 
 
+def test_tiny_block_crc32(tiny):
+    """Every expert block's zlib.crc32, as written, is in the manifest (read back here)."""
+    import zlib
+    m = json.loads((tiny / "pyflashmoe.json").read_text())
+    spec = synth.preset_spec("tiny")
+    assert sorted(int(k) for k in m["experts"]["layers"]) == spec.moe_layers()
+    for k, L in m["experts"]["layers"].items():
+        crcs = L["block_crc32"]
+        assert isinstance(crcs, list) and len(crcs) == L["n_experts"] == spec.n_experts
+        with open(tiny / L["file"], "rb") as f:
+            f.seek(L["data_offset"])
+            got = [zlib.crc32(f.read(L["block_bytes"])) for _ in range(L["n_experts"])]
+        assert got == crcs, k
+        assert len(set(crcs)) == len(crcs)
+
+
 def test_tiny_runs_with_finite_logits(tiny):
     import pyflashmoe as fm
     with fm.Model.load(str(tiny), threads=2) as model:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +103,7 @@ class Converter:
         cfg = self.cfg = normalize_config(ck.config)
         try:
             canonical_type(cfg.get("model_type"))
+            self._check_layer_count(cfg)
             self.spec = spec_from_config(ck.config, ck.generation_config)
         except FlashMoEError as e:
             msg = str(e)
@@ -122,6 +124,22 @@ class Converter:
                                and ck.shape(n)[2] == 1 and ck.shape(n)[1] > 1 for n in ck.tensors)
         self.dense = self._plan_dense()
         self.experts = {il: self._plan_experts(il) for il in self.spec.moe_layers()}
+
+    def _check_layer_count(self, cfg):
+        """num_hidden_layers against the checkpoint before anything is sized from it: no more layers
+        than it holds tensors for (the type and the bounds are spec_from_config's checks)."""
+        n = cfg.get("num_hidden_layers")
+        if isinstance(n, bool) or not isinstance(n, int):
+            return
+        have = set()
+        for name in self.ck.tensors:
+            if name.startswith("model.layers."):
+                i = name[len("model.layers."):].split(".", 1)[0]
+                if i.isdigit():
+                    have.add(int(i))
+        if n > len(have):
+            raise FormatError(f"config.json: field num_hidden_layers is {n} but the checkpoint has "
+                              f"tensors for {len(have)} layers (model.layers.N)")
 
     def _src_for(self, name, needed_for, out_shape, rows=None, index0=None):
         """Locate `name` (a `.weight` or plain tensor) and work out its storage: float, MLX affine, FP8."""
@@ -446,6 +464,7 @@ class Converter:
         f = fmt.HashingFile(os.path.join(tmp, rel))
         hdr = fmt.expert_file_header(E, bb)
         f.write(hdr)
+        crcs = []
         try:
             fused_cache = {}
             for e in range(E):
@@ -470,13 +489,15 @@ class Converter:
                                                   f"bytes, expected {n}")
                             blk[o:o + n] = b
                 fused_cache.clear()
+                crcs.append(zlib.crc32(blk))      # of the bytes as written (manifest block_crc32)
                 f.write(blk)
                 bar.update(1)
         except BaseException:
             f.abort()
             raise
         info = f.close()
-        entry = {"file": rel, "n_experts": E, "block_bytes": bb, "data_offset": len(hdr), "parts": layout}
+        entry = {"file": rel, "n_experts": E, "block_bytes": bb, "data_offset": len(hdr), "parts": layout,
+                 "block_crc32": crcs}
         return rel, entry, info
 
     # gate and up of a fused gate_up_proj come from one read
