@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import random
 import shutil
 import struct
 import tempfile
+import zlib
 
 import numpy as np
 
@@ -515,9 +518,25 @@ class AtomicDir:
         _remove_tree(old)
 
 
+MANIFEST_DIGEST = "manifest_sha256"
+MANIFEST_MAX_BYTES = 64 << 20          # a 1024-layer manifest is a few MB
+ST_HEADER_MAX_BYTES = 100 << 20        # safetensors' own limit is 100 MB
+MAX_FILES = 8192
+MAX_BLOCK_BYTES = 1 << 34
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the canonical JSON of the manifest without its `manifest_sha256` field."""
+    m = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(dirpath, manifest):
+    """Write pyflashmoe.json with its digest (field manifest_sha256, checked by verify)."""
     p = os.path.join(dirpath, MANIFEST)
-    data = json.dumps(manifest, indent=1, sort_keys=False).encode()
+    m = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    m[MANIFEST_DIGEST] = manifest_digest(m)
+    data = json.dumps(m, indent=1, sort_keys=False).encode()
     with open(p, "wb") as f:
         f.write(data)
         f.flush()
@@ -526,51 +545,96 @@ def write_manifest(dirpath, manifest):
 
 # ---- reading and validation -------------------------------------------------------------------
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _desc(v) -> str:
+    try:
+        r = repr(v)
+    except (ValueError, RecursionError):    # e.g. an int too long for repr
+        r = f"<{type(v).__name__}>"
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def read_json_file(p, what="file", max_bytes=MANIFEST_MAX_BYTES):
+    """A JSON file -> value, None when it does not exist; FormatError / ModelIOError otherwise."""
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ModelIOError(f"{p}: cannot read ({what}): {e.strerror or e}") from None
+    if len(raw) > max_bytes:
+        raise FormatError(f"{p}: larger than {max_bytes} bytes ({what})")
+    return _json_loads(raw, p)
+
+
+def _json_loads(raw: bytes, where: str):
+    """json.loads that raises only FormatError (bad UTF-8, bad JSON, nesting, huge ints)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:       # e.g. an integer with more than 4300 digits
+        raise FormatError(f"{where}: invalid JSON ({e})") from None
+
+
 def read_st_header(path):
     """Parse a safetensors header -> (tensors {name: (dtype, shape, abs_start, abs_end)}, metadata).
 
     Checks the length prefix, the JSON, every entry's dtype / shape / data_offsets against the
-    file size. Errors name the file and field.
+    file size. Errors (FormatError / ModelIOError) name the file and field; nothing else escapes.
     """
+    path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise FormatError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 512 * 1024 * 1024:
+            if n > size - 8 or n > ST_HEADER_MAX_BYTES:
                 raise FormatError(f"{path}: corrupt safetensors header: header length field {n} "
-                                  f"exceeds the file size {size}")
+                                  f"exceeds the file size {size} (or the {ST_HEADER_MAX_BYTES}-byte limit)")
             raw = f.read(n)
+            if len(raw) != n:
+                raise FormatError(f"{path}: truncated safetensors header ({len(raw)} of {n} bytes)")
     except OSError as e:
         raise ModelIOError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        hdr = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
+    hdr = _json_loads(raw, f"{path}: corrupt safetensors header")
     if not isinstance(hdr, dict):
         raise FormatError(f"{path}: corrupt safetensors header: top level is not an object")
-    meta = hdr.pop("__metadata__", None) or {}
+    meta = hdr.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: corrupt safetensors header: field __metadata__ must map strings "
+                          f"to strings")
     base = 8 + n
     out = {}
     for name, e in hdr.items():
+        where = f"{path}: tensor {_desc(name)}"
         if not isinstance(e, dict):
-            raise FormatError(f"{path}: tensor {name!r}: header entry is not an object")
+            raise FormatError(f"{where}: header entry is not an object")
         dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dt not in ST_DTYPES:
-            raise FormatError(f"{path}: tensor {name!r}: field dtype {dt!r} is not a safetensors dtype")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise FormatError(f"{path}: tensor {name!r}: field shape {shape!r} is malformed")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+        if not isinstance(dt, str) or dt not in ST_DTYPES:
+            raise FormatError(f"{where}: field dtype {_desc(dt)} is not a safetensors dtype")
+        if (not isinstance(shape, list) or len(shape) > 16
+                or not all(_is_int(s) and 0 <= s <= size for s in shape)):
+            raise FormatError(f"{where}: field shape {_desc(shape)} is malformed")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
                 or offs[0] < 0 or offs[1] < offs[0]):
-            raise FormatError(f"{path}: tensor {name!r}: field data_offsets {offs!r} is malformed")
-        nb = int(np.prod(shape, dtype=np.int64)) * ST_DTYPES[dt].itemsize
+            raise FormatError(f"{where}: field data_offsets {_desc(offs)} is malformed")
+        nb = math.prod(shape) * ST_DTYPES[dt].itemsize
         if offs[1] - offs[0] != nb:
-            raise FormatError(f"{path}: tensor {name!r}: field data_offsets spans {offs[1] - offs[0]} "
+            raise FormatError(f"{where}: field data_offsets spans {offs[1] - offs[0]} "
                               f"bytes but dtype {dt} shape {shape} needs {nb}")
         if base + offs[1] > size:
-            raise FormatError(f"{path}: truncated: tensor {name!r} ends at byte {base + offs[1]} "
+            raise FormatError(f"{path}: truncated: tensor {_desc(name)} ends at byte {base + offs[1]} "
                               f"but the file has {size} bytes")
         out[name] = (dt, tuple(shape), base + offs[0], base + offs[1])
     return out, meta
@@ -592,7 +656,9 @@ def pread_exact(fd, n, off, path, what):
 
 
 def read_manifest(dirpath) -> dict:
-    p = os.path.join(os.fspath(dirpath), MANIFEST)
+    """pyflashmoe.json as a dict: format, version and the top-level objects checked."""
+    dirpath = os.fspath(dirpath)
+    p = os.path.join(dirpath, MANIFEST)
     if not os.path.lexists(dirpath):
         recover_replaced(dirpath)   # a replace killed between its two renames (see AtomicDir)
     if not os.path.isdir(dirpath):
@@ -602,135 +668,261 @@ def read_manifest(dirpath) -> dict:
                           f"(convert a checkpoint with `flashmoe convert`)")
     try:
         with open(p, "rb") as f:
-            m = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{p}: not valid JSON ({e})") from None
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
     except OSError as e:
         raise ModelIOError(f"{p}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MANIFEST_MAX_BYTES:
+        raise FormatError(f"{p}: larger than {MANIFEST_MAX_BYTES} bytes; not a pyflashmoe manifest")
+    m = _json_loads(raw, p)
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise FormatError(f"{p}: field format is {m.get('format') if isinstance(m, dict) else None!r}, "
+        raise FormatError(f"{p}: field format is {_desc(m.get('format')) if isinstance(m, dict) else None}, "
                           f"expected {FORMAT_NAME!r}")
     v = m.get("format_version")
-    if v != FORMAT_VERSION:
-        raise FormatError(f"{p}: field format_version is {v!r}; this pyflashmoe reads version "
+    if not _is_int(v) or v != FORMAT_VERSION:
+        raise FormatError(f"{p}: field format_version is {_desc(v)}; this pyflashmoe reads version "
                           f"{FORMAT_VERSION} (reconvert the model)")
     for k in ("spec", "tensors", "experts", "files", "quantization"):
         if not isinstance(m.get(k), dict):
-            raise FormatError(f"{p}: missing or malformed field {k!r}")
+            raise FormatError(f"{p}: missing or malformed field {k!r} (must be an object)")
     return m
 
 
-def _check_range(where, field, rng, limit):
-    if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) and x >= 0 for x in rng)
-            or rng[0] + rng[1] > limit):
-        raise FormatError(f"{where}: field {field} {rng!r} is malformed or beyond {limit} bytes")
+def model_file(dirpath, rel, where="pyflashmoe.json: files") -> str:
+    """The path of manifest-named file `rel` inside model dir `dirpath`, or FormatError.
+
+    `rel` must be a relative, normalized POSIX path (no `..`, `.`, empty or absolute parts, no
+    backslash or NUL) that resolves (symlinks followed) inside the model dir."""
+    ok = isinstance(rel, str) and 0 < len(rel) <= 1024 and "\0" not in rel and "\\" not in rel
+    if ok:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            ok = False
+    if ok:
+        parts = rel.split("/")
+        ok = not os.path.isabs(rel) and all(x not in ("", ".", "..") for x in parts)
+    if not ok:
+        raise FormatError(f"{where}: path {_desc(rel)} must be a relative, normalized path inside "
+                          f"the model dir (no '..', not absolute)")
+    full = os.path.join(dirpath, rel)
+    root = os.path.realpath(dirpath)
+    real = os.path.realpath(full)
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise FormatError(f"{where}: path {_desc(rel)} resolves to {real}, outside the model dir {root}")
+    return full
 
 
-def _tensor_nbytes(where, e):
-    shape = e.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise FormatError(f"{where}: field shape {shape!r} is malformed")
-    if e.get("dtype") == "affine":
+def _fail(where, field, msg):
+    raise FormatError(f"{where}: field {field} {msg}")
+
+
+def _span(where, field, rng, limit, align_to=1):
+    """[offset, nbytes] of non-negative ints with offset+nbytes <= limit, offset % align_to == 0."""
+    if (not isinstance(rng, list) or len(rng) != 2 or not all(_is_int(x) and x >= 0 for x in rng)
+            or rng[0] + rng[1] > limit or rng[0] % align_to):
+        _fail(where, field, f"{_desc(rng)} must be [offset, nbytes] inside {limit} bytes, offset a "
+                            f"multiple of {align_to}")
+    return rng
+
+
+def _entry_sizes(where, e, shape_want, allowed):
+    """Check an entry's dtype / shape / bits / group_size; -> {field: nbytes}."""
+    if not isinstance(e, dict):
+        raise FormatError(f"{where}: entry must be an object, got {_desc(e)}")
+    dt, shape = e.get("dtype"), e.get("shape")
+    if not isinstance(dt, str) or dt not in allowed:
+        _fail(where, "dtype", f"{_desc(dt)} must be one of {', '.join(allowed)}")
+    if not isinstance(shape, list) or [x for x in shape] != list(shape_want) \
+            or not all(_is_int(x) for x in shape):
+        _fail(where, "shape", f"{_desc(shape)} but the spec implies {list(shape_want)}")
+    if dt == "affine":
         bits, gs = e.get("bits"), e.get("group_size")
-        if bits not in (2, 3, 4, 5, 6, 8) or gs not in (32, 64, 128) or len(shape) != 2 or shape[1] % gs:
-            raise FormatError(f"{where}: affine fields bits={bits!r} group_size={gs!r} shape={shape!r} "
-                              f"are inconsistent")
+        if (not _is_int(bits) or bits not in (2, 3, 4, 5, 6, 8) or not _is_int(gs)
+                or gs not in (32, 64, 128) or len(shape) != 2 or shape[1] % gs or (shape[1] * bits) % 32):
+            raise FormatError(f"{where}: affine fields bits={_desc(bits)} group_size={_desc(gs)} "
+                              f"shape={shape} are inconsistent")
         return affine_sizes(shape, bits, gs)
-    if e.get("dtype") not in MANIFEST_DTYPE:
-        raise FormatError(f"{where}: field dtype {e.get('dtype')!r} must be bf16, f32 or affine")
-    return {"data": int(np.prod(shape)) * (2 if e["dtype"] == "bf16" else 4)}
+    return {"data": math.prod(shape) * (2 if dt == "bf16" else 4)}
+
+
+# dense tensors stored F32 by every writer (the C core reads them as float vectors)
+_F32_KINDS = ("vector", "conv")
 
 
 def validate(dirpath, check_tensors=True) -> dict:
-    """Read the manifest and check it against the files: sizes, shapes, dtypes, offsets.
+    """Read the manifest and check it against the files it names: paths, sizes, and (with
+    check_tensors) every tensor's dtype, shape and offset against the safetensors header of the
+    file it lives in, every expert layer's data range and part ranges. Header reads only (no
+    data is read or hashed: see verify). This is the one place model dirs are checked; Model.load
+    and `flashmoe info` / `verify` call it.
 
-    Returns the manifest; raises FormatError naming file and field. Does not hash (see verify).
+    Returns the manifest; raises FormatError / ModelIOError naming the file and field.
     """
     from pyflashmoe.models import ModelSpec, tensor_map
     dirpath = os.fspath(dirpath)
     m = read_manifest(dirpath)
     mp = os.path.join(dirpath, MANIFEST)
     spec = ModelSpec.from_dict(m["spec"], where=f"{mp}: spec")
-    for rel, fe in m["files"].items():
-        p = os.path.join(dirpath, rel)
+    d = m.get(MANIFEST_DIGEST)
+    if d is not None and not (isinstance(d, str) and len(d) == 64):
+        _fail(mp, MANIFEST_DIGEST, f"{_desc(d)} is not a sha256 hex digest")
+    files = m["files"]
+    if len(files) > MAX_FILES:
+        _fail(mp, "files", f"lists {len(files)} files (at most {MAX_FILES})")
+    sizes = {}
+    for rel, fe in files.items():
+        where = f"{mp}: files[{_desc(rel)}]"
+        p = model_file(dirpath, rel, where)
+        if not isinstance(fe, dict) or not _is_int(fe.get("size")) or fe["size"] < 0 \
+                or not isinstance(fe.get("sha256"), str) or len(fe["sha256"]) != 64:
+            raise FormatError(f"{where}: must be {{\"size\": bytes, \"sha256\": hex digest}}, got {_desc(fe)}")
         if not os.path.isfile(p):
             raise FormatError(f"{p}: missing (listed in {MANIFEST} files)")
-        sz = os.path.getsize(p)
-        if sz != fe.get("size"):
-            raise FormatError(f"{p}: size {sz} bytes but {MANIFEST} files[{rel!r}].size is {fe.get('size')}"
+        try:
+            sz = os.path.getsize(p)
+        except OSError as e:
+            raise ModelIOError(f"{p}: cannot stat: {e.strerror or e}") from None
+        if sz != fe["size"]:
+            raise FormatError(f"{p}: size {sz} bytes but {MANIFEST} files[{rel!r}].size is {fe['size']}"
                               f" (truncated or modified file)")
-    if not check_tensors:
-        return m
-    # dense tensors: every canonical tensor present, shapes as the spec says, offsets in file
-    dp = os.path.join(dirpath, DENSE_FILE)
-    st, _ = read_st_header(dp)
-    dsize = os.path.getsize(dp)
-    want = {t.name: t for t in tensor_map(spec)}
-    for name, t in want.items():
-        if name not in m["tensors"]:
-            raise FormatError(f"{mp}: tensors: missing {name!r}")
-    for name, e in m["tensors"].items():
-        where = f"{mp}: tensors[{name!r}]"
-        sizes = _tensor_nbytes(where, e)
-        if name in want and tuple(e["shape"]) != tuple(want[name].shape):
-            raise FormatError(f"{where}: field shape {e['shape']} but the spec implies "
-                              f"{list(want[name].shape)}")
-        if e["dtype"] == "affine":
-            for k in ("q", "scales", "biases"):
-                _check_range(where, k, e.get(k), dsize)
-                if e[k][1] != sizes[k]:
-                    raise FormatError(f"{where}: field {k} has {e[k][1]} bytes, expected {sizes[k]}")
-                se = st.get(f"{name}.{k}")
-                if se is None or se[2] != e[k][0]:
-                    raise FormatError(f"{dp}: tensor {name}.{k} missing or not at the offset the manifest says")
-        else:
-            _check_range(where, "offset/nbytes", [e.get("offset", -1), e.get("nbytes", -1)], dsize)
-            if e["nbytes"] != sizes["data"]:
-                raise FormatError(f"{where}: field nbytes {e['nbytes']} but {e['dtype']} {e['shape']} "
-                                  f"needs {sizes['data']}")
-            se = st.get(name)
-            if se is None or se[2] != e["offset"] or se[0] != MANIFEST_DTYPE[e["dtype"]] \
-                    or list(se[1]) != list(e["shape"]):
-                raise FormatError(f"{dp}: tensor {name!r} missing or disagrees with {MANIFEST} "
-                                  f"(dtype/shape/offset)")
-    # experts
+        sizes[rel] = sz
+    if DENSE_FILE not in sizes:
+        _fail(mp, "files", f"does not list {DENSE_FILE!r}")
     layers = m["experts"].get("layers")
     if not isinstance(layers, dict):
-        raise FormatError(f"{mp}: field experts.layers is missing")
+        _fail(mp, "experts.layers", "is missing or not an object")
     moe = spec.moe_layers()
-    if sorted(int(k) for k in layers) != moe:
-        raise FormatError(f"{mp}: experts.layers has layers {sorted(int(k) for k in layers)} but the "
-                          f"spec's MoE layers are {moe}")
+    want_keys = [str(i) for i in moe]
+    if sorted(layers) != sorted(want_keys):
+        _fail(mp, "experts.layers", f"has layers {_desc(sorted(layers))} but the spec's MoE layers are {moe}")
+    for k in want_keys:
+        L = layers[k]
+        where = f"{mp}: experts.layers[{k!r}]"
+        if not isinstance(L, dict):
+            raise FormatError(f"{where}: must be an object, got {_desc(L)}")
+        model_file(dirpath, L.get("file"), f"{where}.file")
+        if L["file"] not in sizes:
+            raise FormatError(f"{where}: field file {L['file']!r} is not listed in {MANIFEST} files "
+                              f"(its size and sha256 are unknown)")
+    _check_quant(mp, m["quantization"])
+    if not check_tensors:
+        return m
+    _check_dense(dirpath, mp, m, spec, sizes[DENSE_FILE], tensor_map(spec))
+    for k in want_keys:
+        _check_expert_layer(dirpath, mp, k, layers[k], spec, m["quantization"])
+    return m
+
+
+def _check_quant(mp, q):
+    for k in ("experts", "dense"):
+        e = q.get(k)
+        if e is None:
+            continue
+        if not isinstance(e, dict) or not _is_int(e.get("bits")) \
+                or ("group_size" in e and not _is_int(e["group_size"])):
+            _fail(mp, f"quantization.{k}", f"{_desc(e)} must be {{\"bits\": int, \"group_size\": int}}")
+    sa = (q.get("dense") or {}).get("source_affine")
+    if sa is not None and (not isinstance(sa, list) or len(sa) > 64 or not all(
+            isinstance(a, dict) and _is_int(a.get("bits")) and _is_int(a.get("group_size")) for a in sa)):
+        _fail(mp, "quantization.dense.source_affine", f"{_desc(sa)} must be a list of {{bits, group_size}}")
+
+
+def _check_dense(dirpath, mp, m, spec, dsize, tmap):
+    dp = os.path.join(dirpath, DENSE_FILE)
+    st, _ = read_st_header(dp)
+    want = {t.name: t for t in tmap}
+    tensors = m["tensors"]
+    for name in want:
+        if name not in tensors:
+            raise FormatError(f"{mp}: tensors: missing {name!r} (needed by spec.arch {spec.arch})")
+    for name in tensors:
+        if name not in want:
+            raise FormatError(f"{mp}: tensors: unexpected {_desc(name)} (not a tensor of spec.arch "
+                              f"{spec.arch} with these dims)")
+    for name, t in want.items():
+        e = tensors[name]
+        where = f"{mp}: tensors[{name!r}]"
+        allowed = ("f32",) if t.kind in _F32_KINDS else ("bf16", "f32", "affine")
+        sizes = _entry_sizes(where, e, t.shape, allowed)
+        if e["dtype"] == "affine":
+            hdr = {"q": ("U32", [t.shape[0], t.shape[1] * e["bits"] // 32]),
+                   "scales": ("BF16", [t.shape[0], t.shape[1] // e["group_size"]]),
+                   "biases": ("BF16", [t.shape[0], t.shape[1] // e["group_size"]])}
+            for k in ("q", "scales", "biases"):
+                rng = _span(where, k, e.get(k), dsize, DENSE_ALIGN)
+                if rng[1] != sizes[k]:
+                    _fail(where, k, f"has {rng[1]} bytes, expected {sizes[k]}")
+                se = st.get(f"{name}.{k}")
+                if se is None or se[2] != rng[0] or se[0] != hdr[k][0] or list(se[1]) != hdr[k][1]:
+                    raise FormatError(f"{dp}: tensor {name}.{k} missing or disagrees with {MANIFEST} "
+                                      f"tensors[{name!r}].{k} {rng} (needs {hdr[k][0]} {hdr[k][1]} at offset "
+                                      f"{rng[0]}; header has {_desc(se)})")
+        else:
+            off, nb = e.get("offset"), e.get("nbytes")
+            _span(where, "offset/nbytes", [off, nb], dsize, DENSE_ALIGN)
+            if nb != sizes["data"]:
+                _fail(where, "nbytes", f"{nb} but {e['dtype']} {e['shape']} needs {sizes['data']}")
+            se = st.get(name)
+            if se is None or se[2] != off or se[0] != MANIFEST_DTYPE[e["dtype"]] \
+                    or list(se[1]) != list(e["shape"]):
+                raise FormatError(f"{dp}: tensor {name!r} missing or disagrees with {MANIFEST} "
+                                  f"tensors[{name!r}] (dtype/shape/offset {e['dtype']} {e['shape']} "
+                                  f"{off}; header has {_desc(se)})")
+
+
+def _check_expert_layer(dirpath, mp, k, L, spec, quant):
+    where = f"{mp}: experts.layers[{k!r}]"
+    p = os.path.join(dirpath, L["file"])
+    bb, ne, do = L.get("block_bytes"), L.get("n_experts"), L.get("data_offset")
+    if not (_is_int(bb) and 0 < bb <= MAX_BLOCK_BYTES and bb % PAGE == 0):
+        _fail(where, "block_bytes", f"{_desc(bb)} is not a positive multiple of {PAGE}")
+    if not _is_int(ne) or ne != spec.n_experts:
+        _fail(where, "n_experts", f"{_desc(ne)} but the spec has {spec.n_experts}")
+    if not (_is_int(do) and do >= 0 and do % PAGE == 0):
+        _fail(where, "data_offset", f"{_desc(do)} is not a non-negative multiple of {PAGE}")
+    try:
+        fsize = os.path.getsize(p)
+    except OSError as e:
+        raise ModelIOError(f"{p}: cannot stat: {e.strerror or e}") from None
+    if do + ne * bb > fsize:
+        _fail(where, "data_offset", f"{do} + n_experts {ne} * block_bytes {bb} = {do + ne * bb} is "
+                                    f"beyond the end of {p} ({fsize} bytes)")
+    est, _ = read_st_header(p)
+    ee = est.get("experts")
+    if ee is None or ee[0] != "U8" or list(ee[1]) != [ne, bb] or ee[2] != do:
+        raise FormatError(f"{p}: tensor 'experts' missing or not U8 [{ne}, {bb}] at offset {do} as "
+                          f"{MANIFEST} experts.layers[{k!r}] says (header has {_desc(ee)})")
+    parts = L.get("parts")
+    if not isinstance(parts, dict) or list(parts) != ["gate", "up", "down"]:
+        _fail(where, "parts", f"must be gate, up, down in that order, got "
+                              f"{_desc(list(parts) if isinstance(parts, dict) else parts)}")
     I, H = spec.moe_intermediate_size, spec.hidden_size
     want_shapes = {"gate": [I, H], "up": [I, H], "down": [H, I]}
-    for k, L in layers.items():
-        where = f"{mp}: experts.layers[{k!r}]"
-        p = os.path.join(dirpath, L.get("file", ""))
-        bb, ne, do = L.get("block_bytes"), L.get("n_experts"), L.get("data_offset")
-        if not (isinstance(bb, int) and bb > 0 and bb % PAGE == 0):
-            raise FormatError(f"{where}: field block_bytes {bb!r} is not a positive multiple of {PAGE}")
-        if ne != spec.n_experts:
-            raise FormatError(f"{where}: field n_experts {ne!r} but the spec has {spec.n_experts}")
-        if not (isinstance(do, int) and do % PAGE == 0):
-            raise FormatError(f"{where}: field data_offset {do!r} is not a multiple of {PAGE}")
-        est, _ = read_st_header(p)
-        ee = est.get("experts")
-        if ee is None or ee[0] != "U8" or list(ee[1]) != [ne, bb] or ee[2] != do:
-            raise FormatError(f"{p}: tensor 'experts' missing or not U8 [{ne}, {bb}] at offset {do}")
-        parts = L.get("parts", {})
-        if list(parts) != ["gate", "up", "down"]:
-            raise FormatError(f"{where}: field parts must be gate, up, down in that order, got {list(parts)}")
-        for pn, pe in parts.items():
-            pw = f"{where}.parts.{pn}"
-            sizes = _tensor_nbytes(pw, pe)
-            if pe["shape"] != want_shapes[pn]:
-                raise FormatError(f"{pw}: field shape {pe['shape']} but the spec implies {want_shapes[pn]}")
-            for sk, nb in sizes.items():
-                rng = pe.get(sk)
-                _check_range(pw, sk, rng, bb)
-                if rng[1] != nb or rng[0] % PART_ALIGN:
-                    raise FormatError(f"{pw}: field {sk} {rng} (needs {nb} bytes at a multiple of {PART_ALIGN})")
-    return m
+    spans = []
+    for pn, pe in parts.items():
+        pw = f"{where}.parts.{pn}"
+        sizes = _entry_sizes(pw, pe, want_shapes[pn], ("bf16", "affine"))
+        for sk, nb in sizes.items():
+            rng = _span(pw, sk, pe.get(sk), bb, PART_ALIGN)
+            if rng[1] != nb:
+                _fail(pw, sk, f"{rng} (needs {nb} bytes at a multiple of {PART_ALIGN})")
+            spans.append((rng[0], rng[0] + rng[1], f"{pn}.{sk}"))
+    spans.sort()
+    for a, b in zip(spans, spans[1:]):
+        if b[0] < a[1]:
+            raise FormatError(f"{where}: parts {a[2]} and {b[2]} overlap inside the block")
+    qe = quant.get("experts")
+    g = parts["gate"]
+    if isinstance(qe, dict):
+        qb = 16 if g["dtype"] == "bf16" else g["bits"]
+        if qe.get("bits") != qb or (qb != 16 and qe.get("group_size", g["group_size"]) != g["group_size"]):
+            _fail(where, "parts.gate", f"is {g['dtype']} bits {qb} but {MANIFEST} quantization.experts "
+                                       f"says {_desc(qe)}")
+    crc = L.get("block_crc32")
+    if crc is not None and (not isinstance(crc, list) or len(crc) != ne
+                            or not all(_is_int(c) and 0 <= c <= 0xFFFFFFFF for c in crc)):
+        _fail(where, "block_crc32", f"must be a list of n_experts ({ne}) unsigned 32-bit ints, got "
+                                    f"{_desc(crc) if not isinstance(crc, list) else f'{len(crc)} entries'}")
 
 
 def open_model_dir(dirpath) -> dict:
@@ -825,13 +1017,145 @@ def read_model_dir(dirpath) -> ModelDir:
     return ModelDir(dirpath)
 
 
+
 # ---- verify / info -----------------------------------------------------------------------------
 
-def verify(dirpath, progress=False):
-    """Recompute the sha256 of every data file (streamed, 8 MiB at a time) against the manifest."""
+def check_manifest_digest(dirpath) -> dict:
+    """read_manifest + its recorded digest recomputed; FormatError when missing or different."""
     dirpath = os.fspath(dirpath)
-    m = validate(dirpath, check_tensors=False)
-    total = sum(fe["size"] for fe in m["files"].values())
+    m = read_manifest(dirpath)
+    mp = os.path.join(dirpath, MANIFEST)
+    d = m.get(MANIFEST_DIGEST)
+    if d is None:
+        raise FormatError(f"{mp}: no field {MANIFEST_DIGEST} (the manifest was written by an older "
+                          f"pyflashmoe), so it cannot be verified; reconvert the model "
+                          f"(`flashmoe convert SRC {dirpath} --force`) to record it")
+    got = manifest_digest(m)
+    if d != got:
+        raise FormatError(f"{mp}: field {MANIFEST_DIGEST} is {_desc(d)} but the manifest hashes to {got}: "
+                          f"the manifest was modified after it was written (e.g. an offset edited by "
+                          f"hand); restore it or reconvert the model")
+    return m
+
+
+def _crc_error(p, k, e, got, want, off, bb):
+    return FormatError(f"{p}: expert {e} of layer {k} (bytes {off}..{off + bb}) has crc32 {got:#010x} but "
+                       f"{MANIFEST} experts.layers[{k!r}].block_crc32[{e}] is {want:#010x} (damaged expert "
+                       f"data; restore the file or reconvert)")
+
+
+def _hash_file(p, rel, fe, bar, layer=None, stats=None):
+    """sha256 of a whole file (8 MiB reads); for an expert layer with block_crc32, every block's
+    CRC32 in the same pass (the first damaged block is named)."""
+    h = hashlib.sha256()
+    bufsz = 8 << 20
+    try:
+        with open(p, "rb", buffering=0) as f:
+            if layer is not None:
+                k, L = layer
+                do, bb, crcs = L["data_offset"], L["block_bytes"], L["block_crc32"]
+                head = f.read(do)
+                h.update(head)
+                per = max(1, bufsz // bb)
+                buf = bytearray(per * bb)
+                e = 0
+                while e < len(crcs):
+                    nblk = min(per, len(crcs) - e)
+                    mv = memoryview(buf)[:nblk * bb]
+                    got = f.readinto(mv)
+                    while got < len(mv):
+                        r = f.readinto(mv[got:])
+                        if not r:
+                            raise FormatError(f"{p}: truncated inside expert {e + got // bb} of layer {k}")
+                        got += r
+                    h.update(mv)
+                    for j in range(nblk):
+                        c = zlib.crc32(mv[j * bb:(j + 1) * bb])
+                        if c != crcs[e + j]:
+                            raise _crc_error(p, k, e + j, c, crcs[e + j], do + (e + j) * bb, bb)
+                    stats["blocks"] += nblk
+                    if bar:
+                        bar.update(len(mv))
+                    e += nblk
+                if bar:
+                    bar.update(len(head))
+            while True:
+                b = f.read(bufsz)
+                if not b:
+                    break
+                h.update(b)
+                if bar:
+                    bar.update(len(b))
+    except OSError as e:
+        raise ModelIOError(f"{p}: cannot read: {e.strerror or e}") from None
+    if h.hexdigest() != fe["sha256"]:
+        raise FormatError(f"{p}: sha256 {h.hexdigest()} does not match {MANIFEST} "
+                          f"files[{rel!r}].sha256 {fe['sha256']} (file is corrupt)")
+
+
+def _sample_count(sample, n):
+    """Blocks to check out of n: sample is None (default count), "all", an int count, a float
+    fraction in (0, 1], or a string of those ("8", "0.1", "10%")."""
+    if sample is None:
+        return min(n, QUICK_SAMPLE_DEFAULT)
+    bad = ArgumentError(f"sample: {sample!r} is not 'all', a count >= 1 or a fraction in (0, 1]")
+    if isinstance(sample, str):
+        s = sample.strip().lower()
+        try:
+            if s == "all":
+                return n
+            if s.endswith("%"):
+                sample = float(s[:-1]) / 100.0
+            elif "." in s or "e" in s:
+                sample = float(s)
+            else:
+                sample = int(s)
+        except ValueError:
+            raise bad from None
+    if isinstance(sample, bool) or not isinstance(sample, (int, float)):
+        raise bad
+    if isinstance(sample, float):
+        if not 0.0 < sample <= 1.0:
+            raise bad
+        return max(1, min(n, math.ceil(sample * n)))
+    if sample < 1:
+        raise bad
+    return min(n, sample)
+
+
+QUICK_SAMPLE_DEFAULT = 8
+
+
+def verify(dirpath, progress=False, quick=False, sample=None, seed=None) -> dict:
+    """Check a model dir's data against its manifest; FormatError naming the file on a mismatch.
+
+    Always: the manifest digest (field manifest_sha256; a manifest without one fails, reconvert)
+    and validate() (paths, sizes, every offset against the file headers).
+    Full (default): the sha256 of every file and, where the manifest records block_crc32, every
+    expert block's CRC32 in the same pass (reads every byte of the model once).
+    quick=True: the sha256 of dense.safetensors only (reads the whole dense file) plus the CRC32
+    of `sample` expert blocks per layer chosen at random (`seed`): sample is a count (default 8),
+    a fraction in (0, 1] or "all". Layers without block_crc32 are reported as unchecked.
+
+    Returns a report: {"mode", "files_hashed", "blocks_checked", "layers_without_crc",
+    "bytes_read", "seconds"}.
+    """
+    import time
+    t0 = time.perf_counter()
+    dirpath = os.fspath(dirpath)
+    check_manifest_digest(dirpath)
+    m = validate(dirpath)
+    layers = m["experts"]["layers"]
+    by_file = {L["file"]: (k, L) for k, L in layers.items()}
+    no_crc = sorted((k for k, L in layers.items() if L.get("block_crc32") is None), key=int)
+    stats = {"blocks": 0}
+    rep = {"mode": "quick" if quick else "full", "files_hashed": [], "blocks_checked": 0,
+           "layers_without_crc": no_crc, "bytes_read": 0, "seconds": 0.0}
+    if quick:
+        todo = {DENSE_FILE: m["files"][DENSE_FILE]}
+    else:
+        todo = m["files"]
+    total = sum(fe["size"] for fe in todo.values())
     bar = None
     if progress:
         try:
@@ -840,27 +1164,43 @@ def verify(dirpath, progress=False):
         except ImportError:
             bar = None
     try:
-        for rel, fe in m["files"].items():
-            p = os.path.join(dirpath, rel)
-            h = hashlib.sha256()
-            try:
-                with open(p, "rb") as f:
-                    while True:
-                        b = f.read(8 << 20)
-                        if not b:
-                            break
-                        h.update(b)
-                        if bar:
-                            bar.update(len(b))
-            except OSError as e:
-                raise ModelIOError(f"{p}: cannot read: {e.strerror or e}") from None
-            if h.hexdigest() != fe.get("sha256"):
-                raise FormatError(f"{p}: sha256 {h.hexdigest()} does not match {MANIFEST} "
-                                  f"files[{rel!r}].sha256 {fe.get('sha256')} (file is corrupt)")
+        for rel, fe in todo.items():
+            lay = by_file.get(rel)
+            if lay is not None and lay[1].get("block_crc32") is None:
+                lay = None
+            _hash_file(os.path.join(dirpath, rel), rel, fe, bar, lay, stats)
+            rep["files_hashed"].append(rel)
+            rep["bytes_read"] += fe["size"]
+        if quick:
+            rng = random.Random(seed)
+            for k in sorted(layers, key=int):
+                L = layers[k]
+                crcs = L.get("block_crc32")
+                if crcs is None:
+                    continue
+                p = os.path.join(dirpath, L["file"])
+                ne, bb, do = L["n_experts"], L["block_bytes"], L["data_offset"]
+                pick = sorted(rng.sample(range(ne), _sample_count(sample, ne)))
+                try:
+                    fd = os.open(p, os.O_RDONLY)
+                except OSError as e:
+                    raise ModelIOError(f"{p}: cannot open: {e.strerror or e}") from None
+                try:
+                    for e in pick:
+                        blk = pread_exact(fd, bb, do + e * bb, p, f"expert {e}")
+                        c = zlib.crc32(blk)
+                        if c != crcs[e]:
+                            raise _crc_error(p, k, e, c, crcs[e], do + e * bb, bb)
+                        stats["blocks"] += 1
+                        rep["bytes_read"] += bb
+                finally:
+                    os.close(fd)
     finally:
         if bar:
             bar.close()
-    return True
+    rep["blocks_checked"] = stats["blocks"]
+    rep["seconds"] = time.perf_counter() - t0
+    return rep
 
 
 def _fmt_bytes(n):
@@ -871,36 +1211,42 @@ def _fmt_bytes(n):
 
 
 def info_text(dirpath) -> str:
+    """A summary of a model dir; validate() first, so every path and field shown was checked."""
     dirpath = os.fspath(dirpath)
     m = validate(dirpath)
     s = m["spec"]
     q = m["quantization"]
     n_full = sum(1 for l in s["layers"] if l["attn"] == "full")
     n_moe = sum(1 for l in s["layers"] if l["ffn"] == "moe")
-    dense_sz = m["files"].get(DENSE_FILE, {}).get("size", 0)
-    exp_sz = sum(fe["size"] for rel, fe in m["files"].items() if rel.startswith("experts/"))
+    dense_sz = m["files"][DENSE_FILE]["size"]
+    exp_files = {L["file"] for L in m["experts"]["layers"].values()}
+    exp_sz = sum(fe["size"] for rel, fe in m["files"].items() if rel in exp_files)
     L0 = next(iter(m["experts"]["layers"].values()), None)
-    eq = q.get("experts", {})
+    eq = q.get("experts") or {}
+    dq = q.get("dense") or {}
+    src = m.get("source") if isinstance(m.get("source"), dict) else {}
     lines = [
         f"{dirpath}",
-        f"  format        {m['format']} v{m['format_version']} ({m.get('created_by', '?')})",
-        f"  architecture  {s['arch']}  (source {m.get('source', {}).get('kind', '?')}: "
-        f"{m.get('source', {}).get('path', '?')})",
+        f"  format        {m['format']} v{m['format_version']} ({_desc(m.get('created_by', '?'))})",
+        f"  architecture  {s['arch']}  (source {_desc(src.get('kind', '?'))}: {_desc(src.get('path', '?'))})",
         f"  layers        {s['n_layers']} ({n_full} full attention, {s['n_layers'] - n_full} linear; "
         f"{n_moe} MoE)",
         f"  hidden        {s['hidden_size']}, vocab {s['vocab_size']}, heads {s['n_heads']}/{s['n_kv_heads']}"
         f" x {s['head_dim']}",
-        f"  experts       {s['n_experts']} per layer, {s['n_experts_per_tok']} per token, "
-        f"intermediate {s['moe_intermediate_size']}, shared {s['shared_expert_intermediate_size']}",
+        f"  experts       {s.get('n_experts', 0)} per layer, {s.get('n_experts_per_tok', 0)} per token, "
+        f"intermediate {s.get('moe_intermediate_size', 0)}, shared {s.get('shared_expert_intermediate_size', 0)}",
         f"  quantization  experts {eq.get('bits')}-bit"
         + (f" group {eq['group_size']}" if eq.get("group_size") else "")
-        + f", dense {q.get('dense', {}).get('bits')}-bit"
+        + f", dense {dq.get('bits')}-bit"
         + "".join(f" + source affine {a['bits']}-bit group {a['group_size']}"
-                  for a in q.get("dense", {}).get("source_affine", [])),
+                  for a in dq.get("source_affine", [])),
     ]
     if L0:
-        lines.append(f"  expert block  {L0['block_bytes']} bytes ({_fmt_bytes(L0['block_bytes'])})")
+        lines.append(f"  expert block  {L0['block_bytes']} bytes ({_fmt_bytes(L0['block_bytes'])})"
+                     + ("" if L0.get("block_crc32") is not None else ", no block checksums"))
     lines += [f"  dense size    {_fmt_bytes(dense_sz)}",
               f"  expert size   {_fmt_bytes(exp_sz)} in {len(m['experts']['layers'])} files",
-              f"  tensors       {len(m['tensors'])} dense"]
+              f"  tensors       {len(m['tensors'])} dense",
+              f"  manifest      " + ("sha256 recorded" if m.get(MANIFEST_DIGEST) else
+                                     "no digest (older version; `verify` needs a reconvert)")]
     return "\n".join(lines)
