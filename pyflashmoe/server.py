@@ -1121,7 +1121,7 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
 
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise ArgumentError(f"max_body must be a positive number of bytes, got {max_body!r}")
-    app = FastAPI(title="pyflashmoe", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pyflashmoe", docs_url=None, redoc_url=None)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     origins = _split_list(cors_origins)
     if origins:

@@ -833,6 +833,10 @@ def test_disconnects_free_their_slots(qtok):
         r = _post(live.url, {"messages": _msgs(99), "max_tokens": 3})
         assert r.status_code == 200 and time.time() - t0 < 5
         assert len(eng.prompts) == n_prompts + 1
+        # a non-streaming client that gives up is cancelled too
+        with pytest.raises(httpx.ReadTimeout):
+            _post(live.url, {"messages": _msgs(100), "max_tokens": 3000}, timeout=1.0)
+        live.wait_health(lambda h: h["cancelled"] == 49 and h["running"] == 0, timeout=10)
     server.close()
 
 
