@@ -18,7 +18,8 @@ POST /v1/completions.
   one stops before its next token. An exception from a generation (e.g. NumericalError, an I/O
   error) ends that request with a 500 error (streaming: a `data: {"error": ...}` event, then
   `data: [DONE]`); the engine thread goes on with the next request. /health reports the engine
-  thread, the queue depth and counters; it is 503 when the engine thread is not running.
+  thread, the queue depth and counters; it is 503 when the engine thread is not running, or
+  is stuck in one step 30 s past the running request's deadline.
 * Limits, each a 4xx naming the field: the body (--max-body, default 4 MiB, 413, enforced while
   reading, chunked or not), the message count (4096), each message's and the rendered prompt's
   length (a prompt with more characters than the context can hold, context length x the longest
@@ -923,18 +924,24 @@ class EngineLoop:
     def note_big_request(self):
         self.sched.note_work(big=True)
 
+    STALL_SLACK_S = 30.0  # a request running this long past its deadline: the engine is stuck
+
     def health(self) -> dict:
+        """status "ok"; "stalled" when the running request is STALL_SLACK_S past its deadline
+        (the engine would have stopped it at its next token: it is stuck inside one step);
+        "error" when the engine thread is not running."""
         cur = self.current
         alive = self.alive
         with self._lock:
             counts = dict(self.counts)
-        return {"status": "ok" if alive else "error",
+        now = time.monotonic()
+        running_for = 0.0 if cur is None or cur.started is None else now - cur.started
+        stalled = cur is not None and cur.deadline is not None and now > cur.deadline + self.STALL_SLACK_S
+        return {"status": "error" if not alive else "stalled" if stalled else "ok",
                 "engine_thread": "alive" if alive else "dead",
                 "queue_depth": self.sched.depth(), "max_queue": self.sched.max_queue,
-                "running": 0 if cur is None else 1,
-                "running_for_s": 0.0 if cur is None or cur.started is None
-                else round(time.monotonic() - cur.started, 3),
-                **counts}
+                "running": 0 if cur is None else 1, "running_for_s": round(running_for, 3),
+                "timeout_s": self.server.timeout, **counts}
 
     def close(self, wait=5.0):
         left = self.sched.close()
@@ -1074,9 +1081,9 @@ class RequestGuard:
                             f"{', '.join(sorted(self.hosts))} (flashmoe serve --allowed-hosts)",
                             "Host", 400, code="invalid_host")
         if origin is not None and not self.any_origin and origin.rstrip("/").lower() not in self.origins:
-            return APIError(f"cross-origin request from Origin {_short(origin)} refused (CORS is "
-                            f"{'off' if not self.origins else 'limited to ' + ', '.join(sorted(self.origins))}"
-                            f"; flashmoe serve --cors-origins)", "Origin", 403, code="origin_not_allowed")
+            cors = "limited to " + ", ".join(sorted(self.origins)) if self.origins else "off"
+            return APIError(f"cross-origin request from Origin {_short(origin)} refused (CORS is {cors}; "
+                            f"flashmoe serve --cors-origins)", "Origin", 403, code="origin_not_allowed")
         if scope.get("method") == "POST":
             media = (ctype or "").split(";")[0].strip().lower()
             if media != "application/json":

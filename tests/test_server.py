@@ -909,9 +909,25 @@ def test_scheduler_fifo_and_capacity():
     assert z.close() == [jobs[1]] and z.pick_next() is None
 
 
-def test_health_reports_a_dead_engine(qtok):
-    m, _ = _ctl_model(qtok)
-    server = Server(m, "fake")
+def test_health_tells_the_truth(qtok):
+    """/health is 503 when the engine is stuck inside one step past a request's deadline, and
+    when the engine thread is gone; requests then get 503 at once."""
+    m, eng = _ctl_model(qtok)
+    server = Server(m, "fake", timeout=0.3)
+    server.engine.STALL_SLACK_S = 0.3
+    with _Live(build_app(server)) as live:
+        eng.gate = threading.Event()  # the engine hangs in its first eval
+        out = {}
+        th = threading.Thread(target=lambda: out.setdefault("r", _post(live.url, {"messages": _msgs(0)})))
+        th.start()
+        h = live.wait_health(lambda h: h["status"] == "stalled", timeout=10)
+        assert h["running"] == 1 and h["running_for_s"] > 0.3
+        import httpx
+        assert httpx.get(live.url + "/health", timeout=10).status_code == 503
+        eng.gate.set()
+        th.join(30)
+        assert out["r"].status_code == 504
+        live.wait_health(lambda h: h["status"] == "ok" and h["running"] == 0)
     c = TestClient(build_app(server))
     assert c.get("/health").status_code == 200
     server.close()
