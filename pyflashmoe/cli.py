@@ -147,10 +147,11 @@ def build_parser():
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--model-name", default=None, help="model id in the API (default: dir name)")
     se.add_argument("--max-queue", type=int, default=256,
-                    help="requests that may wait besides the running one; beyond: 503 + Retry-After")
+                    help="requests that may wait besides the running one (default 256); beyond: 503 + "
+                         "Retry-After")
     se.add_argument("--timeout", type=float, default=3600.0,
-                    help="seconds a request may take, queued + running (0 = no limit)")
-    se.add_argument("--max-body", default="4MiB", help="largest request body, e.g. 4MiB (413 beyond)")
+                    help="seconds a request may take, queued + running (default 3600; 0 = no limit)")
+    se.add_argument("--max-body", default="4MiB", help="largest request body (default 4MiB; 413 beyond)")
     se.add_argument("--allowed-hosts", default=None,
                     help="comma-separated Host names to accept, '*' = any (default: loopback names "
                          "when bound to a loopback address, else any)")
