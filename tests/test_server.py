@@ -744,7 +744,7 @@ def test_queue_full_gets_503_with_retry_after(qtok):
             for i in (1, 2):
                 ts.append(threading.Thread(target=call, args=(i,)))
                 ts[-1].start()
-            live.wait_health(lambda h: h["queue_depth"] == 2)
+                live.wait_health(lambda h: h["queue_depth"] == i)
             r = _post(live.url, {"messages": _msgs(3), "max_tokens": 3}, timeout=10)
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "queue_full" and "--max-queue" in r.json()["error"]["message"]
@@ -757,6 +757,10 @@ def test_queue_full_gets_503_with_retry_after(qtok):
         for t in ts:
             t.join(60)
         assert [results[i].status_code for i in range(3)] == [200, 200, 200]
+        # served in arrival order
+        import re
+        order = [int(re.search(r"request number (\d+)", qtok.decode(p)).group(1)) for p in eng.prompts]
+        assert order == [0, 1, 2]
         h = live.health()
         assert h["rejected"] == 2 and h["completed"] == 3 and h["queue_depth"] == 0
     server.close()
