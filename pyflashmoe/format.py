@@ -323,7 +323,7 @@ def _swap_impl():
 
                     def fn(a, b, f=f):
                         return f(a, b, _RENAME_SWAP)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):   # no loadable C library (e.g. Windows)
             fn = None
         _swap_impl_cache.append(fn)
     return _swap_impl_cache[0]

@@ -172,6 +172,8 @@ class Model:
         from pyflashmoe import format as _fmt
         path = os.fspath(path)
         manifest_path = os.path.join(path, "pyflashmoe.json")
+        if not os.path.lexists(path):
+            _fmt.recover_replaced(path)   # a `convert --force` killed mid-replace (format.AtomicDir)
         if not os.path.isdir(path):
             raise FormatError(f"{path}: not a directory (expected a model dir made by `flashmoe convert`)")
         manifest = _fmt.read_json_file(manifest_path, "manifest")

@@ -374,3 +374,24 @@ def test_failed_second_rename_puts_the_old_model_back(tmp_path, monkeypatch):
             fmt.write_manifest(t, {"v": "new"})
     assert json.loads((dst / fmt.MANIFEST).read_text()) == {"v": "old"}
     assert os.listdir(tmp_path) == ["m"]
+
+
+@pytest.mark.parametrize("reader", ["Model.load", "validate", "info"])
+def test_readers_restore_a_replace_killed_between_renames(kill_env, tmp_path, reader):
+    """The fallback's crash window (old model at .m.old-PID-X, no DST): whatever opens DST next puts
+    the old model back instead of reporting no model."""
+    dead = 2 ** 22 + 777
+    shutil.copytree(kill_env["base"] / "ref_old", tmp_path / f".m.old-{dead}-0badc0de")
+    dst = tmp_path / "m"
+    if reader == "Model.load":
+        import numpy as np
+        import pyflashmoe as fm
+        with fm.Model.load(str(dst), threads=1) as model:
+            assert np.isfinite(model.logits([1, 2, 3])).all()
+    elif reader == "validate":
+        fmt.validate(dst)
+    else:
+        r = subprocess.run([sys.executable, "-m", "pyflashmoe", "info", str(dst)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path) == ["m"] and _tree(dst) == kill_env["old"]

@@ -130,6 +130,30 @@ def test_interrupted_synth_leaves_nothing(tmp_path):
         fmt.validate(str(out))
 
 
+def test_force_replaces_through_the_atomic_exchange(tmp_path, monkeypatch):
+    """synth --force goes through format.AtomicDir like convert (tests/test_convert_kill.py): the
+    old model stays complete at DST until the one call that swaps in the new one."""
+    out = tmp_path / "m"
+    synth.synth(str(out), preset="tiny", vocab=4096, seed=1, tokenizer="", progress=False)
+    old = (out / "pyflashmoe.json").read_bytes()
+    real, seen = fmt.exchange_dirs, []
+
+    def spy(a, b):
+        assert (out / "pyflashmoe.json").read_bytes() == old       # still the old, complete model
+        fmt.verify(str(out))
+        seen.append(real(a, b))
+        return seen[-1]
+    monkeypatch.setattr(fmt, "exchange_dirs", spy)
+    with pytest.raises(Exception, match="--force"):
+        synth.synth(str(out), preset="tiny", vocab=4096, seed=2, tokenizer="", progress=False)
+    synth.synth(str(out), preset="tiny", vocab=4096, seed=2, tokenizer="", progress=False, force=True)
+    assert len(seen) == 1
+    m = json.loads((out / "pyflashmoe.json").read_text())
+    assert m["source"]["seed"] == 2 and (out / "pyflashmoe.json").read_bytes() != old
+    fmt.verify(str(out))
+    assert os.listdir(tmp_path) == ["m"]
+
+
 def test_tiny_gguf(tmp_path, shared_data):
     gguf = pytest.importorskip("gguf")
     p = tmp_path / "tiny.gguf"
