@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from pyflashmoe.errors import ArgumentError, BackendError, FormatError
+from pyflashmoe.errors import ArgumentError, BackendError
 
 _BACKENDS = {"cpu": 0, "cuda": 1}
 
@@ -186,12 +186,9 @@ def ram_bandwidth(threads=1, mb=256, reps=5) -> float:
 # ---- the benchmark -----------------------------------------------------------------------------
 
 def _manifest(path):
-    p = os.path.join(path, "pyflashmoe.json")
-    try:
-        with open(p) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{p}: not found ({path} is not a pyflashmoe model dir)") from None
+    # the one model-dir check (format.validate): every file it names is inside the model dir
+    from pyflashmoe.format import validate
+    return validate(path)
 
 
 def _model_sizes(m, path):

@@ -51,7 +51,7 @@ def is_int(v) -> bool:
 
 def is_num(v) -> bool:
     """A finite JSON number (int or float, not bool)."""
-    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _desc(v) -> str:

@@ -88,8 +88,18 @@ def TestOneInput(data):
     COUNTS[check(d)] += 1
 
 
+SEEDS = []
+for _d in SRC_DIRS:
+    with open(os.path.join(_d, "pyflashmoe.json"), "rb") as _f:
+        SEEDS.append(_f.read())
+
+
 def CustomMutator(data, max_size, seed):
-    return fuzzlib.mutate_json_bytes(data, max_size, seed, atheris.Mutate)
+    # half the time restart from the valid manifest of the same model, so that a good share of
+    # the inputs are a few edits away from valid (the ones that reach the C loader and logits)
+    if seed % 2:
+        data = SEEDS[1] if b'"qwen3_moe"' in data else SEEDS[0]
+    return fuzzlib.mutate_json_bytes(data, max_size, seed // 2, atheris.Mutate)
 
 
 if __name__ == "__main__":
