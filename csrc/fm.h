@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-typedef struct fm_model fm_model;     /* weights (mmap), expert files, expert cache, thread pools */
+typedef struct fm_model fm_model;     /* dense weights (in memory), expert files, expert cache, thread pools */
 typedef struct fm_session fm_session; /* one timeline: KV cache + linear-attention state */
 
 typedef enum {
@@ -31,6 +31,8 @@ typedef enum {
     FM_ERR_FORMAT = -3,  /* the model dir is malformed: the message names the file and field */
     FM_ERR_OOM = -4,     /* an allocation failed */
     FM_ERR_BACKEND = -5, /* the backend is unavailable or failed */
+    FM_ERR_NUMERIC = -6, /* a non-finite hidden state or logit: the message names the layer and the
+                            position; the session was reset (damaged weights or expert data) */
     FM_ERR_CTX_FULL = 1  /* the session has no room for the tokens; state unchanged */
 } fm_status;
 
@@ -49,9 +51,10 @@ typedef struct {
                                   state and has the kernel read them into the page cache early
                                   (buffered I/O only; results unchanged). 0: off; 1 (default): the
                                   top ceil(0.3 K) predicted; n >= 2: the top n (at most K) */
-    int32_t lock_dense;        /* 1 (default): mlock the dense weights so streamed experts cannot evict
-                                  them from the page cache; when RLIMIT_MEMLOCK refuses, they stay
-                                  mapped unlocked (fm_model_dense_locked tells) */
+    int32_t lock_dense;        /* 1 (default): mlock the dense weights (read into anonymous memory at
+                                  open) so memory pressure from the streamed experts cannot page them
+                                  out; when RLIMIT_MEMLOCK refuses, they stay unlocked
+                                  (fm_model_dense_locked tells) */
 } fm_model_params;
 
 typedef struct {
@@ -84,8 +87,11 @@ typedef void (*fm_log_fn)(void *user, int level, const char *msg);
 /* ---- model ---- */
 fm_model_params fm_model_default_params(void);
 
-/* Open a model directory written by the converter: parses DIR/pyflashmoe.json, mmaps
- * dense.safetensors read-only, opens the expert files, validates sizes, shapes and dtypes.
+/* Open a model directory written by the converter: parses DIR/pyflashmoe.json, reads
+ * dense.safetensors whole into private anonymous memory (page-aligned, read-only afterwards; the
+ * file is not referenced after open, so truncating or replacing it later cannot fault the process),
+ * opens the expert files, validates sizes, shapes, dtypes, offsets and alignment, and rejects
+ * manifest file paths that leave the model dir (absolute, or with a ".." component).
  * FM_ERR_FORMAT / FM_ERR_IO name the file and the field on failure. */
 fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *params,
                         char *err, size_t errlen);
@@ -103,7 +109,7 @@ uint64_t fm_model_expert_block_bytes(const fm_model *m, int32_t il); /* 0 for no
 /* ---- session ---- */
 fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err, size_t errlen);
 void fm_session_free(fm_session *s);
-void fm_session_reset(fm_session *s);        /* empty the KV cache and recurrent state */
+void fm_session_reset(fm_session *s);        /* pos 0; KV rows written so far, conv and recurrent state zeroed */
 int32_t fm_session_pos(const fm_session *s); /* tokens held */
 int32_t fm_session_n_ctx(const fm_session *s);
 
@@ -111,8 +117,12 @@ int32_t fm_session_n_ctx(const fm_session *s);
  * logits: float[n_logits]; all_logits=0: n_logits >= vocab, gets the last token's logits;
  * all_logits=1: n_logits >= n_tokens*vocab, row t gets token t's logits. logits may be NULL
  * (prefill without output). FM_ERR_CTX_FULL when pos+n_tokens > n_ctx (nothing evaluated);
- * FM_ERR_ARG for a token id outside [0, vocab). On FM_ERR_IO mid-eval the session is reset to its
- * state before the call is not guaranteed: the session is reset (pos 0) and the error says so. */
+ * FM_ERR_ARG for a token id outside [0, vocab). On any other error mid-eval (FM_ERR_IO, FM_ERR_NUMERIC,
+ * ...) the state before the call cannot be restored: the session is reset (pos 0, KV rows,
+ * convolution and recurrent state zeroed) and the error says so.
+ * Numerical guard (always on): after the embedding and after every layer the hidden state of the
+ * call's tokens is scanned for NaN/Inf, and so are the logits returned; the first hit ends the call
+ * with FM_ERR_NUMERIC naming the layer and the position. */
 fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
                           int64_t n_logits, int32_t all_logits, char *err, size_t errlen);
 

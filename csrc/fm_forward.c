@@ -108,6 +108,15 @@ void fm_session_reset(fm_session *s) {
     if (!s) return;
     fm_model *m = s->m;
     int64_t cd = conv_dim_of(m);
+    /* rows past pos are always written before they are read, but an error (FM_ERR_NUMERIC above
+     * all) must not leave anything of the old timeline behind: zero what was written */
+    int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim;
+    if (s->kv_hw > 0)
+        for (int32_t i = 0; i < m->n_full; i++) {
+            memset(s->kc[i], 0, sizeof(float) * (size_t)s->kv_hw * (size_t)kvd);
+            memset(s->vc[i], 0, sizeof(float) * (size_t)s->kv_hw * (size_t)kvd);
+        }
+    s->kv_hw = 0;
     for (int32_t i = 0; i < m->n_linear; i++) {
         memset(s->conv[i], 0, sizeof(float) * (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)cd);
         memset(s->ssm[i], 0, sizeof(float) * (size_t)m->lin_nv * m->lin_dk * m->lin_dv);
@@ -130,6 +139,34 @@ void fm_session_get_stats(const fm_session *s, fm_stats *out) {
 
 void fm_session_reset_stats(fm_session *s) {
     if (s) memset(&s->st, 0, sizeof s->st);
+}
+
+/* ---------------------------------------------------------------- numerical guard */
+
+typedef uint32_t __attribute__((may_alias)) fm_u32_alias;
+
+/* index of the first NaN or Inf in x[n], -1 if none: exponent bits all ones, tested on the bits (no
+ * float compare, so no compiler flag can fold it away); blocks of 256 reduce branch-free and
+ * vectorise, the exact index is looked for only in a block that has one */
+static int64_t first_nonfinite(const float *x, int64_t n) {
+    const fm_u32_alias *u = (const fm_u32_alias *)(const void *)x;
+    for (int64_t i0 = 0; i0 < n; i0 += 256) {
+        int64_t i1 = n - i0 < 256 ? n : i0 + 256;
+        uint32_t bad = 0;
+        for (int64_t i = i0; i < i1; i++) bad |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
+        if (bad)
+            for (int64_t i = i0; i < i1; i++)
+                if ((u[i] & 0x7f800000u) == 0x7f800000u) return i;
+    }
+    return -1;
+}
+
+/* FM_ERR_NUMERIC when the n rows of `row` floats at x hold a non-finite value (stage as
+ * fm_numeric_error; row t is position pos0 + t) */
+static fm_status guard(const fm_model *m, int32_t stage, const float *x, int64_t n, int64_t row, int64_t pos0,
+                       char *err, size_t errlen) {
+    int64_t i = first_nonfinite(x, n * row);
+    return i < 0 ? FM_OK : fm_numeric_error(m, stage, pos0 + i / row, err, errlen);
 }
 
 /* ---------------------------------------------------------------- scratch */
@@ -619,8 +656,11 @@ static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *toke
                                int32_t all_logits, char *err, size_t errlen) {
     fm_model *m = s->m;
     int64_t H = m->H;
+    fm_status gs;
+    if (s->pos + n > s->kv_hw) s->kv_hw = s->pos + (int32_t)n; /* rows this pass may write */
     double t0 = fm_now_ms();
     for (int64_t t = 0; t < n; t++) fm_qmat_get_row(&m->tok_embd, tokens[t], b->x + t * H);
+    if ((gs = guard(m, -1, b->x, n, H, s->pos, err, errlen)) != FM_OK) return gs;
     s->st.ms_other += fm_now_ms() - t0;
     b->pf_il = -1;
     if (n == 1 && m->n_moe) prefetch_predict(s, b, -1, b->x); /* first MoE layer, from the embedding */
@@ -657,6 +697,8 @@ static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *toke
             s->st.ms_expert += fm_now_ms() - tb;
         }
         for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
+        /* numerical guard: a NaN/Inf in the residual stream ends the call here, naming the layer */
+        if ((gs = guard(m, il, b->x, n, H, s->pos, err, errlen)) != FM_OK) return gs;
     }
 
     double tl = fm_now_ms();
@@ -666,10 +708,13 @@ static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *toke
             for (int64_t t = 0; t < n; t++)
                 fm_rmsnorm(b->xn + t * H, b->x + t * H, m->output_norm, H, m->eps, m->norm_offset);
             fm_mm(m->pool, lm, b->xn, n, logits);
+            gs = guard(m, m->n_layers, logits, n, m->vocab, s->pos, err, errlen);
         } else {
             fm_rmsnorm(b->xn, b->x + (n - 1) * H, m->output_norm, H, m->eps, m->norm_offset);
             fm_qmat_matvec(m->pool, lm, b->xn, logits);
+            gs = guard(m, m->n_layers, logits, 1, m->vocab, s->pos + n - 1, err, errlen);
         }
+        if (gs != FM_OK) return gs;
     }
     s->st.ms_other += fm_now_ms() - tl;
     s->pos += (int32_t)n;

@@ -1,14 +1,20 @@
 /* fm_model.c: opening a model directory.
  *
  * Owns: fm_model_open/close and the accessors. Parses DIR/pyflashmoe.json (fm_json), builds the
- * layer table from "spec", mmaps dense.safetensors read-only and resolves every canonical tensor to
- * an fm_qmat or float vector through the manifest "tensors" table (absolute offsets), reads the
- * expert layout ("experts.layers[il].parts"), validates sizes, shapes, dtypes and the format
- * version, then opens fm_io over the expert files and the compute pool.
+ * layer table from "spec", reads dense.safetensors whole into private anonymous memory (read_dense:
+ * nothing maps the file, so a later truncation cannot SIGBUS the process) and resolves every
+ * canonical tensor to an fm_qmat or float vector through the manifest "tensors" table (absolute
+ * offsets, each checked to lie inside the file, past its safetensors header and 64-byte aligned as
+ * the converter writes them), reads the expert layout ("experts.layers[il].parts"), validates
+ * sizes, shapes, dtypes, the format version and that manifest file paths stay inside the model
+ * dir, then opens fm_io over the expert files and the compute pool.
+ * Every count and dimension read from the spec is bounded (FM_MAX_*) before anything is sized from
+ * it, so no size computation can overflow.
  * Does not own: the forward pass (fm_forward.c), reads (fm_io.c), kernels (fm_quant.c).
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -20,10 +26,20 @@
 #define MANIFEST "pyflashmoe.json"
 #define DENSE "dense.safetensors"
 #define FM_FORMAT_VERSION 1
+/* bounds on the spec (far above any real model; they keep every size product inside 64 bits) */
+#define FM_MAX_DIM (1 << 20)       /* hidden size, heads, head dims, intermediate sizes */
+#define FM_MAX_VOCAB (1 << 24)
+#define FM_MAX_LAYERS (1 << 16)
+#define FM_MAX_EXPERTS (1 << 16)
+#define FM_MAX_BLOCK ((uint64_t)1 << 40)  /* bytes of one expert block */
+#define FM_MAX_FILE ((uint64_t)1 << 52)   /* bytes of a file offset */
+#define FM_DENSE_ALIGN 64 /* every dense tensor's data starts at a multiple of 64 (format.py DENSE_ALIGN) */
+#define FM_PART_ALIGN 64  /* and every part inside an expert block (format.py PART_ALIGN) */
 
 typedef struct {
     fm_model *m;
     const fm_json *tensors;
+    uint64_t data_start; /* first data byte of dense.safetensors (8 + its header length) */
     char *err;
     size_t errlen;
 } fm_ld;
@@ -56,15 +72,16 @@ static int own(fm_model *m, void *p) {
 
 /* ---------------------------------------------------------------- json helpers */
 
-static fm_status spec_int(const fm_json *spec, const char *key, int32_t *out, int32_t lo, char *err,
+static fm_status spec_int(const fm_json *spec, const char *key, int32_t *out, int32_t lo, int32_t hi, char *err,
                           size_t errlen) {
     const fm_json *v = fm_json_get(spec, key);
     if (!v || fm_json_kind(v) != FM_JSON_NUM)
         return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s is missing or not a number", key);
     double d = fm_json_num(v, 0);
     /* range first: casting an out-of-range double to an integer is undefined behaviour */
-    if (!(d >= lo && d <= 2147483647.0) || d != (double)(int64_t)d)
-        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s = %g is not an integer >= %d", key, d, lo);
+    if (!(d >= lo && d <= hi) || d != (double)(int64_t)d)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s = %g is not an integer in [%d, %d]", key, d,
+                       lo, hi);
     *out = (int32_t)d;
     return FM_OK;
 }
@@ -73,7 +90,10 @@ static fm_status spec_num(const fm_json *spec, const char *key, double *out, cha
     const fm_json *v = fm_json_get(spec, key);
     if (!v || fm_json_kind(v) != FM_JSON_NUM)
         return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s is missing or not a number", key);
-    *out = fm_json_num(v, 0);
+    double d = fm_json_num(v, 0);
+    if (!(d >= -3.0e38 && d <= 3.0e38)) /* it is stored as a float: out of range is UB */
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.%s = %g is out of range", key, d);
+    *out = d;
     return FM_OK;
 }
 
@@ -150,6 +170,16 @@ static const void *map_span(fm_ld *ld, const char *name, const char *field, uint
         *st = fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
                       DENSE ": tensors[\"%s\"].%s [%llu, +%llu) lies beyond the end of the file (%llu bytes)", name,
                       field, (unsigned long long)off, (unsigned long long)nb, (unsigned long long)m->map_len);
+        return NULL;
+    }
+    /* the converter puts every tensor's data past the safetensors header at a multiple of 64: an
+     * offset that is not is a damaged manifest (it would read shifted, garbage weights) */
+    if (off < ld->data_start || off % FM_DENSE_ALIGN) {
+        *st = fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
+                      MANIFEST ": tensors[\"%s\"].%s offset %llu is %s (damaged manifest?)", name, field,
+                      (unsigned long long)off,
+                      off < ld->data_start ? "inside the safetensors header of " DENSE
+                                           : "not a multiple of 64 as the converter writes it");
         return NULL;
     }
     const uint8_t *p = (const uint8_t *)m->map + off;
@@ -233,7 +263,11 @@ static fm_status get_vec(fm_ld *ld, const char *name, int64_t n, int64_t rows, c
     if (!entry_shape(e, dims, &nd))
         return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"].shape is missing", name);
     int64_t cnt = 1;
-    for (int32_t i = 0; i < nd; i++) cnt *= dims[i];
+    for (int32_t i = 0; i < nd; i++)
+        if (__builtin_mul_overflow(cnt, dims[i], &cnt)) {
+            cnt = -1; /* absurd: reported below */
+            break;
+        }
     if (cnt != n || (rows > 0 && (dims[0] != rows || dims[nd - 1] != n / rows)))
         return fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT,
                        MANIFEST ": tensors[\"%s\"].shape has %lld elements (first dim %lld), the spec needs %lld", name,
@@ -304,10 +338,10 @@ static fm_status get_part(fm_model *m, const fm_json *parts, const char *pname, 
         for (int i = 0; i < 3; i++) {
             uint64_t off, nb;
             if (!json_span(fm_json_get(e, f[i]), &off, &nb) || nb != want[i] || off > block_bytes ||
-                nb > block_bytes - off || off % 4 != 0)
+                nb > block_bytes - off || off % FM_PART_ALIGN != 0)
                 return fm_errf(err, errlen, FM_ERR_FORMAT,
                                MANIFEST ": experts.layers[\"%d\"].parts.%s.%s must be [offset, %llu] inside the %llu-byte "
-                               "block, 4-byte aligned",
+                               "block, 64-byte aligned",
                                il, pname, f[i], (unsigned long long)want[i], (unsigned long long)block_bytes);
             *dst[i] = off;
         }
@@ -315,10 +349,10 @@ static fm_status get_part(fm_model *m, const fm_json *parts, const char *pname, 
         size_t es = out->dt == FM_DT_BF16 ? 2 : 4;
         uint64_t want = (uint64_t)rows * (uint64_t)cols * es, off, nb;
         if (!json_span(fm_json_get(e, "data"), &off, &nb) || nb != want || off > block_bytes || nb > block_bytes - off ||
-            off % 4 != 0)
+            off % FM_PART_ALIGN != 0)
             return fm_errf(err, errlen, FM_ERR_FORMAT,
                            MANIFEST ": experts.layers[\"%d\"].parts.%s.data must be [offset, %llu] inside the %llu-byte "
-                           "block, 4-byte aligned",
+                           "block, 64-byte aligned",
                            il, pname, (unsigned long long)want, (unsigned long long)block_bytes);
         out->off_data = off;
     }
@@ -327,6 +361,87 @@ static fm_status get_part(fm_model *m, const fm_json *parts, const char *pname, 
 }
 
 /* ---------------------------------------------------------------- open */
+
+/* one reader of read_dense: [a, b) of the file into p + a, 64 MiB per pread */
+typedef struct {
+    int fd;
+    uint8_t *p;
+    size_t a, b, got; /* got: bytes of [a, b) read; < b - a on failure */
+    int err_no;       /* 0 with got < b - a: the file ended early */
+} dense_part;
+
+static void *dense_reader(void *arg) {
+    dense_part *d = arg;
+    const size_t chunk = (size_t)64 << 20;
+    while (d->a + d->got < d->b) {
+        size_t off = d->a + d->got, want = d->b - off < chunk ? d->b - off : chunk;
+        ssize_t r = pread(d->fd, d->p + off, want, (off_t)off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            d->err_no = r < 0 ? errno : 0;
+            break;
+        }
+        d->got += (size_t)r;
+    }
+    return NULL;
+}
+
+/* The dense weights, read whole into private anonymous memory (m->map, page-aligned like the
+ * mapping it replaces; read-only once filled). Nothing maps the file afterwards, so truncating or
+ * rewriting dense.safetensors while a model is open cannot SIGBUS the process (a MAP_SHARED
+ * mapping would fault on the next touch of a page past the new end). Up to 4 threads read
+ * disjoint ranges (page faults and copies scale with cores). The file's page-cache copy is dropped
+ * after the read (POSIX_FADV_DONTNEED) so the weights are not held in RAM twice; with lock_dense
+ * they are mlock'ed so memory pressure cannot page them out. The caller (Engine) holds no GIL. */
+static fm_status read_dense(fm_model *m, int fd, const char *path, size_t len, int lock, char *err, size_t errlen) {
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return fm_errf(err, errlen, FM_ERR_OOM, "%s: cannot allocate %llu bytes for the dense weights (%s)", path,
+                       (unsigned long long)len, strerror(errno));
+    m->map = p;
+    m->map_len = len;
+#ifdef POSIX_FADV_SEQUENTIAL
+    posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+#endif
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t nt = (len + ((size_t)256 << 20) - 1) / ((size_t)256 << 20); /* a thread per 256 MiB, */
+    if (nt > 4) nt = 4;                                               /* at most 4, */
+    if (ncpu > 0 && nt > (size_t)ncpu) nt = (size_t)ncpu;             /* at most the CPUs */
+    if (nt < 1) nt = 1;
+    dense_part parts[4];
+    pthread_t th[4];
+    int started[4] = {0, 0, 0, 0};
+    size_t per = (len / nt + 4095) & ~(size_t)4095;
+    for (size_t i = 0; i < nt; i++) {
+        size_t a = i * per < len ? i * per : len, b = (i + 1) * per < len && i + 1 < nt ? (i + 1) * per : len;
+        parts[i] = (dense_part){fd, p, a, b, 0, 0};
+        if (i > 0) started[i] = pthread_create(&th[i], NULL, dense_reader, &parts[i]) == 0;
+    }
+    dense_reader(&parts[0]);
+    for (size_t i = 1; i < nt; i++) {
+        if (started[i])
+            pthread_join(th[i], NULL);
+        else
+            dense_reader(&parts[i]); /* no thread: read that range here */
+    }
+    for (size_t i = 0; i < nt; i++) {
+        const dense_part *d = &parts[i];
+        if (d->got == d->b - d->a) continue;
+        if (d->err_no)
+            return fm_errf(err, errlen, FM_ERR_IO, "%s: read failed at byte %llu (%s)", path,
+                           (unsigned long long)(d->a + d->got), strerror(d->err_no));
+        return fm_errf(err, errlen, FM_ERR_IO, "%s: file ended at byte %llu of %llu while reading (truncated?)", path,
+                       (unsigned long long)(d->a + d->got), (unsigned long long)len);
+    }
+#ifdef POSIX_FADV_DONTNEED
+    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+#endif
+    mprotect(p, len, PROT_READ); /* the weights are never written: a stray write faults at once */
+    /* Keep the dense weights resident: every token touches all of them. A refused lock is not an
+     * error (fm_model_dense_locked tells). */
+    if (lock && mlock(p, len) == 0) m->dense_locked = 1;
+    return FM_OK;
+}
 
 static char *read_file(const char *path, size_t *len, char *err, size_t errlen, fm_status *st) {
     FILE *f = fopen(path, "rb");
@@ -376,17 +491,18 @@ static fm_status parse_spec(fm_model *m, const fm_json *spec, char *err, size_t 
     else
         return fm_errf(err, errlen, FM_ERR_FORMAT,
                        MANIFEST ": spec.arch \"%s\" is not supported (qwen3_5_moe, qwen3_next, qwen3_moe)", arch);
-#define SI(key, dst, lo) \
-    if ((st = spec_int(spec, key, &m->dst, lo, err, errlen)) != FM_OK) return st
+#define SIH(key, dst, lo, hi) \
+    if ((st = spec_int(spec, key, &m->dst, lo, hi, err, errlen)) != FM_OK) return st
+#define SI(key, dst, lo) SIH(key, dst, lo, FM_MAX_DIM)
     SI("hidden_size", H, 1);
-    SI("n_layers", n_layers, 1);
-    SI("vocab_size", vocab, 1);
-    SI("n_experts", n_experts, 0);
-    SI("n_experts_per_tok", k_model, 0);
+    SIH("n_layers", n_layers, 1, FM_MAX_LAYERS);
+    SIH("vocab_size", vocab, 1, FM_MAX_VOCAB);
+    SIH("n_experts", n_experts, 0, FM_MAX_EXPERTS);
+    SIH("n_experts_per_tok", k_model, 0, FM_MAX_EXPERTS);
     SI("moe_intermediate_size", moe_I, 0);
     SI("shared_expert_intermediate_size", sh_I, 0);
     SI("intermediate_size", dense_I, 0);
-    SI("max_position_embeddings", max_pos, 0);
+    SIH("max_position_embeddings", max_pos, 0, 2147483647);
     double d;
     if ((st = spec_num(spec, "rms_norm_eps", &d, err, errlen)) != FM_OK) return st;
     m->eps = (float)d;
@@ -469,6 +585,7 @@ static fm_status parse_spec(fm_model *m, const fm_json *spec, char *err, size_t 
     if (m->n_moe < m->n_layers && m->dense_I < 1)
         return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.intermediate_size must be > 0 for dense FFN layers");
 #undef SI
+#undef SIH
     return FM_OK;
 }
 
@@ -531,6 +648,55 @@ static fm_status load_tensors(fm_ld *ld) {
     return FM_OK;
 }
 
+/* a file named by the manifest must stay inside the model dir: relative, not empty, no ".." component */
+static int inside_path(const char *p) {
+    if (!p[0] || p[0] == '/') return 0;
+    for (const char *c = p;;) {
+        const char *e = strchr(c, '/');
+        size_t n = e ? (size_t)(e - c) : strlen(c);
+        if (n == 2 && c[0] == '.' && c[1] == '.') return 0;
+        if (!e) return 1;
+        c = e + 1;
+    }
+}
+
+/* 8 + the safetensors header length of the file at path (the start of its data), or 0 with err set */
+static uint64_t st_data_start(const char *path, fm_status *st, char *err, size_t errlen) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        *st = fm_errf(err, errlen, FM_ERR_IO, "%s: cannot open (%s)", path, strerror(errno));
+        return 0;
+    }
+    uint8_t b[8];
+    ssize_t r;
+    do r = pread(fd, b, 8, 0); while (r < 0 && errno == EINTR);
+    int e = errno;
+    close(fd);
+    if (r != 8) {
+        *st = r < 0 ? fm_errf(err, errlen, FM_ERR_IO, "%s: cannot read the safetensors header (%s)", path, strerror(e))
+                    : fm_errf(err, errlen, FM_ERR_FORMAT, "%s: shorter than a safetensors header (truncated?)", path);
+        return 0;
+    }
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--) n = (n << 8) | b[i];
+    *st = FM_OK;
+    return n > FM_MAX_FILE ? FM_MAX_FILE : 8 + n;
+}
+
+/* the expert data must start where the expert file's safetensors header ends (the converter pads the
+ * header so that this is data_offset): anything else reads shifted, garbage blocks */
+static fm_status check_expert_header(const char *path, int32_t il, uint64_t doff, char *err, size_t errlen) {
+    fm_status st;
+    uint64_t ds = st_data_start(path, &st, err, errlen);
+    if (st != FM_OK) return st;
+    if (ds != doff)
+        return fm_errf(err, errlen, FM_ERR_FORMAT,
+                       "%s: its safetensors data starts at byte %llu but " MANIFEST " experts.layers[\"%d\"].data_offset "
+                       "is %llu (damaged manifest or file?)",
+                       path, (unsigned long long)ds, il, (unsigned long long)doff);
+    return FM_OK;
+}
+
 static fm_status load_experts(fm_model *m, const fm_json *root, int verify, char *err, size_t errlen) {
     fm_status st;
     const fm_json *layers = fm_json_get(fm_json_get(root, "experts"), "layers");
@@ -550,17 +716,26 @@ static fm_status load_experts(fm_model *m, const fm_json *root, int verify, char
                            il, il);
         const char *file = fm_json_str(fm_json_get(e, "file"));
         uint64_t ne, bb, doff;
-        if (!file || strstr(file, ".."))
-            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers[\"%d\"].file is missing or invalid", il);
+        if (!file)
+            return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers[\"%d\"].file is missing", il);
+        if (!inside_path(file))
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": experts.layers[\"%d\"].file \"%.200s\" must be a relative path inside the model "
+                           "dir (not absolute, no \"..\" component)",
+                           il, file);
         if (!json_u64(fm_json_get(e, "n_experts"), &ne) || ne != (uint64_t)m->n_experts)
             return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": experts.layers[\"%d\"].n_experts is not spec.n_experts %d",
                            il, m->n_experts);
-        if (!json_u64(fm_json_get(e, "block_bytes"), &bb) || bb == 0 || bb % 4096)
+        if (!json_u64(fm_json_get(e, "block_bytes"), &bb) || bb == 0 || bb % 4096 || bb > FM_MAX_BLOCK)
             return fm_errf(err, errlen, FM_ERR_FORMAT,
-                           MANIFEST ": experts.layers[\"%d\"].block_bytes is missing or not a positive multiple of 4096", il);
-        if (!json_u64(fm_json_get(e, "data_offset"), &doff) || doff % 4096)
+                           MANIFEST ": experts.layers[\"%d\"].block_bytes is missing or not a positive multiple of 4096 "
+                           "(at most 2^40)",
+                           il);
+        if (!json_u64(fm_json_get(e, "data_offset"), &doff) || doff % 4096 || doff > FM_MAX_FILE)
             return fm_errf(err, errlen, FM_ERR_FORMAT,
-                           MANIFEST ": experts.layers[\"%d\"].data_offset is missing or not a multiple of 4096", il);
+                           MANIFEST ": experts.layers[\"%d\"].data_offset is missing or not a multiple of 4096 (at most "
+                           "2^52)",
+                           il);
         const fm_json *parts = fm_json_get(e, "parts");
         if ((st = get_part(m, parts, "gate", il, bb, m->moe_I, m->H, &L->parts[FM_PART_GATE], err, errlen)) != FM_OK ||
             (st = get_part(m, parts, "up", il, bb, m->moe_I, m->H, &L->parts[FM_PART_UP], err, errlen)) != FM_OK ||
@@ -573,6 +748,10 @@ static fm_status load_experts(fm_model *m, const fm_json *root, int verify, char
         if (stat(m->paths[il], &sb) != 0)
             return fm_errf(err, errlen, errno == ENOENT ? FM_ERR_FORMAT : FM_ERR_IO, "%s: cannot stat (%s)", m->paths[il],
                            strerror(errno));
+        if (!S_ISREG(sb.st_mode))
+            return fm_errf(err, errlen, FM_ERR_FORMAT, "%s: not a regular file (experts.layers[\"%d\"].file)",
+                           m->paths[il], il);
+        if (verify && (st = check_expert_header(m->paths[il], il, doff, err, errlen)) != FM_OK) return st;
         if (verify && (uint64_t)sb.st_size < doff + ne * bb)
             return fm_errf(err, errlen, FM_ERR_FORMAT,
                            "%s: file has %llu bytes, experts.layers[\"%d\"] needs %llu (data_offset + n_experts * "
@@ -650,15 +829,15 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
         m->k_tok = p.experts_per_token;
     }
     /* dense weights */
-    fd = open(dpath, O_RDONLY | O_CLOEXEC);
+    fd = open(dpath, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* O_NONBLOCK: a FIFO planted there must not hang us */
     if (fd < 0) {
         st = fm_errf(err, errlen, errno == ENOENT ? FM_ERR_FORMAT : FM_ERR_IO, "%s: cannot open (%s)", dpath,
                      strerror(errno));
         goto fail;
     }
     struct stat sb;
-    if (fstat(fd, &sb) != 0 || sb.st_size <= 0) {
-        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: empty or unreadable", dpath);
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size <= 0) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: empty, unreadable or not a regular file", dpath);
         goto fail;
     }
     const fm_json *fsz = fm_json_get(fm_json_get(fm_json_get(root, "files"), DENSE), "size");
@@ -668,27 +847,27 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
                      dpath, (unsigned long long)sb.st_size, (unsigned long long)want_size);
         goto fail;
     }
-    m->map_len = (size_t)sb.st_size;
-    m->map = mmap(NULL, m->map_len, PROT_READ, MAP_SHARED, fd, 0);
-    if (m->map == MAP_FAILED) {
-        m->map = NULL;
-        st = fm_errf(err, errlen, FM_ERR_IO, "%s: mmap failed (%s)", dpath, strerror(errno));
+    if ((uint64_t)sb.st_size < 8 || (uint64_t)sb.st_size > FM_MAX_FILE || (uint64_t)sb.st_size > (uint64_t)SIZE_MAX) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: %llu bytes is not a dense weights file", dpath,
+                     (unsigned long long)sb.st_size);
         goto fail;
     }
+    if ((st = read_dense(m, fd, dpath, (size_t)sb.st_size, p.lock_dense, err, errlen)) != FM_OK) goto fail;
     close(fd);
     fd = -1;
-    /* Keep the dense weights resident: every token touches all of them, while streamed experts flow
-     * through the page cache and would otherwise evict them. A refused lock is not an error. */
-    if (p.lock_dense && m->map_len && mlock(m->map, m->map_len) == 0)
-        m->dense_locked = 1;
-    else
-        madvise(m->map, m->map_len, MADV_WILLNEED);
     const fm_json *tensors = fm_json_get(root, "tensors");
     if (!tensors || fm_json_kind(tensors) != FM_JSON_OBJ) {
         st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: field \"tensors\" is missing", mpath);
         goto fail;
     }
-    fm_ld ld = {m, tensors, err, errlen};
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | ((const uint8_t *)m->map)[i];
+    if (hlen > m->map_len - 8) {
+        st = fm_errf(err, errlen, FM_ERR_FORMAT, "%s: safetensors header length %llu exceeds the file size %llu",
+                     dpath, (unsigned long long)hlen, (unsigned long long)m->map_len);
+        goto fail;
+    }
+    fm_ld ld = {m, tensors, 8 + hlen, err, errlen};
     if ((st = load_tensors(&ld)) != FM_OK) goto fail;
     if ((st = load_experts(m, root, p.verify_sizes, err, errlen)) != FM_OK) goto fail;
 

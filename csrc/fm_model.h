@@ -105,12 +105,37 @@ struct fm_model {
 struct fm_session {
     fm_model *m;
     int32_t n_ctx, pos;
+    int32_t kv_hw;          /* KV rows [0, kv_hw) may have been written since the last reset */
     float **kc, **vc;       /* per full layer: [n_ctx, n_kv_heads*head_dim] */
     float **conv, **ssm;    /* per linear layer: conv [conv_k-1, conv_dim], ssm [nv, dk, dv] */
     fm_stats st;
     void *scratch; /* fm_forward.c's per-session work buffers, kept between evals */
     void *cuda; /* CUDA backend session state (VRAM KV cache, state, scratch) */
 };
+
+/* ---- numerical guard (CPU forward and CUDA backend share the wording) ---- */
+static inline const char *fm_layer_kind(const fm_layer *L) {
+    if (L->attn == FM_ATTN_FULL) return L->ffn == FM_FFN_MOE ? "full attention + moe" : "full attention + dense ffn";
+    return L->ffn == FM_FFN_MOE ? "linear attention + moe" : "linear attention + dense ffn";
+}
+/* FM_ERR_NUMERIC for a non-finite value found at position pos after stage: -1 the token embedding,
+ * 0..n_layers-1 that layer (its token mixer and FFN), n_layers the logits */
+static inline fm_status fm_numeric_error(const fm_model *m, int32_t stage, int64_t pos, char *err, size_t errlen) {
+    if (stage < 0)
+        return fm_errf(err, errlen, FM_ERR_NUMERIC,
+                       "token embedding: non-finite hidden state at position %lld (damaged weights? run `flashmoe "
+                       "verify`)",
+                       (long long)pos);
+    if (stage >= m->n_layers)
+        return fm_errf(err, errlen, FM_ERR_NUMERIC,
+                       "logits (final norm + lm_head): non-finite value at position %lld (damaged weights? run "
+                       "`flashmoe verify`)",
+                       (long long)pos);
+    return fm_errf(err, errlen, FM_ERR_NUMERIC,
+                   "layer %d (%s): non-finite hidden state at position %lld (damaged weights or expert data? run "
+                   "`flashmoe verify`)",
+                   stage, fm_layer_kind(&m->layers[stage]), (long long)pos);
+}
 
 /* ---- ops (fm_ops.c): single-threaded on one row / head unless noted ---- */
 /* y = x̂ * (w + offset), x̂ = x / sqrt(mean(x²) + eps); y may alias x */

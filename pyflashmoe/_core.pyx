@@ -9,7 +9,7 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from pyflashmoe._fm cimport *
 
 from pyflashmoe.errors import (ArgumentError, BackendError, ContextFullError, FlashMoEError,
-                               FormatError, ModelIOError)
+                               FormatError, ModelIOError, NumericalError)
 
 
 cdef object _error_from(fm_status st, const char *err):
@@ -26,6 +26,8 @@ cdef object _error_from(fm_status st, const char *err):
         return BackendError(msg)
     if st == FM_ERR_CTX_FULL:
         return ContextFullError(msg)
+    if st == FM_ERR_NUMERIC:
+        return NumericalError(msg)
     return FlashMoEError(f"status {int(st)}: {msg}")
 
 

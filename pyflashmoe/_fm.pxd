@@ -13,6 +13,7 @@ cdef extern from "fm.h" nogil:
         FM_ERR_FORMAT
         FM_ERR_OOM
         FM_ERR_BACKEND
+        FM_ERR_NUMERIC
         FM_ERR_CTX_FULL
     ctypedef enum fm_backend_kind:
         FM_BACKEND_CPU

@@ -25,5 +25,11 @@ class ContextFullError(FlashMoEError):
     """The session has no room left for the tokens."""
 
 
+class NumericalError(FlashMoEError):
+    """A non-finite (NaN/Inf) hidden state or logits vector: the message names the layer and the
+    position. Damaged weights or expert data are the usual cause (`flashmoe verify`). The session
+    that saw it was reset, so nothing computed from the bad values is reused."""
+
+
 class UnsupportedModelError(FlashMoEError):
     """config.json names a model_type pyflashmoe has no spec for."""

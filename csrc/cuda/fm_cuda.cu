@@ -1092,6 +1092,9 @@ typedef struct {
     int32_t *d_pos, *h_io;     /* graph decode: position on the device, pinned [token, pos] */
     cudaGraphExec_t gexec;     /* resident decode step captured once (embed .. lm_head) */
     int graph_failed;
+    /* numerical guard: the first non-finite hidden state / logit of an eval (k_check_finite codes,
+     * UINT64_MAX none) on the device, copied to pinned h_bad before the eval's last sync */
+    unsigned long long *d_bad, *h_bad;
     fm_cuda_counters cnt;
 } fmc_session;
 
@@ -1114,7 +1117,9 @@ void fm_cuda_session_free(void *p) {
     cudaFree(c->topi);
     cudaFree(c->tok);
     cudaFree(c->d_pos);
+    cudaFree(c->d_bad);
     if (c->h_io) cudaFreeHost(c->h_io);
+    if (c->h_bad) cudaFreeHost(c->h_bad);
     if (c->gexec) cudaGraphExecDestroy(c->gexec);
     free(c);
 }
@@ -1182,6 +1187,8 @@ fm_status fm_cuda_session_new(fm_session *s, void **out, char *err, size_t errle
     if (ok && cudaMalloc((void **)&c->tok, sizeof(int32_t) * (size_t)nb) != cudaSuccess) ok = 0;
     if (ok && cudaMalloc((void **)&c->d_pos, sizeof(int32_t)) != cudaSuccess) ok = 0;
     if (ok && cudaHostAlloc((void **)&c->h_io, 2 * sizeof(int32_t), cudaHostAllocDefault) != cudaSuccess) ok = 0;
+    if (ok && cudaMalloc((void **)&c->d_bad, sizeof(unsigned long long)) != cudaSuccess) ok = 0;
+    if (ok && cudaHostAlloc((void **)&c->h_bad, sizeof(unsigned long long), cudaHostAllocDefault) != cudaSuccess) ok = 0;
 #undef DA
     if (!ok) {
         fm_cuda_session_free(c);
@@ -1208,6 +1215,12 @@ void fm_cuda_session_reset(void *p) {
         cudaMemset(c->conv[i], 0, sizeof(float) * (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)conv_dim(m));
         cudaMemset(c->ssm[i], 0, sizeof(float) * (size_t)m->lin_nv * m->lin_dk * m->lin_dv);
     }
+    /* the KV rows too: nothing of the old timeline survives a reset (after FM_ERR_NUMERIC above all) */
+    const size_t kvb = sizeof(float) * (size_t)c->n_ctx * (size_t)m->n_kv_heads * (size_t)m->head_dim;
+    for (int32_t i = 0; i < m->n_full; i++) {
+        cudaMemset(c->kc[i], 0, kvb);
+        cudaMemset(c->vc[i], 0, kvb);
+    }
     cudaDeviceSynchronize();
 }
 
@@ -1232,7 +1245,34 @@ typedef struct {
     int64_t n;
     int32_t pos;
     int graph; /* capturing the decode graph: no host copies or syncs, position read from c->d_pos */
+    int32_t chunk; /* index of this pass among the eval's passes of c->nb tokens (numerical guard) */
 } fmc_ctx;
+
+/* numerical guard: record a NaN/Inf among the n rows of `row` floats at v, seen after `sub` (-1 the
+ * embedding, 0..n_layers-1 that layer, n_layers the logits; row t is token t_off + t of this pass),
+ * in c->d_bad. One small kernel, no host sync (capturable: the code is fixed per graph). */
+static fm_status check_finite(fmc_ctx *x, const float *v, int64_t n, int64_t row, int32_t sub, int64_t t_off,
+                              char *err, size_t errlen) {
+    const int64_t tot = n * row;
+    int64_t blocks = (tot + 255) / 256, cap = (int64_t)x->cm->sms * 2;
+    if (blocks > cap) blocks = cap;
+    if (blocks < 1) blocks = 1;
+    const unsigned long long code = ((unsigned long long)(uint32_t)x->chunk << 33) |
+                                    ((unsigned long long)(uint32_t)(sub + 1) << 16);
+    k_check_finite<<<(unsigned)blocks, 256, 0, x->cm->cs>>>(v, n, row, code, t_off, x->c->d_bad);
+    CKL();
+    return FM_OK;
+}
+
+/* FM_ERR_NUMERIC when the guard saw a non-finite value in this eval (h_bad copied and synced);
+ * pos0: the session position at the start of the eval */
+static fm_status numeric_status(const fm_model *m, const fmc_session *c, int32_t pos0, char *err, size_t errlen) {
+    const unsigned long long b = *c->h_bad;
+    if (b == ~0ull) return FM_OK;
+    const int64_t chunk = (int64_t)(b >> 33), t = (int64_t)(b & 0xffffu);
+    const int32_t sub = (int32_t)((b >> 16) & 0x1ffffu) - 1;
+    return fm_numeric_error(m, sub, (int64_t)pos0 + chunk * c->nb + t, err, errlen);
+}
 
 static fm_status op_embed(void *vx, const int32_t *tokens, int64_t n, char *err, size_t errlen) {
     fmc_ctx *x = (fmc_ctx *)vx;
@@ -2094,11 +2134,13 @@ static fm_status op_final(void *vx, float *logits, int32_t all_logits, char *err
         int64_t nr = n - r0 < FMC_LOGIT_ROWS ? n - r0 : FMC_LOGIT_ROWS;
         CKS(launch_norm(st, 0, c->x + r0 * H, NULL, cm->output_norm, nr, H, m->eps, m->norm_offset, c->xn, err, errlen));
         CKS(launch_mm(st, cm->sms, lm, c->xn, H, nr, c->logits, V, 0, err, errlen));
+        CKS(check_finite(x, c->logits, nr, V, (int32_t)m->n_layers, r0, err, errlen));
         if (x->graph) return FM_OK; /* the caller copies the logits after the replay */
         if (timed) CK(cudaEventRecord(cm->ev_h1, st));
         float *dst = all_logits ? logits + r0 * V : logits;
         CK(cudaMemcpyAsync(dst, c->logits, sizeof(float) * (size_t)(nr * V), cudaMemcpyDeviceToHost, st));
     }
+    CK(cudaMemcpyAsync(c->h_bad, c->d_bad, sizeof *c->h_bad, cudaMemcpyDeviceToHost, st));
     CK(cudaStreamSynchronize(st));
     c->cnt.syncs++;
     if (timed) {
@@ -2129,6 +2171,7 @@ static fm_status cuda_forward(const fm_backend_ops *ops, void *ctx, const fm_mod
     fm_stats *st = &x->s->st;
     double t = fm_now_ms();
     CKS(ops->embed(ctx, tokens, n, err, errlen));
+    CKS(check_finite(x, x->c->x, n, m->H, -1, 0, err, errlen));
     CKS(op_timed(x, t, &st->ms_other, err, errlen));
     for (int32_t il = 0; il < m->n_layers; il++) {
         const fm_layer *L = &m->layers[il];
@@ -2137,6 +2180,7 @@ static fm_status cuda_forward(const fm_backend_ops *ops, void *ctx, const fm_mod
         CKS(op_timed(x, t, &st->ms_attn, err, errlen));
         t = fm_now_ms();
         CKS(L->ffn == FM_FFN_MOE ? ops->moe(ctx, il, err, errlen) : ops->ffn_dense(ctx, il, err, errlen));
+        CKS(check_finite(x, x->c->x, n, m->H, il, 0, err, errlen)); /* the residual stream after the layer */
         CKS(op_timed(x, t, &st->ms_expert, err, errlen));
     }
     t = fm_now_ms();
@@ -2174,6 +2218,7 @@ static fm_status graph_decode(fm_session *s, fmc_session *c, int32_t token, floa
     CK(cudaMemcpyAsync(c->d_pos, &c->h_io[1], sizeof(int32_t), cudaMemcpyHostToDevice, st));
     CK(cudaGraphLaunch(c->gexec, st));
     CK(cudaMemcpyAsync(logits, c->logits, sizeof(float) * (size_t)m->vocab, cudaMemcpyDeviceToHost, st));
+    CK(cudaMemcpyAsync(c->h_bad, c->d_bad, sizeof *c->h_bad, cudaMemcpyDeviceToHost, st));
     CK(cudaStreamSynchronize(st));
     c->cnt.syncs++;
     c->cnt.vram_hits += (int64_t)m->k_tok * m->n_moe;
@@ -2206,6 +2251,9 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
         const char *tv2 = getenv("FM_CUDA_SPLIT_THREAD");
         c->cm->split_async = tv2 && tv2[0] == '1';
     }
+    const int32_t pos0 = s->pos;
+    *c->h_bad = ~0ull;
+    CK(cudaMemsetAsync(c->d_bad, 0xff, sizeof *c->d_bad, c->cm->cs)); /* the guard's "nothing seen" */
     {
         const char *gv = getenv("FM_CUDA_GRAPH"); /* 0: plain launches (comparison) */
         if (n_tokens == 1 && logits && !all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
@@ -2213,7 +2261,7 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
             char gerr[256];
             gerr[0] = 0;
             fm_status gs = graph_decode(s, c, tokens[0], logits, gerr, sizeof gerr);
-            if (gs == FM_OK) return FM_OK;
+            if (gs == FM_OK) return numeric_status(m, c, pos0, err, errlen);
             if (!c->graph_failed) return fm_errf(err, errlen, gs, "%s", gerr);
             /* capture failed: plain launches below */
         }
@@ -2225,7 +2273,7 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
             if (all_logits) lg = logits + (int64_t)done * m->vocab;
             else if (done + cnt == n_tokens) lg = logits;
         }
-        fmc_ctx x = {s, c, c->cm, m, cnt, s->pos, 0};
+        fmc_ctx x = {s, c, c->cm, m, cnt, s->pos, 0, done / c->nb};
         fm_status st = cuda_forward(&cuda_ops, &x, m, tokens + done, cnt, lg, all_logits, err, errlen);
         if (st != FM_OK) {
             cudaStreamSynchronize(c->cm->cs);
@@ -2235,10 +2283,11 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
         s->pos += (int32_t)cnt;
     }
     if (!logits) {
+        CK(cudaMemcpyAsync(c->h_bad, c->d_bad, sizeof *c->h_bad, cudaMemcpyDeviceToHost, c->cm->cs));
         CK(cudaStreamSynchronize(c->cm->cs));
         c->cnt.syncs++;
     }
-    return FM_OK;
+    return numeric_status(m, c, pos0, err, errlen);
 }
 
 /* ================================================================== availability */

@@ -703,7 +703,13 @@ __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm
     }
     s = warp_sum(s);
     const float inv = 1.0f / s;
-    for (int i = lane; i < E; i += 32) sp[i] *= inv;
+    /* a NaN probability (NaN logits: a damaged router or hidden state, which the eval's numerical
+     * guard then reports) becomes -1: below every real probability but above the -INFINITY that
+     * marks a chosen expert, so the K rounds below still pick K distinct ids in [0, E) */
+    for (int i = lane; i < E; i += 32) {
+        const float p = sp[i] * inv;
+        sp[i] = p == p ? p : -1.0f;
+    }
     __syncwarp();
     float wsum = 0.f;
     for (int k = 0; k < K; k++) {
@@ -728,6 +734,22 @@ __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm
     }
     if (norm && lane < K)
         for (int k = lane; k < K; k += 32) topw[t * K + k] = topw[t * K + k] / wsum;
+}
+
+/* ------------------------------------------------------------------ numerical guard */
+
+/* any NaN/Inf among x[n * row] (a bit test, no float compare): atomicMin of code | (t_off + i / row)
+ * into *bad (UINT64_MAX: none seen). The host puts the eval chunk and the stage (embedding, layer,
+ * logits) in the high bits of code, so the smallest value is the first stage in stream order that
+ * saw one, and its first row. Takes no host value that changes between graph replays. */
+__global__ void k_check_finite(const float *__restrict__ x, int64_t n, int64_t row, unsigned long long code,
+                               int64_t t_off, unsigned long long *__restrict__ bad) {
+    const int64_t tot = n * row;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < tot; i += (int64_t)gridDim.x * blockDim.x)
+        if ((__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u) { /* this thread's first: its smallest i */
+            atomicMin(bad, code | (unsigned long long)(t_off + i / row));
+            return;
+        }
 }
 
 /* ------------------------------------------------------------------ full attention */
