@@ -583,6 +583,74 @@ def _json_loads(raw: bytes, where: str):
         raise FormatError(f"{where}: invalid JSON ({e})") from None
 
 
+class _StrictJSONError(ValueError):
+    pass
+
+
+def _no_dup_keys(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _StrictJSONError(f"duplicate key {_desc(k)} in object")
+        d[k] = v
+    return d
+
+
+def _no_constant(s):
+    raise _StrictJSONError(f"{s} is not a JSON number")
+
+
+def _finite_float(s):
+    v = float(s)
+    if math.isinf(v):
+        raise _StrictJSONError(f"number {s[:40]} out of range")
+    return v
+
+
+def _double_int(s):
+    v = int(s)
+    if abs(v) > 1.7976931348623157e308:       # exact int/float comparison: a double would be inf
+        raise _StrictJSONError(f"number {s[:40]}... out of range")
+    return v
+
+
+JSON_MAX_DEPTH = 256
+
+
+def _json_loads_strict(raw: bytes, where: str):
+    """The manifest's JSON, read as strictly as the C core's parser (csrc/fm_json.c) reads it, so
+    that the two never disagree: no duplicate keys, no NaN / Infinity, no number that overflows a
+    double, no unpaired surrogate escape, nesting at most 256 deep."""
+    try:
+        v = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dup_keys, parse_constant=_no_constant,
+                       parse_float=_finite_float, parse_int=_double_int)
+    except _StrictJSONError as e:
+        raise FormatError(f"{where}: invalid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise FormatError(f"{where}: invalid JSON ({e})") from None
+    todo = [(v, 1)]
+    while todo:
+        x, dpt = todo.pop()
+        if dpt > JSON_MAX_DEPTH:
+            raise FormatError(f"{where}: invalid JSON (nesting deeper than {JSON_MAX_DEPTH})")
+        items = x.values() if isinstance(x, dict) else x
+        if items and dpt >= JSON_MAX_DEPTH:        # a value of any kind one level deeper
+            raise FormatError(f"{where}: invalid JSON (nesting deeper than {JSON_MAX_DEPTH})")
+        for c in items:
+            if isinstance(c, (dict, list)):
+                todo.append((c, dpt + 1))
+    try:
+        json.dumps(v, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FormatError(f"{where}: invalid JSON (a string holds an unpaired surrogate escape: "
+                          f"{e.object[max(0, e.start - 20):e.end + 20]!r})") from None
+    return v
+
+
 def read_st_header(path):
     """Parse a safetensors header -> (tensors {name: (dtype, shape, abs_start, abs_end)}, metadata).
 
@@ -673,7 +741,7 @@ def read_manifest(dirpath) -> dict:
         raise ModelIOError(f"{p}: cannot read: {e.strerror or e}") from None
     if len(raw) > MANIFEST_MAX_BYTES:
         raise FormatError(f"{p}: larger than {MANIFEST_MAX_BYTES} bytes; not a pyflashmoe manifest")
-    m = _json_loads(raw, p)
+    m = _json_loads_strict(raw, p)
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise FormatError(f"{p}: field format is {_desc(m.get('format')) if isinstance(m, dict) else None}, "
                           f"expected {FORMAT_NAME!r}")

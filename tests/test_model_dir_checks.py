@@ -359,7 +359,7 @@ def test_checkpoint_reader_errors(hf_src, tmp_path, files, needle):
     (lambda m: m["spec"].__setitem__("eos_token_ids", 5), "eos_token_ids"),
     (lambda m: m["spec"].__setitem__("eos_token_ids", ["x"]), "eos_token_ids"),
     (lambda m: m["spec"].__setitem__("arch", {"a": 1}), "arch"),
-    (lambda m: m["spec"].__setitem__("rope_theta", float("inf")), "rope_theta"),
+    (lambda m: m["spec"].__setitem__("rope_theta", 1e13), "rope_theta"),
     (lambda m: m["spec"].__setitem__("rms_norm_eps", -1), "rms_norm_eps"),
     (lambda m: m["spec"].__setitem__("norm_offset", 0.0), "norm_offset"),
     (lambda m: m["spec"].__setitem__("rotary_dim", 3), "rotary_dim"),
@@ -464,12 +464,45 @@ def test_fuzz_repro_huge_int_in_a_float_field(model_dir, hf_src, tmp_path, key):
     """tools/fuzz/fuzz_manifest.py: spec.rope_theta = a 400-digit int raised OverflowError
     (math.isfinite on an int too large for a float)."""
     d = _copy(model_dir, tmp_path)
-    _edit(d, lambda m: m["spec"].__setitem__(key, 10 ** 400))
+    spec = json.loads((d / "pyflashmoe.json").read_text())["spec"]
     with pytest.raises(FormatError, match=key):
+        ModelSpec.from_dict(dict(spec, **{key: 10 ** 400}))
+    _edit(d, lambda m: m["spec"].__setitem__(key, 10 ** 400))
+    with pytest.raises(FormatError, match="out of range"):   # the strict manifest parser (as C)
         fmt.validate(d)
     cfg_key = {"norm_offset": "rms_norm_eps"}.get(key, key)
     with pytest.raises(FormatError, match=cfg_key):
         spec_from_config(dict(hf_src[1], **{cfg_key: 10 ** 400}, rope_parameters=None))
+
+
+@pytest.mark.parametrize("key", ["shared_expert_intermediate_size", "intermediate_size",
+                                 "max_position_embeddings", "n_experts"])
+def test_fuzz_repro_spec_field_with_a_python_default_missing(model_dir, tmp_path, key):
+    """tools/fuzz/fuzz_manifest.py: a spec without shared_expert_intermediate_size passed validate
+    (the dataclass default) but the C loader needs it: validate and Model.load disagreed."""
+    d = _copy(model_dir, tmp_path)
+    _edit(d, lambda m: m["spec"].pop(key))
+    for fn in (fmt.validate, lambda p: Model.load(p, threads=1)):
+        with pytest.raises(FormatError, match=key):
+            fn(d)
+
+
+@pytest.mark.parametrize("extra", ['"\\udc80"', "NaN", "1e400", "9" * 320, "[" * 255 + "1" + "]" * 255],
+                         ids=["lone-surrogate", "NaN", "overflowing-float", "overflowing-int", "too-deep"])
+def test_fuzz_repro_manifest_json_the_c_parser_rejects(model_dir, tmp_path, extra):
+    """tools/fuzz/fuzz_manifest.py: a lone surrogate escape in an unread field passed validate
+    (Python's json) but the C core's strict parser rejected it. The manifest is now read as
+    strictly as csrc/fm_json.c reads it (also NaN, out-of-range numbers, nesting > 256, duplicate
+    keys), so validate and Model.load agree."""
+    d = _copy(model_dir, tmp_path)
+    text = (d / "pyflashmoe.json").read_text().rstrip()
+    (d / "pyflashmoe.json").write_text(text[:-1] + ', "note": ' + extra + "}")
+    for fn in (fmt.validate, lambda p: Model.load(p, threads=1)):
+        with pytest.raises(FormatError, match="invalid JSON"):
+            fn(d)
+    (d / "pyflashmoe.json").write_text(text[:-1] + ', "format": "pyflashmoe"}')
+    with pytest.raises(FormatError, match="duplicate key"):
+        fmt.validate(d)
 
 
 def test_only_project_errors_from_random_manifest_edits(model_dir, tmp_path):

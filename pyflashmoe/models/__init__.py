@@ -111,9 +111,10 @@ class ModelSpec:
         if not isinstance(d, dict):
             raise FormatError(f"{where}: must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        # every field to_dict writes is required (the C core reads them without defaults), except
+        # the token ids only Python reads
         missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in d and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
+                   if f.name not in d and f.name not in ("bos_token_id", "eos_token_ids")]
         if missing:
             raise FormatError(f"{where}: missing key(s) {missing}")
         kw = {k: v for k, v in d.items() if k in names}
