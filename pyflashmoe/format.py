@@ -1112,6 +1112,17 @@ def _crc_error(p, k, e, got, want, off, bb):
                        f"data; restore the file or reconvert)")
 
 
+def _readinto_full(f, mv) -> int:
+    """readinto until mv is full or EOF; -> bytes read."""
+    got = 0
+    while got < len(mv):
+        r = f.readinto(mv[got:])
+        if not r:
+            break
+        got += r
+    return got
+
+
 def _hash_file(p, rel, fe, bar, layer=None, stats=None):
     """sha256 of a whole file (8 MiB reads); for an expert layer with block_crc32, every block's
     CRC32 in the same pass (the first damaged block is named)."""
@@ -1122,7 +1133,9 @@ def _hash_file(p, rel, fe, bar, layer=None, stats=None):
             if layer is not None:
                 k, L = layer
                 do, bb, crcs = L["data_offset"], L["block_bytes"], L["block_crc32"]
-                head = f.read(do)
+                head = bytearray(do)
+                if _readinto_full(f, memoryview(head)) != do:
+                    raise FormatError(f"{p}: truncated before the expert data of layer {k}")
                 h.update(head)
                 per = max(1, bufsz // bb)
                 buf = bytearray(per * bb)
@@ -1130,12 +1143,9 @@ def _hash_file(p, rel, fe, bar, layer=None, stats=None):
                 while e < len(crcs):
                     nblk = min(per, len(crcs) - e)
                     mv = memoryview(buf)[:nblk * bb]
-                    got = f.readinto(mv)
-                    while got < len(mv):
-                        r = f.readinto(mv[got:])
-                        if not r:
-                            raise FormatError(f"{p}: truncated inside expert {e + got // bb} of layer {k}")
-                        got += r
+                    got = _readinto_full(f, mv)
+                    if got < len(mv):
+                        raise FormatError(f"{p}: truncated inside expert {e + got // bb} of layer {k}")
                     h.update(mv)
                     for j in range(nblk):
                         c = zlib.crc32(mv[j * bb:(j + 1) * bb])
@@ -1211,6 +1221,8 @@ def verify(dirpath, progress=False, quick=False, sample=None, seed=None) -> dict
     import time
     t0 = time.perf_counter()
     dirpath = os.fspath(dirpath)
+    if quick:
+        _sample_count(sample, 1)             # a bad option fails before any reading
     check_manifest_digest(dirpath)
     m = validate(dirpath)
     layers = m["experts"]["layers"]
@@ -1278,6 +1290,11 @@ def _fmt_bytes(n):
         n /= 1024
 
 
+def _show(v) -> str:
+    """A manifest string for display: as is when short and printable, else repr'd and cut."""
+    return v if isinstance(v, str) and len(v) <= 200 and v.isprintable() else _desc(v)
+
+
 def info_text(dirpath) -> str:
     """A summary of a model dir; validate() first, so every path and field shown was checked."""
     dirpath = os.fspath(dirpath)
@@ -1295,8 +1312,8 @@ def info_text(dirpath) -> str:
     src = m.get("source") if isinstance(m.get("source"), dict) else {}
     lines = [
         f"{dirpath}",
-        f"  format        {m['format']} v{m['format_version']} ({_desc(m.get('created_by', '?'))})",
-        f"  architecture  {s['arch']}  (source {_desc(src.get('kind', '?'))}: {_desc(src.get('path', '?'))})",
+        f"  format        {m['format']} v{m['format_version']} ({_show(m.get('created_by', '?'))})",
+        f"  architecture  {s['arch']}  (source {_show(src.get('kind', '?'))}: {_show(src.get('path', '?'))})",
         f"  layers        {s['n_layers']} ({n_full} full attention, {s['n_layers'] - n_full} linear; "
         f"{n_moe} MoE)",
         f"  hidden        {s['hidden_size']}, vocab {s['vocab_size']}, heads {s['n_heads']}/{s['n_kv_heads']}"

@@ -128,14 +128,25 @@ def test_validate_and_load_reject(model_dir, tmp_path, edit, needles):
 
 
 def test_validate_cost_is_header_reads_only(tmp_path):
-    """validate() on a synthetic real-width model: header reads, well under a second."""
+    """validate() reads the manifest and the safetensors headers, never the data (Model.load runs
+    it every time): bytes read (/proc/self/io rchar) stay a small fraction of the model."""
     from pyflashmoe.synth import synth
     out = tmp_path / "syn"
-    synth(out, preset="qwen3.5-35b-a3b", layers=2, vocab=1024, tokenizer="", progress=False)
+    synth(out, preset="tiny", vocab=1024, tokenizer="", progress=False)
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
+    fmt.validate(out)
+    try:
+        def rchar():
+            with open("/proc/self/io") as f:
+                return int(next(l for l in f if l.startswith("rchar")).split()[1])
+        a = rchar()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/self/io to count bytes read")
     t = time.perf_counter()
-    for _ in range(3):
-        fmt.validate(out)
-    dt = (time.perf_counter() - t) / 3
+    fmt.validate(out)
+    dt = time.perf_counter() - t
+    read = rchar() - a
+    assert read < 200_000 and read < total / 10, (read, total)
     assert dt < 1.0, dt
 
 
