@@ -13,7 +13,7 @@ _STATS_KEYS = ("n_eval_calls", "n_tokens", "bytes_read", "expert_loads", "expert
 
 
 cdef class Engine:
-    """A model directory opened for inference: dense weights mmap'd, expert files opened."""
+    """A model directory opened for inference: dense weights read into memory, expert files opened."""
     cdef fm_model *_m
     cdef readonly str path
 
@@ -132,7 +132,8 @@ cdef class Session:
 
     def eval(self, tokens, bint all_logits=False):
         """Evaluate tokens at positions pos..pos+n-1; return float32 logits [vocab] (last token)
-        or [n, vocab] when all_logits."""
+        or [n, vocab] when all_logits. A non-finite hidden state or logit raises NumericalError
+        naming the layer and position; after it (or any error mid-eval) the session is at pos 0."""
         cdef fm_session *s = self._ptr()
         arr = _np.asarray(tokens)
         if arr.ndim != 1:
@@ -174,7 +175,7 @@ cdef class Session:
         return out
 
     def reset(self):
-        """Empty the KV cache and the recurrent state (pos back to 0)."""
+        """Empty the KV cache (the rows written are zeroed) and the recurrent state (pos back to 0)."""
         cdef fm_session *s = self._ptr()
         if self._busy:
             raise RuntimeError("Session.reset called while eval runs")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyflashmoe.errors import ArgumentError
+from pyflashmoe.errors import ArgumentError, NumericalError
 
 _NEG_INF = np.float32(-np.inf)
 
@@ -172,6 +172,20 @@ def filtered_logits(logits, params: SamplingParams, seen_ids=None) -> np.ndarray
 
 
 # ---------------------------------------------------------------- the per-token sampler
+def _check_samplable(x: np.ndarray) -> None:
+    """NumericalError unless some token can be drawn: no NaN, at least one logit above -inf (one
+    O(vocab) max; np.max propagates NaN)."""
+    if x.shape[0] == 0:
+        raise ArgumentError("logits are empty (vocabulary of 0 tokens)")
+    mx = float(x.max())
+    if math.isnan(mx):
+        raise NumericalError("logits contain NaN: nothing can be sampled (damaged weights or a logits "
+                             "processor returning NaN?)")
+    if mx == -math.inf:
+        raise NumericalError("every logit is -inf: all tokens are masked (by a logits processor or "
+                             "constrained decoding), nothing can be sampled")
+
+
 class Sampler:
     """Draws one token per call from float32 logits. One Sampler per generate call."""
 
@@ -206,6 +220,7 @@ class Sampler:
         p = self.params
         x = self._penalized(logits)
         n = x.shape[0]
+        _check_samplable(x)
         if p.greedy:
             i = int(np.argmax(x))
             return np.array([i], dtype=np.int64), x[i:i + 1].copy()

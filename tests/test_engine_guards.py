@@ -237,6 +237,30 @@ def test_nan_in_dense_tensor_names_the_stage(tiny, tmp_path, tensor, where):
     assert _greedy(_load(d), ids) == _greedy(_load(tiny), ids)
 
 
+def test_nan_embedding_row_reports_the_position(tiny, tmp_path):
+    """Only token `bad`'s embedding row is NaN: the error names the position where it is fed."""
+    d = _copy(tiny, tmp_path / "m")
+    man = _manifest(d)
+    e = man["tensors"]["tok_embd"]
+    if e["dtype"] != "bf16":
+        pytest.skip(f"tok_embd is {e['dtype']} in this synth model")
+    H = man["spec"]["hidden_size"]
+    bad = 777
+    _fill(os.path.join(d, "dense.safetensors"), e["offset"] + bad * H * 2, H * 2)
+    ses = core.Session(core.Engine(d, n_threads=2), CTX)
+    ids = [t if t != bad else 3 for t in _ids(60, 9)]
+    emb = r"token embedding: non-finite hidden state at position "
+    for at in (0, 9, 50):
+        with pytest.raises(NumericalError, match=emb + rf"{at}\b"):
+            ses.eval(ids[:at] + [bad] + ids[at:at + 5])
+        assert ses.pos == 0
+    for t in ids[:4]:
+        ses.eval([t])
+    with pytest.raises(NumericalError, match=emb + r"4\b"):
+        ses.eval([bad])
+    assert ses.pos == 0
+
+
 def test_session_reset_after_numerical_error_leaves_nothing(tiny, tmp_path):
     """After a NumericalError in the middle of a long prefill the C session is back at position 0
     and its KV rows / recurrent state are clean: the same Session then gives bit-identical logits."""
@@ -335,3 +359,29 @@ def test_dense_not_a_regular_file(tiny, tmp_path):
     os.mkfifo(p)  # would block a plain open() forever
     with pytest.raises(FormatError, match=r"dense\.safetensors: .*not a regular file"):
         core.Engine(d, n_threads=2)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0.7), dict(temperature=0.7, top_k=5),
+                                dict(temperature=1.0, top_p=0.5, min_p=0.1, repetition_penalty=1.3)])
+def test_sampler_rejects_unsamplable_rows(kw):
+    from pyflashmoe.sampling import Sampler, SamplingParams
+    s = Sampler(SamplingParams(seed=0, **kw))
+    s.add_seen([1, 2])
+    with pytest.raises(NumericalError, match="every logit is -inf"):
+        s.sample(np.full(50, -np.inf, dtype=np.float32))
+    with pytest.raises(NumericalError, match="NaN"):
+        s.sample(np.array([0.5, np.nan, 1.0], dtype=np.float32))
+    assert s.sample(np.array([-np.inf, 2.0, -np.inf], dtype=np.float32)) == 1
+
+
+def test_processor_masking_every_token_is_a_clear_error(tiny):
+    m = _load(tiny)
+    ids = _ids(10, 8)
+    ref = _greedy(m, ids)
+    mask_all = lambda generated, logits: np.full_like(logits, -np.inf)  # noqa: E731
+    for temp in (0, 0.8):
+        with pytest.raises(NumericalError, match="all tokens are masked"):
+            list(m.generate(ids, max_tokens=4, temperature=temp, logits_processor=mask_all))
+    assert _greedy(m, ids) == ref

@@ -1250,16 +1250,19 @@ typedef struct {
 
 /* numerical guard: record a NaN/Inf among the n rows of `row` floats at v, seen after `sub` (-1 the
  * embedding, 0..n_layers-1 that layer, n_layers the logits; row t is token t_off + t of this pass),
- * in c->d_bad. One small kernel, no host sync (capturable: the code is fixed per graph). */
+ * in c->d_bad. One small kernel, no host sync (capturable: the code is fixed per graph). A MoE
+ * layer's check is fused into its k_moe_combine (the residual add), the same code. */
+static unsigned long long guard_code(const fmc_ctx *x, int32_t sub) {
+    return ((unsigned long long)(uint32_t)x->chunk << 33) | ((unsigned long long)(uint32_t)(sub + 1) << 16);
+}
+
 static fm_status check_finite(fmc_ctx *x, const float *v, int64_t n, int64_t row, int32_t sub, int64_t t_off,
                               char *err, size_t errlen) {
     const int64_t tot = n * row;
     int64_t blocks = (tot + 255) / 256, cap = (int64_t)x->cm->sms * 2;
     if (blocks > cap) blocks = cap;
     if (blocks < 1) blocks = 1;
-    const unsigned long long code = ((unsigned long long)(uint32_t)x->chunk << 33) |
-                                    ((unsigned long long)(uint32_t)(sub + 1) << 16);
-    k_check_finite<<<(unsigned)blocks, 256, 0, x->cm->cs>>>(v, n, row, code, t_off, x->c->d_bad);
+    k_check_finite<<<(unsigned)blocks, 256, 0, x->cm->cs>>>(v, n, row, guard_code(x, sub), t_off, x->c->d_bad);
     CKL();
     return FM_OK;
 }
@@ -2112,8 +2115,8 @@ static fm_status op_moe(void *vx, int32_t il, char *err, size_t errlen) {
             if (ncpu > 0) CKS(host_share(x, FL, ncpu, &hostmask, &ycpu, err, errlen));
         }
     }
-    k_moe_combine<<<dim3((unsigned)((H + 255) / 256), (unsigned)n), 256, 0, st>>>(c->x, c->ye, c->topw, K, c->sho, c->shs,
-                                                                                FL->has_shexp, n, H, hostmask, ycpu);
+    k_moe_combine<<<dim3((unsigned)((H + 255) / 256), (unsigned)n), 256, 0, st>>>(
+        c->x, c->ye, c->topw, K, c->sho, c->shs, FL->has_shexp, n, H, hostmask, ycpu, guard_code(x, il), c->d_bad);
     CKL();
     return FM_OK;
 }
@@ -2180,7 +2183,8 @@ static fm_status cuda_forward(const fm_backend_ops *ops, void *ctx, const fm_mod
         CKS(op_timed(x, t, &st->ms_attn, err, errlen));
         t = fm_now_ms();
         CKS(L->ffn == FM_FFN_MOE ? ops->moe(ctx, il, err, errlen) : ops->ffn_dense(ctx, il, err, errlen));
-        CKS(check_finite(x, x->c->x, n, m->H, il, 0, err, errlen)); /* the residual stream after the layer */
+        if (L->ffn != FM_FFN_MOE) /* the residual stream after the layer (op_moe's combine checks its own) */
+            CKS(check_finite(x, x->c->x, n, m->H, il, 0, err, errlen));
         CKS(op_timed(x, t, &st->ms_expert, err, errlen));
     }
     t = fm_now_ms();

@@ -621,7 +621,8 @@ __global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const uint8_t *
  * sum of those arrives as ycpu [n, H] (NULL: none) */
 __global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Ye, const float *__restrict__ topw,
                               int K, const float *__restrict__ sho, const float *__restrict__ shs, int has_sh,
-                              int64_t n, int64_t H, uint32_t hostmask, const float *__restrict__ ycpu) {
+                              int64_t n, int64_t H, uint32_t hostmask, const float *__restrict__ ycpu,
+                              unsigned long long guard_code, unsigned long long *__restrict__ bad) {
     const int64_t t = blockIdx.y;
     for (int64_t d = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; d < H; d += (int64_t)gridDim.x * blockDim.x) {
         float acc = 0.f;
@@ -629,7 +630,10 @@ __global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Y
             if (!(k < 32 && ((hostmask >> k) & 1u))) acc += topw[t * K + k] * Ye[(t * K + k) * H + d];
         if (ycpu) acc += ycpu[t * H + d];
         if (has_sh) acc += d_sigmoid(shs[t]) * sho[t * H + d];
-        X[t * H + d] += acc;
+        const float v = X[t * H + d] + acc;
+        X[t * H + d] = v;
+        /* numerical guard of the layer (as k_check_finite, fused: no extra launch per MoE layer) */
+        if (bad && (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u) atomicMin(bad, guard_code | (unsigned long long)t);
     }
 }
 
