@@ -56,12 +56,18 @@ fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err
     *out = NULL;
     if (!m) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: model is NULL");
     if (n_ctx < 1) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: n_ctx must be >= 1 (got %d)", n_ctx);
+    int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim;
+    int64_t cd = conv_dim_of(m);
+    size_t kv_bytes;
+    if (__builtin_mul_overflow((size_t)n_ctx, (size_t)kvd * sizeof(float), &kv_bytes) ||
+        kv_bytes > ((size_t)1 << 48))
+        return fm_errf(err, errlen, FM_ERR_OOM,
+                       "fm_session_new: a KV cache of %d tokens x %lld values per layer is too large", n_ctx,
+                       (long long)kvd);
     fm_session *s = calloc(1, sizeof *s);
     if (!s) return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_new: out of memory");
     s->m = m;
     s->n_ctx = n_ctx;
-    int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim;
-    int64_t cd = conv_dim_of(m);
     s->kc = calloc((size_t)m->n_full + 1, sizeof(float *));
     s->vc = calloc((size_t)m->n_full + 1, sizeof(float *));
     s->conv = calloc((size_t)m->n_linear + 1, sizeof(float *));
