@@ -8,6 +8,7 @@ tensor_map builds without error.
 
     python tools/fuzz/fuzz_config.py -atheris_runs=500000 /tmp/fuzz-work/config tools/fuzz/corpus/config
 """
+import atexit
 import json
 import os
 import sys
@@ -24,10 +25,15 @@ with atheris.instrument_imports(include=["pyflashmoe"]):
     from pyflashmoe.models import ModelSpec, spec_from_config, tensor_map
 
 
+COUNTS = {"not JSON": 0, "rejected": 0, "accepted": 0}
+atexit.register(lambda: print(f"fuzz_config: {COUNTS}", file=sys.stderr))
+
+
 def TestOneInput(data):
     try:
         cfg = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):
+        COUNTS["not JSON"] += 1
         return                      # reading the file is fuzzed by the other targets
     gen = None
     if isinstance(cfg, dict):
@@ -36,7 +42,9 @@ def TestOneInput(data):
         check_config(cfg)
         spec = spec_from_config(cfg, gen)
     except FlashMoEError:
+        COUNTS["rejected"] += 1
         return
+    COUNTS["accepted"] += 1
     spec.check()
     d = json.loads(json.dumps(spec.to_dict()))
     if ModelSpec.from_dict(d) != spec:
@@ -46,7 +54,15 @@ def TestOneInput(data):
         raise AssertionError(f"tensor map of {len(tm)} entries for {spec.n_layers} layers")
 
 
+SEEDS = [open(os.path.join(fuzzlib.HERE, "corpus", "config", n), "rb").read()
+         for n in sorted(os.listdir(os.path.join(fuzzlib.HERE, "corpus", "config")))]
+
+
 def CustomMutator(data, max_size, seed):
+    # a third of the time restart from a real config, so that many inputs are a few edits away
+    # from valid and reach the spec checks, the round trip and the tensor map
+    if seed % 3 == 0:
+        data = SEEDS[(seed // 3) % len(SEEDS)]
     return fuzzlib.mutate_json_bytes(data, max_size, seed, atheris.Mutate)
 
 
