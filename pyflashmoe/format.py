@@ -863,6 +863,7 @@ def validate(dirpath, check_tensors=True) -> dict:
     want_keys = [str(i) for i in moe]
     if sorted(layers) != sorted(want_keys):
         _fail(mp, "experts.layers", f"has layers {_desc(sorted(layers))} but the spec's MoE layers are {moe}")
+    owner = {DENSE_FILE: "the dense tensors"}
     for k in want_keys:
         L = layers[k]
         where = f"{mp}: experts.layers[{k!r}]"
@@ -872,6 +873,9 @@ def validate(dirpath, check_tensors=True) -> dict:
         if L["file"] not in sizes:
             raise FormatError(f"{where}: field file {L['file']!r} is not listed in {MANIFEST} files "
                               f"(its size and sha256 are unknown)")
+        if L["file"] in owner:
+            raise FormatError(f"{where}: field file {L['file']!r} is already the file of {owner[L['file']]}")
+        owner[L["file"]] = f"experts.layers[{k!r}]"
     _check_quant(mp, m["quantization"])
     if not check_tensors:
         return m

@@ -115,6 +115,9 @@ def test_model_load_rejects_moved_tensor_offset(model_dir, tmp_path):
     (lambda m, n: m["experts"]["layers"]["0"].__setitem__("block_crc32", [1, 2]), ["block_crc32"]),
     (lambda m, n: m["experts"]["layers"]["0"].__setitem__("n_experts", 8.0), ["n_experts"]),
     (lambda m, n: m["tensors"].__setitem__("blk.99.attn_q", dict(m["tensors"][n])), ["unexpected", "blk.99"]),
+    # layer 3 reading layer 2's experts (same shapes, so every header check alone passes)
+    (lambda m, n: m["experts"]["layers"]["3"].__setitem__("file", m["experts"]["layers"]["2"]["file"]),
+     ["experts.layers['3']", "already the file of experts.layers['2']"]),
 ])
 def test_validate_and_load_reject(model_dir, tmp_path, edit, needles):
     d = _copy(model_dir, tmp_path)
