@@ -2,7 +2,7 @@
 """Held-out perplexity of the demo model: the bf16 HF checkpoint (transformers, CPU, fp32 compute)
 and/or a converted pyflashmoe model dir (`pyflashmoe.Model.logits`).
 
-    python tools/demo/eval_ppl.py --hf demo_out/ckpt --dir demo_out/demo-q4 [--text demo_out/corpus/heldout.txt]
+    python tools/demo/eval_ppl.py --hf demo_out/ckpt --dir demo_out/demo-q4 [--dir ...] [--text demo_out/corpus/heldout.txt]
 
 The text is tokenized with the tokenizer.json of the checkpoint (or dir) and cut into
 non-overlapping windows of --seq+1 tokens; each window is scored from a fresh state (the same
@@ -40,7 +40,7 @@ def log_softmax(x):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hf", help="HF checkpoint dir (bf16 safetensors)")
-    ap.add_argument("--dir", help="converted pyflashmoe model dir")
+    ap.add_argument("--dir", action="append", default=[], help="converted pyflashmoe model dir (repeatable)")
     ap.add_argument("--text", default=os.path.join(HERE, "..", "..", "demo_out", "corpus", "heldout.txt"))
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--limit", type=int, default=0, help="at most this many windows (0: all)")
@@ -48,7 +48,7 @@ def main():
     a = ap.parse_args()
     if not (a.hf or a.dir):
         ap.error("give --hf and/or --dir")
-    wins = windows(a.hf or a.dir, a.text, a.seq, a.limit)
+    wins = windows(a.hf or a.dir[0], a.text, a.seq, a.limit)
     ref_lp = []
     results = []
     if a.hf:
@@ -70,9 +70,9 @@ def main():
         results.append({"model": a.hf, "kind": "hf-bf16 (transformers, fp32 compute)", "loss": round(tot / n, 4),
                         "ppl": round(math.exp(tot / n), 3), "tokens": n, "seconds": round(time.time() - t0, 1)})
         print(json.dumps(results[-1]), flush=True)
-    if a.dir:
+    for d in a.dir:
         from pyflashmoe import Model
-        m = Model.load(a.dir, threads=a.threads, context_length=max(a.seq + 1, 1024))
+        m = Model.load(d, threads=a.threads, context_length=max(a.seq + 1, 1024))
         t0 = time.time()
         tot, agree, kl = 0.0, 0, 0.0
         for i, w in enumerate(wins):
@@ -83,7 +83,7 @@ def main():
                 agree += int((r.argmax(-1) == lp.argmax(-1)).sum())
                 kl += float((np.exp(r) * (r - lp)).sum())
         n = sum(len(w) - 1 for w in wins)
-        res = {"model": a.dir, "kind": "pyflashmoe dir", "loss": round(tot / n, 4),
+        res = {"model": d, "kind": "pyflashmoe dir", "loss": round(tot / n, 4),
                "ppl": round(math.exp(tot / n), 3), "tokens": n, "seconds": round(time.time() - t0, 1)}
         if ref_lp:
             res.update(top1_agreement=round(agree / n, 4), mean_kld=round(kl / n, 5))
