@@ -632,7 +632,7 @@ def _json_loads_strict(raw: bytes, where: str):
         raise FormatError(f"{where}: invalid JSON (nested too deeply)") from None
     except ValueError as e:
         raise FormatError(f"{where}: invalid JSON ({e})") from None
-    todo = [(v, 1)]
+    todo = [(v, 1)] if isinstance(v, (dict, list)) else []
     while todo:
         x, dpt = todo.pop()
         if dpt > JSON_MAX_DEPTH:

@@ -177,7 +177,7 @@ class Model:
         if not os.path.isdir(path):
             raise FormatError(f"{path}: not a directory (expected a model dir made by `flashmoe convert`)")
         manifest = _fmt.read_json_file(manifest_path, "manifest")
-        if manifest is None:
+        if manifest is None and not os.path.lexists(manifest_path):
             raise FormatError(f"{manifest_path}: not found (is {path} a model dir made by `flashmoe convert`?)")
         if not isinstance(manifest, dict) or not isinstance(manifest.get("spec"), dict):
             raise FormatError(f"{manifest_path}: field 'spec' missing or not an object")
