@@ -825,7 +825,9 @@ def test_disconnects_free_their_slots(qtok):
                 assert all(r.status_code == 200 for _, r in opened)
                 lines = opened[0][1].aiter_lines()
                 assert (await lines.__anext__()).startswith("data: ")
-                for cm, _ in opened:
+                # the queued ones first, then the running one: a queued request must never start
+                # (closing the running one first would let the next start before its own close)
+                for cm, _ in opened[1:] + opened[:1]:
                     await cm.__aexit__(None, None, None)
 
         asyncio.run(main())
