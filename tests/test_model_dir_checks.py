@@ -521,6 +521,19 @@ def test_fuzz_repro_manifest_json_the_c_parser_rejects(model_dir, tmp_path, extr
         fmt.validate(d)
 
 
+def test_fuzz_repro_accepted_config_whose_tensor_map_failed(hf_src):
+    """tools/fuzz/fuzz_config.py: a qwen3_next config with only full-attention layers
+    (full_attention_interval 1) and unused linear head counts 5 / 4 was accepted by
+    spec_from_config, but tensor_map then raised on the (irrelevant) head ratio."""
+    from pyflashmoe.models import tensor_map
+    cfg = dict(hf_src[1], layer_types=None, full_attention_interval=1, linear_num_key_heads=5,
+               linear_num_value_heads=4)
+    spec = spec_from_config(cfg)
+    assert all(l.attn == "full" for l in spec.layers)
+    names = {t.name for t in tensor_map(spec)}
+    assert "blk.0.attn_q" in names and not any("ssm_" in n for n in names)
+
+
 def test_only_project_errors_from_random_manifest_edits(model_dir, tmp_path):
     """A few hundred structure-aware mutations (the fuzz harness's mutator) through validate and
     Model.load: only project errors, and whatever validate accepts loads with finite logits."""

@@ -55,9 +55,12 @@ def tensor_map(spec):
     out = common_tensors(spec, zc=True)
     H = spec.hidden_size
     nk, nv, dk, dv = spec.linear_n_k_heads, spec.linear_n_v_heads, spec.linear_k_dim, spec.linear_v_dim
-    if nk and nv % nk:
+    # the GatedDeltaNet row split only matters (and ModelSpec.check only requires nv % nk == 0)
+    # when the model has linear-attention layers
+    has_linear = any(L.attn == "linear" for L in spec.layers)
+    if has_linear and nk and nv % nk:
         raise FormatError(f"spec.linear_n_v_heads: {nv} is not a multiple of linear_n_k_heads {nk}")
-    qkv, z, b, a = split_rows(nk, nv, dk, dv) if nk else ((), (), (), ())
+    qkv, z, b, a = split_rows(nk, nv, dk, dv) if has_linear and nk else ((), (), (), ())
     for i, L in enumerate(spec.layers):
         out += layer_norm_tensors(spec, i, zc=True)
         if L.attn == "full":
