@@ -129,6 +129,33 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
 void fm_session_get_stats(const fm_session *s, fm_stats *out);
 void fm_session_reset_stats(fm_session *s);
 
+/* ---- routing trace (optional; off by default, and then it costs one pointer test per layer) ----
+ * Caller-owned buffers the CPU forward pass fills while they are set; any of them may be NULL.
+ *   ids:      int32[cap_tokens * n_layers * K] (K = fm_model_experts_per_token): for the t-th token
+ *             evaluated since fm_session_set_trace (prefill and decode alike, t < cap_tokens), the
+ *             K expert ids layer il routed it to, by descending router probability, at
+ *             ids[(t * n_layers + il) * K + k]; -1 for a layer without routed experts. Tokens past
+ *             cap_tokens are counted (fm_session_trace_tokens) but their ids are not stored.
+ *   counts:   int64[n_layers * n_experts] (fm_model_n_experts): counts[il * n_experts + e] += 1 per
+ *             token that layer il routed to expert e (never capped; each MoE row sums to n x K).
+ *   layer_ms: double[n_layers * 2]: += wall ms of layer il's token mixer [il * 2] and its FFN
+ *             [il * 2 + 1] (routing, expert reads and compute).
+ * The buffers are added to, never cleared: the caller zeroes them. The pointers are kept until the
+ * next fm_session_set_trace (NULL or an all-NULL trace: off) or fm_session_free, so the buffers must
+ * outlive that. Tokens of an eval that fails mid-way are not counted in fm_session_trace_tokens and
+ * their ids rows are left as garbage past it, but counts and layer_ms include the layers that ran.
+ * FM_ERR_BACKEND for a CUDA session: the CUDA backend does not record the trace. */
+typedef struct {
+    int32_t *ids;
+    int64_t cap_tokens; /* rows of ids (>= 0; 0 with ids NULL) */
+    int64_t *counts;
+    double *layer_ms;
+} fm_trace;
+
+int32_t fm_model_n_experts(const fm_model *m); /* routed experts per MoE layer (0: none) */
+fm_status fm_session_set_trace(fm_session *s, const fm_trace *trace, char *err, size_t errlen);
+int64_t fm_session_trace_tokens(const fm_session *s); /* tokens traced since the last set_trace */
+
 /* ---- group-affine quantization (MLX layout, see docs/INTERNALS.md) ---- */
 /* w: float[rows*cols] row-major; cols % group_size == 0; bits in {2,3,4,5,6,8}; group_size in {32,64,128}.
  * q: uint32[rows*cols*bits/32]; scales, biases: bf16 bit patterns [rows*cols/group_size]. */

@@ -147,6 +147,27 @@ void fm_session_reset_stats(fm_session *s) {
     if (s) memset(&s->st, 0, sizeof s->st);
 }
 
+fm_status fm_session_set_trace(fm_session *s, const fm_trace *trace, char *err, size_t errlen) {
+    if (err && errlen) err[0] = 0;
+    if (!s) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_set_trace: session is NULL");
+    fm_trace t = {NULL, 0, NULL, NULL};
+    if (trace) t = *trace;
+    if (t.cap_tokens < 0)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_set_trace: cap_tokens must be >= 0 (got %lld)",
+                       (long long)t.cap_tokens);
+    if (!t.ids) t.cap_tokens = 0;
+    if ((t.ids || t.counts || t.layer_ms) && s->cuda)
+        return fm_errf(err, errlen, FM_ERR_BACKEND,
+                       "fm_session_set_trace: the CUDA backend does not record the routing trace (use the CPU "
+                       "backend)");
+    if (t.ids && t.cap_tokens == 0) t.ids = NULL;
+    s->trace = t;
+    s->trace_n = 0;
+    return FM_OK;
+}
+
+int64_t fm_session_trace_tokens(const fm_session *s) { return s ? s->trace_n : 0; }
+
 /* ---------------------------------------------------------------- numerical guard */
 
 typedef uint32_t __attribute__((may_alias)) fm_u32_alias;
@@ -495,6 +516,19 @@ static void prefetch_predict(fm_session *s, fm_scratch *b, int32_t after, const 
     s->st.ms_route += fm_now_ms() - t0;
 }
 
+/* routing trace (fm_session_set_trace): layer il's picks b->topi of the pass's n tokens */
+static void trace_route(fm_session *s, int32_t il, const fm_scratch *b, int64_t n) {
+    const fm_model *m = s->m;
+    int32_t K = m->k_tok, NL = m->n_layers;
+    if (s->trace.counts) {
+        int64_t *c = s->trace.counts + (int64_t)il * m->n_experts;
+        for (int64_t e = 0; e < m->n_experts; e++) c[e] += b->cnt[e];
+    }
+    if (!s->trace.ids) return;
+    for (int64_t t = 0; t < n && s->trace_row + t < s->trace.cap_tokens; t++)
+        memcpy(s->trace.ids + ((s->trace_row + t) * NL + il) * K, b->topi + t * K, sizeof(int32_t) * (size_t)K);
+}
+
 /* MoE block for the n (<= b->np) tokens of b->xn into b->y; FM_ERR_IO on a failed read. Every
  * expert routed by any of the n tokens is read once. */
 static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scratch *b, int64_t n, char *err,
@@ -539,6 +573,7 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
             b->etok[at] = (int32_t)t;
             b->ew[at] = b->topw[t * K + k];
         }
+    if (s->trace.ids || s->trace.counts) trace_route(s, il, b, n);
     if (b->pf_il == il) { /* how many of the blocks prefetched for this layer the routing used */
         for (int32_t i = 0; i < b->pf_n; i++) s->st.prefetch_used += b->cnt[b->pfi[i]] > 0;
         b->pf_il = -1;
@@ -701,6 +736,14 @@ static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *toke
                 layer_dense_ffn(s, L, &v, n - c < b->nb ? n - c : b->nb);
             }
             s->st.ms_expert += fm_now_ms() - tb;
+            if (s->trace.ids) /* no routed experts: -1 */
+                for (int64_t t = 0; t < n && s->trace_row + t < s->trace.cap_tokens; t++)
+                    for (int32_t k = 0; k < m->k_tok; k++)
+                        s->trace.ids[((s->trace_row + t) * m->n_layers + il) * m->k_tok + k] = -1;
+        }
+        if (s->trace.layer_ms) {
+            s->trace.layer_ms[2 * il] += tb - ta;
+            s->trace.layer_ms[2 * il + 1] += fm_now_ms() - tb;
         }
         for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
         /* numerical guard: a NaN/Inf in the residual stream ends the call here, naming the layer */
@@ -774,6 +817,7 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
             else if (done + cnt == n_tokens)
                 lg = logits;
         }
+        s->trace_row = s->trace_n + done;
         st = forward_batch(s, b, tokens + done, cnt, lg, all_logits, err, errlen);
         if (st != FM_OK) break;
     }
@@ -792,5 +836,6 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
         return st == FM_ERR_IO ? FM_ERR_IO : st;
     }
     s->st.n_tokens += n_tokens;
+    if (!s->cuda) s->trace_n += n_tokens;
     return FM_OK;
 }

@@ -938,6 +938,7 @@ int32_t fm_model_n_vocab(const fm_model *m) { return m ? m->vocab : 0; }
 int32_t fm_model_n_layers(const fm_model *m) { return m ? m->n_layers : 0; }
 int32_t fm_model_hidden(const fm_model *m) { return m ? m->H : 0; }
 int32_t fm_model_experts_per_token(const fm_model *m) { return m ? m->k_tok : 0; }
+int32_t fm_model_n_experts(const fm_model *m) { return m && m->n_moe ? m->n_experts : 0; }
 uint64_t fm_model_dense_bytes(const fm_model *m) { return m ? (uint64_t)m->map_len : 0; }
 int32_t fm_model_dense_locked(const fm_model *m) { return m ? m->dense_locked : 0; }
 uint64_t fm_model_expert_block_bytes(const fm_model *m, int32_t il) {

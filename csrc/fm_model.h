@@ -111,6 +111,9 @@ struct fm_session {
     fm_stats st;
     void *scratch; /* fm_forward.c's per-session work buffers, kept between evals */
     void *cuda; /* CUDA backend session state (VRAM KV cache, state, scratch) */
+    fm_trace trace;   /* routing trace buffers (all NULL: off), fm_session_set_trace */
+    int64_t trace_n;  /* tokens traced since set_trace */
+    int64_t trace_row; /* trace row of the current pass's first token (fm_forward.c) */
 };
 
 /* ---- numerical guard (CPU forward and CUDA backend share the wording) ---- */

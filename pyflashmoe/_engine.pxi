@@ -80,6 +80,11 @@ cdef class Engine:
         return fm_model_experts_per_token(self._ptr())
 
     @property
+    def n_experts(self):
+        """Routed experts per MoE layer (0 for a model without routed experts)."""
+        return fm_model_n_experts(self._ptr())
+
+    @property
     def dense_bytes(self):
         return fm_model_dense_bytes(self._ptr())
 
@@ -101,6 +106,7 @@ cdef class Session:
     cdef fm_session *_s
     cdef readonly Engine engine
     cdef bint _busy
+    cdef object _trace  # numpy buffers the C trace writes into (kept alive while set)
 
     def __cinit__(self):
         self._s = NULL
@@ -205,3 +211,70 @@ cdef class Session:
 
     def reset_stats(self):
         fm_session_reset_stats(self._ptr())
+
+    def set_trace(self, int cap_tokens=0, bint counts=True, bint layer_ms=True):
+        """Record the routing of every token evaluated from now on (CPU backend only; the CUDA
+        backend raises BackendError). cap_tokens > 0 keeps the K expert ids per layer of the first
+        cap_tokens tokens; counts keeps per-layer pick counts (all tokens); layer_ms keeps per-layer
+        token-mixer and FFN milliseconds. Replaces (and zeroes) any previous trace; read it with
+        trace(), stop with clear_trace(). Off by default, and free when off."""
+        cdef fm_session *s = self._ptr()
+        if cap_tokens < 0:
+            raise ArgumentError(f"cap_tokens must be >= 0 (got {cap_tokens})")
+        if self._busy:
+            raise RuntimeError("Session.set_trace called while eval runs")
+        cdef fm_model *m = self.engine._ptr()
+        cdef int32_t NL = fm_model_n_layers(m), K = fm_model_experts_per_token(m)
+        cdef int32_t E = fm_model_n_experts(m)
+        bufs = {"ids": _np.full((cap_tokens, NL, max(K, 1)), -1, dtype=_np.int32) if cap_tokens else None,
+                "counts": _np.zeros((NL, max(E, 1)), dtype=_np.int64) if counts else None,
+                "layer_ms": _np.zeros((NL, 2), dtype=_np.float64) if layer_ms else None}
+        cdef fm_trace t
+        t.ids = NULL
+        t.cap_tokens = cap_tokens
+        t.counts = NULL
+        t.layer_ms = NULL
+        cdef int32_t[:, :, ::1] iv
+        cdef int64_t[:, ::1] cv
+        cdef double[:, ::1] lv
+        if bufs["ids"] is not None:
+            iv = bufs["ids"]
+            t.ids = &iv[0, 0, 0]
+        if bufs["counts"] is not None:
+            cv = bufs["counts"]
+            t.counts = &cv[0, 0]
+        if bufs["layer_ms"] is not None:
+            lv = bufs["layer_ms"]
+            t.layer_ms = &lv[0, 0]
+        cdef char err[1024]
+        err[0] = 0
+        cdef fm_status st = fm_session_set_trace(s, &t, err, sizeof(err))
+        if st != FM_OK:
+            raise _error_from(st, err)
+        self._trace = bufs
+
+    def clear_trace(self):
+        """Stop recording; returns the last trace() (None when no trace was set)."""
+        cdef fm_session *s = self._ptr()
+        if self._busy:
+            raise RuntimeError("Session.clear_trace called while eval runs")
+        out = self.trace()
+        cdef char err[1024]
+        err[0] = 0
+        fm_session_set_trace(s, NULL, err, sizeof(err))
+        self._trace = None
+        return out
+
+    def trace(self):
+        """The routing trace since set_trace: {"n_tokens": tokens evaluated, "ids": int32
+        [min(n_tokens, cap_tokens), n_layers, K] (expert ids by descending router probability; -1
+        for a layer without routed experts) or None, "counts": int64 [n_layers, n_experts] or None,
+        "layer_ms": float64 [n_layers, 2] (token mixer, FFN) or None}; copies. None when off."""
+        if self._trace is None:
+            return None
+        n = int(fm_session_trace_tokens(self._ptr()))
+        ids = self._trace["ids"]
+        return {"n_tokens": n,
+                "ids": None if ids is None else ids[:min(n, ids.shape[0])].copy(),
+                "counts": None if self._trace["counts"] is None else self._trace["counts"].copy(),
+                "layer_ms": None if self._trace["layer_ms"] is None else self._trace["layer_ms"].copy()}

@@ -73,6 +73,15 @@ cdef extern from "fm.h" nogil:
     void fm_session_get_stats(const fm_session *s, fm_stats *out)
     void fm_session_reset_stats(fm_session *s)
 
+    ctypedef struct fm_trace:
+        int32_t *ids
+        int64_t cap_tokens
+        int64_t *counts
+        double *layer_ms
+    int32_t fm_model_n_experts(const fm_model *m)
+    fm_status fm_session_set_trace(fm_session *s, const fm_trace *trace, char *err, size_t errlen)
+    int64_t fm_session_trace_tokens(const fm_session *s)
+
     fm_status fm_quantize_affine(const float *w, int64_t rows, int64_t cols, int32_t bits,
                                  int32_t group_size, uint32_t *q, uint16_t *scales, uint16_t *biases,
                                  char *err, size_t errlen)
