@@ -526,8 +526,17 @@ def run_cli(a) -> int:
                          min_p=getattr(a, "min_p", None),
                          repetition_penalty=getattr(a, "repeat_penalty", None), seed=a.seed,
                          stop=getattr(a, "stop", None) or None)
+    timing = bool(getattr(a, "timing", False))
+    trace_note = tr0 = None
+    if timing:  # per-layer ms and routing counts from the C core's routing trace (CPU backend)
+        try:
+            model.session.set_trace(cap_tokens=0, counts=True, layer_ms=True)
+        except (BackendError, AttributeError) as e:
+            trace_note = f"per-layer breakdown: not recorded ({e})"
     out = sys.stdout
-    for piece in gen:
+    for i, piece in enumerate(gen):
+        if i == 0 and timing and trace_note is None:
+            tr0 = model.session.trace()  # after the prefill (and the first token's sampling)
         if piece.text:
             out.write(piece.text)
             out.flush()
@@ -555,4 +564,30 @@ def run_cli(a) -> int:
                   f"{loads / nt:.1f} expert loads/token, cache hits {hits} ({100 * rate:.1f}%"
                   f"{', VRAM ' + str(d.get('expert_hits_vram', 0)) if d.get('expert_hits_vram') else ''})",
                   file=err)
+        tr = model.session.trace() if trace_note is None else None
+        if trace_note is not None:
+            print(trace_note, file=err)
+        elif tr is not None and tr["n_tokens"]:
+            # decode rows when there were decode tokens (trace minus its snapshot after the prefill)
+            ms, nt, what = tr["layer_ms"], tr["n_tokens"], "prompt + decode"
+            if tr0 is not None and nt > tr0["n_tokens"]:
+                ms, nt, what = ms - tr0["layer_ms"], nt - tr0["n_tokens"], "decode"
+            cnt = tr["counts"]
+            kinds = [(L.get("attn", "?"), L.get("ffn", "?")) for L in (model.spec.get("layers") or [])]
+            print(f"per layer ({what}, ms/token over {nt} tokens; routing over all {tr['n_tokens']} "
+                  f"tokens: experts used, entropy of the pick frequency, top 3):", file=err)
+            for il in range(ms.shape[0]):
+                kind = "+".join(kinds[il]) if il < len(kinds) else "?"
+                line = (f"  layer {il:>2} {kind:<14} mixer {ms[il, 0] / nt:7.3f} | ffn {ms[il, 1] / nt:7.3f} ms")
+                c = cnt[il].astype(np.float64)
+                tot = c.sum()
+                if tot > 0 and c.size > 1:
+                    f = c / tot
+                    nz = f[f > 0]
+                    ent = float(-(nz * np.log2(nz)).sum())
+                    top = np.argsort(-c, kind="stable")[:3]
+                    line += (f" | {int((c > 0).sum())}/{c.size} experts, entropy {ent:.2f} of "
+                             f"{math.log2(c.size):.2f} bits, top " +
+                             ", ".join(f"e{int(e)} {100 * f[e]:.1f}%" for e in top))
+                print(line, file=err)
     return 0
