@@ -18,8 +18,8 @@ N = 10
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, shared_data):
-    return build_tiny(tmp_path_factory, shared_data)
+def tiny_dir(tmp_path_factory, test_data):
+    return build_tiny(tmp_path_factory, test_data)
 
 
 @pytest.fixture(scope="module")

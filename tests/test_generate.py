@@ -91,8 +91,8 @@ class FakeSession:
 
 
 @pytest.fixture(scope="module")
-def tok(shared_data):
-    return Tokenizer.from_dir(shared_data / "qwen3_tokenizer")
+def tok(test_data):
+    return Tokenizer.from_dir(test_data.qwen3_tokenizer)
 
 
 def make_model(tok, script_text=None, prompt=None, ctx=4096, gen_cfg=None, eos=True):
@@ -382,7 +382,7 @@ e2e = pytest.mark.skipif(not (_engine_available() and _converter_available()),
                                 "(pyflashmoe.convert.convert); not built yet")
 
 
-def _tiny_tokenizer(dirpath, shared_data, vocab=512):
+def _tiny_tokenizer(dirpath, test_data, vocab=512):
     """A ByteLevel BPE tokenizer with the tiny model's vocabulary size, trained on public text,
     plus the Qwen3 chat template, so text prompts work end to end."""
     from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
@@ -392,25 +392,25 @@ def _tiny_tokenizer(dirpath, shared_data, vocab=512):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tr = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = (shared_data / "text" / "tinyshakespeare_input.txt").read_text(encoding="utf-8")[:200000]
+    text = test_data.text("tinyshakespeare_input_200k.txt")
     t.train_from_iterator([text], tr)
     assert t.get_vocab_size() <= vocab
     t.save(str(dirpath / "tokenizer.json"))
-    qcfg = json.loads((shared_data / "qwen3_tokenizer" / "tokenizer_config.json").read_text())
+    qcfg = json.loads((test_data.qwen3_tokenizer / "tokenizer_config.json").read_text())
     cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
            "chat_template": qcfg["chat_template"]}
     (dirpath / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, shared_data):
+def tiny(tmp_path_factory, test_data):
     from pyflashmoe.convert import convert
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from tiny_models import load_tiny_hf, make_tiny_hf
     base = tmp_path_factory.mktemp("gen_tiny")
     hf = base / "hf"
     make_tiny_hf("qwen3_5_moe", str(hf), seed=3)
-    _tiny_tokenizer(hf, shared_data)
+    _tiny_tokenizer(hf, test_data)
     out = base / "fm"
     convert(str(hf), str(out), bits=16, progress=False)
     if not (out / "tokenizer.json").exists():  # older converter: copy by hand

@@ -34,7 +34,7 @@ from test_generate import FakeEngine, FakeSession, _engine_available, _tiny_toke
 _BUILT: dict = {}
 
 
-def build_tiny(tmp_path_factory, shared_data):
+def build_tiny(tmp_path_factory, test_data):
     """Converted tiny model dir with a tokenizer and the Qwen3 chat template (built once per
     session; test_chat.py reuses it)."""
     if not _engine_available():
@@ -45,7 +45,7 @@ def build_tiny(tmp_path_factory, shared_data):
         base = tmp_path_factory.mktemp("serve_tiny")
         hf = base / "hf"
         make_tiny_hf("qwen3_5_moe", str(hf), seed=5)
-        _tiny_tokenizer(hf, shared_data)
+        _tiny_tokenizer(hf, test_data)
         out = base / "tiny-moe"
         convert(str(hf), str(out), bits=16, group_size=32, progress=False)
         _BUILT["dir"] = out
@@ -53,8 +53,8 @@ def build_tiny(tmp_path_factory, shared_data):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, shared_data):
-    return build_tiny(tmp_path_factory, shared_data)
+def tiny_dir(tmp_path_factory, test_data):
+    return build_tiny(tmp_path_factory, test_data)
 
 
 @pytest.fixture(scope="module")
@@ -435,12 +435,12 @@ WEATHER = {"type": "function", "function": {
 TOOL_MSGS = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
 
 
-def _tok(shared_data, template):
-    d = shared_data / "qwen3_tokenizer"
+def _tok(test_data, template):
+    d = test_data.qwen3_tokenizer
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     tpl = None
     if template == "qwen35":
-        tpl = (shared_data / "qwen35_chat_template" / "chat_template.jinja").read_text()
+        tpl = test_data.qwen35_chat_template.read_text()
     return Tokenizer(d / "tokenizer.json", cfg, chat_template=tpl)
 
 
@@ -464,8 +464,8 @@ WANT_ARGS = {"city": "Paris", "days": 3, "zip": "75001"}
 
 
 @pytest.mark.parametrize("template,out", [("qwen35", XML_OUT), ("qwen3", JSON_OUT)])
-def test_tool_calls(shared_data, template, out):
-    tok = _tok(shared_data, template)
+def test_tool_calls(test_data, template, out):
+    tok = _tok(test_data, template)
     c, m, ids = _fake_client(tok, out, TOOL_MSGS, [WEATHER])
     body = {"messages": TOOL_MSGS, "tools": [WEATHER], "temperature": 0, "max_tokens": 200}
     r = c.post("/v1/chat/completions", json=body)
@@ -501,8 +501,8 @@ def test_tool_calls(shared_data, template, out):
     assert "<tool_response>" in tok.decode(m.session.hist)
 
 
-def test_tool_choice_none_and_plain_answers(shared_data):
-    tok = _tok(shared_data, "qwen35")
+def test_tool_choice_none_and_plain_answers(test_data):
+    tok = _tok(test_data, "qwen35")
     answer = "Let me think.\n</think>\n\nIt is sunny in Paris."
     c, m, ids = _fake_client(tok, answer, TOOL_MSGS, None)
     r = c.post("/v1/chat/completions", json={"messages": TOOL_MSGS, "tools": [WEATHER],
@@ -670,8 +670,8 @@ class CtlSession(FakeSession):
 
 
 @pytest.fixture(scope="module")
-def qtok(shared_data):
-    return _tok(shared_data, "qwen3")
+def qtok(test_data):
+    return _tok(test_data, "qwen3")
 
 
 def _ctl_model(qtok):

@@ -29,8 +29,8 @@ PHASE_S = 90  # deadline per phase
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, shared_data):
-    return build_tiny(tmp_path_factory, shared_data)
+def tiny_dir(tmp_path_factory, test_data):
+    return build_tiny(tmp_path_factory, test_data)
 
 
 def _rss_kib(pid):

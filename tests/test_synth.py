@@ -24,10 +24,10 @@ def _run(args, **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, shared_data):
+def tiny(tmp_path_factory, test_data):
     out = tmp_path_factory.mktemp("synth") / "tiny"
-    env = dict(os.environ, FLASHMOE_SHARED_DATA=str(shared_data))
-    r = _run(["synth", "--preset", "tiny", "--seed", "3", "-q", str(out)], env=env)
+    r = _run(["synth", "--preset", "tiny", "--seed", "3", "-q", "--tokenizer", str(test_data.qwen35_tokenizer),
+              str(out)])
     assert r.returncode == 0, r.stderr
     return out
 
@@ -154,12 +154,12 @@ def test_force_replaces_through_the_atomic_exchange(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m"]
 
 
-def test_tiny_gguf(tmp_path, shared_data):
+def test_tiny_gguf(tmp_path, test_data):
     gguf = pytest.importorskip("gguf")
     p = tmp_path / "tiny.gguf"
     # cut vocabulary: the test stays fast (the full one is 248k strings to write and parse)
     synth.write_gguf(str(p), preset="tiny", progress=False, vocab=4096,
-                     tokenizer=str(shared_data / "qwen35_tokenizer"))
+                     tokenizer=str(test_data.qwen35_tokenizer))
     rd = gguf.GGUFReader(str(p))
     arch = rd.fields["general.architecture"]
     assert bytes(arch.parts[arch.data[0]]).decode() == "qwen35moe"

@@ -8,38 +8,38 @@ from pyflashmoe.tokenizer import StreamDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")
-def qwen35(shared_data):
-    tpl = (shared_data / "qwen35_chat_template" / "chat_template.jinja").read_text(encoding="utf-8")
+def qwen35(test_data):
+    tpl = test_data.qwen35_chat_template.read_text(encoding="utf-8")
     cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    return Tokenizer(shared_data / "qwen35_tokenizer" / "tokenizer.derived.json", cfg, tpl)
+    return Tokenizer(test_data.qwen35_tokenizer / "tokenizer.json", cfg, tpl)
 
 
 @pytest.fixture(scope="module")
-def qwen3(shared_data):
-    return Tokenizer.from_dir(shared_data / "qwen3_tokenizer")
+def qwen3(test_data):
+    return Tokenizer.from_dir(test_data.qwen3_tokenizer)
 
 
 @pytest.fixture(scope="module")
-def hf_qwen3(shared_data):
+def hf_qwen3(test_data):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(shared_data / "qwen3_tokenizer"))
+    return transformers.AutoTokenizer.from_pretrained(str(test_data.qwen3_tokenizer))
 
 
-def _corpus(shared_data):
-    p = shared_data / "qwen35_parity" / "qwen35-tokenizer-corpus.jsonl"
+def _corpus(test_data):
+    p = test_data.qwen35_parity_corpus
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def test_qwen35_official_encodings(qwen35, shared_data):
-    cases = [c for c in _corpus(shared_data) if c["kind"] == "encode"]
+def test_qwen35_official_encodings(qwen35, test_data):
+    cases = [c for c in _corpus(test_data) if c["kind"] == "encode"]
     assert len(cases) == 13
     for c in cases:
         assert qwen35.encode(c["text"]) == c["tokens"], c["name"]
         assert qwen35.decode(c["tokens"]) == c["text"] or c["name"].endswith("_official"), c["name"]
 
 
-def test_qwen35_chat_case(qwen35, shared_data):
-    cases = [c for c in _corpus(shared_data) if c["kind"] == "chat"]
+def test_qwen35_chat_case(qwen35, test_data):
+    cases = [c for c in _corpus(test_data) if c["kind"] == "chat"]
     assert cases
     for c in cases:
         rendered = qwen35.apply_chat_template(c["messages"], add_generation_prompt=True)
@@ -120,8 +120,8 @@ def test_template_errors(qwen35, qwen3):
         t.apply_chat_template([{"role": "user", "content": "x"}])
 
 
-def test_qwen3_encode_matches_transformers(qwen3, hf_qwen3, shared_data):
-    text = (shared_data / "text" / "taylorswift.txt").read_text(encoding="utf-8")[:20000]
+def test_qwen3_encode_matches_transformers(qwen3, hf_qwen3, test_data):
+    text = test_data.text("taylorswift_20k.txt")
     text += " 東京 👩‍💻🙂 <|im_start|>x<|im_end|> naïve café ١٢٣"
     ref = hf_qwen3(text, add_special_tokens=False)["input_ids"]
     assert qwen3.encode(text) == ref
@@ -162,10 +162,10 @@ def test_stream_decoder_invalid_bytes(qwen35):
     assert pieces[0] == ""
 
 
-def test_from_dir_template_precedence(shared_data, tmp_path, hf_qwen3):
+def test_from_dir_template_precedence(test_data, tmp_path, hf_qwen3):
     import shutil
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(shared_data / "qwen3_tokenizer" / f, tmp_path / f)
+        shutil.copy(test_data.qwen3_tokenizer / f, tmp_path / f)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     cfg["eos_token"] = {"content": "<|im_end|>", "lstrip": False, "rstrip": False,
                         "normalized": False, "single_word": False, "special": True}

@@ -1,7 +1,7 @@
 """Tool-call / reasoning parsing (pyflashmoe.toolcalls).
 
 The model-output strings are rendered by the official chat templates themselves (Qwen3.5's XML
-format from /work/shared/data/qwen35_chat_template, Qwen3's JSON format from the Qwen3
+format from tests/data/qwen35_chat_template, Qwen3's JSON format from the Qwen3
 tokenizer_config.json): an assistant turn with tool_calls is rendered, its text is fed to the
 parser, and the parser must recover the calls the template was given. Literal strings cover the
 edge cases (content before a call, several calls, reasoning, malformed and unterminated blocks).
@@ -34,15 +34,15 @@ CALLS = [
 
 
 @pytest.fixture(scope="module")
-def qwen3_tok(shared_data):
-    return Tokenizer.from_dir(shared_data / "qwen3_tokenizer")
+def qwen3_tok(test_data):
+    return Tokenizer.from_dir(test_data.qwen3_tokenizer)
 
 
 @pytest.fixture(scope="module")
-def qwen35_tok(shared_data):
-    d = shared_data / "qwen3_tokenizer"
+def qwen35_tok(test_data):
+    d = test_data.qwen3_tokenizer
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    tpl = (shared_data / "qwen35_chat_template" / "chat_template.jinja").read_text()
+    tpl = test_data.qwen35_chat_template.read_text()
     return Tokenizer(d / "tokenizer.json", cfg, chat_template=tpl)
 
 
