@@ -101,7 +101,7 @@ def _default_tokenizer_dir():
     if env:
         return env
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shared = os.environ.get("FLASHMOE_SHARED_DATA", os.path.join(os.path.dirname(here), "shared", "data"))
+    shared = os.path.join(os.path.dirname(here), "shared", "data")
     return os.path.join(shared, "qwen35_tokenizer")
 
 
