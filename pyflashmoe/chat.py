@@ -8,7 +8,8 @@ that rewrite earlier turns (e.g. dropping old reasoning) the prompt is evaluated
 Commands (a line on its own): /reset (forget the conversation), /exit or /quit (or end of input).
 Works with a terminal or piped stdin (one user message per line). Reasoning text is shown dimmed
 on a terminal and is not kept in the history (as the templates expect). Speeds go to stderr with
---verbose.
+--verbose. A turn that fails (an engine error, a full context) prints the error to stderr and
+leaves the conversation as it was before that message; the REPL goes on.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def chat_cli(a) -> int:
     SamplingParams(seed=getattr(a, "seed", None), **sampling)  # validate before the slow load
     if a.max_tokens is not None:
         validate_max_tokens(a.max_tokens)
-    from pyflashmoe.errors import FormatError
+    from pyflashmoe.errors import FlashMoEError, FormatError
     from pyflashmoe.generate import load_from_args
     model = load_from_args(a)
     if model.tokenizer is None or not model.tokenizer.chat_template:
@@ -123,6 +124,14 @@ def chat_cli(a) -> int:
             model._reset()
             out.write(undim + "\n[interrupted]\n")
             out.flush()
+            continue
+        except FlashMoEError as e:
+            # the turn failed (an I/O error, a full context, ...): the conversation so far is
+            # kept (the failed message is not added), and the REPL goes on
+            out.write(undim + "\n")
+            out.flush()
+            print(f"[error: {e}; the conversation is kept: send another message, or /reset]",
+                  file=err, flush=True)
             continue
         if in_reasoning:
             out.write(undim)

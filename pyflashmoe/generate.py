@@ -390,10 +390,20 @@ class Model:
     def _diff(a: dict, b: dict) -> dict:
         return {k: b.get(k, 0) - a.get(k, 0) for k in _STAT_KEYS if k in b}
 
+    def _vocab_mask(self):
+        """The ids that may be sampled (sampling.vocab_mask), computed once per model and
+        tokenizer: ids past the tokenizer (a padded embedding) are never drawn."""
+        from pyflashmoe.sampling import vocab_mask
+        cached = getattr(self, "_vmask_cache", None)
+        if cached is None or cached[0] is not self.tokenizer or cached[1] != self.n_vocab:
+            cached = (self.tokenizer, self.n_vocab, vocab_mask(self.tokenizer, self.n_vocab))
+            self._vmask_cache = cached
+        return cached[2]
+
     def _generate(self, ids, max_tokens, params, stops, ignore_eos, want_logprobs, processor=None):
         self._gen_id += 1
         my_id = self._gen_id
-        sampler = Sampler(params)
+        sampler = Sampler(params, mask=self._vocab_mask())
         sampler.add_seen(ids)
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
         eos = set() if ignore_eos else self.eos_token_ids

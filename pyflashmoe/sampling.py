@@ -16,6 +16,13 @@ repetition penalty -> (greedy argmax if temperature == 0) -> temperature -> top-
 The full-vocabulary functions `apply_*` return new arrays with filtered entries set to -inf; the
 `Sampler` runs the same steps on a compact candidate set, so a 250k vocabulary costs O(vocab)
 per token instead of a full sort.
+
+Token ids the tokenizer does not have are never drawn: checkpoints pad the embedding / LM head
+past the tokenizer (Qwen3.5: 248,320 rows for 248,077 ids), and those rows get logits like any
+other. `vocab_mask(tokenizer, n_vocab)` finds them once per model (ids at or past the tokenizer's
+end, plus any gaps inside its range); the `Sampler` drops them before every other step (greedy,
+temperature, top-k/p, min-p, after any logits processor such as a grammar), by a slice of the
+logits, plus a copy when there are gaps.
 """
 from __future__ import annotations
 
@@ -171,6 +178,59 @@ def filtered_logits(logits, params: SamplingParams, seen_ids=None) -> np.ndarray
     return apply_min_p(x, params.min_p)
 
 
+# ---------------------------------------------------------------- ids the tokenizer lacks
+@dataclass(frozen=True)
+class VocabMask:
+    """The token ids that may be sampled: ids below `n` except `holes` (sorted int64 ids below
+    `n` that the tokenizer does not have; usually empty)."""
+    n: int
+    holes: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """x restricted to the samplable ids: x[:n] (a view), with holes set to -inf (a copy)."""
+        if x.shape[0] > self.n:
+            x = x[:self.n]
+        if self.holes.size:
+            h = self.holes[self.holes < x.shape[0]]
+            if h.size:
+                x = np.array(x, dtype=np.float32, copy=True)
+                x[h] = _NEG_INF
+        return x
+
+
+def vocab_mask(tokenizer, n_vocab: int) -> VocabMask | None:
+    """The VocabMask of a model with `n_vocab` logits and this tokenizer (pyflashmoe.tokenizer.
+    Tokenizer or anything with get_vocab / id_to_token); None when every id below n_vocab is
+    the tokenizer's (nothing to mask) or there is no tokenizer (token ids in, token ids out)."""
+    n_vocab = int(n_vocab)
+    if tokenizer is None or n_vocab <= 0:
+        return None
+    hf = getattr(tokenizer, "_tok", tokenizer)
+    ids = None
+    get_vocab = getattr(hf, "get_vocab", None)
+    if callable(get_vocab):
+        try:
+            ids = np.fromiter(get_vocab(with_added_tokens=True).values(), dtype=np.int64)
+        except TypeError:
+            ids = np.fromiter(get_vocab().values(), dtype=np.int64)
+    else:
+        id_to_token = getattr(tokenizer, "id_to_token", None)
+        if not callable(id_to_token):
+            return None
+        ids = np.array([i for i in range(n_vocab) if id_to_token(i) is not None], dtype=np.int64)
+    ids = ids[(ids >= 0) & (ids < n_vocab)]
+    have = np.zeros(n_vocab, dtype=bool)
+    have[ids] = True
+    if have.all():
+        return None
+    n = int(np.flatnonzero(have)[-1]) + 1 if have.any() else 0
+    if n == 0:
+        raise ArgumentError(f"the tokenizer has none of the model's {n_vocab} token ids: "
+                            "nothing can be sampled (wrong tokenizer.json?)")
+    holes = np.flatnonzero(~have[:n]).astype(np.int64)
+    return VocabMask(n, holes)
+
+
 # ---------------------------------------------------------------- the per-token sampler
 def _check_samplable(x: np.ndarray) -> None:
     """NumericalError unless some token can be drawn: no NaN, at least one logit above -inf (one
@@ -183,14 +243,19 @@ def _check_samplable(x: np.ndarray) -> None:
                              "processor returning NaN?)")
     if mx == -math.inf:
         raise NumericalError("every logit is -inf: all tokens are masked (by a logits processor or "
-                             "constrained decoding), nothing can be sampled")
+                             "constrained decoding, or only ids the tokenizer lacks are left), "
+                             "nothing can be sampled")
 
 
 class Sampler:
-    """Draws one token per call from float32 logits. One Sampler per generate call."""
+    """Draws one token per call from float32 logits. One Sampler per generate call.
 
-    def __init__(self, params: SamplingParams, vocab_size: int | None = None):
+    mask: a VocabMask (see vocab_mask): ids it excludes are never drawn, at any setting."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int | None = None,
+                 mask: VocabMask | None = None):
         self.params = params
+        self.mask = mask
         self.rng = np.random.default_rng(params.seed)
         self._seen: set[int] = set()
         self._seen_arr: np.ndarray | None = None
@@ -209,6 +274,8 @@ class Sampler:
         x = np.asarray(logits, dtype=np.float32)
         if x.ndim != 1:
             raise ArgumentError(f"logits must be 1-D [vocab], got shape {x.shape}")
+        if self.mask is not None:
+            x = self.mask.apply(x)
         if self.params.repetition_penalty == 1.0 or not self._seen:
             return x
         if self._seen_arr is None:
