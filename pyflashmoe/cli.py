@@ -76,6 +76,11 @@ def _cmd_bench(a):
     return run_cli(a)
 
 
+def _cmd_eval(a):
+    from pyflashmoe.eval import run_cli
+    return run_cli(a)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="flashmoe", description="Run MoE LLMs larger than memory.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -201,6 +206,35 @@ def build_parser():
     b.add_argument("--plot-budgets", default=None,
                    help="comma-separated RAM budgets for --plot (default: 0, 1/8 .. 1 of the experts)")
     b.set_defaults(fn=_cmd_bench)
+
+    # ---- flashmoe eval (pyflashmoe/eval.py)
+    ev = sub.add_parser("eval", help="perplexity and KL divergence against a reference "
+                        "(llama-perplexity --kl-divergence); no args: the embedded demo")
+    ev.add_argument("models", nargs="*", metavar="MODEL_DIR",
+                    help="model dirs to evaluate (e.g. the --bits variants); none and no --text: "
+                         "the embedded demo on its held-out text against its saved reference")
+    ev.add_argument("--text", default=None, help="UTF-8 text file to score (.xz accepted)")
+    ev.add_argument("--ref", default=None,
+                    help="reference: a model dir, an HF checkpoint dir (needs transformers), or a "
+                         "file saved by --save-ref")
+    ev.add_argument("--save-ref", default=None, metavar="FILE",
+                    help="save the --ref reference on --text to FILE (.npz.xz): exact (final hidden "
+                         "states + lm_head) from an HF checkpoint, else the top-k log-probs")
+    ev.add_argument("--ref-top-k", type=int, default=32,
+                    help="log-probs kept per token when the reference is saved as top-k (default 32)")
+    ev.add_argument("--k", default=None, help="experts per token, a comma list: e.g. 2,4,8 "
+                    "(default: each model's own)")
+    ev.add_argument("--ctx", type=int, default=None,
+                    help="window length; the second half of each window is scored (default 512, "
+                         "or the saved reference's)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
+    ev.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    ev.add_argument("--plot", default=None, metavar="FILE",
+                    help="KLD against bits per weight, one line per K (.svg; .png needs matplotlib)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(fn=_cmd_eval)
     return p
 
 
