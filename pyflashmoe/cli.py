@@ -97,12 +97,14 @@ def build_parser():
     c.set_defaults(fn=_cmd_convert)
 
     i = sub.add_parser("info", help="summarise a model dir")
-    i.add_argument("dir")
+    i.add_argument("dir", nargs="?", default=None,
+                   help="model dir (default: the embedded demo model)")
     i.set_defaults(fn=_cmd_info)
 
     v = sub.add_parser("verify", help="recheck the manifest digest and every file's sha256 "
                                       "(--quick: dense file + sampled expert blocks)")
-    v.add_argument("dir")
+    v.add_argument("dir", nargs="?", default=None,
+                   help="model dir (default: the embedded demo model)")
     v.add_argument("-q", "--quiet", action="store_true")
     v.add_argument("--quick", action="store_true",
                    help="hash only dense.safetensors and check the CRC32 of sampled expert blocks")
@@ -113,7 +115,8 @@ def build_parser():
     v.set_defaults(fn=_cmd_verify)
 
     r = sub.add_parser("run", help="generate text from a prompt")
-    r.add_argument("dir")
+    r.add_argument("dir", nargs="?", default=None,
+                   help="model dir (default: the embedded demo model)")
     r.add_argument("-p", "--prompt", required=True)
     r.add_argument("-n", "--max-tokens", type=int, default=128)
     r.add_argument("--temp", type=float, default=None,
@@ -130,7 +133,8 @@ def build_parser():
     r.set_defaults(fn=_cmd_run)
 
     ch = sub.add_parser("chat", help="interactive chat (stdin, piped or terminal)")
-    ch.add_argument("dir")
+    ch.add_argument("dir", nargs="?", default=None,
+                   help="model dir (default: the embedded demo model)")
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("-n", "--max-tokens", type=int, default=None,
                     help="per answer (default: the rest of the context)")
@@ -147,7 +151,8 @@ def build_parser():
     ch.set_defaults(fn=_cmd_chat)
 
     se = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    se.add_argument("dir")
+    se.add_argument("dir", nargs="?", default=None,
+                   help="model dir (default: the embedded demo model)")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--model-name", default=None, help="model id in the API (default: dir name)")
@@ -186,7 +191,8 @@ def build_parser():
     sy.set_defaults(fn=_cmd_synth)
 
     b = sub.add_parser("bench", help="decode/prefill tok/s, per-phase ms, I/O, roofline")
-    b.add_argument("model")
+    b.add_argument("model", nargs="?", default=None,
+                   help="model dir (default: the embedded demo model)")
     b.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
     b.add_argument("--cold", action="store_true",
                    help="drop the model files from the page cache before each repeat")
@@ -243,6 +249,11 @@ def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     try:
+        # no model dir: the embedded demo model, announced once (Model.load then gets a path)
+        for key in ("dir", "model"):
+            if key in vars(a) and getattr(a, key) is None:
+                from pyflashmoe.generate import resolve_model_dir
+                setattr(a, key, resolve_model_dir(None))
         return a.fn(a) or 0
     except FlashMoEError as e:
         if a.debug:

@@ -37,6 +37,23 @@ from pyflashmoe.errors import (ArgumentError, BackendError, ContextFullError, Fl
 from pyflashmoe.sampling import Sampler, SamplingParams, logprob as _logprob, validate_max_tokens
 
 DEFAULT_CONTEXT = 4096
+#: the trained demo model shipped inside the package (pyflashmoe/demo/README.md says what it is)
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "model")
+
+
+def resolve_model_dir(path, quiet: bool = False) -> str:
+    """`path` as a str; None means the embedded demo model, which is announced in one line on
+    stderr (unless quiet) so that nobody mistakes its output for their own model's."""
+    if path is not None:
+        return os.fspath(path)
+    if not os.path.isfile(os.path.join(DEMO_MODEL_DIR, "pyflashmoe.json")):
+        raise FormatError(f"{DEMO_MODEL_DIR}: the embedded demo model is missing from this install "
+                          f"(reinstall pyflashmoe, or pass a model dir)")
+    if not quiet:
+        print("pyflashmoe: no model dir given: using the embedded demo model (a 17.7M-parameter "
+              "Qwen3.5-MoE trained on public-domain English; pass a model dir to use your own)",
+              file=sys.stderr)
+    return DEMO_MODEL_DIR
 _BACKENDS = {"cpu": 0, "cuda": 1}
 _STAT_KEYS = ("n_eval_calls", "n_tokens", "bytes_read", "expert_loads", "expert_hits",
               "expert_hits_vram", "ms_total", "ms_attn", "ms_route", "ms_io_wait", "ms_expert",
@@ -157,11 +174,11 @@ class Model:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path, backend: str = "cpu", threads: int | None = None,
+    def load(cls, path=None, backend: str = "cpu", threads: int | None = None,
              io_threads: int | None = None, direct_io: bool = False, ram_budget=None,
              experts_per_token: int | None = None, context_length: int | None = None,
              vram_budget=None) -> "Model":
-        """Open a model dir written by `flashmoe convert`.
+        """Open a model dir written by `flashmoe convert` (None: the embedded demo model).
 
         backend: "cpu", "cuda" (BackendError unless the extension has CUDA) or "auto" (CUDA when
         available, else CPU). ram_budget: bytes for the engine's own expert cache (int, or a string
@@ -170,7 +187,7 @@ class Model:
         vram_budget (CUDA): bytes of VRAM for the expert cache (int or "16GiB"); None: the
         backend's default (60% of free VRAM)."""
         from pyflashmoe import format as _fmt
-        path = os.fspath(path)
+        path = resolve_model_dir(path)
         manifest_path = os.path.join(path, "pyflashmoe.json")
         if not os.path.lexists(path):
             _fmt.recover_replaced(path)   # a `convert --force` killed mid-replace (format.AtomicDir)

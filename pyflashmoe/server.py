@@ -1325,7 +1325,9 @@ def serve_cli(a) -> int:
         raise ArgumentError("--allowed-hosts: give host names separated by commas, or '*' for any")
     cors = _split_list(getattr(a, "cors_origins", None))
     model = load_from_args(a)
-    name = a.model_name or os.path.basename(os.path.normpath(a.dir))
+    from pyflashmoe.generate import DEMO_MODEL_DIR
+    name = a.model_name or ("pyflashmoe-demo" if os.path.abspath(a.dir) == DEMO_MODEL_DIR
+                            else os.path.basename(os.path.normpath(a.dir)))
     server = Server(model, name, max_queue=max_queue, timeout=timeout)
     app = build_app(server, max_body=max_body, allowed_hosts=allowed, cors_origins=cors or None)
     if model.tokenizer is not None and model.eos_token_ids:
