@@ -185,7 +185,7 @@ def build_parser():
     sy.add_argument("--gguf", default=None, help="also write a llama.cpp GGUF of the same dims")
     sy.add_argument("--gguf-only", action="store_true", help="write only the GGUF")
     sy.add_argument("--tokenizer", default=None,
-                    help="dir or tokenizer.json to copy (default: the shared Qwen3.5 tokenizer)")
+                    help="dir or tokenizer.json to copy (default: $FLASHMOE_SYNTH_TOKENIZER, else none)")
     sy.add_argument("--force", action="store_true", help="replace an existing destination")
     sy.add_argument("-q", "--quiet", action="store_true")
     sy.set_defaults(fn=_cmd_synth)

@@ -97,12 +97,9 @@ def preset_spec(preset: str, layers: int | None = None, vocab: int | None = None
 
 
 def _default_tokenizer_dir():
-    env = os.environ.get("FLASHMOE_SYNTH_TOKENIZER")
-    if env:
-        return env
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shared = os.path.join(os.path.dirname(here), "shared", "data")
-    return os.path.join(shared, "qwen35_tokenizer")
+    """FLASHMOE_SYNTH_TOKENIZER, else none: a synthetic model needs no tokenizer (benchmarks feed
+    token ids); nothing outside the package is looked up."""
+    return os.environ.get("FLASHMOE_SYNTH_TOKENIZER") or None
 
 
 def _find_tokenizer(tok):

@@ -130,7 +130,6 @@ san_py() {
     PYTHONPATH="$SAN_DIR" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
         ASAN_OPTIONS="$ASAN_BASE:detect_leaks=0:log_path=$SAN_LOGS/asan" \
         UBSAN_OPTIONS="$UBSAN_BASE:log_path=$SAN_LOGS/ubsan" \
-        FLASHMOE_SHARED_DATA="${FLASHMOE_SHARED_DATA:-$(dirname "$SRC")/shared/data}" \
         $N python "$@"
 }
 
