@@ -67,13 +67,20 @@ def _param_types(tools) -> dict:
     return out
 
 
+def declared_string(declared) -> bool:
+    """True when a parameter's declared JSON-schema `type` makes its XML value raw text (a
+    string only): such a value is never parsed as JSON."""
+    types = declared if isinstance(declared, list) else [declared]
+    return "string" in types and not any(t in types for t in ("object", "array", "number", "integer",
+                                                              "boolean", "null"))
+
+
 def _convert_value(raw: str, declared):
     # the template writes "\n" + value + "\n"; strip exactly that framing
     v = raw[1:] if raw.startswith("\n") else raw
     v = v[:-1] if v.endswith("\n") else v
     types = declared if isinstance(declared, list) else [declared]
-    if "string" in types and not any(t in types for t in ("object", "array", "number", "integer",
-                                                          "boolean", "null")):
+    if declared_string(declared):
         return v
     if "boolean" in types and v.strip() in ("True", "False", "true", "false"):
         return v.strip() in ("True", "true")  # the template writes Python's True/False
@@ -280,3 +287,40 @@ def prompt_opens_thinking(prompt_text: str) -> bool:
     """True when the rendered prompt ends inside an unclosed <think> block."""
     i = prompt_text.rfind(THINK_OPEN)
     return i >= 0 and prompt_text.find(THINK_CLOSE, i) < 0
+
+
+def tool_call_errors(calls, tools, name: str | None = None) -> list[str]:
+    """Why parsed tool calls (parse_output(...).tool_calls) are not valid calls to `tools`
+    (OpenAI tools; only `name` when given): no call, an unknown function, arguments that are
+    not a JSON object, or arguments that fail the function's JSON schema (jsonschema). [] when
+    every call is valid."""
+    import jsonschema
+    schemas = {}
+    for t in tools or []:
+        fn = t.get("function") if isinstance(t, dict) and isinstance(t.get("function"), dict) else t
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            schemas[fn["name"]] = fn.get("parameters") or {"type": "object"}
+    if not calls:
+        return ["no tool call"]
+    errs = []
+    for c in calls:
+        fn = c.get("function", c)
+        fname = fn.get("name")
+        if fname not in schemas or (name is not None and fname != name):
+            errs.append(f"function {fname!r} is not " + (repr(name) if name else "in tools"))
+            continue
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError as e:
+                errs.append(f"{fname}: arguments are not JSON: {e}")
+                continue
+        if not isinstance(args, dict):
+            errs.append(f"{fname}: arguments are not a JSON object")
+            continue
+        try:
+            jsonschema.validate(args, schemas[fname])
+        except jsonschema.ValidationError as e:
+            errs.append(f"{fname}: {e.message}")
+    return errs
