@@ -733,8 +733,9 @@ def format_table(res: dict) -> str:
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    lines.append(fmt(head))
-    lines.extend(fmt(r) for r in rows)
+    if rows:
+        lines.append(fmt(head))
+        lines.extend(fmt(r) for r in rows)
     if has_ref and any(not r.get("kld_exact", True) for r in res["results"]):
         lines.append("KLD: over the reference's top-k ids + one tail bucket (a lower bound of the exact KLD)")
     return "\n".join(lines)
