@@ -122,8 +122,11 @@ class _DirSource:
     def __init__(self, path, k=None, threads=None, ctx=DEFAULT_CTX, backend="cpu"):
         from pyflashmoe.generate import Model
         self.path = os.fspath(path)
-        self.model = Model.load(self.path, backend=backend, threads=threads, experts_per_token=k,
-                                context_length=ctx)
+        try:
+            self.model = Model.load(self.path, backend=backend, threads=threads, experts_per_token=k,
+                                    context_length=ctx)
+        except ArgumentError as e:
+            raise ArgumentError(f"{self.path} at --k {k}: {e}") from e
         self.k = k if k is not None else self.model.spec.get("n_experts_per_tok")
         self.n_vocab = self.model.n_vocab
 
@@ -588,13 +591,14 @@ def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=Non
                                 f"(sha256 {text_sha[:12]}..., the reference: "
                                 f"{str(reference.meta.get('text_sha256'))[:12]}...)")
         digests = {}
-        for d in (models if models else [tok_dir]):
+        for d in (models if models else [tok_dir]) + ([os.fspath(ref)] if kind in ("dir", "hf") else []):
             digests.setdefault(_tokenizer_digest(d), d)
         ids = None
         for dig, d in digests.items():
-            got = _tokenizer_of(d, "MODEL_DIR" if d in models else "--ref").encode(raw)
+            what = "MODEL_DIR" if d in models else "--ref"
+            got = _tokenizer_of(d, what).encode(raw)
             if ids is not None and got != ids:
-                raise FormatError(f"MODEL_DIR {d}: its tokenizer splits --text differently from "
+                raise FormatError(f"{what} {d}: its tokenizer splits --text differently from "
                                   f"{tok_dir}'s: the perplexities would not be comparable")
             ids = got
         windows, total = make_windows(ids, ctx, max_tokens)
