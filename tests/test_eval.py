@@ -196,3 +196,51 @@ def test_shipped_reference_matches_shipped_text():
     from pyflashmoe import Tokenizer
     ids = Tokenizer.from_dir(DEMO).encode(text)
     np.testing.assert_array_equal(ref.windows.reshape(-1), ids[:ref.windows.size])
+
+
+def test_hf_reference_saved_as_hidden_states_is_exact(tmp_path):
+    """An HF checkpoint as reference (transformers): the saved file (fp16 final hidden states +
+    lm_head) reproduces the checkpoint's own log-probs, so the KLD against it is exact."""
+    pytest.importorskip("torch", reason="an HF reference needs torch")
+    pytest.importorskip("transformers", reason="an HF reference needs transformers")
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import make_tiny_hf
+    hf, _ = make_tiny_hf("qwen3_5_moe", str(tmp_path / "hf"), seed=3)
+    windows, total = ev.make_windows(np.random.default_rng(0).integers(3, 512, 200), 32, 40)
+    src = ev._HFSource(hf)
+    ref = ev.compute_reference(src, windows, total, exact=True, meta={"n_vocab": 512, "k": 2})
+    assert ref.hidden is not None and ref.hidden.shape == (total, 64)
+    p = str(tmp_path / "ref.npz.xz")
+    ev.save_reference(ref, p)
+    back = ev.load_reference(p)
+    assert back.meta["payload"] == "hidden" and back.exact
+    np.testing.assert_allclose(back.rows(0, total)[0], ref.full, atol=2e-3)
+    np.testing.assert_allclose(back.nll, ref.nll, rtol=1e-6)
+    # KLD of another distribution against both: equal within the fp16 rounding of h
+    q = ev.log_softmax(np.asarray(ref.full, dtype=np.float64) * 0.7)
+    tgt = ev._targets(windows, total)
+    _, kl_full, agree = ev.token_metrics(q, ref, 0, tgt)
+    _, kl_saved, agree2 = ev.token_metrics(q, back, 0, tgt)
+    assert kl_full.mean() > 1e-3
+    assert kl_saved.mean() == pytest.approx(kl_full.mean(), rel=1e-3)
+    np.testing.assert_array_equal(agree, agree2)
+
+
+def test_plot_svg_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    res = {"results": [{"bpw": b, "kld_mean": v, "k": k} for k in (2, 4)
+                       for b, v in ((6.5, 0.1 * k), (8.0, 0.01 * k), (10.8, 0.001 * k))]}
+    svg = tmp_path / "k.svg"
+    ev.plot(res, str(svg))
+    text = svg.read_text()
+    assert text.startswith("<svg") and "K=2" in text and "K=4" in text and text.count("<circle") == 6
+    with pytest.raises(ArgumentError, match="matplotlib"):
+        ev.plot(res, str(tmp_path / "k.png"))
