@@ -126,11 +126,6 @@ def repeat_rate(ids_w):
     return float(a.any(-1).sum(-1).mean() / K)
 
 
-def access_stream(ids):
-    """ids [W, S, L, K] -> a list of requests (one per token and layer): keys l*E + e."""
-    return ids
-
-
 def sim_lru(reqs, cap, E, per_layer=False):
     """reqs [T, L, K] in decode order; a request is one layer's K blocks (pinned together, as the
     engine's fm_io_submit). Returns the hit rate."""
