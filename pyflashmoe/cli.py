@@ -217,8 +217,9 @@ def build_parser():
     ev = sub.add_parser("eval", help="perplexity and KL divergence against a reference "
                         "(llama-perplexity --kl-divergence); no args: the embedded demo")
     ev.add_argument("models", nargs="*", metavar="MODEL_DIR",
-                    help="model dirs to evaluate (e.g. the --bits variants); none and no --text: "
-                         "the embedded demo on its held-out text against its saved reference")
+                    help="model dirs to evaluate (e.g. the --bits variants); none: the embedded "
+                         "demo, and with no --text and no --ref, on its held-out text against its "
+                         "saved bf16 reference")
     ev.add_argument("--text", default=None, help="UTF-8 text file to score (.xz accepted)")
     ev.add_argument("--ref", default=None,
                     help="reference: a model dir, an HF checkpoint dir (needs transformers), or a "

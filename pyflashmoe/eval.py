@@ -542,20 +542,18 @@ def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=Non
     log = log or (lambda msg: print(msg, file=sys.stderr))
     models = [os.fspath(m) for m in (models or [])]
     ks = parse_k_list(ks)
-    demo = not models and text is None
-    if demo:
+    if not models and save_ref is None:     # no model dir: the embedded demo
         models = [DEMO_MODEL]
-        text = DEMO_TEXT
-        if ref is None and save_ref is None:
-            ref = DEMO_REF
-        log(f"flashmoe eval: the embedded demo model ({DEMO_MODEL}) on its held-out text "
-            f"({os.path.basename(DEMO_TEXT)})" + (f" against its saved bf16 reference" if ref == DEMO_REF else ""))
+        if text is None and ref is None:    # ... on its held-out text against its bf16 reference
+            text, ref = DEMO_TEXT, DEMO_REF
+            log(f"flashmoe eval: the embedded demo model ({DEMO_MODEL}) on its held-out text "
+                f"({os.path.basename(DEMO_TEXT)}) against its saved bf16 reference")
+        else:
+            log(f"flashmoe eval: no MODEL_DIR given: the embedded demo model ({DEMO_MODEL})")
     for m in models:
         if not os.path.isdir(m) or not os.path.isfile(os.path.join(m, "pyflashmoe.json")):
             raise ArgumentError(f"MODEL_DIR {m}: not a model dir made by `flashmoe convert` "
                                 f"(no pyflashmoe.json)")
-    if not models and save_ref is None:
-        raise ArgumentError("give at least one MODEL_DIR (or --save-ref FILE with --ref)")
     if save_ref is not None and ref is None:
         raise ArgumentError("--save-ref needs --ref (the model dir or HF checkpoint to save)")
     if save_ref is not None and os.path.isdir(os.fspath(save_ref)):
@@ -614,6 +612,12 @@ def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=Non
                 raise FormatError(f"--ref {ref}: its tokens differ from the tokenization of --text {text} "
                                   f"by {tok_dir}'s tokenizer (a different tokenizer?)")
     elif reference is not None:
+        want = reference.meta.get("tokenizer_sha256")
+        for m in models:
+            got = _tokenizer_digest(m)
+            if want and got and got != want:
+                log(f"flashmoe eval: note: MODEL_DIR {m} has another tokenizer.json than the one --ref "
+                    f"{ref} was made with; scoring the reference's token ids (give --text to check)")
         windows = reference.windows
         total = reference.total
         if max_tokens is not None:

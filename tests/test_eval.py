@@ -244,3 +244,10 @@ def test_plot_svg_without_matplotlib(tmp_path, monkeypatch):
     assert text.startswith("<svg") and "K=2" in text and "K=4" in text and text.count("<circle") == 6
     with pytest.raises(ArgumentError, match="matplotlib"):
         ev.plot(res, str(tmp_path / "k.png"))
+
+
+def test_text_without_model_dir_uses_the_embedded_demo(text_file):
+    msgs = []
+    res = ev.evaluate(text=text_file, ctx=CTX, max_tokens=20, quiet=True, log=msgs.append)
+    assert [os.path.realpath(r["model"]) for r in res["results"]] == [os.path.realpath(DEMO)]
+    assert res["reference"] is None and "embedded demo" in msgs[0]
