@@ -238,6 +238,20 @@ class Reference:
         return self.ids[lo:hi], self.lp[lo:hi]
 
 
+def iter_rows(source, windows, total, progress=None):
+    """(pos, rows): `source`'s scored log-prob rows of each window in turn, cut so that `total`
+    rows come out in all; `progress` (a tqdm bar or None) advances by each window's rows."""
+    pos = 0
+    for w in windows:
+        if pos >= total:
+            return
+        rows = source(w)[:total - pos]
+        yield pos, rows
+        pos += len(rows)
+        if progress is not None:
+            progress.update(len(rows))
+
+
 def compute_reference(source, windows, total, top_k=DEFAULT_REF_TOP_K, exact=None, progress=None,
                       meta=None) -> Reference:
     """Run `source` over the windows. exact: keep the full log-probs (None: when they fit
@@ -252,11 +266,7 @@ def compute_reference(source, windows, total, top_k=DEFAULT_REF_TOP_K, exact=Non
     ids = None if exact else np.empty((total, top_k), dtype=np.int32)
     lp = None if exact else np.empty((total, top_k), dtype=np.float32)
     hidden = [] if getattr(source, "head_weights", None) and source.head_weights() is not None else None
-    pos = 0
-    for w in windows:
-        if pos >= total:
-            break
-        rows = source(w)[:total - pos]
+    for pos, rows in iter_rows(source, windows, total, progress):
         n = len(rows)
         if hidden is not None:
             h = source.hidden[:n]
@@ -278,9 +288,6 @@ def compute_reference(source, windows, total, top_k=DEFAULT_REF_TOP_K, exact=Non
             order = np.argsort(-plp, axis=-1, kind="stable")
             ids[pos:pos + n] = np.take_along_axis(part, order, -1)
             lp[pos:pos + n] = np.take_along_axis(plp, order, -1)
-        pos += n
-        if progress is not None:
-            progress.update(n)
     ref = Reference(windows, total, nll, top1, full=full, ids=ids, lp=lp, meta=meta)
     if hidden is not None:
         ref.hidden = np.concatenate(hidden).astype(np.float32)
@@ -681,11 +688,7 @@ def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=Non
                     nll = np.empty(total)
                     kl = np.empty(total) if reference is not None else None
                     agree = np.empty(total, dtype=bool) if reference is not None else None
-                    pos = 0
-                    for w in windows:
-                        if pos >= total:
-                            break
-                        lq = src(w)[:total - pos]
+                    for pos, lq in iter_rows(src, windows, total, bar):
                         n = len(lq)
                         t = tgt[pos:pos + n]
                         if reference is not None:
@@ -693,9 +696,6 @@ def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=Non
                                 token_metrics(lq, reference, pos, t)
                         else:
                             nll[pos:pos + n] = -lq[np.arange(n), t]
-                        pos += n
-                        if bar is not None:
-                            bar.update(n)
                     r = {"model": m, "k": src.k}
                     r.update(info)
                     r.update(summarize(nll, kl, agree, reference))

@@ -81,16 +81,11 @@ def main():
         kl_exact = np.empty(total)
         kinds = sweep + ["shipped"]
         kl_apx = {k: np.empty(total) for k in kinds}
-        pos = 0
-        for w in windows:
-            if pos >= total:
-                break
-            lq = src(w)[:total - pos]
+        for pos, lq in ev.iter_rows(src, windows, total):
             n = len(lq)
             _, kl_exact[pos:pos + n], _ = ev.token_metrics(lq, ref, pos, tgt[pos:pos + n])
             for k in kinds:
                 _, kl_apx[k][pos:pos + n], _ = ev.token_metrics(lq, approx[k][1], pos, tgt[pos:pos + n])
-            pos += n
         src.close()
         for k in kinds:
             e, x = kl_exact, kl_apx[k]
