@@ -81,25 +81,32 @@ def hf_routing(hf_dir, windows, K):
             lambda mod, inp, out, il=il: cap.__setitem__(("res", il), inp[0].detach())))
         hooks.append(layer.mlp.gate.register_forward_hook(
             lambda mod, inp, out, il=il: cap.__setitem__(("logit", il), out[0].detach())))
+        hooks.append(layer.register_forward_hook(
+            lambda mod, inp, out, il=il: cap.__setitem__(("out", il), (out[0] if isinstance(out, tuple) else out).detach())))
     hooks.append(model.model.embed_tokens.register_forward_hook(
         lambda mod, inp, out: cap.__setitem__(("emb",), out.detach())))
     W, S = windows.shape
     act = np.empty((W, S, L, K), dtype=np.int32)
     pred = np.empty((W, S, L, 2 * K), dtype=np.int32)
+    pred_b = np.empty((W, S, L, 2 * K), dtype=np.int32)  # from the residual after layer l-1's whole block
     with torch.no_grad():
         for i, w in enumerate(windows):
             cap.clear()
             model(torch.tensor(w[None].astype(np.int64)))
+            got = dict(cap)  # the calls below fire the same hooks: read only this snapshot
             for il in range(L):
-                lg = cap[("logit", il)].reshape(S, -1)
+                lg = got[("logit", il)].reshape(S, -1)
                 act[i, :, il] = torch.topk(lg, K, dim=-1).indices.numpy()  # top-K logits == top-K softmax
-                src = cap[("emb",)] if il == 0 else cap[("res", il - 1)]
+                src = got[("emb",)] if il == 0 else got[("res", il - 1)]
                 x = layers[il].post_attention_layernorm(src).reshape(S, -1)
                 pl = layers[il].mlp.gate(x)[0].reshape(S, -1)
                 pred[i, :, il] = torch.topk(pl, 2 * K, dim=-1).indices.numpy()
+                src = got[("emb",)] if il == 0 else got[("out", il - 1)]
+                pl = layers[il].mlp.gate(layers[il].post_attention_layernorm(src).reshape(S, -1))[0]
+                pred_b[i, :, il] = torch.topk(pl.reshape(S, -1), 2 * K, dim=-1).indices.numpy()
     for h in hooks:
         h.remove()
-    return act, pred
+    return act, pred, pred_b
 
 
 # ---------------------------------------------------------------- statistics
@@ -285,6 +292,14 @@ def tables(res):
             mr = np.mean([p["rank_precision"] for p in pf], 0)
             out.append("| mean | " + " | ".join(f"{100 * x:.0f}%" for x in mr) +
                        f" | {100 * mean('recall_at_K'):.1f}% | {100 * mean('recall_at_2K'):.1f}% | {100 * mean('all_K_at_2K'):.1f}% |")
+            if "prefetch_after_block" in r:
+                pb = r["prefetch_after_block"]
+                mr = np.mean([p["rank_precision"] for p in pb], 0)
+                out.append(f"| mean, predicted after layer l-1's whole block (alternative) | "
+                           + " | ".join(f"{100 * x:.0f}%" for x in mr)
+                           + f" | {100 * np.mean([p['recall_at_K'] for p in pb]):.1f}% | "
+                           f"{100 * np.mean([p['recall_at_2K'] for p in pb]):.1f}% | "
+                           f"{100 * np.mean([p['all_K_at_2K'] for p in pb]):.1f}% |")
             ev = r["engine_vs_bf16"]
             out.append("\nEngine (4-bit experts, 8-bit dense) vs bf16 routing, per layer: same set of K "
                        + ", ".join(f"{100 * x:.0f}%" for x in ev["same_set"]) + "; overlap "
@@ -345,8 +360,9 @@ def main():
                   + f" ({time.time() - t1:.1f} s)", file=sys.stderr)
         if a.hf:
             t1 = time.time()
-            act, pred = hf_routing(a.hf, wins, K)
+            act, pred, pred_b = hf_routing(a.hf, wins, K)
             r["prefetch"] = prefetch_stats(act.reshape(-1, L, K), pred.reshape(-1, L, 2 * K), K)
+            r["prefetch_after_block"] = prefetch_stats(act.reshape(-1, L, K), pred_b.reshape(-1, L, 2 * K), K)
             hf_flat = act.reshape(-1, L, K)
             same = (np.sort(hf_flat, -1) == np.sort(flat, -1)).all(-1)  # [N, L]
             ov = (hf_flat[..., :, None] == flat[..., None, :]).any(-1).sum(-1) / K
