@@ -16,7 +16,6 @@ The scratch file is deleted afterwards (--keep to keep it).
 import argparse
 import concurrent.futures as cf
 import ctypes
-import math
 import os
 import platform
 import random

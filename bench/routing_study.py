@@ -295,7 +295,7 @@ def tables(res):
             if "prefetch_after_block" in r:
                 pb = r["prefetch_after_block"]
                 mr = np.mean([p["rank_precision"] for p in pb], 0)
-                out.append(f"| mean, predicted after layer l-1's whole block (alternative) | "
+                out.append("| mean, predicted after layer l-1's whole block (alternative) | "
                            + " | ".join(f"{100 * x:.0f}%" for x in mr)
                            + f" | {100 * np.mean([p['recall_at_K'] for p in pb]):.1f}% | "
                            f"{100 * np.mean([p['recall_at_2K'] for p in pb]):.1f}% | "

@@ -442,7 +442,6 @@ def _regex_example(pattern: str) -> str | None:
         tree = sp.parse(pattern)
     except Exception:
         return None
-    C = sp.CATEGORY if hasattr(sp, "CATEGORY") else None
     cat_char = {"CATEGORY_DIGIT": "0", "CATEGORY_WORD": "a", "CATEGORY_SPACE": " ",
                 "CATEGORY_NOT_DIGIT": "a", "CATEGORY_NOT_WORD": "-", "CATEGORY_NOT_SPACE": "a"}
 

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from pyflashmoe.errors import ArgumentError, BackendError, FlashMoEError, FormatError, ModelIOError
+from pyflashmoe.errors import ArgumentError, BackendError, FormatError, ModelIOError
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 DEMO_MODEL = os.path.join(DEMO_DIR, "model")

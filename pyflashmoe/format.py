@@ -1336,6 +1336,6 @@ def info_text(dirpath) -> str:
     lines += [f"  dense size    {_fmt_bytes(dense_sz)}",
               f"  expert size   {_fmt_bytes(exp_sz)} in {len(m['experts']['layers'])} files",
               f"  tensors       {len(m['tensors'])} dense",
-              f"  manifest      " + ("sha256 recorded" if m.get(MANIFEST_DIGEST) else
+              "  manifest      " + ("sha256 recorded" if m.get(MANIFEST_DIGEST) else
                                      "no digest (older version; `verify` needs a reconvert)")]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from pyflashmoe.errors import ArgumentError, FormatError
 

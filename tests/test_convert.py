@@ -455,8 +455,6 @@ def _big_checkpoint(d, n_layers=5, E=128, H=1024, I=1024, vocab=256, big_vocab=0
 
 @pytest.mark.slow
 def test_multi_gb_checkpoint_bounded_rss(tmp_path):
-    import subprocess
-    import sys
     import shutil
     import tempfile
     # source and output live in RAM (tmpfs) when there is room: the shared dev disk writes ~100-200

@@ -20,7 +20,6 @@ import select
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from pyflashmoe import ArgumentError, FlashMoEError, FormatError
+from pyflashmoe import ArgumentError, FormatError
 from pyflashmoe import eval as ev
 from pyflashmoe.cli import main
 

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 from pyflashmoe import format as fmt
-from pyflashmoe.errors import (ArgumentError, FlashMoEError, FormatError, ModelIOError,
-                               UnsupportedModelError)
+from pyflashmoe.errors import (ArgumentError, FlashMoEError, FormatError, UnsupportedModelError)
 from pyflashmoe.models import ModelSpec, spec_from_config
 
 torch = pytest.importorskip("torch")
