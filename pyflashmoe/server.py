@@ -44,8 +44,12 @@ POST /v1/completions.
   stream_options.include_usage adds a usage chunk.
 * Tool calls (tools, tool_choice "auto" | "none" | "required" | {"type": "function", ...}): the
   chat template renders the tools; the output's `<tool_call>` blocks (Qwen3.5 XML or Qwen3 JSON,
-  see pyflashmoe.toolcalls) become `tool_calls` with finish_reason "tool_calls". "required" and a
-  named function are not enforced by a grammar: the model is asked, not forced.
+  see pyflashmoe.toolcalls) become `tool_calls` with finish_reason "tool_calls". With a chat
+  template that uses the Qwen3.5 XML call format, "required" and a named function are enforced by
+  an llguidance grammar (pyflashmoe.constrain.tool_call_constraint): the answer is a call to an
+  offered function (or the named one; several when parallel_tool_calls is not false) whose
+  arguments match its JSON schema. With other templates (Qwen3's JSON calls) the model is asked,
+  not forced.
 * Reasoning (`<think>...</think>`) is returned as `reasoning_content`, never in `content`.
 * response_format {"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema":
   ...}}: decoding is masked by llguidance so the output is JSON (matching the schema). Thinking is
@@ -456,6 +460,14 @@ class Server:
     def _constraint(self, fmt, max_tokens):
         if fmt is None:
             return None
+        if fmt[0] == "tool_call":
+            from pyflashmoe.constrain import tool_call_constraint
+            _, tools, reasoning, parallel = fmt
+            try:
+                return tool_call_constraint(self.model, tools, reasoning=reasoning, parallel=parallel,
+                                            max_tokens=max_tokens)
+            except ArgumentError as e:
+                raise APIError(f"tools: {e}", "tools") from None
         from pyflashmoe.constrain import json_constraint
         try:
             return json_constraint(self.model, fmt[1], max_tokens=max_tokens)
@@ -476,6 +488,7 @@ class Server:
         msgs = parse_messages(body, self.max_prompt_chars)
         kw = parse_sampling(body, m.context_length, m.n_vocab)
         tools, choice = parse_tools(body)
+        parallel = _bool(body, "parallel_tool_calls", True)
         fmt = parse_response_format(body)
         ctk = parse_template_kwargs(body)
         tok = m.tokenizer
@@ -498,6 +511,10 @@ class Server:
         in_reasoning = prompt_opens_thinking(text) and fmt is None
         parser_args = dict(in_reasoning=in_reasoning, tools=tools,
                            parse_tools=bool(tools) and fmt is None)
+        if tools and choice == "required" and fmt is None and "<function=" in (tok.chat_template or ""):
+            # a call is required (or a named function, to which parse_tools narrowed `tools`):
+            # the grammar makes it one, with schema-valid arguments
+            fmt = ("tool_call", tools, in_reasoning, parallel)
         return self._start(ids, kw, fmt, parser_args)
 
     def prepare_completion(self, body: dict) -> dict:

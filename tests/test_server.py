@@ -1003,3 +1003,66 @@ def test_cross_origin_requests_refused(qtok):
     c = TestClient(build_app(server, cors_origins="*"))
     assert c.get("/v1/models", headers={"origin": "http://any.example"}).status_code == 200
     server.close()
+
+
+# ---- tool_choice "required" / a named function: enforced by the grammar (Qwen3.5 XML template)
+DEMO_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 40},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "set_alarm", "description": "Set an alarm",
+        "parameters": {"type": "object", "properties": {
+            "hour": {"type": "integer", "minimum": 0, "maximum": 23},
+            "loud": {"type": "boolean"}},
+            "required": ["hour"], "additionalProperties": False}}},
+]
+
+
+@pytest.fixture(scope="module")
+def demo_client():
+    from pyflashmoe.generate import DEMO_MODEL_DIR
+    model = G.Model.load(DEMO_MODEL_DIR)
+    server = Server(model, "demo")
+    yield TestClient(build_app(server))
+    server.close()
+
+
+@pytest.mark.parametrize("choice,names", [
+    ("required", {"get_weather", "set_alarm"}),
+    ({"type": "function", "function": {"name": "set_alarm"}}, {"set_alarm"}),
+])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_tool_choice_is_enforced(demo_client, choice, names, seed):
+    import jsonschema
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in DEMO_TOOLS}
+    body = {"messages": [{"role": "user", "content": "Tell me a story about the sea."}],
+            "tools": DEMO_TOOLS, "tool_choice": choice, "max_tokens": 64, "temperature": 1.0,
+            "seed": seed, "parallel_tool_calls": False,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    r = demo_client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    ch = r.json()["choices"][0]
+    assert ch["finish_reason"] == "tool_calls", ch
+    (call,) = ch["message"]["tool_calls"]
+    name = call["function"]["name"]
+    assert name in names
+    jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[name])
+
+
+def test_tool_choice_auto_is_not_forced(demo_client):
+    body = {"messages": [{"role": "user", "content": "Tell me a story about the sea."}],
+            "tools": DEMO_TOOLS, "max_tokens": 24, "temperature": 0,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    r = demo_client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
+def test_parallel_tool_calls_must_be_bool(demo_client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": DEMO_TOOLS,
+            "tool_choice": "required", "parallel_tool_calls": "yes"}
+    r = demo_client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
