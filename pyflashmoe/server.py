@@ -1,8 +1,19 @@
-"""OpenAI-compatible HTTP server: `flashmoe serve DIR [--host 127.0.0.1] [--port 8000] [--max-queue 256]
+"""OpenAI- and Anthropic-compatible HTTP server: `flashmoe serve DIR [--host 127.0.0.1] [--port 8000] [--max-queue 256]
 [--timeout 3600] [--max-body 4MiB] [--allowed-hosts H,...] [--cors-origins O,...]`.
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/completions,
-POST /v1/completions.
+POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
+/v1/messages/count_tokens.
+
+* The Messages API (pyflashmoe.server_anthropic) is a conversion layer over the chat path: its
+  system / messages (text, tool_use, tool_result, thinking blocks) become the OpenAI-style
+  messages the chat template takes, tools / tool_choice ("any" and a named tool are enforced by
+  the tool-call grammar like "required"), thinking -> enable_thinking, stop_sequences -> stop;
+  it runs on the same engine thread, queue, limits and sampling ranges, and the output
+  (OutputParser) comes back as thinking / text / tool_use content blocks with stop_reason and
+  usage, or as Anthropic's SSE events (message_start ... message_stop). Its errors are
+  Anthropic-shaped ({"type": "error", "error": {"type", "message"}}, the message naming the
+  field). x-api-key / anthropic-version headers are accepted (no key is checked).
 
 * One engine thread owns the Model and runs the generations, one at a time, in FIFO order of
   admission (Scheduler.pick_next is the one place that chooses the next work: a later batching
@@ -60,6 +71,7 @@ POST /v1/completions.
 import asyncio
 import collections
 import ctypes
+import functools
 import gc
 import ipaddress
 import json
@@ -148,6 +160,25 @@ def _bool(body, key, default=False):
     return v
 
 
+def parse_stop(stop, key):
+    """Validated stop strings (a string or a list of strings) of field `key`, or None."""
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise APIError(f"'{key}' must be a string or a list of strings", key)
+    if len(stop) > MAX_STOP:
+        raise APIError(f"'{key}' has {len(stop)} strings; at most {MAX_STOP} are allowed", key)
+    if any(s == "" for s in stop):
+        raise APIError(f"'{key}' strings must not be empty", key)
+    long = [i for i, s in enumerate(stop) if len(s) > MAX_STOP_CHARS]
+    if long:
+        raise APIError(f"'{key}' string {long[0]} has {len(stop[long[0]])} characters; at most "
+                       f"{MAX_STOP_CHARS} are allowed", key)
+    return stop
+
+
 def parse_sampling(body: dict, context_length: int | None = None, n_vocab: int | None = None) -> dict:
     """Validated generate() keyword arguments from an OpenAI request body. With context_length,
     max_tokens above it is an error; with n_vocab, so is top_k above it."""
@@ -180,22 +211,9 @@ def parse_sampling(body: dict, context_length: int | None = None, n_vocab: int |
     n = _integer(body, "n", lo=1)
     if n is not None and n != 1:
         raise APIError("'n' > 1 is not supported (one choice per request)", "n")
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise APIError("'stop' must be a string or a list of strings", "stop")
-        if len(stop) > MAX_STOP:
-            raise APIError(f"'stop' has {len(stop)} strings; at most {MAX_STOP} are allowed", "stop")
-        if any(s == "" for s in stop):
-            raise APIError("'stop' strings must not be empty", "stop")
-        long = [i for i, s in enumerate(stop) if len(s) > MAX_STOP_CHARS]
-        if long:
-            raise APIError(f"'stop' string {long[0]} has {len(stop[long[0]])} characters; at most "
-                           f"{MAX_STOP_CHARS} are allowed", "stop")
-        if stop:
-            kw["stop"] = stop
+    stop = parse_stop(body.get("stop"), "stop")
+    if stop:
+        kw["stop"] = stop
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
         key = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
         raise APIError(f"'{key}' is not supported by this server", key)
@@ -491,10 +509,16 @@ class Server:
         parallel = _bool(body, "parallel_tool_calls", True)
         fmt = parse_response_format(body)
         ctk = parse_template_kwargs(body)
-        tok = m.tokenizer
+        return self.prepare_chat_messages(msgs, kw, tools, choice, parallel, fmt, ctk)
+
+    def chat_prompt(self, msgs, tools, fmt, ctk, prefill=""):
+        """(prompt text, token ids) of validated OpenAI-style messages rendered by the chat
+        template; prefill: text the answer starts with (appended after the generation prompt)."""
+        tok = self.model.tokenizer
         if tok is None:
             raise APIError("this model has no tokenizer.json; chat completions are unavailable", None,
                            status=500, type_="server_error")
+        ctk = dict(ctk)
         if fmt is not None and "enable_thinking" not in ctk and tok.chat_template \
                 and "enable_thinking" in tok.chat_template:
             ctk["enable_thinking"] = False
@@ -504,10 +528,19 @@ class Server:
                                            enable_thinking=enable_thinking, **ctk)
         except ArgumentError as e:
             raise APIError(f"messages: {e}", "messages") from None
-        del msgs
+        text += prefill
         if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
             raise self._too_long(len(text), "messages")
-        ids = tok.encode(text, add_special_tokens=False)
+        return text, tok.encode(text, add_special_tokens=False)
+
+    def prepare_chat_messages(self, msgs, kw, tools, choice, parallel, fmt, ctk, prefill="") -> dict:
+        """A prepared chat generation from validated parts (prepare_chat's, or the Anthropic
+        Messages API's converted to them): msgs from parse_messages, kw from parse_sampling,
+        (tools, choice) from parse_tools, fmt from parse_response_format, ctk from
+        parse_template_kwargs; prefill as in chat_prompt."""
+        tok = self.model.tokenizer
+        text, ids = self.chat_prompt(msgs, tools, fmt, ctk, prefill)
+        del msgs
         in_reasoning = prompt_opens_thinking(text) and fmt is None
         parser_args = dict(in_reasoning=in_reasoning, tools=tools,
                            parse_tools=bool(tools) and fmt is None)
@@ -593,13 +626,20 @@ class Server:
         try:
             job.check()  # cancelled or expired while queued: dropped before it runs
             if job.stream:
-                fn = self.stream_chat if job.kind == "chat" else self.stream_completion
-                chunks = fn(st, job.include_usage)
+                if job.kind == "messages":
+                    from pyflashmoe import server_anthropic
+                    chunks = server_anthropic.stream(self, st)
+                else:
+                    fn = self.stream_chat if job.kind == "chat" else self.stream_completion
+                    chunks = fn(st, job.include_usage)
                 try:
                     for c in chunks:
                         job.put("chunk", c)
                 finally:
                     chunks.close()
+            elif job.kind == "messages":
+                from pyflashmoe import server_anthropic
+                job.put("result", server_anthropic.run(self, st))
             else:
                 fn = self.run_chat if job.kind == "chat" else self.run_completion
                 job.put("result", fn(st))
@@ -1069,6 +1109,15 @@ def _split_list(v):
     return [s.strip() for s in v if s and s.strip()]
 
 
+def _is_anthropic_path(path: str) -> bool:
+    return path.rstrip("/") in ("/v1/messages", "/v1/messages/count_tokens")
+
+
+def _anthropic_error(status, body):
+    from pyflashmoe.server_anthropic import error_body
+    return error_body(status, body)
+
+
 class RequestGuard:
     """ASGI middleware, before any route: the Host header against the allowed names (DNS
     rebinding), an Origin header against the allowed CORS origins (403), and POST bodies must be
@@ -1113,7 +1162,9 @@ class RequestGuard:
         if scope["type"] == "http":
             e = self.check(scope)
             if e is not None:
-                body = json.dumps(e.body()).encode()
+                err = _anthropic_error(e.status, e.body()) if _is_anthropic_path(scope.get("path", "")) \
+                    else e.body()
+                body = json.dumps(err).encode()
                 await send({"type": "http.response.start", "status": e.status,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(body)).encode())]})
@@ -1154,26 +1205,33 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
                            allow_headers=["*"], max_age=600)
     engine = server.engine
 
-    def err(e):
+    def err(e, anthropic=False):
         status, body = _error_body(e)
+        if anthropic:
+            body = _anthropic_error(status, body)
         return JSONResponse(body, status_code=status, headers=getattr(e, "headers", None))
+
+    def is_anthropic(request):
+        return _is_anthropic_path(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request, exc):
-        return JSONResponse(APIError(str(exc.detail), None, exc.status_code,
-                                     "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-                                     ).body(), status_code=exc.status_code)
+        body = APIError(str(exc.detail), None, exc.status_code,
+                        "not_found_error" if exc.status_code == 404 else "invalid_request_error").body()
+        if is_anthropic(request):
+            body = _anthropic_error(exc.status_code, body)
+        return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_exc(request, exc):
         errs = exc.errors()
         loc = ".".join(str(x) for x in errs[0].get("loc", ())[1:]) if errs else None
-        return JSONResponse(APIError(f"invalid request: {errs[0].get('msg') if errs else exc}",
-                                     loc or None).body(), status_code=400)
+        return err(APIError(f"invalid request: {errs[0].get('msg') if errs else exc}", loc or None),
+                   is_anthropic(request))
 
     @app.exception_handler(Exception)
     async def _any_exc(request, exc):
-        return err(exc)
+        return err(exc, is_anthropic(request))
 
     def too_big(n=None):
         got = f" ({n} bytes)" if n is not None else ""
@@ -1216,27 +1274,38 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
     def sse(obj):
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def sse_event(obj):  # Anthropic's framing: the event's type, then its data
+        return f"event: {obj['type']}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
     async def stream_events(job: Job):
+        anthropic = job.kind == "messages"
+
+        def error_event(e):
+            status, body = _error_body(e)
+            return sse_event(_anthropic_error(status, body)) if anthropic else sse(body)
+
         try:
             while True:
                 try:
                     kind, payload = await asyncio.wait_for(job.queue.get(), job.remaining())
                 except asyncio.TimeoutError:
                     engine.cancel(job, timed_out=True)
-                    yield sse(job.timeout_error().body())
+                    yield error_event(job.timeout_error())
                     break
                 if kind == "chunk":
-                    yield sse(payload)
+                    yield sse_event(payload) if anthropic else sse(payload)
                 elif kind == "error":
-                    yield sse(_error_body(payload)[1])
+                    yield error_event(payload)
                     break
                 elif kind == "end":
                     break
-            yield "data: [DONE]\n\n"
+            if not anthropic:
+                yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects (this generator is cancelled)
             engine.cancel(job)
 
     async def await_result(job: Job, receive):
+        anthropic = job.kind == "messages"
         gone = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             while True:
@@ -1248,17 +1317,17 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
                     if kind == "result":
                         return JSONResponse(payload)
                     if kind == "error":
-                        return err(payload)
+                        return err(payload, anthropic)
                     if kind == "end":
                         return err(APIError("the request ended without a result", None, 500,
-                                            "server_error"))
+                                            "server_error"), anthropic)
                     continue
                 get.cancel()
                 if gone in done:  # nobody will read this
                     engine.cancel(job)
                     return JSONResponse({}, status_code=499)
                 engine.cancel(job, timed_out=True)
-                return err(job.timeout_error())
+                return err(job.timeout_error(), anthropic)
         finally:
             gone.cancel()
             engine.cancel(job)
@@ -1266,15 +1335,21 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
     async def handle(request: Request, kind: str):
         body = None
         size = 0
+        anthropic = kind == "messages"
         try:
             body, size = await read_body(request)
-            stream, include_usage = stream_opts(body)
+            if anthropic:
+                from pyflashmoe import server_anthropic
+                stream, include_usage = _bool(body, "stream"), False
+                prepare = functools.partial(server_anthropic.prepare, server)
+            else:
+                stream, include_usage = stream_opts(body)
+                prepare = server.prepare_chat if kind == "chat" else server.prepare_completion
             engine.admission_check()
-            prepare = server.prepare_chat if kind == "chat" else server.prepare_completion
             arrived = time.monotonic()
             st = await run_in_threadpool(prepare, body)
         except Exception as e:
-            return err(e)
+            return err(e, anthropic)
         finally:
             body = None  # drop a big body before the generation
             if size >= BIG_BODY:
@@ -1284,7 +1359,7 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
         try:
             engine.submit(job)
         except APIError as e:
-            return err(e)
+            return err(e, anthropic)
         if stream:
             return StreamingResponse(stream_events(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -1314,6 +1389,22 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await handle(request, "completion")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):  # the Anthropic Messages API (server_anthropic)
+        return await handle(request, "messages")
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        from pyflashmoe import server_anthropic
+        body = None
+        try:
+            body, _ = await read_body(request)
+            return JSONResponse(await run_in_threadpool(server_anthropic.count_tokens, server, body))
+        except Exception as e:
+            return err(e, True)
+        finally:
+            body = None
 
     return app
 
