@@ -312,6 +312,7 @@ def test_engine_error_mid_stream_is_an_anthropic_error_event(live, client, monke
     event (no OpenAI [DONE]), the non-streaming call with a 500 in Anthropic's shape, and the
     next request is served."""
     import httpx
+
     from pyflashmoe.errors import FlashMoEError
     model = live.server_obj.model
     real = model.generate
@@ -342,3 +343,60 @@ def test_engine_error_mid_stream_is_an_anthropic_error_event(live, client, monke
     assert ei.value.body["error"]["type"] == "api_error"
     monkeypatch.setattr(model, "generate", real)
     assert client.messages.create(model="demo", max_tokens=2, messages=HI).stop_reason == "max_tokens"
+
+
+def test_flashmoe_serve_subprocess():
+    """`flashmoe serve` of the demo model (a real process, as users run it) answers the official
+    client, streaming and not, with x-api-key / anthropic-version headers sent."""
+    import subprocess
+    import time
+
+    import httpx
+    from test_server import _free_port
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "serve", G.DEMO_MODEL_DIR, "--port",
+                          str(port), "--model-name", "demo"], env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert p.poll() is None, p.communicate()[1]
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.3)
+        c = anthropic.Anthropic(base_url=url, api_key="anything", max_retries=0, timeout=60)
+        msg = c.messages.create(model="demo", max_tokens=4, messages=HI, system="Be brief.")
+        assert msg.content[0].type == "text" and msg.usage.output_tokens <= 4
+        with c.messages.stream(model="demo", max_tokens=4, messages=HI) as s:
+            final = s.get_final_message()
+        assert final.stop_reason in ("max_tokens", "end_turn") and final.content
+        with pytest.raises(anthropic.BadRequestError) as ei:
+            c.messages.create(model="demo", max_tokens=4, messages=HI, stop_sequences=[""])
+        assert "stop_sequences" in ei.value.body["error"]["message"]
+    finally:
+        p.terminate()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def test_cache_read_input_tokens(client):
+    """A request whose prompt extends the previous prompt + answer (here: the answer sent back as a
+    prefill) evaluates only the new tokens; usage splits them: input_tokens (evaluated) +
+    cache_read_input_tokens (reused)."""
+    a = client.messages.create(model="demo", max_tokens=6, messages=HI, extra_body={"temperature": 0})
+    assert a.usage.cache_read_input_tokens == 0
+    b = client.messages.create(model="demo", max_tokens=6, extra_body={"temperature": 0},
+                               messages=HI + [{"role": "assistant", "content": a.content[0].text}])
+    assert b.usage.cache_read_input_tokens >= a.usage.input_tokens
+    n = client.messages.count_tokens(model="demo", messages=HI + [
+        {"role": "assistant", "content": a.content[0].text}]).input_tokens
+    assert b.usage.input_tokens + b.usage.cache_read_input_tokens == n
+    assert b.usage.input_tokens < n - a.usage.input_tokens
