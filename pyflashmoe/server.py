@@ -1,5 +1,5 @@
-"""OpenAI- and Anthropic-compatible HTTP server: `flashmoe serve DIR [--host 127.0.0.1] [--port 8000] [--max-queue 256]
-[--timeout 3600] [--max-body 4MiB] [--allowed-hosts H,...] [--cors-origins O,...]`.
+"""OpenAI- and Anthropic-compatible HTTP server: `flashmoe serve DIR [--host 127.0.0.1] [--port 8000]
+[--max-queue 256] [--timeout 3600] [--max-body 4MiB] [--allowed-hosts H,...] [--cors-origins O,...]`.
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/completions,
 POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
@@ -14,7 +14,6 @@ POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
   usage, or as Anthropic's SSE events (message_start ... message_stop). Its errors are
   Anthropic-shaped ({"type": "error", "error": {"type", "message"}}, the message naming the
   field). x-api-key / anthropic-version headers are accepted (no key is checked).
-
 * One engine thread owns the Model and runs the generations, one at a time, in FIFO order of
   admission (Scheduler.pick_next is the one place that chooses the next work: a later batching
   scheduler replaces it). Each request gets its own asyncio queue that the engine thread feeds
