@@ -44,7 +44,7 @@ typedef struct {
     int32_t io_threads;        /* pread threads; <= 0: default (K of the model, at least 4) */
     int32_t direct_io;         /* 1: O_DIRECT reads into aligned buffers (bypass page cache) */
     int32_t experts_per_token; /* <= 0: the model's K; else override (1..n_experts) */
-    uint64_t ram_budget;       /* bytes for the engine's own LRU expert cache; 0: none (page cache only) */
+    uint64_t ram_budget;       /* bytes for the engine's expert RAM cache (LFU, fm_io.c); 0: none (page cache only) */
     uint64_t vram_budget;      /* CUDA: bytes for the VRAM expert cache */
     int32_t verify_sizes;      /* 1 (default): check every file's size against the manifest at open */
     int32_t prefetch;          /* decode predicts the next MoE layer's experts from the current hidden

@@ -2,12 +2,13 @@
  *
  * Owns: the expert files (one buffered fd each, plus an O_DIRECT fd when asked), a persistent pool
  * of I/O threads serving whole-block preads, the slot buffers reads land in, and the optional RAM
- * cache (an LRU of whole blocks keyed by (layer, expert)). Also the engine's disk probe. Does not
+ * cache (an LFU of whole blocks keyed by (layer, expert), see "RAM cache policy"). Also the engine's
+ * disk probe. Does not
  * own: what a block contains (fm_model.c parses parts), compute, or the OS page cache.
  *
  * One request at a time: fm_io_submit queues every missing block of the request at once (so all
  * reads are in flight across the threads), fm_io_wait blocks until they are done. A block read
- * into a slot joins the LRU by swapping buffers with the evicted entry (no copy); entries handed
+ * into a slot joins the cache by swapping buffers with the evicted entry (no copy); entries handed
  * out by the current request are pinned so an insertion never frees memory the caller still
  * holds. Slots: 2*max_batch buffers, allocated on first use; consecutive requests alternate
  * between the two halves, so memory grows only to twice the largest request's misses (prefill
@@ -18,6 +19,17 @@
  * (posix_fadvise WILLNEED; the call can block while the device queue is full, hence the thread).
  * It touches only the page cache, never the slots or the RAM cache, so results cannot change; a
  * later fm_io_submit of such a block finds it in (or on its way into) the page cache.
+ *
+ * RAM cache policy: LFU with aging, a recency tie-break and frequency admission (docs/ROUTING.md).
+ * Decode visits the layers in a fixed cycle, so one LRU over all layers hits nothing until it holds
+ * a whole token's working set (n_layers x K blocks); counting uses fixes that. Every distinct block
+ * of a request counts one use in a saturating per-(layer, expert) counter kept for all blocks,
+ * cached or not (1 byte each). When a counter would pass FM_IO_FREQ_MAX every counter is halved
+ * (aging: old popularity fades, amortized O(1) per use). Cached entries sit in one list per count
+ * (head = most recent), so a use is O(1) and the victim is the least recent unpinned entry of the
+ * lowest non-empty count (at most FM_IO_FREQ_MAX + 1 list heads plus the pinned entries skipped).
+ * A block just read is admitted only if its count is at least the victim's; otherwise it stays in
+ * its slot (valid until the next submit, as every block) and the cache is unchanged.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +43,7 @@
 
 #define FM_IO_ALIGN 4096
 #define FM_IO_MAX_THREADS 256
+#define FM_IO_FREQ_MAX 255  /* use counters saturate here; reaching it halves all of them */
 
 typedef struct {
     char *path;             /* NULL: layer has no experts */
@@ -38,13 +51,15 @@ typedef struct {
     atomic_int direct;      /* reads go through dfd (cleared if the filesystem refuses O_DIRECT) */
     uint64_t data_offset, block_bytes;
     int32_t n_experts;
-    int32_t *cache_slot;    /* [n_experts]: LRU entry index or -1 (only with a cache) */
+    int32_t *cache_slot;    /* [n_experts]: cache entry index or -1 (only with a cache) */
+    uint8_t *freq;          /* [n_experts]: use counts (aged), cached or not (only with a cache) */
 } io_layer;
 
 typedef struct {
     int32_t il, ie;
     uint8_t *buf;           /* max_block bytes, aligned */
-    int32_t prev, next;     /* LRU list: head = most recent */
+    int32_t prev, next;     /* list of entries with count f: head = most recent */
+    int32_t f;              /* count the entry is listed under (= its layer's freq[ie]) */
     int pinned;             /* handed out by the current request */
 } io_entry;
 
@@ -68,9 +83,10 @@ struct fm_io {
     /* slots */
     int32_t n_slots, slot_half;
     uint8_t **slot_buf;     /* [n_slots]: NULL until first used */
-    /* LRU cache */
-    int32_t cache_cap, cache_n, lru_head, lru_tail;
+    /* RAM cache (LFU, see the policy note at the top) */
+    int32_t cache_cap, cache_n;
     io_entry *entries;      /* [cache_cap] */
+    int32_t fb_head[FM_IO_FREQ_MAX + 1], fb_tail[FM_IO_FREQ_MAX + 1]; /* per-count lists or -1 */
     /* current request */
     int32_t req_il, req_n, req_active;
     int32_t *req_map;       /* [max_batch]: request index -> distinct index */
@@ -189,23 +205,58 @@ static void io_drain(fm_io *io) {
     pthread_mutex_unlock(&io->mu);
 }
 
-/* ---- LRU ---- */
-static void lru_unlink(fm_io *io, int32_t k) {
+/* ---- RAM cache: LFU with aging ---- */
+static void fb_unlink(fm_io *io, int32_t k) {
     io_entry *E = &io->entries[k];
     if (E->prev >= 0) io->entries[E->prev].next = E->next;
-    else io->lru_head = E->next;
+    else io->fb_head[E->f] = E->next;
     if (E->next >= 0) io->entries[E->next].prev = E->prev;
-    else io->lru_tail = E->prev;
+    else io->fb_tail[E->f] = E->prev;
     E->prev = E->next = -1;
 }
 
-static void lru_push_front(fm_io *io, int32_t k) {
+static void fb_push_front(fm_io *io, int32_t k, int32_t f) {
     io_entry *E = &io->entries[k];
+    E->f = f;
     E->prev = -1;
-    E->next = io->lru_head;
-    if (io->lru_head >= 0) io->entries[io->lru_head].prev = k;
-    io->lru_head = k;
-    if (io->lru_tail < 0) io->lru_tail = k;
+    E->next = io->fb_head[f];
+    if (io->fb_head[f] >= 0) io->entries[io->fb_head[f]].prev = k;
+    io->fb_head[f] = k;
+    if (io->fb_tail[f] < 0) io->fb_tail[f] = k;
+}
+
+/* Halve every use count and move the cached entries to their new lists. Old lists are walked from
+ * the lowest count up, each from its least recent entry, pushing to the front: within a new list the
+ * relative recency of each old list is kept (entries from count 2f+1 land before those from 2f). */
+static void cache_age(fm_io *io) {
+    for (int32_t il = 0; il < io->n_layers; il++) {
+        io_layer *L = &io->layers[il];
+        if (!L->freq) continue;
+        for (int32_t e = 0; e < L->n_experts; e++) L->freq[e] >>= 1;
+    }
+    int32_t tail[FM_IO_FREQ_MAX + 1];
+    for (int32_t f = 0; f <= FM_IO_FREQ_MAX; f++) {
+        tail[f] = io->fb_tail[f];
+        io->fb_head[f] = io->fb_tail[f] = -1;
+    }
+    for (int32_t f = 0; f <= FM_IO_FREQ_MAX; f++)
+        for (int32_t k = tail[f]; k >= 0;) {
+            int32_t p = io->entries[k].prev; /* saved: pushing rewrites it */
+            fb_push_front(io, k, f >> 1);
+            k = p;
+        }
+}
+
+/* One use of block (il, ie) by a request (hit or miss): count it; a cached entry moves up a list. */
+static void cache_count(fm_io *io, int32_t il, int32_t ie) {
+    io_layer *L = &io->layers[il];
+    if (L->freq[ie] >= FM_IO_FREQ_MAX) cache_age(io);
+    L->freq[ie]++;
+    int32_t k = L->cache_slot[ie];
+    if (k >= 0) {
+        fb_unlink(io, k);
+        fb_push_front(io, k, L->freq[ie]);
+    }
 }
 
 static void pin(fm_io *io, int32_t k) {
@@ -216,19 +267,21 @@ static void pin(fm_io *io, int32_t k) {
 }
 
 /* Put the block just read into slot s into the cache by swapping buffers; returns the entry or -1
- * (no room: every entry is pinned by this request, or an allocation failed). */
+ * (not admitted: the victim, the least recent unpinned entry of the lowest count, is used more than
+ * the block; or no room: every entry is pinned by this request). */
 static int32_t cache_insert(fm_io *io, int32_t il, int32_t ie, int32_t s) {
-    int32_t k;
+    int32_t k = -1, f_new = io->layers[il].freq[ie];
     if (io->cache_n < io->cache_cap) {
         k = io->cache_n++;
         io->entries[k].buf = io->slot_buf[s];
         io->slot_buf[s] = NULL; /* allocated again when next used */
     } else {
-        for (k = io->lru_tail; k >= 0 && io->entries[k].pinned; k = io->entries[k].prev) {}
-        if (k < 0) return -1;
+        for (int32_t f = 0; f <= FM_IO_FREQ_MAX && k < 0; f++)
+            for (k = io->fb_tail[f]; k >= 0 && io->entries[k].pinned; k = io->entries[k].prev) {}
+        if (k < 0 || io->entries[k].f > f_new) return -1;
         io_entry *E = &io->entries[k];
         io->layers[E->il].cache_slot[E->ie] = -1;
-        lru_unlink(io, k);
+        fb_unlink(io, k);
         uint8_t *old = E->buf;
         E->buf = io->slot_buf[s];
         io->slot_buf[s] = old;
@@ -237,7 +290,7 @@ static int32_t cache_insert(fm_io *io, int32_t il, int32_t ie, int32_t s) {
     E->il = il;
     E->ie = ie;
     io->layers[il].cache_slot[ie] = k;
-    lru_push_front(io, k);
+    fb_push_front(io, k, f_new);
     pin(io, k);
     return k;
 }
@@ -275,6 +328,7 @@ void fm_io_close(fm_io *io) {
             if (L->dfd >= 0) close(L->dfd);
             free(L->path);
             free(L->cache_slot);
+            free(L->freq);
         }
         free(io->layers);
     }
@@ -315,7 +369,7 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
     io->n_layers = n_layers;
     io->max_batch = max_batch;
     io->direct_requested = direct_io != 0;
-    io->lru_head = io->lru_tail = -1;
+    for (int32_t f = 0; f <= FM_IO_FREQ_MAX; f++) io->fb_head[f] = io->fb_tail[f] = -1;
     fm_status st = FM_OK;
     char eb[128];
 
@@ -337,7 +391,8 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
         }
         L->path = strdup(f->path);
         L->cache_slot = malloc((size_t)f->n_experts * sizeof(int32_t));
-        if (!L->path || !L->cache_slot) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
+        L->freq = calloc((size_t)f->n_experts, 1);
+        if (!L->path || !L->cache_slot || !L->freq) { st = fm_errf(err, errlen, FM_ERR_OOM, "fm_io_open: out of memory"); goto fail; }
         for (int32_t e = 0; e < f->n_experts; e++) L->cache_slot[e] = -1;
         L->data_offset = f->data_offset;
         L->block_bytes = f->block_bytes;
@@ -505,10 +560,9 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
         io->n_distinct++;
         io->dist_taken[d] = 0;
         io->dist_ie[d] = ie;
+        if (io->cache_cap) cache_count(io, il, ie);
         int32_t k = io->cache_cap ? L->cache_slot[ie] : -1;
-        if (k >= 0) { /* hit: most recent, and pinned until the next submit */
-            lru_unlink(io, k);
-            lru_push_front(io, k);
+        if (k >= 0) { /* hit: counted above, and pinned until the next submit */
             pin(io, k);
             io->dist_ptr[d] = io->entries[k].buf;
             io->dist_task[d] = -1;

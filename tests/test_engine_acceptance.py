@@ -5,14 +5,14 @@ References nobody here wrote:
   runs it; the pyflashmoe conversion of that MLX checkpoint must give the same logits.
 * transformers: which experts each token routes to (forward hooks on the `mlp.gate` TopKRouter
   modules, the indices transformers itself uses), from which the bytes the engine must read are
-  derived: per decode token, per prefill (union per layer), and per LRU policy for a small RAM cache.
+  derived: per decode token, per prefill (union per layer), and per the RAM cache policy (csrc/fm_io.c: LFU with aging and admission) for a small RAM cache.
 * the kernel: peak RSS (getrusage ru_maxrss) of a subprocess decoding a multi-GB synthetic model.
 
 Which test covers which acceptance line (issue 3):
 * "tiny model quantized by mlx_lm.convert (4-bit) ... logits match mlx-lm" -> test_mlx_4bit_logits_match_mlx_lm
 * "Stats: bytes read for a decode token = distinct routed experts not in the cache x block size;
   with ram_budget large enough, repeating reads 0 bytes" -> test_decode_bytes_equal_routed_experts,
-  test_small_ram_budget_reads_what_an_lru_misses, test_large_ram_budget_repeat_reads_nothing
+  test_small_ram_budget_reads_what_the_cache_policy_misses, test_large_ram_budget_repeat_reads_nothing
 * "Prefill reads each needed expert once per layer for the whole prompt" -> test_prefill_reads_union_once,
   test_long_skewed_prompt_matches_transformers (and the long prompt's logits vs transformers)
 * "expert files larger than ram_budget + 2 GB decode with peak RSS below dense + ram_budget + 1 GB"
@@ -32,7 +32,6 @@ import resource  # noqa: F401  (used in the subprocess script; import checks ava
 import shutil
 import subprocess
 import sys
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -161,30 +160,52 @@ def test_decode_bytes_equal_routed_experts(tiny35):
         assert st["last_expert_hits"] == 0
 
 
-def _lru_sim(requests, cap):
-    """The engine's RAM cache: an LRU of (layer, expert) blocks with `cap` entries. One request =
-    one MoE layer of one eval: its cached experts are refreshed first (fm_io_submit), then its
-    misses are read and inserted (fm_io_wait), ascending expert id, each evicting the least
-    recently used block. Returns [(misses, hits)] per request."""
-    lru = OrderedDict()
-    out = []
+def _lfu_sim(requests, cap):
+    """The engine's RAM cache (csrc/fm_io.c, docs/INTERNALS.md section 4): LFU with aging, recency
+    tie-break and frequency admission, `cap` blocks. One request = one MoE layer of one eval:
+    fm_io_submit counts one use of each distinct expert (ascending id; a count that would pass 255
+    halves all counts) and pins its hits; fm_io_wait inserts its misses in the same order, each
+    evicting the least recent unpinned block of the lowest count, unless that count is above the
+    new block's (then the block is not cached). Returns [(misses, hits)] per request."""
+    freq, cache, clock, out = {}, {}, [0], []  # cache: key -> [count, recency stamp]
+
+    def stamp():
+        clock[0] += 1
+        return clock[0]
+
     for il, experts in requests:
-        ex = sorted(set(experts))
-        hits = [e for e in ex if (il, e) in lru]
-        miss = [e for e in ex if (il, e) not in lru]
-        for e in hits:
-            lru.move_to_end((il, e))
-        for e in miss:
-            lru[(il, e)] = True
-            if len(lru) > cap:
-                lru.popitem(last=False)
-        out.append((len(miss), len(hits)))
+        ex = [(il, e) for e in sorted(set(experts))]
+        for k in ex:
+            if freq.get(k, 0) >= 255:
+                order = sorted(cache, key=lambda x: (cache[x][0], cache[x][1]))
+                for x in freq:
+                    freq[x] >>= 1
+                for x in order:
+                    cache[x] = [cache[x][0] >> 1, stamp()]
+            freq[k] = freq.get(k, 0) + 1
+            if k in cache:
+                cache[k] = [freq[k], stamp()]
+        pinned = {k for k in ex if k in cache}
+        miss = [k for k in ex if k not in pinned]
+        for k in miss:
+            if len(cache) >= cap:
+                cand = [x for x in cache if x not in pinned]
+                if not cand:
+                    continue
+                v = min(cand, key=lambda x: (cache[x][0], cache[x][1]))
+                if cache[v][0] > freq[k]:
+                    continue
+                del cache[v]
+            cache[k] = [freq[k], stamp()]
+            pinned.add(k)
+        out.append((len(miss), len(ex) - len(miss)))
     return out
 
 
-def test_small_ram_budget_reads_what_an_lru_misses(tiny35):
+def test_small_ram_budget_reads_what_the_cache_policy_misses(tiny35):
     """A RAM cache of 11 blocks (32 exist: 4 MoE layers x 8 experts): per decode token, reads and
-    hits equal those of an LRU of that capacity over transformers' routing."""
+    hits equal those of the engine's cache policy (_lfu_sim) of that capacity over transformers'
+    routing."""
     eng0 = core.Engine(tiny35["fm"], n_threads=2)
     bb = _block_bytes(eng0)
     blk = max(bb.values())
@@ -195,7 +216,7 @@ def test_small_ram_budget_reads_what_an_lru_misses(tiny35):
     routes = _routes(tiny35["hf"], toks)
     layers = sorted(bb)
     reqs = [(il, routes[il][t].tolist()) for t in range(len(toks)) for il in layers]
-    sim = _lru_sim(reqs, cap)
+    sim = _lfu_sim(reqs, cap)
     per_tok = [(sum(m for m, _ in sim[t * len(layers):(t + 1) * len(layers)]),
                 sum(h for _, h in sim[t * len(layers):(t + 1) * len(layers)])) for t in range(len(toks))]
     assert sum(h for _, h in per_tok) > 10 and sum(m for m, _ in per_tok[5:]) > 10  # both happen

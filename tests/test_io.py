@@ -374,27 +374,152 @@ def test_ram_cache_repeat_reads_nothing(expert_file):
         r.close()
 
 
-def test_lru_eviction_order(expert_file):
+def test_lfu_eviction_and_admission(expert_file):
+    """RAM cache policy (csrc/fm_io.c): LFU with aging, ties by recency, a block just read is
+    admitted only if its use count is at least the victim's."""
     path, off, bb, n = expert_file
     mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
     # capacity floor(budget / block_bytes) = 2 blocks
     r = Reader([(path, off, bb, n)], ram_budget=3 * bb - 1, max_batch=4)
-    A, B, C = 5, 6, 7
+    A, B, C, D = 5, 6, 7, 8
+
+    def hits(e):
+        blocks, st = r.read(0, [e])
+        assert np.array_equal(blocks[0], mm[e]), e
+        assert st.loads + st.hits == 1 and st.bytes_read == st.loads * bb
+        return st.hits
+
     try:
-        for e, hit in [(A, 0), (B, 0), (A, 1), (C, 0)]:
-            _, st = r.read(0, [e])
-            assert st.hits == hit, e
-        _, st = r.read(0, [A])   # A was used after B: still cached
-        assert st.hits == 1 and st.bytes_read == 0
-        _, st = r.read(0, [B])   # B was the least recent: evicted by C
-        assert st.hits == 0 and st.bytes_read == bb
-        _, st = r.read(0, [C])   # reading B evicted C (A was more recent)
-        assert st.hits == 0
-        # a request larger than the cache: hits handed out are pinned, never overwritten by its misses
-        blocks, st = r.read(0, [B, C, 0, 1])
+        assert [hits(e) for e in (A, A, A, B)] == [0, 1, 1, 0]   # counts A 3, B 1
+        assert hits(C) == 0      # C (1) replaces B (1, the lowest count), not A (3)
+        assert hits(A) == 1      # A 4
+        assert hits(C) == 1      # C 2
+        assert hits(D) == 0      # D (1) is not admitted over C (2): the cache keeps A and C
+        assert hits(C) == 1      # C 3
+        assert hits(D) == 0      # D 2 < C 3: still not admitted
+        assert hits(D) == 0      # D 3 >= C 3: admitted, C evicted
+        assert hits(D) == 1 and hits(A) == 1
+        assert hits(C) == 0      # C 4 >= D 4: admitted, evicts D (tie: D is less recent than A's use)
+        assert hits(A) == 1 and hits(C) == 1
+    finally:
+        r.close()
+
+
+def test_lfu_ties_go_to_the_least_recent(expert_file):
+    path, off, bb, n = expert_file
+    r = Reader([(path, off, bb, n)], ram_budget=3 * bb, max_batch=4)  # 3 blocks
+    try:
+        for e in (1, 2, 3):
+            assert r.read(0, [e])[1].hits == 0
+        assert r.read(0, [1])[1].hits == 1 and r.read(0, [2])[1].hits == 1 and r.read(0, [3])[1].hits == 1
+        # all at count 2; a new block at count 2 replaces the least recent of them (1)
+        assert r.read(0, [4])[1].hits == 0 and r.read(0, [4])[1].hits == 0   # 4: count 1, then 2: admitted
+        assert r.read(0, [2])[1].hits == 1 and r.read(0, [3])[1].hits == 1 and r.read(0, [4])[1].hits == 1
+        assert r.read(0, [1])[1].hits == 0
+    finally:
+        r.close()
+
+
+def test_lfu_counts_age(expert_file):
+    """Use counts saturate at 255: the use that would pass it halves every count (cached or not),
+    so old popularity fades. A: 300 uses -> 255, halved to 127, then 45 more = 172. B is admitted
+    over A once its count reaches 172 (not 300)."""
+    path, off, bb, n = expert_file
+    r = Reader([(path, off, bb, n)], ram_budget=bb, max_batch=4)  # 1 block
+    try:
+        assert sum(r.read(0, [3])[1].hits for _ in range(300)) == 299
+        first_hit = next(i for i in range(1, 400) if r.read(0, [4])[1].hits)  # 1-based use of B
+        assert first_hit == 173, first_hit
+        assert r.read(0, [3])[1].hits == 0
+    finally:
+        r.close()
+
+
+def test_pinned_blocks_are_never_evicted(expert_file):
+    """A request larger than the cache: its hits are pinned until the next submit, so its misses
+    (used more often than the cached blocks, so they would be admitted) find no victim."""
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    r = Reader([(path, off, bb, n)], ram_budget=2 * bb, max_batch=4)
+    try:
+        for e in (0, 1):
+            r.read(0, [e])
+        for _ in range(5):           # 2 and 3 used far more than 0 and 1, never cached (no room)
+            r.read(0, [0, 1, 2, 3])
+        blocks, st = r.read(0, [0, 1, 2, 3])
         assert st.hits == 2 and st.loads == 2
-        for e, b in zip([B, C, 0, 1], blocks):
+        for e, b in zip([0, 1, 2, 3], blocks):
             assert np.array_equal(b, mm[e]), e
+        ptrs = r.pointers(0, [0, 1, 2, 3])       # the cached blocks' memory is handed out ...
+        assert all(np.array_equal(np.frombuffer(ctypes.string_at(p, bb), np.uint8), mm[e])
+                   for p, e in zip(ptrs, [0, 1, 2, 3]))
+        assert r.read(0, [2])[1].hits == 0       # ... and a later single request can now evict for 2
+        assert r.read(0, [2])[1].hits == 1
+    finally:
+        r.close()
+
+
+def _cyclic_layers(tmp_path, n_layers, n):
+    specs = []
+    for il in range(n_layers):
+        p = tmp_path / f"L{il:03d}.safetensors"
+        o, _ = write_expert_file(p, n_experts=n, block_bytes=4096, seed=10 + il)
+        specs.append((p, o, 4096, n))
+    return specs
+
+
+def test_cyclic_decode_hits_below_one_token_working_set(tmp_path):
+    """Decode visits the layers in a fixed cycle. Each token: every layer asks for K = 2 blocks,
+    its hot expert (0) and a rotating cold one; the cache holds 6 < n_layers x K = 8 blocks. One LRU
+    over all layers got 0 hits here (each block's reuse distance is 8 > 6 blocks); LFU keeps the
+    4 hot blocks: at least 4 of every 8 blocks hit once warm."""
+    L, n, T = 4, 8, 40
+    specs = _cyclic_layers(tmp_path, L, n)
+    mms = [np.memmap(p, np.uint8, "r", offset=o, shape=(n, bb)) for p, o, bb, _ in specs]
+    r = Reader(specs, ram_budget=6 * 4096, max_batch=2)
+    try:
+        hits = total = 0
+        for t in range(T):
+            for il in range(L):
+                ex = [0, 1 + (t + il) % (n - 1)]
+                blocks, st = r.read(il, ex)
+                for e, b in zip(ex, blocks):
+                    assert np.array_equal(b, mms[il][e]), (t, il, e)
+                if t >= 4:
+                    hits += st.hits
+                    total += len(ex)
+        assert hits >= total // 2, (hits, total)
+    finally:
+        r.close()
+
+
+def test_cache_budget_and_data_under_random_use(tmp_path):
+    """Random skewed requests over several layers (blocks of different sizes): every block handed
+    out is the file's, and the cache never holds more than floor(ram_budget / largest block) blocks
+    (probe: each block read once afterwards; hits <= blocks cached when the probe starts)."""
+    specs = []
+    for il, (n, bb) in enumerate([(12, 4096), (9, 2 * 4096), (16, 4096)]):
+        p = tmp_path / f"L{il:03d}.safetensors"
+        o, _ = write_expert_file(p, n_experts=n, block_bytes=bb, seed=20 + il)
+        specs.append((p, o, bb, n))
+    mms = [np.memmap(p, np.uint8, "r", offset=o, shape=(n, bb)) for p, o, bb, n in specs]
+    cap = 7
+    r = Reader(specs, io_threads=3, ram_budget=cap * 2 * 4096 + 4095, max_batch=5)
+    rng = np.random.default_rng(3)
+    try:
+        hits = 0
+        for _ in range(1500):   # enough uses to age the counters (a counter passes 255) a few times
+            il = int(rng.integers(3))
+            n = specs[il][3]
+            ex = [int(x) for x in np.minimum(rng.zipf(1.6, size=int(rng.integers(1, 6))) - 1, n - 1)]
+            blocks, st = r.read(il, ex)
+            for e, b in zip(ex, blocks):
+                assert np.array_equal(b, mms[il][e]), (il, e)
+            assert st.loads + st.hits == len(set(ex)) and st.bytes_read == st.loads * specs[il][2]
+            hits += st.hits
+        assert hits > 0
+        probe = sum(r.read(il, [e])[1].hits for il in range(3) for e in range(specs[il][3]))
+        assert 0 < probe <= cap
     finally:
         r.close()
 
