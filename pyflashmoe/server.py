@@ -335,6 +335,14 @@ def parse_messages(body: dict, max_chars: int | None = None) -> list[dict]:
     return out
 
 
+def check_tool_list(tools):
+    """'tools' is a list within MAX_TOOLS (OpenAI and Anthropic requests alike)."""
+    if not isinstance(tools, list):
+        raise APIError("'tools' must be a list", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise APIError(f"'tools' has {len(tools)} entries; at most {MAX_TOOLS} are allowed", "tools")
+
+
 def parse_tools(body: dict):
     """(tools or None, tool_choice) validated."""
     tools = body.get("tools")
@@ -343,10 +351,7 @@ def parse_tools(body: dict):
         if choice not in (None, "none", "auto"):
             raise APIError("'tool_choice' needs 'tools'", "tool_choice")
         return None, "none"
-    if not isinstance(tools, list):
-        raise APIError("'tools' must be a list", "tools")
-    if len(tools) > MAX_TOOLS:
-        raise APIError(f"'tools' has {len(tools)} entries; at most {MAX_TOOLS} are allowed", "tools")
+    check_tool_list(tools)
     names = []
     for i, t in enumerate(tools):
         w = f"tools[{i}]"

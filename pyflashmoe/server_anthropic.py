@@ -40,11 +40,11 @@ import uuid
 
 from pyflashmoe.server import (
     MAX_MESSAGES,
-    MAX_TOOLS,
     APIError,
     _check_len,
     _integer,
     _short,
+    check_tool_list,
     parse_sampling,
     parse_stop,
 )
@@ -242,10 +242,7 @@ def parse_tools(body: dict):
         if ctype in ("any", "tool"):
             raise APIError(f"'tool_choice' {ctype!r} needs 'tools'", "tool_choice")
         return None, "none", parallel
-    if not isinstance(tools, list):
-        raise APIError("'tools' must be a list", "tools")
-    if len(tools) > MAX_TOOLS:
-        raise APIError(f"'tools' has {len(tools)} entries; at most {MAX_TOOLS} are allowed", "tools")
+    check_tool_list(tools)
     out = []
     for i, t in enumerate(tools):
         w = f"tools[{i}]"
