@@ -168,6 +168,9 @@ def build_parser():
     se.add_argument("--cors-origins", default=None,
                     help="comma-separated Origins allowed by CORS, '*' = any (default: CORS off, "
                          "requests with an Origin header are refused)")
+    se.add_argument("--api-key", default=None,
+                    help="require this key on /v1/ requests (Authorization: Bearer KEY or x-api-key); "
+                         "default: $FLASHMOE_API_KEY, else no key")
     _add_load_args(se)
     se.set_defaults(fn=_cmd_serve)
 

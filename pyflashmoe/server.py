@@ -13,7 +13,7 @@ POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
   (OutputParser) comes back as thinking / text / tool_use content blocks with stop_reason and
   usage, or as Anthropic's SSE events (message_start ... message_stop). Its errors are
   Anthropic-shaped ({"type": "error", "error": {"type", "message"}}, the message naming the
-  field). x-api-key / anthropic-version headers are accepted (no key is checked).
+  field). The anthropic-version header is accepted; x-api-key is the key when --api-key is set.
 * One engine thread owns the Model and runs the generations, one at a time, in FIFO order of
   admission (Scheduler.pick_next is the one place that chooses the next work: a later batching
   scheduler replaces it). Each request gets its own asyncio queue that the engine thread feeds
@@ -48,6 +48,8 @@ POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
   address only loopback Host headers (127.0.0.1, localhost, [::1], any port) are accepted (400
   otherwise: DNS rebinding); --allowed-hosts sets the list ("*" = any; the default for other
   addresses).
+* --api-key KEY (or $FLASHMOE_API_KEY): every /v1/ request must carry the key as `Authorization:
+  Bearer KEY` or `x-api-key: KEY` (401 otherwise; compared in constant time); /health stays open.
 * Memory: big bodies are dropped as soon as they are parsed, and when the engine goes idle after
   work the heap is trimmed (glibc malloc_trim), so RSS comes back after large requests.
 * stream=true sends Server-Sent Events: `data: {chunk}` lines and a final `data: [DONE]`;
@@ -72,6 +74,7 @@ import collections
 import ctypes
 import functools
 import gc
+import hmac
 import ipaddress
 import json
 import math
@@ -1124,11 +1127,14 @@ def _anthropic_error(status, body):
 
 class RequestGuard:
     """ASGI middleware, before any route: the Host header against the allowed names (DNS
-    rebinding), an Origin header against the allowed CORS origins (403), and POST bodies must be
-    application/json (415), so a browser cannot send a cross-origin "simple" request."""
+    rebinding), an Origin header against the allowed CORS origins (403), POST bodies must be
+    application/json (415), so a browser cannot send a cross-origin "simple" request, and with an
+    API key every /v1/ request (CORS preflights aside) must carry it as `Authorization: Bearer KEY`
+    (OpenAI clients) or `x-api-key: KEY` (Anthropic clients), else 401."""
 
-    def __init__(self, app, allowed_hosts=None, cors_origins=None):
+    def __init__(self, app, allowed_hosts=None, cors_origins=None, api_key=None):
         self.app = app
+        self.api_key = api_key.encode() if api_key else None
         hosts = _split_list(allowed_hosts)
         self.hosts = None if hosts is None or "*" in hosts else \
             {(_host_name(h) or h).strip("[]").lower() for h in hosts}
@@ -1138,9 +1144,16 @@ class RequestGuard:
 
     def check(self, scope):
         host = origin = ctype = None
+        keys = []
         for k, v in scope.get("headers") or ():
             k = k.lower()
-            if k == b"host" and host is None:
+            if k == b"authorization":
+                scheme, _, token = v.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    keys.append(token.strip())
+            elif k == b"x-api-key":
+                keys.append(v.strip())
+            elif k == b"host" and host is None:
                 host = v.decode("latin-1")
             elif k == b"origin" and origin is None:
                 origin = v.decode("latin-1")
@@ -1160,6 +1173,13 @@ class RequestGuard:
                 return APIError(f"Content-Type must be application/json, got {_short(ctype)} "
                                 f"(curl: -H 'Content-Type: application/json')", "Content-Type", 415,
                                 code="unsupported_media_type")
+        if self.api_key is not None and scope.get("path", "").startswith("/v1/") \
+                and scope.get("method") != "OPTIONS" \
+                and not any(hmac.compare_digest(k, self.api_key) for k in keys):
+            what = "a wrong API key" if keys else "no API key"
+            return APIError(f"this server needs an API key (flashmoe serve --api-key); the request has "
+                            f"{what} (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
+                            "Authorization", 401, code="invalid_api_key")
         return None
 
     async def __call__(self, scope, receive, send):
@@ -1186,12 +1206,13 @@ async def _wait_disconnect(receive):
 
 
 def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=None,
-              cors_origins=None):
+              cors_origins=None, api_key=None):
     """The FastAPI application around a Server.
 
     max_body: bytes a request body may have (413 beyond). allowed_hosts: Host names accepted
     (list or comma string; None or "*" = any; serve_cli passes default_allowed_hosts). cors_origins:
-    Origins allowed (None = CORS off: any request with an Origin header is refused)."""
+    Origins allowed (None = CORS off: any request with an Origin header is refused). api_key: when
+    set, /v1/ requests must carry it (401 otherwise); /health stays open."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -1201,7 +1222,8 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise ArgumentError(f"max_body must be a positive number of bytes, got {max_body!r}")
     app = FastAPI(title="pyflashmoe", docs_url=None, redoc_url=None)
-    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
+                       api_key=api_key)
     origins = _split_list(cors_origins)
     if origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -1436,12 +1458,14 @@ def serve_cli(a) -> int:
     elif not allowed:
         raise ArgumentError("--allowed-hosts: give host names separated by commas, or '*' for any")
     cors = _split_list(getattr(a, "cors_origins", None))
+    api_key = getattr(a, "api_key", None) or os.environ.get("FLASHMOE_API_KEY") or None
     model = load_from_args(a)
     from pyflashmoe.generate import DEMO_MODEL_DIR
     name = a.model_name or ("pyflashmoe-demo" if os.path.abspath(a.dir) == DEMO_MODEL_DIR
                             else os.path.basename(os.path.normpath(a.dir)))
     server = Server(model, name, max_queue=max_queue, timeout=timeout)
-    app = build_app(server, max_body=max_body, allowed_hosts=allowed, cors_origins=cors or None)
+    app = build_app(server, max_body=max_body, allowed_hosts=allowed, cors_origins=cors or None,
+                    api_key=api_key)
     if model.tokenizer is not None and model.eos_token_ids:
         def warm():  # build llguidance's tokenizer now, not on the first JSON request
             try:

@@ -1066,3 +1066,30 @@ def test_parallel_tool_calls_must_be_bool(demo_client):
             "tool_choice": "required", "parallel_tool_calls": "yes"}
     r = demo_client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
+
+
+def test_api_key():
+    from pyflashmoe.generate import DEMO_MODEL_DIR
+    server = Server(G.Model.load(DEMO_MODEL_DIR), "demo")
+    try:
+        c = TestClient(build_app(server, api_key="s3cret"))
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization"
+        assert "no API key" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json=chat, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "wrong API key" in r.json()["error"]["message"]
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/health").status_code == 200  # liveness stays open
+        assert c.post("/v1/chat/completions", json=chat,
+                      headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # Anthropic clients send x-api-key, and get Anthropic-shaped errors
+        msg = {"model": "demo", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        r = c.post("/v1/messages", json=msg)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert c.post("/v1/messages", json=msg, headers={"x-api-key": "s3cret"}).status_code == 200
+        # without a key configured, nothing is asked
+        c2 = TestClient(build_app(server))
+        assert c2.get("/v1/models").status_code == 200
+    finally:
+        server.close()
