@@ -270,8 +270,8 @@ def _check_len(text, where, max_chars):
                        f"(at most {max_chars})", where, code="context_length_exceeded")
 
 
-def parse_messages(body: dict, max_chars: int | None = None) -> list[dict]:
-    """Validated messages. max_chars: the most characters one message may have."""
+def message_list(body: dict) -> list:
+    """body['messages']: present, a non-empty list within MAX_MESSAGES (OpenAI and Anthropic)."""
     msgs = body.get("messages")
     if msgs is None:
         raise APIError("'messages' is required", "messages")
@@ -280,6 +280,12 @@ def parse_messages(body: dict, max_chars: int | None = None) -> list[dict]:
     if len(msgs) > MAX_MESSAGES:
         raise APIError(f"'messages' has {len(msgs)} entries; at most {MAX_MESSAGES} are allowed",
                        "messages")
+    return msgs
+
+
+def parse_messages(body: dict, max_chars: int | None = None) -> list[dict]:
+    """Validated messages. max_chars: the most characters one message may have."""
+    msgs = message_list(body)
     out = []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"

@@ -39,12 +39,12 @@ import json
 import uuid
 
 from pyflashmoe.server import (
-    MAX_MESSAGES,
     APIError,
     _check_len,
     _integer,
     _short,
     check_tool_list,
+    message_list,
     parse_sampling,
     parse_stop,
 )
@@ -113,14 +113,7 @@ def parse_messages(body: dict, max_chars=None) -> list[dict]:
         text = _texts(system, "system", max_chars)
         if text:
             out.append({"role": "system", "content": text})
-    msgs = body.get("messages")
-    if msgs is None:
-        raise APIError("'messages' is required", "messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError("'messages' must be a non-empty list", "messages")
-    if len(msgs) > MAX_MESSAGES:
-        raise APIError(f"'messages' has {len(msgs)} entries; at most {MAX_MESSAGES} are allowed",
-                       "messages")
+    msgs = message_list(body)
     names = {}  # tool_use id -> tool name (a tool message's name)
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"

@@ -66,32 +66,12 @@ def test_cli_chat_without_dir():
 
 
 def test_serve_without_dir_names_the_demo():
-    import socket
-    import time
-
     import httpx
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "serve", "--port", str(port)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        t0 = time.time()
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert p.poll() is None and time.time() - t0 < 60, "server did not start"
-            time.sleep(0.2)
+    from serve_process import serve_process
+    with serve_process() as (p, url):
         ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
         assert ids == ["pyflashmoe-demo"]
         r = httpx.post(url + "/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
         assert r.status_code == 200 and r.json()["model"] == "pyflashmoe-demo"
-    finally:
-        p.terminate()
-        _, err = p.communicate(timeout=30)
-    assert err.count(NOTE) == 1
+    assert p.stderr.read().count(NOTE) == 1

@@ -9,7 +9,6 @@ chat templates, so the model "emits" exactly the format each template teaches.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from pyflashmoe.tokenizer import Tokenizer  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_generate import FakeEngine, FakeSession, _engine_available, _tiny_tokenizer  # noqa: E402
+from serve_process import free_port, serve_process  # noqa: E402
 
 _BUILT: dict = {}
 
@@ -523,32 +523,11 @@ def test_tool_choice_none_and_plain_answers(test_data):
 
 
 # ----------------------------------------------------------------------------- the real CLI
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_cli_serve(tiny_dir):
     import httpx
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "serve", str(tiny_dir), "--port", str(port),
-                          "--model-name", "tm", "--threads", "2"], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                r = httpx.get(url + "/v1/models", timeout=5)
-                break
-            except httpx.TransportError:
-                assert p.poll() is None, p.communicate()[1]
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.3)
+    with serve_process(str(tiny_dir), "--model-name", "tm", "--threads", "2") as (p, url):
+        port = int(url.rsplit(":", 1)[1])
+        r = httpx.get(url + "/v1/models", timeout=5)
         assert r.json()["data"][0]["id"] == "tm"
         r = httpx.post(url + "/v1/chat/completions", timeout=60,
                        json={"model": "tm", "messages": [OK], "max_tokens": 4, "stream": True})
@@ -566,13 +545,6 @@ def test_cli_serve(tiny_dir):
         assert r.status_code == 415
         h = httpx.get(url + "/health", timeout=10).json()
         assert h["max_queue"] == 256 and h["completed"] == 1
-    finally:
-        p.terminate()
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def test_cli_serve_bad_dir(tmp_path):
@@ -685,7 +657,7 @@ class _Live:
 
     def __init__(self, app):
         import uvicorn
-        self.port = _free_port()
+        self.port = free_port()
         cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                              lifespan="off", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(cfg)

@@ -348,27 +348,8 @@ def test_engine_error_mid_stream_is_an_anthropic_error_event(live, client, monke
 def test_flashmoe_serve_subprocess():
     """`flashmoe serve` of the demo model (a real process, as users run it) answers the official
     client, streaming and not, with x-api-key / anthropic-version headers sent."""
-    import subprocess
-    import time
-
-    import httpx
-    from test_server import _free_port
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "serve", G.DEMO_MODEL_DIR, "--port",
-                          str(port), "--model-name", "demo"], env=env, cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=5)
-                break
-            except httpx.TransportError:
-                assert p.poll() is None, p.communicate()[1]
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.3)
+    from serve_process import serve_process
+    with serve_process(G.DEMO_MODEL_DIR, "--model-name", "demo") as (_, url):
         c = anthropic.Anthropic(base_url=url, api_key="anything", max_retries=0, timeout=60)
         msg = c.messages.create(model="demo", max_tokens=4, messages=HI, system="Be brief.")
         assert msg.content[0].type == "text" and msg.usage.output_tokens <= 4
@@ -378,13 +359,6 @@ def test_flashmoe_serve_subprocess():
         with pytest.raises(anthropic.BadRequestError) as ei:
             c.messages.create(model="demo", max_tokens=4, messages=HI, stop_sequences=[""])
         assert "stop_sequences" in ei.value.body["error"]["message"]
-    finally:
-        p.terminate()
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def test_cache_read_input_tokens(client):

@@ -9,7 +9,6 @@ end whatever happens.
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -22,7 +21,8 @@ pytest.importorskip("llguidance", reason="test_server.py's tiny model fixture ne
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from test_server import _free_port, build_tiny  # noqa: E402
+from serve_process import serve_process  # noqa: E402
+from test_server import build_tiny  # noqa: E402
 
 MAX_TOKENS = 4
 PHASE_S = 90  # deadline per phase
@@ -103,23 +103,7 @@ def _wait_idle(url, timeout=30):
 
 
 def test_serve_under_load_and_rss_is_stable(tiny_dir):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "pyflashmoe", "serve", str(tiny_dir), "--host", "127.0.0.1",
-                          "--port", str(port), "--threads", "1", "--timeout", "120"],
-                         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert p.poll() is None, p.communicate()[1][-2000:]
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with serve_process(str(tiny_dir), "--threads", "1", "--timeout", "120") as (p, url):
         # 64, then 128 concurrent streaming clients: all complete, each with its own answer
         t64 = asyncio.run(_phase(url, 64))
         t128 = asyncio.run(_phase(url, 128))
@@ -137,10 +121,3 @@ def test_serve_under_load_and_rss_is_stable(tiny_dir):
         drift = abs(rss[4] - rss[0]) / rss[0]
         assert drift <= 0.05, f"RSS after each phase (KiB): {rss}"
         assert p.poll() is None
-    finally:
-        p.terminate()
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
