@@ -446,48 +446,6 @@ static void layer_dense_ffn(fm_session *s, const fm_layer *L, fm_scratch *b, int
     fm_mm(m->pool, &L->ffn_down, b->dg, n, b->y);
 }
 
-/* decode (one token): all experts of a chunk in two pool jobs, gate+up rows then down rows */
-typedef struct {
-    const fm_qmat *w; /* [nc][3] */
-    const float *x;
-    float *g, *u, *y;
-    int64_t I, H;
-} fm_exp_job;
-
-static void job_exp_gu(void *ctx, int64_t s, int64_t e, int32_t tid) {
-    (void)tid;
-    fm_exp_job *j = ctx;
-    int64_t I = j->I;
-    while (s < e) {
-        int64_t c = s / (2 * I), r = s % (2 * I);
-        int up = r >= I;
-        int64_t r0 = up ? r - I : r;
-        int64_t end = c * 2 * I + (up ? 2 * I : I);
-        int64_t r1 = r0 + ((e < end ? e : end) - s);
-        fm_qmat_matvec_rows(&j->w[c * 3 + (up ? FM_PART_UP : FM_PART_GATE)], j->x, (up ? j->u : j->g) + c * I, r0, r1);
-        s += r1 - r0;
-    }
-}
-
-static void job_exp_down(void *ctx, int64_t s, int64_t e, int32_t tid) {
-    (void)tid;
-    fm_exp_job *j = ctx;
-    int64_t H = j->H;
-    while (s < e) {
-        int64_t c = s / H, r0 = s % H;
-        int64_t end = (c + 1) * H;
-        int64_t r1 = r0 + ((e < end ? e : end) - s);
-        fm_qmat_matvec_rows(&j->w[c * 3 + FM_PART_DOWN], j->g + c * j->I, j->y + c * H, r0, r1);
-        s += r1 - r0;
-    }
-}
-
-static int64_t grain_rows(const fm_qmat *W) {
-    int64_t rb = (int64_t)(fm_qmat_bytes(W) / (uint64_t)(W->rows > 0 ? W->rows : 1)) + 1;
-    int64_t g = 16384 / rb;
-    return g < 4 ? 4 : g;
-}
-
 /* decode prefetch: predict the experts of the first MoE layer after `after` (-1: from the start)
  * from the residual x (H floats) and queue them for the page cache (uses logits_r and xe, which
  * are free between routing and expert compute) */
@@ -607,7 +565,6 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
         memset(&ios, 0, sizeof ios);
         if (n == 1) {
             /* decode: each expert is computed as soon as its block is in, while the rest are read */
-            fm_qmat w[nc * 3];
             double tx = 0, tn = fm_now_ms();
             int32_t c, got = 0;
             const uint8_t *blk;
@@ -620,12 +577,8 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
                     prefetch_predict(s, b, il, b->x);
                     tg = fm_now_ms();
                 }
-                for (int p = 0; p < 3; p++) w[c * 3 + p] = fm_part_view(&L->parts[p], blk);
-                fm_exp_job ej = {w + c * 3, b->xn, b->ge + (int64_t)c * I, b->ue + (int64_t)c * I,
-                                 b->ye + (int64_t)c * H, I, H};
-                fm_pool_for(m->pool, 2 * I, grain_rows(&w[c * 3]), job_exp_gu, &ej);
-                swiglu(ej.g, ej.u, I);
-                fm_pool_for(m->pool, H, grain_rows(&w[c * 3 + 2]), job_exp_down, &ej);
+                fm_cpu_experts_token(m->pool, m, L, &blk, 1, b->xn, b->ge + (int64_t)c * I, b->ue + (int64_t)c * I,
+                                     b->ye + (int64_t)c * H);
                 tn = fm_now_ms();
                 tx += tn - tg;
             }

@@ -172,4 +172,11 @@ void fm_gdn_step(float *S, const float *q, const float *k, const float *v, float
 /* matrix helpers over the pool: Y[n, rows] = X[n, cols] Wᵀ */
 void fm_mm(fm_pool *pool, const fm_qmat *W, const float *X, int64_t n, float *Y);
 
+/* ---- CPU backend (fm_cpu.c) ---- */
+/* The CPU backend's routed-expert op for one token: ye[c*H ..] = expert c (block blocks[c], the
+ * layer's parts and activation) applied to xn[H], c < nc; g, u: scratch float[nc * moe_I].
+ * Threads: pool. */
+void fm_cpu_experts_token(fm_pool *pool, const fm_model *m, const fm_layer *L, const uint8_t *const *blocks,
+                          int32_t nc, const float *xn, float *g, float *u, float *ye);
+
 #endif
