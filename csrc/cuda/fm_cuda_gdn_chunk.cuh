@@ -1,10 +1,10 @@
 /* fm_cuda_gdn_chunk.cuh: GatedDeltaNet over many tokens (prefill) in chunks of FMC_GDN_C tokens
- * (included by fm_cuda.cu only, after fm_cuda_kernels.cuh).
+ * (included by fm_cuda_ops.cu only, after fm_cuda_kernels.cuh).
  *
  * Owns: k_gdn_chunk (the delta rule for all tokens of a chunk at once, un-normalized outputs) and
  * its dynamic shared memory size. The gated RMSNorm over each head's dv outputs is a second pass
- * (k_norm op 1, in place on O); launch_gdn in fm_cuda.cu picks this or the sequential k_gdn.
- * Does not own: the sequential recurrence k_gdn (decode), launches (fm_cuda.cu).
+ * (k_norm op 1, in place on O); fmc_launch_gdn in fm_cuda_ops.cu picks this or the sequential k_gdn.
+ * Does not own: the sequential recurrence k_gdn (decode), launches (fm_cuda_ops.cu).
  *
  * Math (per value head h, key head kh = h / (nv/nk)); with q, k l2-normalized (q also * dk^-0.5),
  * g_t = -exp(A_log[h]) softplus(a_t + dt_bias[h]), beta_t = sigmoid(b_t), S0 the state at the

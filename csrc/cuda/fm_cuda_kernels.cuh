@@ -1,4 +1,6 @@
-/* fm_cuda_kernels.cuh: the CUDA kernels of the pyflashmoe backend (included by fm_cuda.cu only).
+/* fm_cuda_kernels.cuh: the CUDA kernels of the pyflashmoe backend (included by every csrc/cuda/*.cu
+ * through fmc_internal.cuh: the kernels that are not templates are static, so each file that
+ * launches one gets its own copy and the objects link without clashes).
  *
  * Owns: group-affine (2..8 bit) / bf16 / f32 matrix x vectors (decode and prefill share one kernel:
  * a warp per output row, NT token vectors per pass), gate/up SwiGLU pairs, the routed-expert
@@ -6,7 +8,7 @@
  * RMSNorm / L2 norm, router softmax + top-K, q/k norm + partial NeoX RoPE + KV-cache write,
  * causal GQA attention with online softmax and output gate, causal depthwise conv1d + SiLU, the
  * GatedDeltaNet recurrence (fused l2norm, gating and gated RMSNorm).
- * Does not own: launches, memory, the expert cache (fm_cuda.cu).
+ * Does not own: launches, memory, the expert cache (fm_cuda_*.cu).
  *
  * Numerics follow csrc/fm_quant.c and csrc/fm_ops.c (fp32 activations and accumulation; affine
  * groups as s*dot(q,x) + b*sum(x)); only the order of float sums differs.
@@ -611,7 +613,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_dec_down(DPart PD, PairSet S
 }
 
 /* resident experts: ptrs[p] = table[topi[p]] */
-__global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const uint8_t *const *table, const uint8_t **ptrs) {
+static __global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const uint8_t *const *table, const uint8_t **ptrs) {
     int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (p < npairs) ptrs[p] = table[topi[p]];
 }
@@ -619,7 +621,7 @@ __global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const uint8_t *
 /* X[t] += sum_k w[t,k] * Ye[t*K+k] + (has_sh ? sigmoid(shs[t]) * sho[t] : 0) */
 /* hostmask (CPU split, decode, n == 1): bit k set = pair k was computed on the host; the weighted
  * sum of those arrives as ycpu [n, H] (NULL: none) */
-__global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Ye, const float *__restrict__ topw,
+static __global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Ye, const float *__restrict__ topw,
                               int K, const float *__restrict__ sho, const float *__restrict__ shs, int has_sh,
                               int64_t n, int64_t H, uint32_t hostmask, const float *__restrict__ ycpu,
                               unsigned long long guard_code, unsigned long long *__restrict__ bad) {
@@ -639,7 +641,7 @@ __global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Y
 
 /* ------------------------------------------------------------------ embedding */
 
-__global__ void k_embed(DMat W, const int32_t *tokens, float *X) {
+static __global__ void k_embed(DMat W, const int32_t *tokens, float *X) {
     const int64_t t = blockIdx.x;
     const int64_t r = tokens[t];
     float *out = X + t * W.cols;
@@ -667,7 +669,7 @@ __global__ void k_embed(DMat W, const int32_t *tokens, float *X) {
 /* ------------------------------------------------------------------ norms */
 
 /* op 0: y = x̂ (w + off); op 1: y = w x̂ silu(z); op 2: y = x / sqrt(sum x² + eps). One block per row. */
-__global__ void k_norm(int op, const float *__restrict__ X, const float *__restrict__ Z, const float *__restrict__ w,
+static __global__ void k_norm(int op, const float *__restrict__ X, const float *__restrict__ Z, const float *__restrict__ w,
                        int64_t d, float eps, float off, float *__restrict__ Y) {
     __shared__ float red[33];
     const int64_t row = blockIdx.x;
@@ -690,7 +692,7 @@ __global__ void k_norm(int op, const float *__restrict__ X, const float *__restr
 /* one warp per token (blockDim 32): softmax over E, top-K (descending, ties: lower index),
  * renormalise. The K selection rounds are warp shuffles over the probabilities in shared memory:
  * no block barriers (the old one-block version spent ~11 us per token on them). */
-__global__ void k_route(const float *__restrict__ logits, int E, int K, int norm, int32_t *__restrict__ topi,
+static __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm, int32_t *__restrict__ topi,
                         float *__restrict__ topw) {
     extern __shared__ float sp[]; /* E */
     const int64_t t = blockIdx.x;
@@ -746,7 +748,7 @@ __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm
  * into *bad (UINT64_MAX: none seen). The host puts the eval chunk and the stage (embedding, layer,
  * logits) in the high bits of code, so the smallest value is the first stage in stream order that
  * saw one, and its first row. Takes no host value that changes between graph replays. */
-__global__ void k_check_finite(const float *__restrict__ x, int64_t n, int64_t row, unsigned long long code,
+static __global__ void k_check_finite(const float *__restrict__ x, int64_t n, int64_t row, unsigned long long code,
                                int64_t t_off, unsigned long long *__restrict__ bad) {
     const int64_t tot = n * row;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < tot; i += (int64_t)gridDim.x * blockDim.x)
@@ -760,7 +762,7 @@ __global__ void k_check_finite(const float *__restrict__ x, int64_t n, int64_t r
 
 /* grid (n, nh + nkv): q heads (split gate, q-norm, RoPE) then kv heads (k-norm, RoPE, cache write
  * of k and v at row pos+t). blockDim 128. */
-__global__ void k_attn_prep(const float *__restrict__ QG, const float *__restrict__ Kn, const float *__restrict__ Vn,
+static __global__ void k_attn_prep(const float *__restrict__ QG, const float *__restrict__ Kn, const float *__restrict__ Vn,
                             const float *__restrict__ qnw, const float *__restrict__ knw, float *__restrict__ Q,
                             float *__restrict__ Gt, float *__restrict__ KC, float *__restrict__ VC, int pos_arg,
                             const int *__restrict__ dpos, int nh, int nkv, int dh, int rot, float theta, int gate,
@@ -820,7 +822,7 @@ __global__ void k_attn_prep(const float *__restrict__ QG, const float *__restric
 /* grid (n, nh), blockDim 128 (4 warps): token t attends keys 0..pos+t; online softmax per warp over
  * interleaved keys, merged in shared memory; out *= sigmoid(gate) when gate. dh <= 256. */
 #define FMC_ATT_WARPS 4
-__global__ void __launch_bounds__(FMC_ATT_WARPS * 32) k_attn(const float *__restrict__ Q, const float *__restrict__ KC,
+static __global__ void __launch_bounds__(FMC_ATT_WARPS * 32) k_attn(const float *__restrict__ Q, const float *__restrict__ KC,
                                                               const float *__restrict__ VC, const float *__restrict__ Gt,
                                                               float *__restrict__ O, int pos_arg,
                                                               const int *__restrict__ dpos, int nh, int nkv, int dh,
@@ -885,7 +887,7 @@ __global__ void __launch_bounds__(FMC_ATT_WARPS * 32) k_attn(const float *__rest
 /* ------------------------------------------------------------------ linear attention */
 
 /* causal depthwise conv1d + SiLU, a thread per channel over n tokens; state [(k-1), C] */
-__global__ void k_conv(const float *__restrict__ X, int64_t n, float *__restrict__ state, const float *__restrict__ w,
+static __global__ void k_conv(const float *__restrict__ X, int64_t n, float *__restrict__ state, const float *__restrict__ w,
                        int C, int k, float *__restrict__ Y) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;

@@ -1,11 +1,11 @@
-/* fm_cuda_mma.cuh: tensor-core matrix kernels for prefill (n > 1 tokens), included by fm_cuda.cu
+/* fm_cuda_mma.cuh: tensor-core matrix kernels for prefill (n > 1 tokens), included by fm_cuda_ops.cu
  * after fm_cuda_kernels.cuh.
  *
  * Owns: k_mma, one kernel body for (a) dense Y (+)= W X over n tokens, (b) a dense SwiGLU pair
  * H = silu(G X) * (U X), (c) the routed experts grouped by expert (a work list of items, one item =
  * one expert's pairs, up to 8*NT of them: the block reads its row tile of that expert once for
  * all of them), gate+up and down; k_mma_reduce, the fixed-order sum of split-K partials.
- * Does not own: launches, the work lists, the split-K workspace (fm_cuda.cu).
+ * Does not own: launches, the work lists, the split-K workspace (fm_cuda_ops.cu).
  *
  * Numerics (fp32 activations; the engine's GPU-vs-CPU tolerance rules out plain bf16 activations):
  * mma.sync m16n8k16 bf16 x bf16 -> fp32 with
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(FMC_MMA_THREADS) k_mma(MmaArgs a) {
 }
 
 /* split-K: Y[t*ldy + r] (+)= sum_z ws[z][t][r] (z ascending); SwiGLU: silu(sum gate) * sum up */
-__global__ void k_mma_reduce(const float *__restrict__ ws, int splits, int64_t n, int64_t rows, int swi,
+static __global__ void k_mma_reduce(const float *__restrict__ ws, int splits, int64_t n, int64_t rows, int swi,
                              float *__restrict__ Y, int64_t ldy, int accumulate) {
     const int64_t R2 = swi ? 2 * rows : rows, tot = n * rows;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < tot; i += (int64_t)gridDim.x * blockDim.x) {

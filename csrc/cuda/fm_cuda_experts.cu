@@ -1,0 +1,428 @@
+/* fm_cuda_experts.cu: the compute of a MoE layer's routed experts, on the GPU and on the host.
+ *
+ * Owns: the expert launches over (token, k) pairs whose blocks sit in VRAM slots (one kernel pair
+ * per chunk; prefill grouped by expert on tensor cores from a host-built work list; decode pair
+ * sets behind their copies), and the CPU split: part of a decode layer's missed experts computed
+ * on the host from the pinned cache (fm_pool + fm_qmat_matvec_rows) while the GPU copies and
+ * computes the rest (fmc_split_count, calibration, rate EMAs, the host share inline or on the split
+ * worker thread).
+ * Does not own: which experts are where and the reads/copies (fm_cuda_moe.cu), kernels
+ * (fm_cuda_kernels.cuh, fm_cuda_mma.cuh).
+ */
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "fmc_internal.cuh"
+
+/* prefill (n > 1): the routed experts grouped by expert on tensor cores. The host sorts a chunk's
+ * pairs by expert id (counting sort, pairs ascending within an expert) into a permutation and a
+ * work list of items {first, count <= 8*NT}: hw = [items (2 * nitems) | perm (np)]. Pairs with
+ * hptrs[p] == NULL (not in this chunk) are left out. cnt: scratch [E]. */
+fm_status fmc_mma_work_build(const int32_t *ids, const uint8_t *const *hptrs, int64_t npairs, int64_t E,
+                                int32_t *cnt, int32_t *hw, int *nt_out, int64_t *nitems_out, int64_t *np_out, char *err,
+                                size_t errlen) {
+    for (int64_t e = 0; e < E; e++) cnt[e] = 0;
+    int64_t np = 0;
+    for (int64_t p = 0; p < npairs; p++) {
+        if (hptrs && !hptrs[p]) continue;
+        const int32_t e = ids[p];
+        if (e < 0 || e >= E) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: router produced expert id %d", e);
+        cnt[e]++;
+        np++;
+    }
+    int32_t maxc = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (cnt[e] > maxc) maxc = cnt[e];
+    const int nt = fmc_mma_nt(maxc), cap = 8 * nt;
+    int64_t nitems = 0, run = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int32_t v = cnt[e];
+        nitems += (v + cap - 1) / cap;
+        cnt[e] = (int32_t)run; /* exclusive offsets */
+        run += v;
+    }
+    int32_t *perm = hw + 2 * nitems;
+    for (int64_t p = 0; p < npairs; p++) {
+        if (hptrs && !hptrs[p]) continue;
+        perm[cnt[ids[p]]++] = (int32_t)p; /* cnt[e] ends as the end of expert e */
+    }
+    int64_t it = 0, beg = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t end = cnt[e];
+        for (int64_t f = beg; f < end; f += cap) {
+            hw[2 * it] = (int32_t)f;
+            hw[2 * it + 1] = (int32_t)(end - f < cap ? end - f : cap);
+            it++;
+        }
+        beg = end;
+    }
+    *nt_out = nt;
+    *nitems_out = nitems;
+    *np_out = np;
+    return FM_OK;
+}
+
+int fmc_mma_experts_ok(const DPart &pg, const DPart &pu, const DPart &pd, int64_t H) {
+    return fmc_mma_mat_ok(pg.kind, pg.cols, pg.gs) && pu.kind == pg.kind && pu.rows == pg.rows && pu.cols == pg.cols &&
+           pu.gs == pg.gs && fmc_mma_mat_ok(pd.kind, pd.cols, pd.gs) && pd.cols == pg.rows && pg.cols == H;
+}
+
+/* dw: the device copy of a work list (fmc_mma_work_build). gate + up: Hbuf[p*I + r] = silu(g) * u from
+ * row p / K of xn [., H]; down: Ye[p*H + r] from Hbuf[p]. Each block reads one row tile of one
+ * expert once for all of its item's pairs. */
+fm_status fmc_mma_launch_experts(cudaStream_t st, const uint8_t *const *dptrs, const int32_t *dw, int64_t nitems,
+                                    int nt, const DPart &pg, const DPart &pu, const DPart &pd, int K, int64_t H,
+                                    const float *xn, float *hb, float *ye, char *err, size_t errlen) {
+    if (nitems <= 0) return FM_OK;
+    if (nitems > 65535) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: %lld expert work items", (long long)nitems);
+    MmaArgs a;
+    memset(&a, 0, sizeof a);
+    a.ptrs = dptrs;
+    a.items = dw;
+    a.perm = dw + 2 * nitems;
+    a.PA = pg;
+    a.PB = pu;
+    a.in_div = K;
+    a.X = xn;
+    a.ldx = H;
+    a.Y = hb;
+    a.ldy = pg.rows;
+    dim3 g1((unsigned)((pg.rows + FMC_MMA_ROWS / 2 - 1) / (FMC_MMA_ROWS / 2)), (unsigned)nitems);
+    CKS(fmc_mma_launch(1, st, a, pg.kind, nt, g1, err, errlen));
+    a.PA = a.PB = pd;
+    a.in_div = 1;
+    a.X = hb;
+    a.ldx = pd.cols;
+    a.Y = ye;
+    a.ldy = pd.rows;
+    dim3 g2((unsigned)((pd.rows + FMC_MMA_ROWS - 1) / FMC_MMA_ROWS), (unsigned)nitems);
+    CKS(fmc_mma_launch(0, st, a, pd.kind, nt, g2, err, errlen));
+    return FM_OK;
+}
+
+/* the work list goes up in one copy from this chunk's region of the pinned cm->h_mwork; a region is
+ * rewritten only after the host has synced past the copy that read it (the next layer's ev_topi
+ * wait, or the stream sync below) */
+static fm_status launch_experts_grouped(fmc_ctx *x, const cl_layer *L, const uint8_t *const *dptrs,
+                                        const uint8_t *const *hptrs, int64_t ci, int64_t npairs, char *err,
+                                        size_t errlen) {
+    fm_model *m = x->m;
+    fmc_session *c = x->c;
+    fmc_model *cm = x->cm;
+    cudaStream_t st = cm->cs;
+    if (!hptrs) { /* resident: the routed ids live on the device only */
+        CK(cudaMemcpyAsync(cm->h_topi, c->topi, sizeof(int32_t) * (size_t)npairs, cudaMemcpyDeviceToHost, st));
+        CK(cudaStreamSynchronize(st));
+        c->cnt.syncs++;
+    }
+    const int64_t reg = 3 * (int64_t)FMC_UBATCH * m->k_tok;
+    int32_t *hw = cm->h_mwork + ci * reg, *dw = cm->d_mwork + ci * reg;
+    int nt = 1;
+    int64_t nitems = 0, np = 0;
+    CKS(fmc_mma_work_build(cm->h_topi, hptrs, npairs, m->n_experts, cm->mcnt, hw, &nt, &nitems, &np, err, errlen));
+    if (!np) return FM_OK;
+    CK(cudaMemcpyAsync(dw, hw, sizeof(int32_t) * (size_t)(2 * nitems + np), cudaMemcpyHostToDevice, st));
+    return fmc_mma_launch_experts(st, dptrs, dw, nitems, nt, L->pg, L->pu, L->pd, m->k_tok, m->H, c->xn, c->hb, c->ye, err,
+                              errlen);
+}
+
+/* the routed experts of npairs (token, k) pairs; dptrs: device pointer per pair (NULL: not in
+ * this chunk). Prefill (n > 1) goes grouped by expert (launch_experts_grouped); hptrs: the host
+ * copy of this chunk's pointers (cached tiers; NULL: resident, ids read back here), ci: chunk */
+/* grids of the gate+up and down expert kernels for n experts (blockIdx.y): a pair's rows spread
+ * over fewer blocks when many pairs run at once */
+static void expert_grids(const cl_layer *L, int sms, int64_t n, dim3 *gu, dim3 *gd) {
+    dim3 g1 = fmc_mv_grid(L->pg.rows, 2, sms), g2 = fmc_mv_grid(L->pd.rows, FMC_MV_R, sms);
+    const int64_t want = (int64_t)sms * 8;
+    if ((int64_t)g1.x * n > want) g1.x = (unsigned)((want + n - 1) / n);
+    if ((int64_t)g2.x * n > want) g2.x = (unsigned)((want + n - 1) / n);
+    if (g1.x < 1) g1.x = 1;
+    if (g2.x < 1) g2.x = 1;
+    g1.y = g2.y = (unsigned)n;
+    *gu = g1;
+    *gd = g2;
+}
+
+fm_status fmc_launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const *dptrs,
+                                const uint8_t *const *hptrs, int64_t ci, int64_t npairs, char *err, size_t errlen) {
+    fm_model *m = x->m;
+    fmc_session *c = x->c;
+    cudaStream_t st = x->cm->cs;
+    const int K = m->k_tok;
+    if (x->n > 1 && !x->graph && x->cm->mcnt && fmc_mma_enabled() && fmc_mma_experts_ok(L->pg, L->pu, L->pd, m->H))
+        return launch_experts_grouped(x, L, dptrs, hptrs, ci, npairs, err, errlen);
+    dim3 gg, gd;
+    expert_grids(L, x->cm->sms, npairs, &gg, &gd);
+#define LG(KD) k_moe_gateup<KD><<<gg, FMC_WARPS * 32, 0, st>>>(L->pg, L->pu, dptrs, K, c->xn, m->H, c->hb)
+#define LD(KD) k_moe_down<KD><<<gd, FMC_WARPS * 32, 0, st>>>(L->pd, dptrs, c->hb, c->ye)
+    KIND_SWITCH(L->pg.kind, LG)
+    CKL();
+    KIND_SWITCH(L->pd.kind, LD)
+    CKL();
+#undef LG
+#undef LD
+    return FM_OK;
+}
+
+/* ---- the CPU share of a layer's missed experts (decode, one token) ----
+ * y_cpu = sum_j w_j * down_j(silu(gate_j x) * up_j x) over the experts in cm->cblk, straight from
+ * the pinned host cache, on the model's fm_pool (the same kernels and views as the CPU backend) */
+typedef struct {
+    const fm_part *parts;
+    const uint8_t *const *blk;
+    const float *x;
+    float *g, *u, *y;
+    int64_t I, H;
+} cpu_job;
+
+static void cpu_job_gu(void *ctx, int64_t s, int64_t e, int32_t tid) {
+    (void)tid;
+    cpu_job *j = (cpu_job *)ctx;
+    const int64_t I = j->I;
+    while (s < e) {
+        const int64_t c = s / (2 * I), r = s % (2 * I);
+        const int up = r >= I;
+        const int64_t r0 = up ? r - I : r;
+        const int64_t end = c * 2 * I + (up ? 2 * I : I);
+        const int64_t r1 = r0 + ((e < end ? e : end) - s);
+        const fm_qmat w = fm_part_view(&j->parts[up ? FM_PART_UP : FM_PART_GATE], j->blk[c]);
+        fm_qmat_matvec_rows(&w, j->x, (up ? j->u : j->g) + c * I, r0, r1);
+        s += r1 - r0;
+    }
+}
+
+static void cpu_job_down(void *ctx, int64_t s, int64_t e, int32_t tid) {
+    (void)tid;
+    cpu_job *j = (cpu_job *)ctx;
+    const int64_t H = j->H;
+    while (s < e) {
+        const int64_t c = s / H, r0 = s % H;
+        const int64_t end = (c + 1) * H;
+        const int64_t r1 = r0 + ((e < end ? e : end) - s);
+        const fm_qmat w = fm_part_view(&j->parts[FM_PART_DOWN], j->blk[c]);
+        fm_qmat_matvec_rows(&w, j->g + c * j->I, j->y + c * H, r0, r1);
+        s += r1 - r0;
+    }
+}
+
+static int64_t cpu_grain(const fm_part *p) {
+    const int64_t bits = p->dt == FM_DT_F32 ? 32 : p->dt == FM_DT_BF16 ? 16 : p->bits;
+    int64_t rb = p->cols * bits / 8 + 1;
+    if (p->dt == FM_DT_AFFINE && p->group_size > 0) rb += p->cols / p->group_size * 4;
+    const int64_t g = 16384 / rb;
+    return g < 4 ? 4 : g;
+}
+
+/* the nc experts of cm->cblk on the host: cm->cy[j*H..] = expert j's output (unweighted) */
+static void cpu_experts(fmc_model *cm, const fm_layer *FL, int64_t nc, const float *xn) {
+    fm_model *m = cm->m;
+    const int64_t I = FL->parts[FM_PART_GATE].rows, H = m->H;
+    cpu_job j = {FL->parts, cm->cblk, xn, cm->cg, cm->cu, cm->cy, I, H};
+    fm_pool_for(m->pool, nc * 2 * I, cpu_grain(&FL->parts[FM_PART_GATE]), cpu_job_gu, &j);
+    for (int64_t i = 0; i < nc * I; i++) cm->cg[i] = fm_silu(cm->cg[i]) * cm->cu[i];
+    fm_pool_for(m->pool, nc * H, cpu_grain(&FL->parts[FM_PART_DOWN]), cpu_job_down, &j);
+}
+
+/* how many of a layer's misses the CPU takes: m_ram of them are in the pinned host cache (the only
+ * ones the CPU can take), m_other come from storage (always the GPU's). split > 0: that fraction of
+ * m_ram; split < 0 (auto): both sides finish at once when the CPU takes a share rate_cpu /
+ * (rate_cpu + rate_h2d) of all the missed bytes. */
+int64_t fmc_split_count(double split, double rate_h2d, double rate_cpu, int64_t m_ram, int64_t m_other,
+                           int probe) {
+    if (split == 0.0 || m_ram <= 0) return 0;
+    double want;
+    if (split > 0.0) {
+        want = split * (double)m_ram;
+    } else if (rate_h2d <= 0.0 || rate_cpu <= 0.0) {
+        want = 1.0; /* a rate not measured yet: one expert on the host measures both sides */
+    } else {
+        want = (double)(m_ram + m_other) * rate_cpu / (rate_cpu + rate_h2d);
+        /* a share under 2 experts does not pay for itself: its result still has to cross PCIe
+         * after the host's fixed costs, and on the H100 machine such shares made decode slower
+         * than PCIe alone (bench/RESULTS.md). Off then, except a 1-expert probe (probe != 0) that
+         * keeps rate_cpu current, so the split comes back when the host is fast again. */
+        if (want < 1.5) want = probe ? 1.0 : 0.0;
+    }
+    int64_t n = (int64_t)(want + 0.5);
+    if (n < 0) n = 0;
+    if (n > m_ram) n = m_ram;
+    return n;
+}
+
+void fmc_ema(double *r, double sample) {
+    if (!(sample > 0.0) || !isfinite(sample)) return;
+    *r = *r > 0.0 ? 0.75 * *r + 0.25 * sample : sample;
+}
+
+/* first auto-split layer: time a few blocks of the pinned cache over PCIe and on the CPU pool
+ * (the online EMAs refine both afterwards) */
+fm_status fmc_split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, const fm_layer *FL, char *err,
+                                 size_t errlen) {
+    (void)c;
+    cm->calibrated = 1;
+    fm_model *m = cm->m;
+    const int64_t E = m->n_experts, cap = m->k_tok < 4 ? m->k_tok : 4;
+    const uint64_t bb = FL->block_bytes;
+    int64_t nb = 0;
+    for (int64_t sl = 0; sl < cm->rl.n && nb < cap; sl++) {
+        const int64_t key = cm->rl.key[sl];
+        if (key >= 0 && key / E == il) cm->cblk[nb++] = fmc_rslot_ptr(cm, sl);
+    }
+    if (nb < 1) return FM_OK; /* nothing of this layer pinned yet: the online rates decide */
+    void *d = NULL;
+    CK(cudaMalloc(&d, (size_t)nb * bb));
+    float best = 0.f;
+    cudaError_t e = cudaSuccess;
+    for (int rep = 0; rep < 3 && e == cudaSuccess; rep++) {
+        cudaEventRecord(cm->ev_t0, cm->xs);
+        for (int64_t i = 0; i < nb; i++)
+            cudaMemcpyAsync((uint8_t *)d + (uint64_t)i * bb, cm->cblk[i], bb, cudaMemcpyHostToDevice, cm->xs);
+        cudaEventRecord(cm->ev_t1, cm->xs);
+        e = cudaEventSynchronize(cm->ev_t1);
+        float ms = 0.f;
+        if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, cm->ev_t0, cm->ev_t1);
+        if (e == cudaSuccess && ms > 0.f && (best == 0.f || ms < best)) best = ms;
+    }
+    cudaFree(d);
+    CK(e);
+    if (best > 0.f) cm->rate_h2d = (double)((uint64_t)nb * bb) / (double)best;
+    double bc = 0.0;
+    for (int rep = 0; rep < 3; rep++) {
+        const double t0 = fm_now_ms();
+        cpu_experts(cm, FL, nb, cm->h_xn);
+        const double ms = fm_now_ms() - t0;
+        if (rep > 0 && (bc == 0.0 || ms < bc)) bc = ms;
+    }
+    if (bc > 0.0) cm->rate_cpu = (double)((uint64_t)nb * bb) / bc;
+    return FM_OK;
+}
+
+/* the host's share of a decode layer's misses (cm->cblk / cm->cpair, ncpu of them): the experts on
+ * the CPU pool, then their weighted sum into h_ycpu */
+static void host_share_compute(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
+    const int64_t H = cm->m->H;
+    cpu_experts(cm, FL, ncpu, cm->h_xn);
+    for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] = 0.f;
+    for (int64_t j = 0; j < ncpu; j++) {
+        const float w = cm->cpair[j] >= 0 ? cm->h_topw[cm->cpair[j]] : 0.f;
+        const float *src = cm->cy + j * H;
+        for (int64_t d = 0; d < H; d++) cm->h_ycpu[d] += w * src[d];
+    }
+}
+
+static void *split_main(void *arg) {
+    fmc_model *cm = (fmc_model *)arg;
+    pthread_mutex_lock(&cm->sw_mu);
+    for (;;) {
+        while (!cm->sw_stop && !cm->sw_job) pthread_cond_wait(&cm->sw_cv, &cm->sw_mu);
+        if (cm->sw_stop) break;
+        const fm_layer *FL = cm->sw_FL;
+        const int64_t ncpu = cm->sw_ncpu;
+        pthread_mutex_unlock(&cm->sw_mu);
+        const double t0 = fm_now_ms();
+        host_share_compute(cm, FL, ncpu);
+        const double ms = fm_now_ms() - t0;
+        pthread_mutex_lock(&cm->sw_mu);
+        cm->sw_ms = ms;
+        cm->sw_job = 0;
+        cm->sw_done = 1;
+        pthread_cond_broadcast(&cm->sw_cv);
+    }
+    pthread_mutex_unlock(&cm->sw_mu);
+    return NULL;
+}
+
+/* the host share on the calling thread, now */
+void fmc_host_share_inline(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
+    const double t0 = fm_now_ms();
+    host_share_compute(cm, FL, ncpu);
+    cm->sw_ms = fm_now_ms() - t0;
+    cm->sw_done = 1;
+}
+
+/* start the host share on the split worker (inline, now, if the worker cannot start) */
+void fmc_host_share_start(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
+    if (cm->sw_state == 0) {
+        pthread_mutex_init(&cm->sw_mu, NULL);
+        pthread_cond_init(&cm->sw_cv, NULL);
+        if (pthread_create(&cm->sw_th, NULL, split_main, cm) == 0) {
+            cm->sw_state = 1;
+        } else {
+            pthread_mutex_destroy(&cm->sw_mu);
+            pthread_cond_destroy(&cm->sw_cv);
+            cm->sw_state = -1;
+        }
+    }
+    if (cm->sw_state != 1) {
+        fmc_host_share_inline(cm, FL, ncpu);
+        return;
+    }
+    pthread_mutex_lock(&cm->sw_mu);
+    cm->sw_FL = FL;
+    cm->sw_ncpu = ncpu;
+    cm->sw_done = 0;
+    cm->sw_job = 1;
+    pthread_cond_broadcast(&cm->sw_cv);
+    pthread_mutex_unlock(&cm->sw_mu);
+}
+
+/* wait for the host share, then queue its sum for the combine (d_ycpu) and set the pairs' bits */
+fm_status fmc_host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask,
+                                   const float **ycpu, char *err, size_t errlen) {
+    fmc_model *cm = x->cm;
+    fmc_session *c = x->c;
+    if (cm->sw_state == 1 && !cm->sw_done) {
+        pthread_mutex_lock(&cm->sw_mu);
+        while (!cm->sw_done) pthread_cond_wait(&cm->sw_cv, &cm->sw_mu);
+        pthread_mutex_unlock(&cm->sw_mu);
+    }
+    cm->sw_done = 0;
+    const double ms = cm->sw_ms;
+    for (int64_t j = 0; j < ncpu; j++)
+        if (cm->cpair[j] >= 0 && cm->cpair[j] < 32) *hostmask |= 1u << cm->cpair[j];
+    fmc_ema(&cm->rate_cpu, (double)((uint64_t)ncpu * FL->block_bytes) / ms);
+    c->cnt.cpu_experts += ncpu;
+    c->cnt.cpu_layers++;
+    c->cnt.cpu_ms += ms;
+    CK(cudaMemcpyAsync(cm->d_ycpu, cm->h_ycpu, sizeof(float) * (size_t)x->m->H, cudaMemcpyHostToDevice, cm->cs));
+    *ycpu = cm->d_ycpu;
+    return FM_OK;
+}
+
+/* the host share, start to finish (the prefill-era chunk loop: nothing to overlap it with there) */
+fm_status fmc_host_share(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask, const float **ycpu,
+                            char *err, size_t errlen) {
+    fmc_host_share_start(x->cm, FL, ncpu);
+    return fmc_host_share_finish(x, FL, ncpu, hostmask, ycpu, err, errlen);
+}
+
+/* decode experts whose VRAM blocks are in S (cnt members), on the compute stream */
+fm_status fmc_launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int cnt, char *err, size_t errlen) {
+    if (cnt <= 0) return FM_OK;
+    fmc_session *c = x->c;
+    cudaStream_t st = x->cm->cs;
+    dim3 g1, g2;
+    expert_grids(L, x->cm->sms, cnt, &g1, &g2);
+#define LG(KD) k_dec_gateup<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pg, L->pu, *S, c->xn, c->hb)
+#define LD(KD) k_dec_down<KD><<<g2, FMC_WARPS * 32, 0, st>>>(L->pd, *S, c->hb, c->ye)
+    KIND_SWITCH(L->pg.kind, LG)
+    CKL();
+    KIND_SWITCH(L->pd.kind, LD)
+    CKL();
+#undef LG
+#undef LD
+    return FM_OK;
+}
+
+/* join the split worker thread (model close) */
+void fmc_split_stop(fmc_model *cm) {
+    if (cm->sw_state != 1) return;
+    pthread_mutex_lock(&cm->sw_mu);
+    cm->sw_stop = 1;
+    pthread_cond_broadcast(&cm->sw_cv);
+    pthread_mutex_unlock(&cm->sw_mu);
+    pthread_join(cm->sw_th, NULL);
+    pthread_mutex_destroy(&cm->sw_mu);
+    pthread_cond_destroy(&cm->sw_cv);
+    cm->sw_state = 0;
+}

@@ -1,0 +1,244 @@
+/* fmc_internal.cuh: what the csrc/cuda/*.cu files of the CUDA backend share.
+ *
+ * Owns: the device model (fmc_model: dense weights as DMat per layer, streams and events, the expert
+ * tier state) and session (fmc_session: KV cache, conv + recurrent state, scratch) structs, the
+ * per-eval context of the layer ops (fmc_ctx), the CK / CKL / CKS status macros, KIND_SWITCH, the
+ * shared constants and the declarations of the functions one file calls in another (fmc_*).
+ * The files:
+ *   fm_cuda_weights.cu  model open/close, device upload of the dense weights, availability,
+ *                       describe, bandwidth measurement
+ *   fm_cuda_ops.cu      the launch wrappers (mv/mm/mma/swiglu/norm/gdn/attn), sessions, the layer
+ *                       ops except the MoE one, the numerical guard, the forward pass, graph, eval
+ *   fm_cuda_moe.cu      the expert tiers: read pool, LRU, tier open/close/preload, reads, the MoE op
+ *   fm_cuda_experts.cu  the routed experts' compute: GPU launches (per pair, grouped on tensor
+ *                       cores, decode pair sets) and the CPU share of a decode layer's misses
+ *   fm_cuda_test.cu     the fm_cuda_test_* kernel entry points of tests/test_cuda.py
+ * Does not own: kernels (fm_cuda_kernels.cuh, fm_cuda_mma.cuh, fm_cuda_gdn_chunk.cuh), model
+ * parsing (fm_model.c), the CPU forward pass (fm_forward.c).
+ */
+#pragma once
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+extern "C" {
+#include "fm_model.h"
+#include "fm_backend.h"
+}
+#include "fm_cuda_kernels.cuh"
+#include "fm_cuda_mma.cuh"
+
+#define CK(x)                                                                                                 \
+    do {                                                                                                      \
+        cudaError_t e_ = (x);                                                                                 \
+        if (e_ != cudaSuccess)                                                                                \
+            return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: %s: %s (%s:%d)", #x, cudaGetErrorString(e_),   \
+                           __FILE__, __LINE__);                                                               \
+    } while (0)
+#define CKL()  CK(cudaGetLastError())
+#define CKS(x)                                                                                                \
+    do {                                                                                                      \
+        fm_status s_ = (x);                                                                                   \
+        if (s_ != FM_OK) return s_;                                                                           \
+    } while (0)
+
+#define FMC_UBATCH 256    /* tokens per pass (bounds scratch) */
+#define FMC_LOGIT_ROWS 16 /* rows of logits per lm_head pass when all_logits */
+#define FMC_CHUNK_MAX 32  /* experts per copy chunk (staging slots) */
+
+#define KIND_SWITCH(kind, MACRO)                                                                              \
+    switch (kind) {                                                                                           \
+    case 0: MACRO(0); break;                                                                                  \
+    case 1: MACRO(1); break;                                                                                  \
+    case 2: MACRO(2); break;                                                                                  \
+    case 3: MACRO(3); break;                                                                                  \
+    case 4: MACRO(4); break;                                                                                  \
+    case 5: MACRO(5); break;                                                                                  \
+    case 6: MACRO(6); break;                                                                                  \
+    case 8: MACRO(8); break;                                                                                  \
+    default: return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: unsupported weight kind %d", kind);        \
+    }
+
+/* LRU over slots (fm_cuda_moe.cu) */
+typedef struct {
+    int64_t n;
+    int64_t *key;    /* slot -> key (-1 empty) */
+    int64_t *of;     /* key -> slot (-1 absent) */
+    int64_t *prev, *next;
+    int64_t head, tail; /* head: most recent */
+    int64_t *stamp;  /* epoch of last use in the current chunk (not evictable) */
+} lru_t;
+
+typedef struct rpool rpool; /* the expert read pool (fm_cuda_moe.cu) */
+
+typedef struct {
+    DMat wq, wk, wv, wo, ssm_qkv, ssm_z, ssm_b, ssm_a, ssm_out, router, sh_gate, sh_up, sh_down, sh_router,
+        ffn_gate, ffn_up, ffn_down;
+    const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *ssm_conv, *dt_bias, *A_log, *ssm_norm;
+    DPart pg, pu, pd;
+} cl_layer;
+
+typedef struct fmc_model {
+    fm_model *m;
+    int sms;
+    cl_layer *L;
+    DMat tok_embd, output;
+    const float *output_norm;
+    void **allocs;
+    int32_t n_allocs, cap_allocs;
+    cudaStream_t cs, xs;
+    cudaEvent_t ev_topi, ev_copy, ev_comp;
+    /* experts */
+    int64_t n_keys; /* n_layers * n_experts */
+    uint64_t slot_bytes, total_expert_bytes;
+    int resident, ram_resident;
+    uint8_t *vram;
+    lru_t vl;
+    const uint8_t **d_table; /* resident: device [n_keys] slot pointers */
+    uint8_t **rchunks;
+    int32_t n_rchunks;
+    int64_t rslots_per_chunk;
+    lru_t rl;
+    int has_ram;
+    uint8_t *stage;
+    int32_t chunk;
+    const uint8_t **h_ptrs, **d_ptrs;
+    int64_t ptr_cap;
+    int32_t *h_topi;
+    int32_t *h_mwork, *d_mwork; /* prefill expert work lists: per chunk [2 * items + pairs], pinned / device */
+    int32_t *mcnt;              /* host scratch [E]: pairs per expert */
+    const uint8_t **eptr; /* host scratch [E] */
+    int32_t *used;        /* host scratch [E] */
+    int64_t epoch;
+    int *fds;
+    rpool *pool;
+    int io_threads;
+    int timing; /* FM_CUDA_TIMING=1 (read per eval): sync after every op, charge its time to fm_stats.ms_* */
+    /* CPU split (decode, pinned host tier): part of a layer's missed experts is computed on the host
+     * from the pinned cache (fm_pool + fm_qmat_matvec_rows) while the GPU copies + computes the rest */
+    double split;             /* FM_CUDA_CPU_SPLIT (read per eval): <0 auto, else the fraction in [0, 1] */
+    double rate_h2d, rate_cpu; /* bytes per ms (= GB/s * 1e6), EMAs of the measured rates; 0: unknown */
+    int calibrated;
+    float *h_xn, *h_topw, *h_ycpu; /* pinned [H], [K], [H] */
+    float *d_ycpu;                 /* device [H] */
+    float *cg, *cu, *cy;           /* host [K*I], [K*I], [K*H] */
+    const uint8_t **cblk;          /* host [K]: pinned blocks of the CPU share */
+    int32_t *cpair;                /* host [K]: their pair index */
+    cudaEvent_t ev_t0, ev_t1;      /* timing events around a layer's copies */
+    cudaEvent_t ev_h0, ev_h1;      /* timing events around the final norm + lm_head */
+    cudaEvent_t ev_grp[FMC_PSET];  /* decode: one per copied miss (its compute waits for it) */
+    /* the host share runs on its own thread (the split worker) while the main thread queues the
+     * layer's copies and kernels; started on first use */
+    pthread_t sw_th;
+    pthread_mutex_t sw_mu;
+    pthread_cond_t sw_cv;
+    int sw_state; /* 0 none, 1 running, -1 could not start (host share runs inline) */
+    int split_async; /* FM_CUDA_SPLIT_THREAD (read per eval) */
+    int64_t split_calls; /* auto-split decisions (every 64th may probe the host with one expert) */
+    int sw_stop, sw_job, sw_done;
+    const fm_layer *sw_FL;
+    int64_t sw_ncpu;
+    double sw_ms;
+    int t_pending;
+    uint64_t t_bytes;
+} fmc_model;
+
+typedef struct {
+    fmc_model *cm;
+    int32_t n_ctx, nb;
+    float **kc, **vc, **conv, **ssm;
+    float *x, *xn, *qg, *q, *gate, *k, *v, *att, *qkv, *qkvc, *z, *ba, *bb, *o, *lr, *topw, *shg, *sho, *shs,
+        *hb, *ye, *dg, *logits;
+    int32_t *topi, *tok;
+    int32_t *d_pos, *h_io;     /* graph decode: position on the device, pinned [token, pos] */
+    cudaGraphExec_t gexec;     /* resident decode step captured once (embed .. lm_head) */
+    int graph_failed;
+    /* numerical guard: the first non-finite hidden state / logit of an eval (k_check_finite codes,
+     * UINT64_MAX none) on the device, copied to pinned h_bad before the eval's last sync */
+    unsigned long long *d_bad, *h_bad;
+    fm_cuda_counters cnt;
+} fmc_session;
+
+typedef struct {
+    fm_session *s;
+    fmc_session *c;
+    fmc_model *cm;
+    fm_model *m;
+    int64_t n;
+    int32_t pos;
+    int graph; /* capturing the decode graph: no host copies or syncs, position read from c->d_pos */
+    int32_t chunk; /* index of this pass among the eval's passes of c->nb tokens (numerical guard) */
+} fmc_ctx;
+
+/* numerical guard: record a NaN/Inf among the n rows of `row` floats at v, seen after `sub` (-1 the
+ * embedding, 0..n_layers-1 that layer, n_layers the logits; row t is token t_off + t of this pass),
+ * in c->d_bad. One small kernel, no host sync (capturable: the code is fixed per graph). A MoE
+ * layer's check is fused into its k_moe_combine (the residual add), the same code. */
+static inline unsigned long long fmc_guard_code(const fmc_ctx *x, int32_t sub) {
+    return ((unsigned long long)(uint32_t)x->chunk << 33) | ((unsigned long long)(uint32_t)(sub + 1) << 16);
+}
+
+static inline int64_t fmc_conv_dim(const fm_model *m) {
+    return 2 * (int64_t)m->lin_nk * m->lin_dk + (int64_t)m->lin_nv * m->lin_dv;
+}
+
+/* pinned host-cache slot s of the expert tiers */
+static inline uint8_t *fmc_rslot_ptr(fmc_model *cm, int64_t s) {
+    return cm->rchunks[s / cm->rslots_per_chunk] + (uint64_t)(s % cm->rslots_per_chunk) * cm->slot_bytes;
+}
+
+/* ---- fm_cuda_weights.cu */
+int fmc_sm_count(void);
+fm_status fmc_device_ready(char *err, size_t errlen); /* a usable device, made current */
+
+/* ---- fm_cuda_ops.cu: launches on stream st (sms: the device's SM count) */
+dim3 fmc_mv_grid(int64_t rows, int rows_per_warp, int sms);
+int fmc_mma_enabled(void);
+int fmc_mma_mat_ok(int kind, int64_t cols, int gs);
+int fmc_mma_nt(int64_t n);
+fm_status fmc_mma_launch(int swi, cudaStream_t st, const MmaArgs &a, int kind, int nt, dim3 g, char *err,
+                         size_t errlen);
+void fmc_mma_ws_release(cudaStream_t st);
+fm_status fmc_launch_mm(cudaStream_t st, int sms, const DMat &W, const float *X, int64_t ldx, int64_t n, float *Y,
+                        int64_t ldy, int acc, char *err, size_t errlen);
+fm_status fmc_launch_swiglu(cudaStream_t st, int sms, const DMat &G, const DMat &U, const float *X, int64_t ldx,
+                            int64_t n, float *Hout, char *err, size_t errlen);
+fm_status fmc_launch_norm(cudaStream_t st, int op, const float *X, const float *Z, const float *w, int64_t n,
+                          int64_t d, float eps, float off, float *Y, char *err, size_t errlen);
+fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, const float *A, const float *B,
+                         const float *A_log, const float *dt_bias, const float *normw, float *S, float *O, int64_t n,
+                         int nk, int nv, int dk, int dv, float eps, char *err, size_t errlen);
+fm_status fmc_launch_attn(cudaStream_t st, const float *QG, const float *Kn, const float *Vn, const float *qnw,
+                          const float *knw, float *Q, float *Gt, float *KC, float *VC, float *O, int64_t n, int pos,
+                          const int *dpos, int nh, int nkv, int dh, int rot, float theta, int gate, float eps,
+                          float off, char *err, size_t errlen);
+
+/* ---- fm_cuda_moe.cu: the expert tiers */
+fm_status fmc_moe_open(fmc_model *cm, const fm_model_params *p, char *err, size_t errlen);
+void fmc_moe_close(fmc_model *cm); /* after both streams are synced */
+fm_status fmc_op_moe(void *vx, int32_t il, char *err, size_t errlen);
+
+/* ---- fm_cuda_experts.cu: the routed experts' compute */
+fm_status fmc_mma_work_build(const int32_t *ids, const uint8_t *const *hptrs, int64_t npairs, int64_t E,
+                             int32_t *cnt, int32_t *hw, int *nt_out, int64_t *nitems_out, int64_t *np_out, char *err,
+                             size_t errlen);
+int fmc_mma_experts_ok(const DPart &pg, const DPart &pu, const DPart &pd, int64_t H);
+fm_status fmc_mma_launch_experts(cudaStream_t st, const uint8_t *const *dptrs, const int32_t *dw, int64_t nitems,
+                                 int nt, const DPart &pg, const DPart &pu, const DPart &pd, int K, int64_t H,
+                                 const float *xn, float *hb, float *ye, char *err, size_t errlen);
+fm_status fmc_launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const *dptrs,
+                             const uint8_t *const *hptrs, int64_t ci, int64_t npairs, char *err, size_t errlen);
+fm_status fmc_launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int cnt, char *err, size_t errlen);
+int64_t fmc_split_count(double split, double rate_h2d, double rate_cpu, int64_t m_ram, int64_t m_other, int probe);
+void fmc_ema(double *r, double sample);
+fm_status fmc_split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, const fm_layer *FL, char *err,
+                              size_t errlen);
+void fmc_host_share_start(fmc_model *cm, const fm_layer *FL, int64_t ncpu);
+void fmc_host_share_inline(fmc_model *cm, const fm_layer *FL, int64_t ncpu);
+fm_status fmc_host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask,
+                                const float **ycpu, char *err, size_t errlen);
+fm_status fmc_host_share(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask, const float **ycpu,
+                         char *err, size_t errlen);
+void fmc_split_stop(fmc_model *cm); /* join the split worker thread if it runs */
