@@ -116,6 +116,37 @@ typedef struct {
 } fm_io_stats;
 fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers, int32_t io_threads,
                      int32_t direct_io, uint64_t ram_budget, int32_t max_batch, char *err, size_t errlen);
+/* Hooks for a backend that moves blocks on (the CUDA backend: page-locked buffers, a host-to-device
+ * copy per block as soon as it lands). Any member may be NULL; alloc and free are set together.
+ *   alloc(user, bytes): a block buffer (bytes = the largest block_bytes; aligned to 4096 for
+ *     O_DIRECT), called on the thread of fm_io_submit when a read slot needs memory (cache entries
+ *     are former slots: every block buffer comes from here). NULL: fm_io_submit fails with FM_ERR_OOM.
+ *   free(user, p, bytes): each buffer alloc returned, once, from fm_io_close.
+ *   on_block(user, index, block): once per distinct block of a request when it is available: cache
+ *     hits from inside fm_io_submit on its thread (all of them before it returns), reads on the I/O
+ *     thread that did the read, right after it landed and before fm_io_next can hand it out. index:
+ *     the block's first request index. Not called for a failed read. Must be thread-safe and quick,
+ *     and must not call fm_io.
+ * Buffer reuse: a block handed out by a request is not written by fm_io before the next fm_io_submit
+ * (see fm_io.c), so asynchronous uses (device copies) of a request's blocks must be finished before
+ * the caller submits again. */
+typedef struct {
+    void *(*alloc)(void *user, size_t bytes);
+    void (*free)(void *user, void *p, size_t bytes);
+    void (*on_block)(void *user, int32_t index, const uint8_t *block);
+    void *user;
+} fm_io_hooks;
+/* fm_io_open with hooks (NULL: none, the same as fm_io_open) */
+fm_status fm_io_open_ex(fm_io **out, const fm_expert_file *files, int32_t n_layers, int32_t io_threads,
+                        int32_t direct_io, uint64_t ram_budget, int32_t max_batch, const fm_io_hooks *hooks,
+                        char *err, size_t errlen);
+/* The RAM-cache copy of block (il, ie), or NULL when it is not cached (or out of range). Counts no
+ * use and pins nothing: the pointer is valid until the next fm_io_submit or fm_io_wait. For a
+ * caller deciding before a request which blocks it would find in RAM. Not with a request's I/O
+ * threads in mind: call it from the thread that submits. */
+const uint8_t *fm_io_peek(const fm_io *io, int32_t il, int32_t ie);
+int32_t fm_io_cache_capacity(const fm_io *io); /* blocks the RAM cache can hold (ram_budget / block) */
+int32_t fm_io_max_batch(const fm_io *io);      /* the max_batch it was opened with */
 void fm_io_close(fm_io *io);
 fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n, char *err, size_t errlen);
 fm_status fm_io_wait(fm_io *io, const uint8_t **blocks, fm_io_stats *st, char *err, size_t errlen);

@@ -30,6 +30,17 @@
  * lowest non-empty count (at most FM_IO_FREQ_MAX + 1 list heads plus the pinned entries skipped).
  * A block just read is admitted only if its count is at least the victim's; otherwise it stays in
  * its slot (valid until the next submit, as every block) and the cache is unchanged.
+ *
+ * Hooks (fm_io_open_ex, for a backend that copies blocks on to a device): every block buffer (slots
+ * and cache entries alike: they swap, so one allocator serves both) comes from hooks.alloc and goes
+ * back through hooks.free at close, e.g. page-locked memory a GPU can copy from asynchronously; and
+ * hooks.on_block sees each block of a request the moment it is available (hits inside
+ * fm_io_submit, reads on the I/O thread right after the read landed), so the backend can start its
+ * own copy without waiting for the caller's thread to wake up. Buffer reuse, which a caller that
+ * reads blocks asynchronously must respect: a block handed out by request r is never written by
+ * fm_io before request r + 1 has been submitted (a read slot is rewritten at request r + 2 at the
+ * earliest, a cache entry only after it was evicted by a later fm_io_wait); so a caller that
+ * finishes every asynchronous use of request r's blocks before its next fm_io_submit is safe.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -65,6 +76,7 @@ typedef struct {
 
 typedef struct {
     int32_t il, ie;
+    int32_t index;          /* first request index of this block (for hooks.on_block) */
     int32_t slot;           /* index into slot_buf */
     uint8_t *dst;
     uint64_t offset, len;
@@ -77,6 +89,7 @@ typedef struct {
 
 struct fm_io {
     int32_t n_layers, max_batch, n_threads;
+    fm_io_hooks hooks;      /* alloc/free NULL: posix_memalign/free; on_block NULL: none */
     io_layer *layers;
     uint64_t max_block;
     int32_t direct_requested;
@@ -130,6 +143,18 @@ static uint8_t *aligned_block(uint64_t n) {
     return p;
 }
 
+/* a block buffer of max_block bytes: through hooks.alloc when set */
+static uint8_t *block_alloc(fm_io *io) {
+    if (io->hooks.alloc) return io->hooks.alloc(io->hooks.user, (size_t)io->max_block);
+    return aligned_block(io->max_block);
+}
+
+static void block_free(fm_io *io, uint8_t *p) {
+    if (!p) return;
+    if (io->hooks.free) io->hooks.free(io->hooks.user, p, (size_t)io->max_block);
+    else if (!io->hooks.alloc) free(p);
+}
+
 /* Read len bytes at off into dst: loops over partial reads and EINTR; an O_DIRECT fd that refuses
  * the read (EINVAL) falls back to the buffered fd. Returns bytes read; *err_no set on failure. */
 static uint64_t read_full(io_layer *L, uint8_t *dst, uint64_t off, uint64_t len, int *err_no) {
@@ -167,6 +192,8 @@ static void *io_main(void *arg) {
         t->got = read_full(&io->layers[t->il], t->dst, t->offset, t->len, &e);
         t->err_no = e;
         t->done_ok = t->got == t->len;
+        /* before the block is marked done: fm_io_next hands it out only after the hook returned */
+        if (t->done_ok && io->hooks.on_block) io->hooks.on_block(io->hooks.user, t->index, t->dst);
         pthread_mutex_lock(&io->mu);
         t->done = 1;
         io->pending--;
@@ -333,10 +360,10 @@ void fm_io_close(fm_io *io) {
         free(io->layers);
     }
     if (io->slot_buf)
-        for (int32_t s = 0; s < io->n_slots; s++) free(io->slot_buf[s]);
+        for (int32_t s = 0; s < io->n_slots; s++) block_free(io, io->slot_buf[s]);
     free(io->slot_buf);
     if (io->entries)
-        for (int32_t k = 0; k < io->cache_n; k++) free(io->entries[k].buf);
+        for (int32_t k = 0; k < io->cache_n; k++) block_free(io, io->entries[k].buf);
     free(io->entries);
     free(io->req_map);
     free(io->dist_ie);
@@ -350,8 +377,16 @@ void fm_io_close(fm_io *io) {
 
 fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers, int32_t io_threads,
                      int32_t direct_io, uint64_t ram_budget, int32_t max_batch, char *err, size_t errlen) {
+    return fm_io_open_ex(out, files, n_layers, io_threads, direct_io, ram_budget, max_batch, NULL, err, errlen);
+}
+
+fm_status fm_io_open_ex(fm_io **out, const fm_expert_file *files, int32_t n_layers, int32_t io_threads,
+                        int32_t direct_io, uint64_t ram_budget, int32_t max_batch, const fm_io_hooks *hooks,
+                        char *err, size_t errlen) {
     if (!out) return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_open: out is NULL");
     *out = NULL;
+    if (hooks && (!hooks->alloc) != (!hooks->free))
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_open: hooks.alloc and hooks.free must both be set or both NULL");
     if (n_layers <= 0 || !files)
         return fm_errf(err, errlen, FM_ERR_ARG, "fm_io_open: n_layers = %d (need >= 1 and files != NULL)", n_layers);
     if (max_batch <= 0 || max_batch > 65536)
@@ -368,6 +403,7 @@ fm_status fm_io_open(fm_io **out, const fm_expert_file *files, int32_t n_layers,
     pthread_cond_init(&io->pf_cv, NULL);
     io->n_layers = n_layers;
     io->max_batch = max_batch;
+    if (hooks) io->hooks = *hooks;
     io->direct_requested = direct_io != 0;
     for (int32_t f = 0; f <= FM_IO_FREQ_MAX; f++) io->fb_head[f] = io->fb_tail[f] = -1;
     fm_status st = FM_OK;
@@ -507,6 +543,17 @@ int32_t fm_io_set_prefetch(fm_io *io, int32_t on) {
 
 int32_t fm_io_prefetch_active(const fm_io *io) { return io ? io->pf_on : 0; }
 
+const uint8_t *fm_io_peek(const fm_io *io, int32_t il, int32_t ie) {
+    if (!io || !io->cache_cap || il < 0 || il >= io->n_layers) return NULL;
+    const io_layer *L = &io->layers[il];
+    if (!L->path || ie < 0 || ie >= L->n_experts || L->cache_slot[ie] < 0) return NULL;
+    return io->entries[L->cache_slot[ie]].buf;
+}
+
+int32_t fm_io_cache_capacity(const fm_io *io) { return io ? io->cache_cap : 0; }
+
+int32_t fm_io_max_batch(const fm_io *io) { return io ? io->max_batch : 0; }
+
 int32_t fm_io_prefetch(fm_io *io, int32_t il, int32_t *experts, int32_t n) {
     if (!io || !io->pf_on || il < 0 || il >= io->n_layers || !experts || n <= 0) return 0;
     io_layer *L = &io->layers[il];
@@ -570,7 +617,7 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
             continue;
         }
         int32_t s = io->slot_half * io->max_batch + n_tasks;
-        if (!io->slot_buf[s] && !(io->slot_buf[s] = aligned_block(io->max_block))) {
+        if (!io->slot_buf[s] && !(io->slot_buf[s] = block_alloc(io))) {
             io->n_distinct = 0;
             return fm_errf(err, errlen, FM_ERR_OOM, "fm_io_submit: cannot allocate a slot buffer of %llu bytes",
                            (unsigned long long)io->max_block);
@@ -578,6 +625,7 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
         io_task *t = &io->tasks[n_tasks];
         t->il = il;
         t->ie = ie;
+        t->index = i;
         t->slot = s;
         t->dst = io->slot_buf[s];
         t->offset = L->data_offset + (uint64_t)ie * L->block_bytes;
@@ -597,6 +645,14 @@ fm_status fm_io_submit(fm_io *io, int32_t il, const int32_t *experts, int32_t n,
     if (n_tasks) pthread_cond_broadcast(&io->cv_work);
     pthread_mutex_unlock(&io->mu);
     io->req_active = 1;
+    /* the hits, on this thread, while the reads are under way */
+    if (io->hooks.on_block)
+        for (int32_t d = 0; d < io->n_distinct; d++) {
+            if (io->dist_task[d] >= 0) continue;
+            int32_t i = 0;
+            while (io->req_map[i] != d) i++;
+            io->hooks.on_block(io->hooks.user, i, io->dist_ptr[d]);
+        }
     return FM_OK;
 }
 

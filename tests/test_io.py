@@ -18,7 +18,7 @@ import pyflashmoe._core as _core
 
 LIB = ctypes.CDLL(_core.__file__)
 
-FM_OK, FM_ERR_ARG, FM_ERR_IO, FM_ERR_FORMAT = 0, -1, -2, -3
+FM_OK, FM_ERR_ARG, FM_ERR_IO, FM_ERR_FORMAT, FM_ERR_OOM = 0, -1, -2, -3, -4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,6 +584,275 @@ def test_file_truncated_mid_run_then_restored(expert_file, ram_budget):
             assert np.array_equal(b, mm_ref[e]), e
     finally:
         r.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks (fm_io_open_ex): block buffers from the caller's allocator, a per-block callback; fm_io_peek
+# ---------------------------------------------------------------------------------------------
+ALLOC_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+FREE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+BLOCK_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p)
+
+
+class IoHooks(ctypes.Structure):
+    _fields_ = [("alloc", ALLOC_FN), ("free", FREE_FN), ("on_block", BLOCK_FN), ("user", ctypes.c_void_p)]
+
+
+LIB.fm_io_open_ex.restype = ctypes.c_int
+LIB.fm_io_open_ex.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ExpertFile), ctypes.c_int32,
+                              ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32,
+                              ctypes.POINTER(IoHooks), ctypes.c_char_p, ctypes.c_size_t]
+LIB.fm_io_next.restype = ctypes.c_int32
+LIB.fm_io_next.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_void_p)]
+LIB.fm_io_peek.restype = ctypes.c_void_p
+LIB.fm_io_peek.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+LIB.fm_io_cache_capacity.restype = ctypes.c_int32
+LIB.fm_io_cache_capacity.argtypes = [ctypes.c_void_p]
+LIB.fm_io_max_batch.restype = ctypes.c_int32
+LIB.fm_io_max_batch.argtypes = [ctypes.c_void_p]
+
+
+class HookedReader(Reader):
+    """Reader opened through fm_io_open_ex with Python hooks that record every call: buffers from
+    an allocator of our own (4096-aligned ctypes buffers), on_block events (index, block, thread)."""
+
+    def __init__(self, layers, io_threads=0, direct_io=0, ram_budget=0, max_batch=8, alloc=True, on_block=True,
+                 block_delay=0.0):
+        import threading
+        import time
+        self.layers = layers
+        self.max_batch = max_batch
+        self.bufs = {}          # address -> (ctypes buffer, bytes) of live allocations
+        self.n_alloc = self.n_free = 0
+        self.alloc_sizes = set()
+        self.fail_alloc = False
+        self.bad_free = []
+        self.events = []        # (index, block address, thread ident) in call order
+        self.lock = threading.Lock()
+        main = threading.get_ident()
+
+        def _alloc(user, nbytes):
+            if self.fail_alloc:
+                return None
+            raw = ctypes.create_string_buffer(nbytes + 4096)
+            addr = (ctypes.addressof(raw) + 4095) // 4096 * 4096
+            with self.lock:
+                self.bufs[addr] = (raw, nbytes)
+                self.n_alloc += 1
+                self.alloc_sizes.add(nbytes)
+                self.alloc_threads.add(threading.get_ident() == main)
+            return addr
+
+        def _free(user, ptr, nbytes):
+            with self.lock:
+                got = self.bufs.pop(ptr, None)
+                if got is None or got[1] != nbytes:
+                    self.bad_free.append((ptr, nbytes))
+                self.n_free += 1
+
+        def _on_block(user, index, block):
+            if block_delay:
+                time.sleep(block_delay)
+            with self.lock:
+                self.events.append((index, block, threading.get_ident()))
+
+        self.alloc_threads = set()
+        self._cbs = IoHooks(ALLOC_FN(_alloc) if alloc else ALLOC_FN(), FREE_FN(_free) if alloc else FREE_FN(),
+                            BLOCK_FN(_on_block) if on_block else BLOCK_FN(), None)
+        self.files = (ExpertFile * len(layers))(*[
+            ExpertFile(None if p is None else str(p).encode(), off, bb, n) for p, off, bb, n in layers])
+        self.h = ctypes.c_void_p()
+        err = ctypes.create_string_buffer(1024)
+        st = LIB.fm_io_open_ex(ctypes.byref(self.h), self.files, len(layers), io_threads, direct_io, ram_budget,
+                               max_batch, ctypes.byref(self._cbs), err, 1024)
+        if st != FM_OK:
+            raise FmError(st, err.value.decode())
+
+    def submit(self, il, experts):
+        ex = (ctypes.c_int32 * max(1, len(experts)))(*experts)
+        err = ctypes.create_string_buffer(1024)
+        st = LIB.fm_io_submit(self.h, il, ex, len(experts), err, 1024)
+        if st != FM_OK:
+            raise FmError(st, err.value.decode())
+
+    def next(self):
+        idx, blk = ctypes.c_int32(), ctypes.c_void_p()
+        if not LIB.fm_io_next(self.h, ctypes.byref(idx), ctypes.byref(blk)):
+            return None
+        return idx.value, blk.value
+
+    def wait(self, n):
+        err = ctypes.create_string_buffer(1024)
+        blocks = (ctypes.c_void_p * max(1, n))()
+        stats = IoStats()
+        st = LIB.fm_io_wait(self.h, blocks, ctypes.byref(stats), err, 1024)
+        if st != FM_OK:
+            raise FmError(st, err.value.decode())
+        return list(blocks)[:n], stats
+
+
+def _owned(hr, ptr):
+    """ptr lies in a buffer the hook allocated"""
+    return any(a <= ptr < a + nb for a, (_, nb) in hr.bufs.items())
+
+
+@pytest.mark.parametrize("ram_budget", [0, 5 * 3 * 4096])
+def test_hooks_alloc_every_block_buffer(expert_file, ram_budget):
+    """Every block buffer (read slots and RAM cache entries) comes from hooks.alloc, on the thread
+    that submits, with the block size; fm_io_close frees each exactly once; data identical."""
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    hr = HookedReader([(path, off, bb, n)], io_threads=3, ram_budget=ram_budget, max_batch=4, on_block=False)
+    try:
+        assert LIB.fm_io_cache_capacity(hr.h) == ram_budget // bb and LIB.fm_io_max_batch(hr.h) == 4
+        rng = random.Random(2)
+        for _ in range(60):
+            ex = [rng.randrange(n) for _ in range(rng.randint(1, 4))]
+            blocks, st = hr.read(0, ex)
+            for e, b in zip(ex, blocks):
+                assert np.array_equal(b, mm[e]), e
+            assert all(_owned(hr, p) for p in hr.pointers(0, ex))
+        assert hr.alloc_sizes == {bb} and hr.alloc_threads == {True}
+        # slots (2 * max_batch) + cache entries, never more
+        assert 0 < hr.n_alloc <= 2 * 4 + ram_budget // bb
+        if ram_budget:
+            assert hr.n_alloc > 2 * 4 - 1  # cache entries are former slots, the slots were refilled
+    finally:
+        hr.close()
+    assert hr.n_free == hr.n_alloc and not hr.bufs and not hr.bad_free
+
+
+def test_hooks_alloc_failure_is_oom_and_reader_recovers(expert_file):
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    hr = HookedReader([(path, off, bb, n)], ram_budget=0, max_batch=4)
+    try:
+        hr.fail_alloc = True
+        with pytest.raises(FmError) as ei:
+            hr.read(0, [1, 2])
+        assert ei.value.status == FM_ERR_OOM and "slot buffer" in ei.value.msg and str(bb) in ei.value.msg
+        hr.fail_alloc = False
+        blocks, st = hr.read(0, [1, 2])
+        assert np.array_equal(blocks[0], mm[1]) and np.array_equal(blocks[1], mm[2]) and st.loads == 2
+    finally:
+        hr.close()
+    assert hr.n_free == hr.n_alloc and not hr.bufs
+
+
+def test_hooks_mismatched_alloc_free_rejected(expert_file):
+    path, off, bb, n = expert_file
+    files = (ExpertFile * 1)(ExpertFile(str(path).encode(), off, bb, n))
+    hooks = IoHooks(ALLOC_FN(lambda u, nb: None), FREE_FN(), BLOCK_FN(), None)
+    h = ctypes.c_void_p()
+    err = ctypes.create_string_buffer(512)
+    assert LIB.fm_io_open_ex(ctypes.byref(h), files, 1, 0, 0, 0, 4, ctypes.byref(hooks), err, 512) == FM_ERR_ARG
+    assert b"hooks.alloc" in err.value and not h.value
+    # NULL hooks: the same as fm_io_open
+    assert LIB.fm_io_open_ex(ctypes.byref(h), files, 1, 0, 0, 0, 4, None, err, 512) == FM_OK, err.value
+    LIB.fm_io_close(h)
+
+
+@pytest.mark.parametrize("ram_budget", [0, 6 * 3 * 4096])
+def test_on_block_once_per_block_before_it_is_handed_out(expert_file, ram_budget):
+    """on_block: once per distinct block of a request, with its first request index and the block
+    fm_io hands out; cache hits inside fm_io_submit (on its thread, all before it returns), reads
+    on an I/O thread before fm_io_next can return them (so a backend's copy is already queued);
+    fm_io_next then delivers in completion order."""
+    import threading
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    hr = HookedReader([(path, off, bb, n)], io_threads=3, ram_budget=ram_budget, max_batch=6, block_delay=0.002)
+    main = threading.get_ident()
+    try:
+        rng = random.Random(7)
+        total_hits = 0
+        for _ in range(25):
+            ex = [rng.randrange(8) for _ in range(rng.randint(1, 6))]
+            first = {}
+            for i, e in enumerate(ex):
+                first.setdefault(e, i)
+            cached = {e for e in first if LIB.fm_io_peek(hr.h, 0, e)}
+            hr.events.clear()
+            hr.submit(0, ex)
+            with hr.lock:
+                at_submit = list(hr.events)
+            # every hit's callback ran inside fm_io_submit, on this thread
+            assert {ex[i] for i, _, _ in at_submit} >= cached
+            assert all(t == main for i, _, t in at_submit if ex[i] in cached)
+            handed = []
+            while True:
+                got = hr.next()
+                if got is None:
+                    break
+                i, blk = got
+                with hr.lock:
+                    seen = {(j, b) for j, b, _ in hr.events}
+                assert (i, blk) in seen, "fm_io_next handed out a block before its on_block"
+                assert np.array_equal(np.frombuffer(ctypes.string_at(blk, bb), np.uint8), mm[ex[i]])
+                handed.append(i)
+            blocks, st = hr.wait(len(ex))
+            assert sorted(handed) == sorted(first.values())
+            ev = [(i, b) for i, b, _ in hr.events]
+            assert sorted(i for i, _ in ev) == sorted(first.values())     # once per distinct block
+            for i, b in ev:
+                assert b == blocks[i] and first[ex[i]] == i
+            reads = [t for i, _, t in hr.events if ex[i] not in cached]
+            assert all(t != main for t in reads)                         # reads: on I/O threads
+            assert st.hits == len(cached) and st.loads == len(first) - len(cached)
+            total_hits += st.hits
+        assert (total_hits > 0) == (ram_budget > 0)
+    finally:
+        hr.close()
+
+
+def test_on_block_not_called_for_a_failed_read(expert_file):
+    path, off, bb, n = expert_file
+    full = path.read_bytes()
+    hr = HookedReader([(path, off, bb, n)], io_threads=2, max_batch=4)
+    try:
+        os.truncate(path, off + 2 * bb)
+        hr.events.clear()
+        hr.submit(0, [1, 5, 0])
+        handed = []
+        while (got := hr.next()) is not None:
+            handed.append(got)
+        with pytest.raises(FmError) as ei:
+            hr.wait(3)
+        assert ei.value.status == FM_ERR_IO and "expert 5" in ei.value.msg
+        called = {i: b for i, b, _ in hr.events}
+        assert sorted(called) == [0, 2]                                  # experts 1 and 0, not 5
+        assert sorted(handed, key=lambda t: t[0]) == [(0, called[0]), (1, None), (2, called[2])]
+    finally:
+        with open(path, "r+b") as f:
+            f.write(full)
+        hr.close()
+
+
+def test_peek_counts_no_use(expert_file):
+    """fm_io_peek: the cached block or NULL, and peeking is not a use (LFU counts unchanged)."""
+    path, off, bb, n = expert_file
+    mm = np.memmap(path, np.uint8, "r", offset=off, shape=(n, bb))
+    r = Reader([(path, off, bb, n)], ram_budget=2 * bb, max_batch=4)
+    r0 = Reader([(path, off, bb, n)], ram_budget=0, max_batch=4)
+    A, B, C = 1, 2, 3
+    try:
+        r0.read(0, [A])
+        assert not LIB.fm_io_peek(r0.h, 0, A) and LIB.fm_io_cache_capacity(r0.h) == 0
+        for e in (A, A, B):        # counts A 2, B 1; cache {A, B}
+            r.read(0, [e])
+        for e in (A, B):
+            p = LIB.fm_io_peek(r.h, 0, e)
+            assert p and np.array_equal(np.frombuffer(ctypes.string_at(p, bb), np.uint8), mm[e])
+        assert not LIB.fm_io_peek(r.h, 0, C)
+        for bad in [(0, -1), (0, n), (1, 0), (-1, 0)]:
+            assert not LIB.fm_io_peek(r.h, *bad)
+        for _ in range(10):        # were these uses, B (11) would beat C (1) below
+            LIB.fm_io_peek(r.h, 0, B)
+        assert r.read(0, [C])[1].hits == 0
+        assert not LIB.fm_io_peek(r.h, 0, B) and LIB.fm_io_peek(r.h, 0, C) and LIB.fm_io_peek(r.h, 0, A)
+    finally:
+        r.close()
+        r0.close()
 
 
 def _direct_dir(tmp_path):
