@@ -885,6 +885,32 @@ def validate(dirpath, check_tensors=True) -> dict:
     return m
 
 
+def _part_format(pe) -> dict:
+    """An expert part's storage as quantization.experts writes it: {"bits": 16} for bf16, else
+    {"bits": b, "group_size": g}."""
+    return {"bits": 16} if pe["dtype"] == "bf16" else {"bits": pe["bits"], "group_size": pe["group_size"]}
+
+
+def _check_part_formats(where, parts, qe):
+    """Per-part formats against quantization.experts: every part of a layer stored as its
+    "formats" list says when there is one (parts stored differently: per-part fallbacks, MLX
+    mixed-bits sources), else the gate in the single format {"bits", "group_size"} it names."""
+    if not isinstance(qe, dict):
+        return
+    fmts = qe.get("formats")
+    if fmts is not None:
+        for pn, pe in parts.items():
+            if _part_format(pe) not in fmts:
+                _fail(where, f"parts.{pn}", f"is {_desc(_part_format(pe))} but {MANIFEST} "
+                                            f"quantization.experts.formats lists {_desc(fmts)}")
+        return
+    g = parts["gate"]
+    qb = 16 if g["dtype"] == "bf16" else g["bits"]
+    if qe.get("bits") != qb or (qb != 16 and qe.get("group_size", g["group_size"]) != g["group_size"]):
+        _fail(where, "parts.gate", f"is {g['dtype']} bits {qb} but {MANIFEST} quantization.experts "
+                                   f"says {_desc(qe)}")
+
+
 def _check_quant(mp, q):
     for k in ("experts", "dense"):
         e = q.get(k)
@@ -893,6 +919,16 @@ def _check_quant(mp, q):
         if not isinstance(e, dict) or not _is_int(e.get("bits")) \
                 or ("group_size" in e and not _is_int(e["group_size"])):
             _fail(mp, f"quantization.{k}", f"{_desc(e)} must be {{\"bits\": int, \"group_size\": int}}")
+    fm = (q.get("experts") or {}).get("formats")
+    if fm is not None and (not isinstance(fm, list) or not 0 < len(fm) <= 64 or not all(
+            isinstance(a, dict) and (a == {"bits": 16} or (set(a) == {"bits", "group_size"} and _is_int(
+                a["bits"]) and _is_int(a["group_size"]))) for a in fm)):
+        _fail(mp, "quantization.experts.formats", f"{_desc(fm)} must be a list of {{\"bits\": 16}} or "
+                                                  f"{{\"bits\", \"group_size\"}}")
+    notes = q.get("notes")
+    if notes is not None and (not isinstance(notes, list) or len(notes) > 4096
+                              or not all(isinstance(n, str) for n in notes)):
+        _fail(mp, "quantization.notes", f"{_desc(notes)} must be a list of strings")
     sa = (q.get("dense") or {}).get("source_affine")
     if sa is not None and (not isinstance(sa, list) or len(sa) > 64 or not all(
             isinstance(a, dict) and _is_int(a.get("bits")) and _is_int(a.get("group_size")) for a in sa)):
@@ -983,13 +1019,7 @@ def _check_expert_layer(dirpath, mp, k, L, spec, quant):
     for a, b in zip(spans, spans[1:]):
         if b[0] < a[1]:
             raise FormatError(f"{where}: parts {a[2]} and {b[2]} overlap inside the block")
-    qe = quant.get("experts")
-    g = parts["gate"]
-    if isinstance(qe, dict):
-        qb = 16 if g["dtype"] == "bf16" else g["bits"]
-        if qe.get("bits") != qb or (qb != 16 and qe.get("group_size", g["group_size"]) != g["group_size"]):
-            _fail(where, "parts.gate", f"is {g['dtype']} bits {qb} but {MANIFEST} quantization.experts "
-                                       f"says {_desc(qe)}")
+    _check_part_formats(where, parts, quant.get("experts"))
     crc = L.get("block_crc32")
     if crc is not None and (not isinstance(crc, list) or len(crc) != ne
                             or not all(_is_int(c) and 0 <= c <= 0xFFFFFFFF for c in crc)):
@@ -1330,6 +1360,12 @@ def info_text(dirpath) -> str:
         + "".join(f" + source affine {a['bits']}-bit group {a['group_size']}"
                   for a in dq.get("source_affine", [])),
     ]
+    if eq.get("formats"):
+        lines.append("  expert parts  " + ", ".join(
+            "bf16" if f == {"bits": 16} else f"{f['bits']}-bit group {f['group_size']}" for f in eq["formats"])
+            + " (per part and layer)")
+    for n in q.get("notes") or []:
+        lines.append(f"  note          {n[:300] if n.isprintable() else _desc(n)}")
     if L0:
         lines.append(f"  expert block  {L0['block_bytes']} bytes ({_fmt_bytes(L0['block_bytes'])})"
                      + ("" if L0.get("block_crc32") is not None else ", no block checksums"))

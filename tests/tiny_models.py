@@ -180,10 +180,12 @@ def rewrite_checkpoint(src, dst, layout="fused", multimodal=False, shards=1, dty
     return str(dst), cfg
 
 
-def make_mlx_quantized(hf_dir, dst, bits=4, group_size=64, dtype="bfloat16"):
+def make_mlx_quantized(hf_dir, dst, bits=4, group_size=64, dtype="bfloat16", quant_predicate=None):
     """Quantize an HF checkpoint with mlx_lm.convert (its python API, no network). Qwen3.5-MoE
     sources are first rewritten into the release layout mlx-lm reads (multimodal config, fused
-    experts). Returns the MLX checkpoint dir."""
+    experts). quant_predicate: mlx_lm.convert's (a callable (path, module) -> bool or
+    {"bits", "group_size"} per layer, or a recipe name such as "mixed_2_6"). Returns the MLX
+    checkpoint dir."""
     from mlx_lm import convert as mlx_convert
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -192,5 +194,6 @@ def make_mlx_quantized(hf_dir, dst, bits=4, group_size=64, dtype="bfloat16"):
         src = str(dst) + ".hf-release"
         rewrite_checkpoint(hf_dir, src, layout="fused", multimodal=True)
     # dtype bfloat16: scales/biases come out bf16, as in mlx-community checkpoints
-    mlx_convert(src, str(dst), quantize=True, q_group_size=group_size, q_bits=bits, dtype=dtype)
+    mlx_convert(src, str(dst), quantize=True, q_group_size=group_size, q_bits=bits, dtype=dtype,
+                quant_predicate=quant_predicate)
     return str(dst)

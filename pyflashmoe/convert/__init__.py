@@ -6,6 +6,12 @@ tensor, never a shard), repacking MLX-quantized tensors without requantizing, qu
 experts through pyflashmoe.quant.quantize, and the manifest. The directory layout itself is
 pyflashmoe.format's.
 
+Formats are chosen per dense tensor and per expert part (docs/INTERNALS.md section 3): an MLX-
+quantized source keeps every tensor as published (its own bits / group size, bf16 where mlx left
+it unquantized); otherwise --bits / --dense-bits 8 at --group-size, falling back per tensor to a
+smaller group size or bf16 where the group size does not divide the input dim (noted on stderr
+and in the manifest's quantization.notes).
+
 Source layouts of routed experts (prefix `model.layers.{i}.mlp`):
   per-expert  experts.{e}.{gate,up,down}_proj.weight       [I, H] / [H, I]
   fused 3-D   experts.gate_up_proj [E, 2I, H] (gate rows first), experts.down_proj [E, H, I]
@@ -14,6 +20,7 @@ Source layouts of routed experts (prefix `model.layers.{i}.mlp`):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import zlib
@@ -35,6 +42,42 @@ GROUP_SIZES = (32, 64, 128)
 # Dense matrices quantized by --dense-bits 8: every 2-D Linear weight except the token embedding
 # (a row gather, kept bf16) and the two routers (expert choice is sensitive; they are tiny).
 DENSE_Q_EXCLUDE = ("ffn_router", "shexp_router")
+
+
+def fallback_group_size(inn, group_size):
+    """The group size a tensor with `inn` inputs is quantized at under --group-size `group_size`:
+    that one when it divides inn, else the largest smaller one of GROUP_SIZES that does (down to
+    32), else 0 (the tensor stays bf16)."""
+    for g in sorted((g for g in GROUP_SIZES if g <= group_size), reverse=True):
+        if inn % g == 0:
+            return g
+    return 0
+
+
+def format_label(dtype, bits=0, group_size=0):
+    """"bf16" or "4-bit g64": how summaries and the manifest name a tensor's storage."""
+    return f"{bits}-bit g{group_size}" if dtype == "affine" else dtype
+
+
+def _collapse(names, all_layers):
+    """["blk.0.ffn_down experts", "blk.2.ffn_down experts"] -> "blk.*.ffn_down experts" (every
+    layer that has the tensor) or "blk.{0,2}.ffn_down experts"; names without a layer kept."""
+    by = {}
+    for n in names:
+        m = re.match(r"blk\.(\d+)\.(.*)$", n)
+        key, il = (m.group(2), int(m.group(1))) if m else (n, None)
+        by.setdefault(key, []).append(il)
+    out = []
+    for key, ils in by.items():
+        if ils == [None]:
+            out.append(key)
+        elif set(ils) == all_layers.get(key, set()):
+            out.append(f"blk.*.{key}")
+        else:
+            ils = sorted(ils)
+            shown = ",".join(str(i) for i in ils[:12]) + (",..." if len(ils) > 12 else "")
+            out.append(f"blk.{{{shown}}}.{key}")
+    return ", ".join(out)
 
 
 def _quantize(w, bits, group_size):
@@ -95,6 +138,9 @@ class Converter:
         self.bits, self.gs, self.dense_bits = bits, group_size, dense_bits
         self.force, self.progress = force, progress
         self.notes = []
+        # (format label, why) -> [tensor names] of every tensor not stored at the requested format
+        self.kept = {}
+        self._all_layers = {}     # tensor name without "blk.N." -> {N}: what "blk.*" covers
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -119,11 +165,71 @@ class Converter:
         has_mlx = any(".switch_mlp." in n for n in ck.tensors) or "quantization" in cfg
         has_fp8 = any(ck.dtype(n).startswith("F8_") for n in ck.tensors)
         self.kind = "mlx" if has_mlx else ("fp8" if has_fp8 else "hf")
+        # an MLX-quantized checkpoint (mlx_lm.convert -q) converts as published: every tensor keeps
+        # its own bits / group size, and what mlx left unquantized stays bf16
+        self.mlx_quant = isinstance(cfg.get("quantization"), dict)
+        self.mlx_qcfg = self._mlx_module_quant(cfg.get("quantization")) if self.mlx_quant else {}
         # mlx-lm stores zero-centred norm weights as (w + 1) once it has moved conv1d to [C, K, 1]
         self.mlx_shifted = any(n.endswith("conv1d.weight") and len(ck.shape(n)) == 3
                                and ck.shape(n)[2] == 1 and ck.shape(n)[1] > 1 for n in ck.tensors)
         self.dense = self._plan_dense()
         self.experts = {il: self._plan_experts(il) for il in self.spec.moe_layers()}
+        self._summarize()
+
+    def _mlx_module_quant(self, q):
+        """config.json "quantization" -> {normalized module path: (bits, group_size)}: the global
+        pair under "" and one entry per module mlx_lm recorded (quant_predicate, mixed recipes)."""
+        from pyflashmoe.convert.reader import normalize_name
+        where = os.path.join(self.ck.path, "config.json")
+        out = {}
+
+        def pair(k, e):
+            field = f"quantization[{k!r}]" if k else "quantization"
+            mode = e.get("mode")
+            if mode not in (None, "affine"):
+                raise FormatError(f"{where}: field {field}.mode {mode!r} is not supported "
+                                  f"(only MLX affine)"[:300])
+            b, g = e.get("bits"), e.get("group_size")
+            if b is None and g is None:
+                return None
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (b, g)):
+                raise FormatError(f"{where}: field {field} must have integer bits and "
+                                  f"group_size, got bits={b!r} group_size={g!r}"[:300])
+            return (b, g)
+
+        out[""] = pair("", q)
+        for k, e in q.items():
+            if isinstance(e, dict):
+                n = normalize_name(k + ".weight")
+                if n is not None:
+                    out[n[:-len(".weight")]] = pair(k, e)
+        return out
+
+    def _check_mlx_pair(self, base, s):
+        """A quantized MLX tensor's bits / group size (from its shapes) against config.json: its
+        own quantization entry, else the global one (what mlx_lm.load would build it with)."""
+        want = self.mlx_qcfg.get(base, self.mlx_qcfg.get(""))
+        if want is not None and want != (s.qbits, s.qgs):
+            key = "quantization" + (f"[{base!r}]" if base in self.mlx_qcfg else "")
+            raise FormatError(f"{self.ck.where(base + '.weight')}: shapes give {s.qbits}-bit group "
+                              f"{s.qgs} but config.json {key} says bits {want[0]} group_size "
+                              f"{want[1]} (inconsistent MLX checkpoint)")
+
+    def _why(self, inn, g):
+        tried = [x for x in sorted(GROUP_SIZES, reverse=True) if x <= self.gs and (not g or x > g)]
+        return f"input dim {inn} not a multiple of {' or '.join(map(str, tried))}"
+
+    def _keep(self, name, label, why):
+        self.kept.setdefault((label, why), []).append(name)
+
+    def _summarize(self):
+        """One note per distinct (format, reason) of the tensors not stored at the requested format."""
+        for (label, why), names in self.kept.items():
+            if why == "as published":
+                self.notes.append(f"kept at {label} as published in the MLX source: "
+                                  f"{_collapse(names, self._all_layers)}")
+            else:
+                self.notes.append(f"kept at {label}: {_collapse(names, self._all_layers)} ({why})")
 
     def _check_layer_count(self, cfg):
         """num_hidden_layers against the checkpoint before anything is sized from it: no more layers
@@ -166,6 +272,11 @@ class Converter:
                 raise FormatError(f"{ck.where(base + '.scales')}: field shape {list(sshape)} does not divide "
                                   f"{inn} inputs into groups")
             s.qgs = inn // sshape[-1]
+            if s.qgs not in GROUP_SIZES or (inn * s.qbits) % 32:
+                raise FormatError(f"{ck.where(base + '.scales')}: field shape {list(sshape)}: group size "
+                                  f"{s.qgs} ({s.qbits}-bit) is not one of 32, 64, 128")
+            if self.mlx_quant:
+                self._check_mlx_pair(base, s)
             for k, last in (("", shp[-1]), (".scales", sshape[-1]), (".biases", sshape[-1])):
                 nm = name if not k else base + k
                 ck.check_shape(nm, lead + (src_rows, last), f"needed for {needed_for}")
@@ -222,15 +333,37 @@ class Converter:
                                     shift_norm=tm.zc_norm and self.mlx_shifted))
                 continue
             s = self._src_for(tm.src, need, tm.shape, rows=tm.rows)
-            if s.qbits:
-                out.append(DenseOut(tm, s, "affine", s.qbits, s.qgs))
-            elif (self.dense_bits == 8 and tm.kind == "matrix"
-                  and not any(tm.name.endswith(x) for x in DENSE_Q_EXCLUDE)
-                  and tm.shape[1] % self.gs == 0):
-                out.append(DenseOut(tm, s, "affine", 8, self.gs))
-            else:
-                out.append(DenseOut(tm, s, "bf16"))
+            out.append(self._dense_format(tm, s))
         return out
+
+    def _dense_format(self, tm, s):
+        """How one 2-D dense tensor is stored: an MLX source's own format (quantized or not);
+        --dense-bits 8 on the Linear weights at --group-size or, where that does not divide the
+        input dim, the fallback group size or bf16; else bf16."""
+        m = re.match(r"blk\.(\d+)\.(.*)$", tm.name)
+        if m:
+            self._all_layers.setdefault(m.group(2), set()).add(int(m.group(1)))
+        if s.qbits:
+            d = DenseOut(tm, s, "affine", s.qbits, s.qgs)
+        elif self.mlx_quant:
+            d = DenseOut(tm, s, "bf16")
+        elif (self.dense_bits == 8 and tm.kind == "matrix"
+              and not any(tm.name.endswith(x) for x in DENSE_Q_EXCLUDE)):
+            g = fallback_group_size(tm.shape[1], self.gs)
+            d = DenseOut(tm, s, "affine", 8, g) if g else DenseOut(tm, s, "bf16")
+            if g != self.gs:
+                self._keep(tm.name, format_label(d.dtype, d.bits, d.group_size),
+                           self._why(tm.shape[1], g))
+            return d
+        else:
+            return DenseOut(tm, s, "bf16")
+        if self.mlx_quant and (d.dtype, d.bits, d.group_size) != self._mlx_main():
+            self._keep(tm.name, format_label(d.dtype, d.bits, d.group_size), "as published")
+        return d
+
+    def _mlx_main(self):
+        g = self.mlx_qcfg.get("")
+        return ("affine",) + g if g else (None, 0, 0)
 
     def _plan_experts(self, il):
         spec, ck = self.spec, self.ck
@@ -278,26 +411,60 @@ class Converter:
             else:
                 for e in range(E):
                     srcs.append(self._src_for(f"{P}.experts.{e}.{pn}_proj.weight", need, shapes[pn]))
-            s0 = srcs[0]
-            if s0.qbits:
-                po = PartOut(pn, shapes[pn], "affine", s0.qbits, s0.qgs, srcs, copy_q=True)
-            elif self.bits == 16:
-                po = PartOut(pn, shapes[pn], "bf16", srcs=srcs)
-            else:
-                if shapes[pn][1] % self.gs:
-                    raise ArgumentError(f"--group-size {self.gs}: does not divide the input dim "
-                                        f"{shapes[pn][1]} of layer {il} expert {pn}")
-                po = PartOut(pn, shapes[pn], "affine", self.bits, self.gs, srcs)
-            parts[pn] = po
+            parts[pn] = self._part_format(il, pn, shapes[pn], srcs)
         qs = {(p.dtype, p.bits, p.group_size) for p in parts.values()}
-        if self.kind == "mlx" and any(p.copy_q for p in parts.values()):
-            eb = parts["gate"]
-            if self.bits != 16 and (eb.bits, eb.group_size) != (self.bits, self.gs):
-                note = (f"source experts are MLX {eb.bits}-bit group {eb.group_size}: repacked as is "
-                        f"(--bits/--group-size ignored)")
-                if note not in self.notes:
-                    self.notes.append(note)
+        if self.mlx_quant and (self.bits, self.gs) not in {(p.bits, p.group_size) for p in parts.values()}:
+            note = ("source is MLX-quantized: every tensor keeps its published format "
+                    "(--bits/--group-size/--dense-bits ignored)")
+            if note not in self.notes:
+                self.notes.append(note)
         return parts, layout, qs
+
+    def _part_format(self, il, pn, shape, srcs):
+        """How one expert part (gate / up / down) of layer il is stored: an MLX source's own format
+        (quantized: repacked byte for byte; unquantized: bf16); else --bits at --group-size or,
+        where that does not divide the input dim, the fallback group size or bf16."""
+        s0 = srcs[0]
+        for e, s in enumerate(srcs):
+            if (s.qbits, s.qgs) != (s0.qbits, s0.qgs):
+                raise FormatError(f"{self.ck.where(s.name)}: layer {il} expert {e} {pn} is stored "
+                                  f"{format_label('affine' if s.qbits else 'float', s.qbits, s.qgs)} but "
+                                  f"expert 0 {format_label('affine' if s0.qbits else 'float', s0.qbits, s0.qgs)}; "
+                                  f"the experts of one layer must share each part's format")
+        name = f"blk.{il}.ffn_{pn} experts"
+        self._all_layers.setdefault(f"ffn_{pn} experts", set()).add(il)
+        if s0.qbits:
+            po = PartOut(pn, shape, "affine", s0.qbits, s0.qgs, srcs, copy_q=True)
+        elif self.mlx_quant or self.bits == 16:
+            po = PartOut(pn, shape, "bf16", srcs=srcs)
+        else:
+            g = fallback_group_size(shape[1], self.gs)
+            po = (PartOut(pn, shape, "affine", self.bits, g, srcs) if g
+                  else PartOut(pn, shape, "bf16", srcs=srcs))
+            if g != self.gs:
+                self._keep(name, format_label(po.dtype, po.bits, po.group_size), self._why(shape[1], g))
+            return po
+        if self.mlx_quant and (po.dtype, po.bits, po.group_size) != self._mlx_main():
+            self._keep(name, format_label(po.dtype, po.bits, po.group_size), "as published")
+        return po
+
+    def _experts_quant(self):
+        """quantization.experts of the manifest: the format holding most expert weights, and
+        when the parts are not all stored alike, every format present ("formats", as
+        {"bits": 16} or {"bits", "group_size"}; each part's own format is in its parts entry)."""
+        weight = {}
+        for parts, _, _ in self.experts.values():
+            for p in parts.values():
+                k = (16, 0) if p.dtype == "bf16" else (p.bits, p.group_size)
+                weight[k] = weight.get(k, 0) + p.shape[0] * p.shape[1]
+        if not weight:
+            return None
+        order = sorted(weight, key=lambda k: (-weight[k], k))
+        d = lambda k: {"bits": 16} if k[0] == 16 else {"bits": k[0], "group_size": k[1]}  # noqa: E731
+        eq = d(order[0])
+        if len(order) > 1:
+            eq["formats"] = [d(k) for k in sorted(order)]
+        return eq
 
     # ---- reading values ----------------------------------------------------------------------
 
@@ -530,12 +697,12 @@ class Converter:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
+        if self.progress:
+            for n in self.notes:
+                print(f"flashmoe convert: note: {n}", file=sys.stderr)
         n_items = len(self.dense) + len(self.experts) * self.spec.n_experts
         bar = (tqdm(total=n_items, unit="tensor", desc="convert", disable=not self.progress,
                     file=sys.stderr) if tqdm else _NoBar())
-        for n in self.notes:
-            if self.progress:
-                print(f"flashmoe convert: note: {n}", file=sys.stderr)
         try:
             with fmt.AtomicDir(self.dst, self.force) as tmp:
                 try:
@@ -544,14 +711,11 @@ class Converter:
                     table, finfo = self._write_dense(tmp, bar)
                     files[fmt.DENSE_FILE] = finfo
                     layers = {}
-                    eq = None
                     for il, (parts, layout, _) in self.experts.items():
                         rel, entry, info = self._write_experts(tmp, il, parts, bar)
                         layers[str(il)] = entry
                         files[rel] = info
-                        g = parts["gate"]
-                        eq = ({"bits": 16} if g.dtype == "bf16"
-                              else {"bits": g.bits, "group_size": g.group_size})
+                    eq = self._experts_quant()
                     for fn in COPY_FILES:
                         p = os.path.join(self.ck.path, fn)
                         if os.path.isfile(p):
@@ -563,13 +727,16 @@ class Converter:
                                         if d.dtype == "affine" and d.src.qbits})
                     if mlx_dense:
                         dq["source_affine"] = [{"bits": b, "group_size": g} for b, g in mlx_dense]
+                    quant = {"experts": eq or {"bits": self.bits}, "dense": dq}
+                    if self.kept:
+                        quant["notes"] = [n for n in self.notes if n.startswith("kept at ")]
                     manifest = {
                         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
                         "created_by": f"pyflashmoe {__version__}",
                         "spec": self.spec.to_dict(),
                         "source": {"path": self.ck.path, "kind": self.kind,
                                    "model_type": self.cfg.get("model_type")},
-                        "quantization": {"experts": eq or {"bits": self.bits}, "dense": dq},
+                        "quantization": quant,
                         "tensors": table,
                         "experts": {"layers": layers},
                         "files": files,
