@@ -387,3 +387,24 @@ def test_manifest_without_formats_checks_the_gate(fallback_dir, tmp_path):
     d = _edited(fallback_dir, tmp_path / "bad", fn)
     with pytest.raises(FormatError, match=r"parts.gate is affine bits 4 but .*quantization.experts"):
         validate(d)
+
+
+def test_experts_of_one_layer_must_share_a_part_format(tmp_path):
+    """Per-expert source tensors where one expert's gate is MLX-quantized and the others are float:
+    one layer's experts share each part's layout in the block, so convert refuses, naming it."""
+    mx = _mlx()
+    from safetensors.torch import save_file
+    src, _ = make_tiny_hf("qwen3_moe", tmp_path / "hf", seed=18, num_hidden_layers=1)
+    sd = _tensors(src)
+    nm = "model.layers.0.mlp.experts.1.gate_proj"
+    assert nm + ".weight" in sd
+    q, s, b = mx.quantize(mx.array(sd[nm + ".weight"].float().numpy()), group_size=32, bits=4)
+    sd[nm + ".weight"] = torch.from_numpy(np.array(q).astype(np.uint32))
+    sd[nm + ".scales"] = torch.from_numpy(np.array(s.astype(mx.float32))).bfloat16()
+    sd[nm + ".biases"] = torch.from_numpy(np.array(b.astype(mx.float32))).bfloat16()
+    for f in os.listdir(src):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(src, f))
+    save_file(sd, os.path.join(src, "model.safetensors"))
+    with pytest.raises(FormatError, match=r"layer 0 expert 1 gate is stored 4-bit g32 but expert 0 float"):
+        convert(src, tmp_path / "out", bits=16, progress=False)
