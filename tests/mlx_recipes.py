@@ -55,9 +55,9 @@ def gate_up_kinds(path, module):
 
 
 def gate_up_groups(path, module):
-    """Routed gate 4-bit g32, up 4-bit g64: one kind, two group sizes."""
-    if "switch_mlp.gate_proj" in path:
+    """Routed and shared-expert gate 4-bit g32, up 4-bit g64: one kind, two group sizes."""
+    if "switch_mlp.gate_proj" in path or "shared_expert.gate_proj" in path:
         return _q(4, 32)
-    if "switch_mlp.up_proj" in path:
+    if "switch_mlp.up_proj" in path or "shared_expert.up_proj" in path:
         return _q(4, 64)
     return True

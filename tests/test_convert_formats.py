@@ -305,6 +305,7 @@ def test_mlx_mixed_bits_as_published(arch, tmp_path):
 @pytest.mark.parametrize("pred,want", [
     ("mixed", {"2-bit g32": 4, "4-bit g64": 4, "bf16": 1, "8-bit g32": 3}),
     ("gate_up_kinds", {"2-bit g32": 4, "4-bit g64": 4, "bf16": 4}),
+    ("gate_up_groups", {"4-bit g32": 8, "4-bit g64": 4}),     # shared expert gate g32, up g64 too
     ("mixed_2_6", {"2-bit g32": 10, "6-bit g32": 2}),      # mlx_lm's own recipe (--quant-predicate)
 ])
 def test_mlx_per_layer_recipes_as_published(pred, want, tmp_path):

@@ -402,7 +402,7 @@ def tiny_dirs(request, tmp_path_factory):
     # MLX checkpoints published with per-layer / per-part formats (mlx_lm.convert quant_predicate,
     # tests/mlx_recipes.py), converted as published: "mixed" (gate/up 2-bit g32 or 4-bit g64 by layer,
     # down bf16 or 8-bit g32, attention at 3/5/6 bits), "mixed_gu" (gate 2-bit g32, up 4-bit g64, down
-    # bf16 in one expert), "mixed_gs" (gate 4-bit g32, up 4-bit g64)
+    # bf16 in one expert), "mixed_gs" (routed and shared gate 4-bit g32, up 4-bit g64)
     try:
         import mlx_lm  # noqa: F401
         import mlx_recipes
@@ -484,9 +484,10 @@ def test_engine_logits_match_cpu(tiny_dirs, which, tier):
 
 @needs_gpu
 @pytest.mark.xfail(raises=(AssertionError, BackendError), strict=True, reason=(
-    "CUDA: gate 4-bit g32 with up 4-bit g64 (one kind, two group sizes): rows_mv_affine2 reads up's "
-    "scales/biases with the gate's group count (the load check compares kinds only), so the logits "
-    "are wrong; remove this mark once it is refused or computed right"))
+    "CUDA: gate 4-bit g32 with up 4-bit g64 (one kind, two group sizes; routed and shared experts): "
+    "rows_mv_affine2 (expert_gateup at any n, k_mv_swiglu at n=1) reads up's scales/biases with the "
+    "gate's group count and the load checks compare kinds only, so the logits are wrong; remove this "
+    "mark once it is refused or computed right"))
 def test_engine_gate_up_group_sizes_differ(tiny_dirs):
     path = tiny_dirs["mixed_gs"]
     if path is None:
