@@ -885,7 +885,9 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
         int32_t mb = m->n_experts < 16 ? m->n_experts : 16;
         m->max_batch = m->k_tok > mb ? m->k_tok : mb;
         int32_t iot = p.io_threads > 0 ? p.io_threads : (m->k_tok > 4 ? m->k_tok : 4);
-        if ((st = fm_io_open(&m->io, m->files, m->n_layers, iot, p.direct_io, p.ram_budget, m->max_batch, err,
+        /* CUDA: fm_cuda_model_open opens m->io itself (pinned buffers, a copy per landed block) */
+        if (p.backend != FM_BACKEND_CUDA &&
+            (st = fm_io_open(&m->io, m->files, m->n_layers, iot, p.direct_io, p.ram_budget, m->max_batch, err,
                              errlen)) != FM_OK)
             goto fail;
         if (p.backend == FM_BACKEND_CPU) fm_io_set_prefetch(m->io, p.prefetch);

@@ -3,7 +3,7 @@
  * Owns: the expert launches over (token, k) pairs whose blocks sit in VRAM slots (one kernel pair
  * per chunk; prefill grouped by expert on tensor cores from a host-built work list; decode pair
  * sets behind their copies), and the CPU split: part of a decode layer's missed experts computed
- * on the host from the pinned cache (fm_pool + fm_qmat_matvec_rows) while the GPU copies and
+ * on the host from fm_io's RAM cache (fm_cpu_experts_token, the CPU backend's op) while the GPU copies and
  * computes the rest (fmc_split_count, calibration, rate EMAs, the host share inline or on the split
  * worker thread).
  * Does not own: which experts are where and the reads/copies (fm_cuda_moe.cu), kernels
@@ -166,64 +166,15 @@ fm_status fmc_launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const
 
 /* ---- the CPU share of a layer's missed experts (decode, one token) ----
  * y_cpu = sum_j w_j * down_j(silu(gate_j x) * up_j x) over the experts in cm->cblk, straight from
- * the pinned host cache, on the model's fm_pool (the same kernels and views as the CPU backend) */
-typedef struct {
-    const fm_part *parts;
-    const uint8_t *const *blk;
-    const float *x;
-    float *g, *u, *y;
-    int64_t I, H;
-} cpu_job;
-
-static void cpu_job_gu(void *ctx, int64_t s, int64_t e, int32_t tid) {
-    (void)tid;
-    cpu_job *j = (cpu_job *)ctx;
-    const int64_t I = j->I;
-    while (s < e) {
-        const int64_t c = s / (2 * I), r = s % (2 * I);
-        const int up = r >= I;
-        const int64_t r0 = up ? r - I : r;
-        const int64_t end = c * 2 * I + (up ? 2 * I : I);
-        const int64_t r1 = r0 + ((e < end ? e : end) - s);
-        const fm_qmat w = fm_part_view(&j->parts[up ? FM_PART_UP : FM_PART_GATE], j->blk[c]);
-        fm_qmat_matvec_rows(&w, j->x, (up ? j->u : j->g) + c * I, r0, r1);
-        s += r1 - r0;
-    }
-}
-
-static void cpu_job_down(void *ctx, int64_t s, int64_t e, int32_t tid) {
-    (void)tid;
-    cpu_job *j = (cpu_job *)ctx;
-    const int64_t H = j->H;
-    while (s < e) {
-        const int64_t c = s / H, r0 = s % H;
-        const int64_t end = (c + 1) * H;
-        const int64_t r1 = r0 + ((e < end ? e : end) - s);
-        const fm_qmat w = fm_part_view(&j->parts[FM_PART_DOWN], j->blk[c]);
-        fm_qmat_matvec_rows(&w, j->g + c * j->I, j->y + c * H, r0, r1);
-        s += r1 - r0;
-    }
-}
-
-static int64_t cpu_grain(const fm_part *p) {
-    const int64_t bits = p->dt == FM_DT_F32 ? 32 : p->dt == FM_DT_BF16 ? 16 : p->bits;
-    int64_t rb = p->cols * bits / 8 + 1;
-    if (p->dt == FM_DT_AFFINE && p->group_size > 0) rb += p->cols / p->group_size * 4;
-    const int64_t g = 16384 / rb;
-    return g < 4 ? 4 : g;
-}
+ * fm_io's RAM cache (page-locked), by the CPU backend's expert op (fm_cpu_experts_token, fm_cpu.c) */
 
 /* the nc experts of cm->cblk on the host: cm->cy[j*H..] = expert j's output (unweighted) */
 static void cpu_experts(fmc_model *cm, const fm_layer *FL, int64_t nc, const float *xn) {
     fm_model *m = cm->m;
-    const int64_t I = FL->parts[FM_PART_GATE].rows, H = m->H;
-    cpu_job j = {FL->parts, cm->cblk, xn, cm->cg, cm->cu, cm->cy, I, H};
-    fm_pool_for(m->pool, nc * 2 * I, cpu_grain(&FL->parts[FM_PART_GATE]), cpu_job_gu, &j);
-    for (int64_t i = 0; i < nc * I; i++) cm->cg[i] = fm_silu(cm->cg[i]) * cm->cu[i];
-    fm_pool_for(m->pool, nc * H, cpu_grain(&FL->parts[FM_PART_DOWN]), cpu_job_down, &j);
+    fm_cpu_experts_token(m->pool, m, FL, cm->cblk, (int32_t)nc, xn, cm->cg, cm->cu, cm->cy);
 }
 
-/* how many of a layer's misses the CPU takes: m_ram of them are in the pinned host cache (the only
+/* how many of a layer's misses the CPU takes: m_ram of them are in fm_io's RAM cache (the only
  * ones the CPU can take), m_other come from storage (always the GPU's). split > 0: that fraction of
  * m_ram; split < 0 (auto): both sides finish at once when the CPU takes a share rate_cpu /
  * (rate_cpu + rate_h2d) of all the missed bytes. */
@@ -254,8 +205,9 @@ void fmc_ema(double *r, double sample) {
     *r = *r > 0.0 ? 0.75 * *r + 0.25 * sample : sample;
 }
 
-/* first auto-split layer: time a few blocks of the pinned cache over PCIe and on the CPU pool
- * (the online EMAs refine both afterwards) */
+/* first auto-split layer: time a few of this layer's blocks in fm_io's RAM cache (page-locked)
+ * over PCIe and on the CPU pool (the online EMAs refine both afterwards). Between requests: the
+ * fm_io_peek pointers stay valid until the next fm_io_submit. */
 fm_status fmc_split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, const fm_layer *FL, char *err,
                                  size_t errlen) {
     (void)c;
@@ -264,11 +216,11 @@ fm_status fmc_split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, const f
     const int64_t E = m->n_experts, cap = m->k_tok < 4 ? m->k_tok : 4;
     const uint64_t bb = FL->block_bytes;
     int64_t nb = 0;
-    for (int64_t sl = 0; sl < cm->rl.n && nb < cap; sl++) {
-        const int64_t key = cm->rl.key[sl];
-        if (key >= 0 && key / E == il) cm->cblk[nb++] = fmc_rslot_ptr(cm, sl);
+    for (int64_t e = 0; e < E && nb < cap; e++) {
+        const uint8_t *blk = fm_io_peek(m->io, il, (int32_t)e);
+        if (blk) cm->cblk[nb++] = blk;
     }
-    if (nb < 1) return FM_OK; /* nothing of this layer pinned yet: the online rates decide */
+    if (nb < 1) return FM_OK; /* nothing of this layer in RAM yet: the online rates decide */
     void *d = NULL;
     CK(cudaMalloc(&d, (size_t)nb * bb));
     float best = 0.f;

@@ -447,7 +447,7 @@ fm_status fm_cuda_session_new(fm_session *s, void **out, char *err, size_t errle
     fm_cuda_session_reset(c);
     c->cnt.resident = cm->resident;
     c->cnt.vram_slots = cm->vl.n;
-    c->cnt.ram_slots = cm->rl.n;
+    c->cnt.ram_slots = cm->ram_slots;
     *out = c;
     return FM_OK;
 }

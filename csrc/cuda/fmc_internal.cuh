@@ -9,7 +9,8 @@
  *                       describe, bandwidth measurement
  *   fm_cuda_ops.cu      the launch wrappers (mv/mm/mma/swiglu/norm/gdn/attn), sessions, the layer
  *                       ops except the MoE one, the numerical guard, the forward pass, graph, eval
- *   fm_cuda_moe.cu      the expert tiers: read pool, LRU, tier open/close/preload, reads, the MoE op
+ *   fm_cuda_moe.cu      the expert tiers: VRAM slots (LRU) over fm_io (reads, RAM cache) with pinned
+ *                       buffers, tier open/close/preload, the MoE op
  *   fm_cuda_experts.cu  the routed experts' compute: GPU launches (per pair, grouped on tensor
  *                       cores, decode pair sets) and the CPU share of a decode layer's misses
  *   fm_cuda_test.cu     the fm_cuda_test_* kernel entry points of tests/test_cuda.py
@@ -71,7 +72,19 @@ typedef struct {
     int64_t *stamp;  /* epoch of last use in the current chunk (not evictable) */
 } lru_t;
 
-typedef struct rpool rpool; /* the expert read pool (fm_cuda_moe.cu) */
+/* page-locked host memory for fm_io's block buffers (fm_cuda_moe.cu): blocks of one size carved
+ * from chunks of up to 1 GiB pinned at open, a free list; past that one cudaHostAlloc per block */
+typedef struct {
+    pthread_mutex_t mu;
+    int mu_init;
+    size_t bytes;       /* block size */
+    uint8_t **chunks;
+    int32_t n_chunks;
+    uint64_t *chunk_len;
+    void **free_list;
+    int64_t n_free, cap;
+    int64_t n_extra;    /* blocks allocated one by one (live) */
+} fmc_pinned;
 
 typedef struct {
     DMat wq, wk, wv, wo, ssm_qkv, ssm_z, ssm_b, ssm_a, ssm_out, router, sh_gate, sh_up, sh_down, sh_router,
@@ -89,7 +102,7 @@ typedef struct fmc_model {
     void **allocs;
     int32_t n_allocs, cap_allocs;
     cudaStream_t cs, xs;
-    cudaEvent_t ev_topi, ev_copy, ev_comp;
+    cudaEvent_t ev_topi, ev_copy, ev_comp; /* ev_copy: after the copies of the last fm_io request */
     /* experts */
     int64_t n_keys; /* n_layers * n_experts */
     uint64_t slot_bytes, total_expert_bytes;
@@ -97,13 +110,24 @@ typedef struct fmc_model {
     uint8_t *vram;
     lru_t vl;
     const uint8_t **d_table; /* resident: device [n_keys] slot pointers */
-    uint8_t **rchunks;
-    int32_t n_rchunks;
-    int64_t rslots_per_chunk;
-    lru_t rl;
-    int has_ram;
-    uint8_t *stage;
-    int32_t chunk;
+    /* host tier: the model's fm_io (m->io), opened here with page-locked block buffers (pin) and
+     * the on_block hook that queues each block's host-to-device copy the moment it is available */
+    int io_opened;     /* m->io is ours: fmc_moe_close closes it (before pin is released) */
+    fmc_pinned pin;
+    int has_ram;       /* fm_io has a RAM cache (ram_budget, not resident) */
+    int64_t ram_slots; /* its capacity in blocks */
+    int io_copies;     /* copies from the last fm_io request's blocks may still run: ev_copy */
+    /* the current fm_io request, read by the on_block hook (on fm_io's threads) */
+    int32_t *rq_e;          /* [chunk] the experts asked for */
+    uint8_t **rq_ddst;      /* [chunk] VRAM slot to copy request index i into (NULL: none) */
+    int32_t *rq_ev;         /* [chunk] ev_grp index to record after that copy (-1: none) */
+    const uint8_t **rq_blk; /* [chunk] the block fm_io delivered (page-locked host memory) */
+    uint64_t rq_bytes;      /* the layer's block_bytes */
+    pthread_mutex_t rq_mu;
+    int rq_mu_init;
+    cudaError_t rq_cerr;    /* the first failed copy of the request (under rq_mu) */
+    int32_t rq_cerr_index;
+    int32_t chunk;          /* experts per fm_io request (its max_batch; <= VRAM slots) */
     const uint8_t **h_ptrs, **d_ptrs;
     int64_t ptr_cap;
     int32_t *h_topi;
@@ -112,19 +136,16 @@ typedef struct fmc_model {
     const uint8_t **eptr; /* host scratch [E] */
     int32_t *used;        /* host scratch [E] */
     int64_t epoch;
-    int *fds;
-    rpool *pool;
-    int io_threads;
     int timing; /* FM_CUDA_TIMING=1 (read per eval): sync after every op, charge its time to fm_stats.ms_* */
-    /* CPU split (decode, pinned host tier): part of a layer's missed experts is computed on the host
-     * from the pinned cache (fm_pool + fm_qmat_matvec_rows) while the GPU copies + computes the rest */
+    /* CPU split (decode, RAM tier): part of a layer's missed experts found in fm_io's RAM cache is
+     * computed on the host from that cache (fm_cpu_experts_token) while the GPU copies + computes the rest */
     double split;             /* FM_CUDA_CPU_SPLIT (read per eval): <0 auto, else the fraction in [0, 1] */
     double rate_h2d, rate_cpu; /* bytes per ms (= GB/s * 1e6), EMAs of the measured rates; 0: unknown */
     int calibrated;
     float *h_xn, *h_topw, *h_ycpu; /* pinned [H], [K], [H] */
     float *d_ycpu;                 /* device [H] */
     float *cg, *cu, *cy;           /* host [K*I], [K*I], [K*H] */
-    const uint8_t **cblk;          /* host [K]: pinned blocks of the CPU share */
+    const uint8_t **cblk;          /* host [K]: the CPU share's blocks (fm_io RAM cache) */
     int32_t *cpair;                /* host [K]: their pair index */
     cudaEvent_t ev_t0, ev_t1;      /* timing events around a layer's copies */
     cudaEvent_t ev_h0, ev_h1;      /* timing events around the final norm + lm_head */
@@ -182,11 +203,6 @@ static inline unsigned long long fmc_guard_code(const fmc_ctx *x, int32_t sub) {
 
 static inline int64_t fmc_conv_dim(const fm_model *m) {
     return 2 * (int64_t)m->lin_nk * m->lin_dk + (int64_t)m->lin_nv * m->lin_dv;
-}
-
-/* pinned host-cache slot s of the expert tiers */
-static inline uint8_t *fmc_rslot_ptr(fmc_model *cm, int64_t s) {
-    return cm->rchunks[s / cm->rslots_per_chunk] + (uint64_t)(s % cm->rslots_per_chunk) * cm->slot_bytes;
 }
 
 /* ---- fm_cuda_weights.cu */
