@@ -1,19 +1,26 @@
-/* fm_backend.h: the backend seam of the forward pass, and the CUDA backend's entry points.
+/* fm_backend.h: the backend interface of the forward pass, and the CUDA backend's extra entry points.
  *
- * Owns: fm_backend_ops (a table of function pointers at layer-op granularity: embed, token mixer
- * (full | linear attention), FFN (MoE | dense), final norm + lm_head), the CUDA entry points that
- * fm_model.c / fm_forward.c call when params.backend == FM_BACKEND_CUDA, and the test-only kernel
- * entry points (fm_cuda_test_*) that tests/test_cuda.py reaches through pyflashmoe/_cuda.pxi.
- * Does not own: the layer table (fm_model.h), the CPU kernels (fm_quant.c, fm_ops.c).
+ * Owns: the layer kinds (the values of fm_layer.attn / .ffn, which index the op tables), fm_backend
+ * (a table of function pointers in the spirit of ggml's ggml_backend_i: model open/close, session
+ * new/free/reset, the capability check, eval hooks, the layer ops, the numerical guard, sync and the
+ * optional graph hooks), the structs the layer loop hands to them (fm_eval, fm_pass), the two tables
+ * (fm_cpu_backend in fm_cpu.c, fm_cuda_backend in csrc/cuda or NULL from the stub), the CUDA
+ * counters and the test-only kernel entry points (fm_cuda_test_*) that tests/test_cuda.py reaches
+ * through pyflashmoe/_cuda.pxi.
+ * Does not own: the layer table (fm_model.h), the layer loop (fm_forward.c), the kernels.
  *
- * The layer loop (the same for every backend, see fm_cuda.cu:cuda_forward and fm_forward.c):
- *   ops->embed(tokens) ; for each layer L: ops->mixer[L->attn](L) ; ops->ffn[L->ffn](L) ;
- *   ops->final(logits)
- * Each op applies its own pre-norm and residual add, so the hidden state can stay in the
- * backend's memory (VRAM for CUDA) for the whole pass.
+ * THE layer loop (fm_forward.c, the only one, for every backend), per pass of at most
+ * fm_eval.pass_cap tokens:
+ *   be->embed(p) ; be->guard(p, -1) ;
+ *   for each layer il: be->mixer[L->attn](p, il) ; be->ffn[L->ffn](p, il) ; be->guard(p, il) ;
+ *   be->final(p)
+ * Each op applies its own pre-norm and residual add, so the hidden state stays in the backend's
+ * memory (VRAM for CUDA) for the whole pass. fm_model_open calls be->supports for the model (il -1)
+ * and every layer, and checks that the layer's kinds have ops in the table, before anything is
+ * loaded: a layer the backend cannot run is refused there, never skipped at eval time.
  *
- * Builds without CUDA link csrc/cuda/fm_cuda_stub.c: fm_cuda_compiled() == 0 and every entry
- * point returns FM_ERR_BACKEND with a message saying so.
+ * Builds without CUDA link csrc/cuda/fm_cuda_stub.c: fm_cuda_compiled() == 0, fm_cuda_backend()
+ * is NULL and the other entry points return FM_ERR_BACKEND with a message saying so.
  */
 #ifndef FM_BACKEND_H
 #define FM_BACKEND_H
@@ -30,40 +37,111 @@ extern "C" {
 struct fm_model;
 struct fm_session;
 
-/* One backend's layer ops over one evaluation of n tokens at position pos (ctx: the backend's
- * per-eval state). Every op returns FM_OK or an fm_status with err filled. */
-typedef struct {
-    const char *name;
-    fm_status (*embed)(void *ctx, const int32_t *tokens, int64_t n, char *err, size_t errlen);
-    fm_status (*attn_full)(void *ctx, int32_t il, char *err, size_t errlen);
-    fm_status (*attn_linear)(void *ctx, int32_t il, char *err, size_t errlen);
-    fm_status (*moe)(void *ctx, int32_t il, char *err, size_t errlen);
-    fm_status (*ffn_dense)(void *ctx, int32_t il, char *err, size_t errlen);
-    /* logits: host float[n_logits] (NULL: none); all_logits as fm_session_eval */
-    fm_status (*final)(void *ctx, float *logits, int32_t all_logits, char *err, size_t errlen);
-} fm_backend_ops;
+/* layer kinds: fm_layer.attn indexes fm_backend.mixer, fm_layer.ffn indexes fm_backend.ffn */
+enum { FM_ATTN_FULL = 0, FM_ATTN_LINEAR = 1, FM_ATTN_KINDS };
+enum { FM_FFN_MOE = 0, FM_FFN_DENSE = 1, FM_FFN_KINDS };
+/* a kind's manifest name (spec.layers[i].attn / .ffn) and its name in messages */
+static inline const char *fm_attn_kind_name(int32_t k) {
+    return k == FM_ATTN_FULL ? "full" : k == FM_ATTN_LINEAR ? "linear" : "?";
+}
+static inline const char *fm_attn_kind_desc(int32_t k) {
+    return k == FM_ATTN_FULL ? "full attention" : k == FM_ATTN_LINEAR ? "linear attention (GatedDeltaNet)" : "unknown";
+}
+static inline const char *fm_ffn_kind_name(int32_t k) {
+    return k == FM_FFN_MOE ? "moe" : k == FM_FFN_DENSE ? "dense" : "?";
+}
+static inline const char *fm_ffn_kind_desc(int32_t k) {
+    return k == FM_FFN_MOE ? "mixture-of-experts" : k == FM_FFN_DENSE ? "dense" : "unknown";
+}
 
-/* ---- CUDA backend (csrc/cuda/fm_cuda.cu, or the stub) ---- */
+/* One fm_session_eval as the layer loop runs it. The loop fills the first block; eval_begin the
+ * second. */
+typedef struct {
+    struct fm_session *s;
+    const int32_t *tokens;
+    int32_t n_tokens;
+    float *logits;      /* as fm_session_eval (NULL: none) */
+    int32_t all_logits;
+    int32_t pos0;       /* the session's position before the eval */
+    /* set by eval_begin */
+    int64_t pass_cap;   /* tokens per pass (>= 1) */
+    int32_t timed;      /* 1: time every op into fm_stats (after be->sync, when the backend has one) */
+    int32_t graph;      /* FM_GRAPH_*: run this eval (one pass) as a recorded graph */
+    void *ctx;          /* the backend's per-eval context, handed to every pass */
+} fm_eval;
+
+enum {
+    FM_GRAPH_NONE = 0,    /* plain passes */
+    FM_GRAPH_CAPTURE = 1, /* record the pass (capture_begin, the loop with capture set, capture_end), then replay */
+    FM_GRAPH_REPLAY = 2   /* a recorded pass fits this eval: replay only */
+};
+
+/* One pass of the layer loop: n tokens at positions pos..pos+n-1 */
+typedef struct {
+    struct fm_session *s;
+    const int32_t *tokens; /* the pass's n tokens (NULL while capturing: replay feeds them) */
+    int64_t n;
+    int32_t pos;
+    int32_t index;      /* the pass's index in its eval (0, 1, ...) */
+    int32_t capture;    /* 1: being recorded as a graph: no host copies or syncs, no host-side decisions */
+    float *logits;      /* host destination of this pass's logits (NULL: none) */
+    int32_t all_logits; /* 1: n rows; 0: the last token's row */
+    void *ctx;          /* fm_eval.ctx */
+} fm_pass;
+
+/* every op returns FM_OK or an fm_status with err filled */
+typedef fm_status (*fm_pass_op)(fm_pass *p, char *err, size_t errlen);
+typedef fm_status (*fm_layer_op)(fm_pass *p, int32_t il, char *err, size_t errlen);
+
+typedef struct {
+    const char *name;       /* "cpu", "cuda" */
+    int32_t records_trace;  /* 1: the routing trace of fm_session_set_trace is recorded */
+    /* ---- model ----
+     * supports: FM_OK when the backend can run layer il of the parsed spec (il -1: the model-wide
+     * features), else FM_ERR_BACKEND / FM_ERR_FORMAT naming the layer and the feature. Called by
+     * fm_model_open right after the spec is parsed (no weights yet). */
+    fm_status (*supports)(const struct fm_model *m, int32_t il, char *err, size_t errlen);
+    /* after the generic load (dense weights, expert layout, fm_model.pool): the backend's model
+     * state into fm_model.bm (and whatever else it opens; model_close undoes it, also after a
+     * failed model_open) */
+    fm_status (*model_open)(struct fm_model *m, const fm_model_params *p, char *err, size_t errlen);
+    void (*model_close)(struct fm_model *m);
+    /* ---- session: the backend's state (KV cache, conv + recurrent state, scratch) in fm_session.bs */
+    fm_status (*session_new)(struct fm_session *s, char *err, size_t errlen);
+    void (*session_free)(struct fm_session *s);
+    void (*session_reset)(struct fm_session *s); /* state of the old timeline zeroed */
+    /* ---- eval (the model mutex held) ----
+     * eval_begin: sets pass_cap, timed, graph, ctx; nothing evaluated yet (an error leaves the
+     * session as it was). eval_end (optional): called after every eval_begin that succeeded, with the
+     * loop's status; returns the eval's status (e.g. the numerical guard's asynchronous finding). */
+    fm_status (*eval_begin)(fm_eval *ev, char *err, size_t errlen);
+    fm_status (*eval_end)(fm_eval *ev, fm_status st, char *err, size_t errlen);
+    /* ---- the layer ops ---- */
+    fm_pass_op embed;                 /* p->tokens -> the hidden state */
+    fm_layer_op mixer[FM_ATTN_KINDS]; /* token mixer of layer il, by fm_layer.attn (NULL: unsupported) */
+    fm_layer_op ffn[FM_FFN_KINDS];    /* FFN of layer il, by fm_layer.ffn (NULL: unsupported) */
+    fm_pass_op final;                 /* final norm + lm_head into p->logits (nothing when NULL) and its guard */
+    /* numerical guard after stage (-1 the embedding, il layer il): FM_ERR_NUMERIC (fm_numeric_error)
+     * when the hidden state holds a NaN/Inf, or FM_OK and the finding is reported by eval_end */
+    fm_layer_op guard;
+    fm_pass_op sync; /* optional: wait for the queued work (per-op timing) */
+    /* ---- graph (optional; all three or none): with fm_eval.graph == FM_GRAPH_CAPTURE the loop runs
+     * capture_begin, the pass with capture set, capture_end(status of that pass): FM_OK when the
+     * graph is recorded, else the backend falls back to plain passes (and says FM_GRAPH_NONE from
+     * then on); then replay runs the recorded pass for p (tokens, pos, logits). */
+    fm_pass_op capture_begin;
+    fm_status (*capture_end)(fm_pass *p, fm_status st, char *err, size_t errlen);
+    fm_pass_op replay;
+} fm_backend;
+
+extern const fm_backend fm_cpu_backend; /* fm_cpu.c */
+const fm_backend *fm_cuda_backend(void); /* csrc/cuda (NULL from the stub) */
+
+/* ---- CUDA backend: availability (csrc/cuda/fm_cuda.cu, or the stub) ---- */
 int32_t fm_cuda_compiled(void);  /* 1 when this build has the CUDA backend */
 int32_t fm_cuda_available(void); /* compiled in AND a CUDA device is usable */
 /* "NAME (sm_XY, N MiB)" of device 0, or why none is usable */
 void fm_cuda_describe(char *buf, size_t len);
-
-/* Called by fm_model_open after the CPU-side load succeeded (weights mmap'd, expert layout read):
- * uploads the dense weights to device 0, sets up the VRAM expert slot cache (vram_budget), the
- * pinned host cache (ram_budget) and the pinned staging + pread threads. *out is the backend's
- * model state (stored in fm_model.cuda). */
-fm_status fm_cuda_model_open(struct fm_model *m, const fm_model_params *p, void **out, char *err,
-                             size_t errlen);
-void fm_cuda_model_close(void *cm);
-/* Per session: KV cache, conv + recurrent state and scratch in VRAM (stored in fm_session.cuda). */
-fm_status fm_cuda_session_new(struct fm_session *s, void **out, char *err, size_t errlen);
-void fm_cuda_session_free(void *cs);
-void fm_cuda_session_reset(void *cs);
-/* The whole evaluation (arguments already validated by fm_session_eval; the model mutex held).
- * Updates s->st (n_eval_calls/ms_total/n_tokens are the caller's). */
-fm_status fm_cuda_session_eval(struct fm_session *s, const int32_t *tokens, int32_t n_tokens,
-                               float *logits, int32_t all_logits, char *err, size_t errlen);
 
 /* ---- test-only kernel entry points: host buffers in, host buffers out ----
  * Each runs the CUDA kernel on device copies of the inputs; the caller compares with the C

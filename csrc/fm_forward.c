@@ -1,102 +1,36 @@
-/* fm_forward.c: sessions and the one layer loop.
+/* fm_forward.c: sessions and THE layer loop, for every backend.
  *
- * Owns: fm_session_* (KV cache, conv + recurrent state, stats) and the forward pass: ONE loop over
- * the layer table, each layer = token mixer (full attention | GatedDeltaNet) + FFN (MoE | dense).
- * A call evaluates its tokens layer by layer for the whole batch (prefill); decode is n = 1.
- * Prefill is layer-major over one pass of up to pass_tokens() tokens (the whole prompt unless its
- * activations would pass FM_PASS_BYTES): token mixers run in chunks of FM_UBATCH tokens, the MoE
- * routes every token of the pass and reads the union of its experts once per layer.
- * MoE: router -> fm_io_submit(union of routed experts, chunks of max_batch) -> shared expert while
- * the reads are in flight -> fm_io_wait -> each expert applied to the tokens routed to it ->
- * weighted combine (ascending expert order, then + shared, as transformers does).
- * Decode prefetch (fm_model_params.prefetch, buffered I/O): once a MoE layer's reads are in,
- * the next MoE layer's router is applied to the current residual (under that layer's ffn_norm) and
- * its top experts (fm_model_params.prefetch says how many) go to fm_io_prefetch, so the disk reads them while this layer and the next
- * layer's attention compute; the first MoE layer is predicted from the embedding. Only the page
- * cache is touched: logits are identical with prefetch on or off.
- * Does not own: kernels (fm_quant.c), ops (fm_ops.c), weights and expert layout (fm_model.c),
- * reads (fm_io.c).
+ * Owns: fm_session_* (the generic part: new/free/reset through the model's backend, stats, trace
+ * settings) and fm_session_eval: argument checks, the model mutex, the eval hooks, passes of
+ * fm_eval.pass_cap tokens, and run_pass: the only loop over the layer table in csrc/ (embed, per
+ * layer the token mixer op of its attn kind and the FFN op of its ffn kind, the numerical guard,
+ * final norm + lm_head), per-op timing into fm_stats and the trace's per-layer ms, and the graph
+ * path (the same loop run with fm_pass.capture set between the backend's capture hooks, then
+ * replayed).
+ * Does not own: the ops and the backends' state (fm_cpu.c, csrc/cuda), the backend interface
+ * (fm_backend.h), the layer table (fm_model.c).
  */
+#include <ctype.h>
 #include <stdlib.h>
 
 #include "fm_backend.h"
 #include "fm_model.h"
 
-#define FM_UBATCH 512 /* tokens per attention / dense chunk; bounds that scratch */
-/* bytes of per-token activations (x, xn, y, shared-expert out, routing) one pass may hold: a
- * longer prompt is split into passes, each reading its experts once per layer */
-#define FM_PASS_BYTES ((int64_t)256 << 20)
-
 /* ---------------------------------------------------------------- session */
-
-static void scratch_release(void *p);
-
-static void session_free_bufs(fm_session *s) {
-    fm_model *m = s->m;
-    if (s->kc)
-        for (int32_t i = 0; i < m->n_full; i++) free(s->kc[i]);
-    if (s->vc)
-        for (int32_t i = 0; i < m->n_full; i++) free(s->vc[i]);
-    if (s->conv)
-        for (int32_t i = 0; i < m->n_linear; i++) free(s->conv[i]);
-    if (s->ssm)
-        for (int32_t i = 0; i < m->n_linear; i++) free(s->ssm[i]);
-    free(s->kc);
-    free(s->vc);
-    free(s->conv);
-    free(s->ssm);
-}
-
-static int64_t conv_dim_of(const fm_model *m) {
-    return 2 * (int64_t)m->lin_nk * m->lin_dk + (int64_t)m->lin_nv * m->lin_dv;
-}
 
 fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err, size_t errlen) {
     if (!out) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: out is NULL");
     *out = NULL;
     if (!m) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: model is NULL");
     if (n_ctx < 1) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_new: n_ctx must be >= 1 (got %d)", n_ctx);
-    int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim;
-    int64_t cd = conv_dim_of(m);
-    size_t kv_bytes;
-    if (__builtin_mul_overflow((size_t)n_ctx, (size_t)kvd * sizeof(float), &kv_bytes) ||
-        kv_bytes > ((size_t)1 << 48))
-        return fm_errf(err, errlen, FM_ERR_OOM,
-                       "fm_session_new: a KV cache of %d tokens x %lld values per layer is too large", n_ctx,
-                       (long long)kvd);
     fm_session *s = calloc(1, sizeof *s);
     if (!s) return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_new: out of memory");
     s->m = m;
     s->n_ctx = n_ctx;
-    s->kc = calloc((size_t)m->n_full + 1, sizeof(float *));
-    s->vc = calloc((size_t)m->n_full + 1, sizeof(float *));
-    s->conv = calloc((size_t)m->n_linear + 1, sizeof(float *));
-    s->ssm = calloc((size_t)m->n_linear + 1, sizeof(float *));
-    int ok = s->kc && s->vc && s->conv && s->ssm;
-    for (int32_t i = 0; ok && i < m->n_full; i++) {
-        s->kc[i] = calloc((size_t)n_ctx * (size_t)kvd, sizeof(float));
-        s->vc[i] = calloc((size_t)n_ctx * (size_t)kvd, sizeof(float));
-        ok = s->kc[i] && s->vc[i];
-    }
-    for (int32_t i = 0; ok && i < m->n_linear; i++) {
-        s->conv[i] = calloc((size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)cd, sizeof(float));
-        s->ssm[i] = calloc((size_t)m->lin_nv * m->lin_dk * m->lin_dv, sizeof(float));
-        ok = s->conv[i] && s->ssm[i];
-    }
-    if (!ok) {
-        session_free_bufs(s);
+    fm_status st = m->be->session_new(s, err, errlen);
+    if (st != FM_OK) {
         free(s);
-        return fm_errf(err, errlen, FM_ERR_OOM,
-                       "fm_session_new: out of memory for a context of %d tokens (KV cache %.1f MiB)", n_ctx,
-                       (double)m->n_full * 2.0 * (double)n_ctx * (double)kvd * 4.0 / 1048576.0);
-    }
-    if (m->cuda) {
-        fm_status cst = fm_cuda_session_new(s, &s->cuda, err, errlen);
-        if (cst != FM_OK) {
-            session_free_bufs(s);
-            free(s);
-            return cst;
-        }
+        return st;
     }
     *out = s;
     return FM_OK;
@@ -104,30 +38,13 @@ fm_status fm_session_new(fm_session **out, fm_model *m, int32_t n_ctx, char *err
 
 void fm_session_free(fm_session *s) {
     if (!s) return;
-    if (s->cuda) fm_cuda_session_free(s->cuda);
-    scratch_release(s->scratch);
-    session_free_bufs(s);
+    s->m->be->session_free(s);
     free(s);
 }
 
 void fm_session_reset(fm_session *s) {
     if (!s) return;
-    fm_model *m = s->m;
-    int64_t cd = conv_dim_of(m);
-    /* rows past pos are always written before they are read, but an error (FM_ERR_NUMERIC above
-     * all) must not leave anything of the old timeline behind: zero what was written */
-    int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim;
-    if (s->kv_hw > 0)
-        for (int32_t i = 0; i < m->n_full; i++) {
-            memset(s->kc[i], 0, sizeof(float) * (size_t)s->kv_hw * (size_t)kvd);
-            memset(s->vc[i], 0, sizeof(float) * (size_t)s->kv_hw * (size_t)kvd);
-        }
-    s->kv_hw = 0;
-    for (int32_t i = 0; i < m->n_linear; i++) {
-        memset(s->conv[i], 0, sizeof(float) * (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)cd);
-        memset(s->ssm[i], 0, sizeof(float) * (size_t)m->lin_nv * m->lin_dk * m->lin_dv);
-    }
-    if (s->cuda) fm_cuda_session_reset(s->cuda);
+    s->m->be->session_reset(s);
     s->pos = 0;
 }
 
@@ -156,10 +73,16 @@ fm_status fm_session_set_trace(fm_session *s, const fm_trace *trace, char *err, 
         return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_set_trace: cap_tokens must be >= 0 (got %lld)",
                        (long long)t.cap_tokens);
     if (!t.ids) t.cap_tokens = 0;
-    if ((t.ids || t.counts || t.layer_ms) && s->cuda)
+    if ((t.ids || t.counts || t.layer_ms) && !s->m->be->records_trace) {
+        char name[16]; /* "CUDA backend" */
+        size_t i = 0;
+        for (; s->m->be->name[i] && i + 1 < sizeof name; i++) name[i] = (char)toupper((unsigned char)s->m->be->name[i]);
+        name[i] = 0;
         return fm_errf(err, errlen, FM_ERR_BACKEND,
-                       "fm_session_set_trace: the CUDA backend does not record the routing trace (use the CPU "
-                       "backend)");
+                       "fm_session_set_trace: the %s backend does not record the routing trace (use the CPU "
+                       "backend)",
+                       name);
+    }
     if (t.ids && t.cap_tokens == 0) t.ids = NULL;
     s->trace = t;
     s->trace_n = 0;
@@ -168,558 +91,102 @@ fm_status fm_session_set_trace(fm_session *s, const fm_trace *trace, char *err, 
 
 int64_t fm_session_trace_tokens(const fm_session *s) { return s ? s->trace_n : 0; }
 
-/* ---------------------------------------------------------------- numerical guard */
+/* ---------------------------------------------------------------- the layer loop */
 
-typedef uint32_t __attribute__((may_alias)) fm_u32_alias;
-
-/* index of the first NaN or Inf in x[n], -1 if none: exponent bits all ones, tested on the bits (no
- * float compare, so no compiler flag can fold it away); blocks of 256 reduce branch-free and
- * vectorise, the exact index is looked for only in a block that has one */
-static int64_t first_nonfinite(const float *x, int64_t n) {
-    const fm_u32_alias *u = (const fm_u32_alias *)(const void *)x;
-    for (int64_t i0 = 0; i0 < n; i0 += 256) {
-        int64_t i1 = n - i0 < 256 ? n : i0 + 256;
-        uint32_t bad = 0;
-        for (int64_t i = i0; i < i1; i++) bad |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
-        if (bad)
-            for (int64_t i = i0; i < i1; i++)
-                if ((u[i] & 0x7f800000u) == 0x7f800000u) return i;
-    }
-    return -1;
+/* the ms an op charged to fm_stats itself (the per-op timing adds only the rest) */
+static double charged_ms(const fm_stats *st) {
+    return st->ms_attn + st->ms_route + st->ms_io_wait + st->ms_expert + st->ms_other;
 }
 
-/* FM_ERR_NUMERIC when the n rows of `row` floats at x hold a non-finite value (stage as
- * fm_numeric_error; row t is position pos0 + t) */
-static fm_status guard(const fm_model *m, int32_t stage, const float *x, int64_t n, int64_t row, int64_t pos0,
-                       char *err, size_t errlen) {
-    int64_t i = first_nonfinite(x, n * row);
-    return i < 0 ? FM_OK : fm_numeric_error(m, stage, pos0 + i / row, err, errlen);
-}
-
-/* ---------------------------------------------------------------- scratch */
-
-typedef struct {
-    int64_t nb; /* chunk capacity in tokens (attention, dense FFN, router, shared expert) */
-    int64_t np; /* pass capacity in tokens (x, xn, y, sho, shs, routing tables) */
-    float *x, *xn, *y;
-    /* full attention */
-    float *qg, *q, *gate, *k, *v, *att, *scores;
-    /* linear attention */
-    float *qkv, *qkvc, *z, *ba, *bb, *o;
-    /* moe */
-    float *logits_r, *topw, *shg, *shu, *sho, *shs, *xe, *ge, *ue, *ye;
-    int32_t *topi, *cnt, *off, *fill, *etok, *elist;
-    float *ew;
-    /* dense mlp */
-    float *dg, *du;
-    /* decode prefetch: the experts predicted for layer pf_il (-1: none), pf_n of them queued */
-    int32_t *pfi;
-    int32_t pf_il, pf_n;
-} fm_scratch;
-
-static void scratch_free(fm_scratch *b) {
-    float **f[] = {&b->x,   &b->xn,  &b->y,   &b->qg,  &b->q,   &b->gate, &b->k,   &b->v,   &b->att,
-                   &b->scores, &b->qkv, &b->qkvc, &b->z, &b->ba, &b->bb, &b->o, &b->logits_r, &b->topw,
-                   &b->shg, &b->shu, &b->sho, &b->shs, &b->xe, &b->ge, &b->ue, &b->ye, &b->ew,
-                   &b->dg, &b->du};
-    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
-        free(*f[i]);
-        *f[i] = NULL;
-    }
-    int32_t **g[] = {&b->topi, &b->cnt, &b->off, &b->fill, &b->etok, &b->elist, &b->pfi};
-    for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) {
-        free(*g[i]);
-        *g[i] = NULL;
-    }
-}
-
-static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int64_t np, int32_t n_ctx) {
-    memset(b, 0, sizeof *b);
-    b->nb = nb;
-    b->np = np;
-    int64_t H = m->H;
-    int64_t qd = (int64_t)m->n_heads * m->head_dim, kvd = (int64_t)m->n_kv_heads * m->head_dim;
-    int64_t cd = conv_dim_of(m), vd = (int64_t)m->lin_nv * m->lin_dv;
-    int64_t K = m->k_tok, E = m->n_experts;
-    int64_t I = m->moe_I > m->sh_I ? m->moe_I : m->sh_I;
-    int nt = fm_pool_size(m->pool);
-    int64_t ne = nb > m->max_batch ? nb : m->max_batch; /* rows of the per-expert buffers */
-#define FA(p, cnt) ((p) = malloc(sizeof(float) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
-#define IA(p, cnt) ((p) = malloc(sizeof(int32_t) * (size_t)((cnt) > 0 ? (cnt) : 1)), (p) != NULL)
-    int ok = FA(b->x, np * H) && FA(b->xn, np * H) && FA(b->y, np * H);
-    if (ok && m->n_full)
-        ok = FA(b->qg, nb * qd * (m->attn_gate ? 2 : 1)) && FA(b->q, nb * qd) && FA(b->gate, nb * qd) &&
-             FA(b->k, nb * kvd) && FA(b->v, nb * kvd) && FA(b->att, nb * qd) && FA(b->scores, (int64_t)nt * n_ctx);
-    if (ok && m->n_linear)
-        ok = FA(b->qkv, nb * cd) && FA(b->qkvc, nb * cd) && FA(b->z, nb * vd) && FA(b->ba, nb * m->lin_nv) &&
-             FA(b->bb, nb * m->lin_nv) && FA(b->o, nb * vd);
-    if (ok && m->n_moe)
-        ok = FA(b->logits_r, nb * E) && FA(b->topw, np * K) && IA(b->topi, np * K) && FA(b->shg, nb * I) &&
-             FA(b->shu, nb * I) && FA(b->sho, np * H) && FA(b->shs, np) && FA(b->xe, ne * H) &&
-             FA(b->ge, ne * I) && FA(b->ue, ne * I) && FA(b->ye, ne * H) && IA(b->cnt, E) && IA(b->off, E + 1) &&
-             IA(b->fill, E) && IA(b->etok, np * K) && FA(b->ew, np * K) &&
-             IA(b->elist, E) && IA(b->pfi, E);
-    b->pf_il = -1;
-    if (ok && m->n_moe < m->n_layers && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
-#undef FA
-#undef IA
-    if (!ok) scratch_free(b);
-    return ok;
-}
-
-static void scratch_release(void *p) {
-    if (!p) return;
-    scratch_free(p);
-    free(p);
-}
-
-/* the session's scratch for chunks of nb and passes of np tokens (kept and reused; regrown when a
- * larger batch comes) */
-static fm_scratch *session_scratch(fm_session *s, int64_t nb, int64_t np) {
-    fm_scratch *b = s->scratch;
-    if (b && b->nb >= nb && b->np >= np) return b;
-    scratch_release(b);
-    s->scratch = NULL;
-    b = malloc(sizeof *b);
-    if (!b) return NULL;
-    if (!scratch_alloc(b, s->m, nb, np, s->n_ctx)) {
-        free(b);
-        return NULL;
-    }
-    s->scratch = b;
-    return b;
-}
-
-/* ---------------------------------------------------------------- parallel pieces */
-
-typedef struct {
-    const fm_model *m;
-    const fm_session *s;
-    const fm_layer *L;
-    fm_scratch *b;
-    int64_t n;
-    int32_t pos;
-} fm_job;
-
-/* attention: items = n * n_heads */
-static void job_attend(void *ctx, int64_t i0, int64_t i1, int32_t tid) {
-    fm_job *j = ctx;
-    const fm_model *m = j->m;
-    int32_t nh = m->n_heads, dh = m->head_dim, rep = m->n_heads / m->n_kv_heads;
-    int64_t qd = (int64_t)nh * dh, kvd = (int64_t)m->n_kv_heads * dh;
-    float *kc = j->s->kc[j->L->state_idx], *vc = j->s->vc[j->L->state_idx];
-    float *scores = j->b->scores + (int64_t)tid * j->s->n_ctx;
-    float scale = 1.0f / sqrtf((float)dh);
-    for (int64_t it = i0; it < i1; it++) {
-        int64_t t = it / nh;
-        int32_t h = (int32_t)(it % nh), kh = h / rep;
-        float *out = j->b->att + t * qd + (int64_t)h * dh;
-        fm_attend_head(out, j->b->q + t * qd + (int64_t)h * dh, kc + (int64_t)kh * dh, vc + (int64_t)kh * dh, kvd,
-                       j->pos + (int32_t)t + 1, dh, scale, scores);
-        if (m->attn_gate) {
-            const float *g = j->b->gate + t * qd + (int64_t)h * dh;
-            for (int32_t d = 0; d < dh; d++) out[d] *= fm_sigmoid(g[d]);
-        }
-    }
-}
-
-/* q/k norm + RoPE + cache write: items = n */
-static void job_qk_prep(void *ctx, int64_t t0, int64_t t1, int32_t tid) {
-    (void)tid;
-    fm_job *j = ctx;
-    const fm_model *m = j->m;
-    const fm_layer *L = j->L;
-    fm_scratch *b = j->b;
-    int32_t nh = m->n_heads, nkv = m->n_kv_heads, dh = m->head_dim;
-    int64_t qd = (int64_t)nh * dh, kvd = (int64_t)nkv * dh;
-    float *kc = j->s->kc[L->state_idx], *vc = j->s->vc[L->state_idx];
-    for (int64_t t = t0; t < t1; t++) {
-        int32_t p = j->pos + (int32_t)t;
-        for (int32_t h = 0; h < nh; h++) {
-            float *q = b->q + t * qd + (int64_t)h * dh;
-            if (m->attn_gate) {
-                const float *src = b->qg + t * qd * 2 + (int64_t)h * dh * 2;
-                memcpy(q, src, sizeof(float) * (size_t)dh);
-                memcpy(b->gate + t * qd + (int64_t)h * dh, src + dh, sizeof(float) * (size_t)dh);
-            } else {
-                memcpy(q, b->qg + t * qd + (int64_t)h * dh, sizeof(float) * (size_t)dh);
-            }
-            if (L->q_norm) fm_rmsnorm(q, q, L->q_norm, dh, m->eps, m->norm_offset);
-            fm_rope_neox(q, m->rotary_dim, p, m->rope_theta);
-        }
-        float *kdst = kc + (int64_t)p * kvd, *vdst = vc + (int64_t)p * kvd;
-        for (int32_t h = 0; h < nkv; h++) {
-            float *k = kdst + (int64_t)h * dh;
-            memcpy(k, b->k + t * kvd + (int64_t)h * dh, sizeof(float) * (size_t)dh);
-            if (L->k_norm) fm_rmsnorm(k, k, L->k_norm, dh, m->eps, m->norm_offset);
-            fm_rope_neox(k, m->rotary_dim, p, m->rope_theta);
-        }
-        memcpy(vdst, b->v + t * kvd, sizeof(float) * (size_t)kvd);
-    }
-}
-
-/* conv1d over channel ranges */
-static void job_conv(void *ctx, int64_t c0, int64_t c1, int32_t tid) {
-    (void)tid;
-    fm_job *j = ctx;
-    const fm_model *m = j->m;
-    fm_conv1d_seq(j->b->qkvc, j->b->qkv, j->n, j->s->conv[j->L->state_idx], j->L->ssm_conv,
-                  (int32_t)conv_dim_of(m), m->conv_k, (int32_t)c0, (int32_t)c1);
-}
-
-/* gated delta rule + gated norm: items = value heads, each runs its tokens in order */
-static void job_gdn(void *ctx, int64_t h0, int64_t h1, int32_t tid) {
-    (void)tid;
-    fm_job *j = ctx;
-    const fm_model *m = j->m;
-    const fm_layer *L = j->L;
-    fm_scratch *b = j->b;
-    int32_t nk = m->lin_nk, nv = m->lin_nv, dk = m->lin_dk, dv = m->lin_dv, rep = nv / nk;
-    int64_t cd = conv_dim_of(m), vd = (int64_t)nv * dv;
-    float *S0 = j->s->ssm[L->state_idx];
-    for (int64_t h = h0; h < h1; h++) {
-        int32_t kh = (int32_t)h / rep; /* repeat_interleave: value head h uses key head h // (nv/nk) */
-        float *S = S0 + h * (int64_t)dk * dv;
-        float A = -expf(L->A_log[h]);
-        for (int64_t t = 0; t < j->n; t++) {
-            const float *row = b->qkvc + t * cd;
-            const float *q = row + (int64_t)kh * dk;
-            const float *k = row + (int64_t)nk * dk + (int64_t)kh * dk;
-            const float *v = row + 2 * (int64_t)nk * dk + h * dv;
-            float beta = fm_sigmoid(b->bb[t * nv + h]);
-            float g = A * fm_softplus(b->ba[t * nv + h] + L->dt_bias[h]);
-            float *o = b->o + t * vd + h * dv;
-            fm_gdn_step(S, q, k, v, g, beta, dk, dv, o);
-            fm_rmsnorm_gated(o, o, b->z + t * vd + h * dv, L->ssm_norm, dv, m->eps);
-        }
-    }
-}
-
-/* ---------------------------------------------------------------- layers */
-
-/* token mixers: n tokens of b->xn at positions pos.. into b->y */
-static void layer_full_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos) {
-    fm_model *m = s->m;
-    fm_mm(m->pool, &L->wq, b->xn, n, b->qg);
-    fm_mm(m->pool, &L->wk, b->xn, n, b->k);
-    fm_mm(m->pool, &L->wv, b->xn, n, b->v);
-    fm_job j = {m, s, L, b, n, pos};
-    fm_pool_for(m->pool, n, 1, job_qk_prep, &j);
-    fm_pool_for(m->pool, n * m->n_heads, 1, job_attend, &j);
-    fm_mm(m->pool, &L->wo, b->att, n, b->y);
-}
-
-static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos) {
-    fm_model *m = s->m;
-    int32_t nk = m->lin_nk, dk = m->lin_dk;
-    int64_t cd = conv_dim_of(m);
-    fm_mm(m->pool, &L->ssm_qkv, b->xn, n, b->qkv);
-    fm_mm(m->pool, &L->ssm_z, b->xn, n, b->z);
-    fm_mm(m->pool, &L->ssm_b, b->xn, n, b->bb);
-    fm_mm(m->pool, &L->ssm_a, b->xn, n, b->ba);
-    fm_job j = {m, s, L, b, n, pos};
-    fm_pool_for(m->pool, cd, 64, job_conv, &j);
-    /* q, k: L2 norm per key head (eps 1e-6 as the reference l2norm), q scaled by 1/sqrt(dk) */
-    float qs = 1.0f / sqrtf((float)dk);
-    for (int64_t t = 0; t < n; t++) {
-        float *row = b->qkvc + t * cd;
-        for (int32_t h = 0; h < nk; h++) {
-            float *q = row + (int64_t)h * dk, *k = row + (int64_t)nk * dk + (int64_t)h * dk;
-            fm_l2norm(q, dk, 1e-6f);
-            fm_l2norm(k, dk, 1e-6f);
-            for (int32_t d = 0; d < dk; d++) q[d] *= qs;
-        }
-    }
-    fm_pool_for(m->pool, m->lin_nv, 1, job_gdn, &j);
-    fm_mm(m->pool, &L->ssm_out, b->o, n, b->y);
-}
-
-static void swiglu(float *g, const float *u, int64_t n) {
-    for (int64_t i = 0; i < n; i++) g[i] = fm_silu(g[i]) * u[i];
-}
-
-static void layer_dense_ffn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n) {
-    fm_model *m = s->m;
-    fm_mm(m->pool, &L->ffn_gate, b->xn, n, b->dg);
-    fm_mm(m->pool, &L->ffn_up, b->xn, n, b->du);
-    swiglu(b->dg, b->du, n * m->dense_I);
-    fm_mm(m->pool, &L->ffn_down, b->dg, n, b->y);
-}
-
-/* decode prefetch: predict the experts of the first MoE layer after `after` (-1: from the start)
- * from the residual x (H floats) and queue them for the page cache (uses logits_r and xe, which
- * are free between routing and expert compute) */
-static void prefetch_predict(fm_session *s, fm_scratch *b, int32_t after, const float *x) {
-    fm_model *m = s->m;
-    b->pf_il = -1;
-    if (!m->io || !fm_io_prefetch_active(m->io)) return;
-    int32_t jl = after + 1;
-    while (jl < m->n_layers && m->layers[jl].ffn != FM_FFN_MOE) jl++;
-    if (jl >= m->n_layers) return;
-    const fm_layer *J = &m->layers[jl];
-    double t0 = fm_now_ms();
-    fm_rmsnorm(b->xe, x, J->ffn_norm, m->H, m->eps, m->norm_offset);
-    fm_qmat_matvec(m->pool, &J->router, b->xe, b->logits_r);
-    /* how many: prefetch == 1 (default) the top ceil(K * 3 / 10), the ranks predicted well enough
-     * that prefetching them pays (bench/RESULTS.md); prefetch = n >= 2: the top n (at most K) */
-    int32_t pf = fm_io_prefetch_active(m->io);
-    int32_t nk = pf == 1 ? (m->k_tok * 3 + 9) / 10 : pf;
-    if (nk > m->k_tok) nk = m->k_tok;
-    if (nk > m->n_experts) nk = m->n_experts;
-    if (nk < 1) nk = 1;
-    fm_topk(b->logits_r, m->n_experts, nk, b->pfi); /* top-K of the logits == top-K of the softmax */
-    b->pf_n = fm_io_prefetch(m->io, jl, b->pfi, nk);
-    b->pf_il = jl;
-    s->st.prefetch_blocks += b->pf_n;
-    s->st.ms_route += fm_now_ms() - t0;
-}
-
-/* routing trace (fm_session_set_trace): layer il's picks b->topi of the pass's n tokens */
-static void trace_route(fm_session *s, int32_t il, const fm_scratch *b, int64_t n) {
-    const fm_model *m = s->m;
-    int32_t K = m->k_tok, NL = m->n_layers;
-    if (s->trace.counts) {
-        int64_t *c = s->trace.counts + (int64_t)il * m->n_experts;
-        for (int64_t e = 0; e < m->n_experts; e++) c[e] += b->cnt[e];
-    }
-    if (!s->trace.ids) return;
-    for (int64_t t = 0; t < n && s->trace_row + t < s->trace.cap_tokens; t++)
-        memcpy(s->trace.ids + ((s->trace_row + t) * NL + il) * K, b->topi + t * K, sizeof(int32_t) * (size_t)K);
-}
-
-/* MoE block for the n (<= b->np) tokens of b->xn into b->y; FM_ERR_IO on a failed read. Every
- * expert routed by any of the n tokens is read once. */
-static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scratch *b, int64_t n, char *err,
-                           size_t errlen) {
-    fm_model *m = s->m;
-    int64_t H = m->H, E = m->n_experts, I = m->moe_I, shI = m->sh_I;
-    int32_t K = m->k_tok;
-    int64_t ne = b->nb > m->max_batch ? b->nb : m->max_batch; /* rows of xe/ge/ue/ye */
-    double t0 = fm_now_ms();
-    /* routing (router logits in chunks of nb tokens): softmax over all experts, top-K,
-     * renormalise when norm_topk_prob */
-    memset(b->cnt, 0, sizeof(int32_t) * (size_t)E);
-    for (int64_t t = 0; t < n; t++) {
-        if (t % b->nb == 0)
-            fm_mm(m->pool, &L->router, b->xn + t * H, n - t < b->nb ? n - t : b->nb, b->logits_r);
-        float *p = b->logits_r + (t % b->nb) * E;
-        fm_softmax(p, E);
-        int32_t *idx = b->topi + t * K;
-        float *w = b->topw + t * K;
-        fm_topk(p, (int32_t)E, K, idx);
-        float sum = 0.0f;
-        for (int32_t k = 0; k < K; k++) {
-            w[k] = p[idx[k]];
-            sum += w[k];
-        }
-        if (m->norm_topk)
-            for (int32_t k = 0; k < K; k++) w[k] /= sum;
-        for (int32_t k = 0; k < K; k++) b->cnt[idx[k]]++;
-    }
-    /* union of routed experts (ascending) and, per expert, its tokens */
-    int32_t n_used = 0;
-    b->off[0] = 0;
-    for (int64_t e = 0; e < E; e++) {
-        b->off[e + 1] = b->off[e] + b->cnt[e];
-        b->fill[e] = b->off[e];
-        if (b->cnt[e]) b->elist[n_used++] = (int32_t)e;
-    }
-    for (int64_t t = 0; t < n; t++)
-        for (int32_t k = 0; k < K; k++) {
-            int32_t e = b->topi[t * K + k];
-            int32_t at = b->fill[e]++;
-            b->etok[at] = (int32_t)t;
-            b->ew[at] = b->topw[t * K + k];
-        }
-    if (s->trace.ids || s->trace.counts) trace_route(s, il, b, n);
-    if (b->pf_il == il) { /* how many of the blocks prefetched for this layer the routing used */
-        for (int32_t i = 0; i < b->pf_n; i++) s->st.prefetch_used += b->cnt[b->pfi[i]] > 0;
-        b->pf_il = -1;
-    }
-    double t1 = fm_now_ms();
-    s->st.ms_route += t1 - t0;
-
-    memset(b->y, 0, sizeof(float) * (size_t)(n * H));
-    int shared_done = 0;
-    for (int32_t c0 = 0; c0 < n_used; c0 += m->max_batch) {
-        int32_t nc = n_used - c0 < m->max_batch ? n_used - c0 : m->max_batch;
-        fm_status st = fm_io_submit(m->io, il, b->elist + c0, nc, err, errlen);
+/* per-op timing: the wall time since t0 (after be->sync) less what the op charged itself goes to
+ * *acc; *layer (the trace's per-layer ms, may be NULL) gets all of it */
+static fm_status op_time(const fm_backend *be, fm_pass *p, double t0, double c0, double *acc, double *layer,
+                         char *err, size_t errlen) {
+    if (be->sync) {
+        fm_status st = be->sync(p, err, errlen);
         if (st != FM_OK) return st;
-        if (!shared_done && L->has_shexp) {
-            /* shared expert while the reads are in flight (chunks of nb tokens) */
-            double ts = fm_now_ms();
-            for (int64_t c = 0; c < n; c += b->nb) {
-                int64_t nn = n - c < b->nb ? n - c : b->nb;
-                const float *xc = b->xn + c * H;
-                fm_mm(m->pool, &L->sh_gate, xc, nn, b->shg);
-                fm_mm(m->pool, &L->sh_up, xc, nn, b->shu);
-                swiglu(b->shg, b->shu, nn * shI);
-                fm_mm(m->pool, &L->sh_down, b->shg, nn, b->sho + c * H);
-                fm_mm(m->pool, &L->sh_router, xc, nn, b->shs + c);
-            }
-            s->st.ms_expert += fm_now_ms() - ts;
-        }
-        shared_done = 1;
-        const uint8_t *blocks[m->max_batch];
-        fm_io_stats ios;
-        memset(&ios, 0, sizeof ios);
-        if (n == 1) {
-            /* decode: each expert is computed as soon as its block is in, while the rest are read */
-            double tx = 0, tn = fm_now_ms();
-            int32_t c, got = 0;
-            const uint8_t *blk;
-            while (fm_io_next(m->io, &c, &blk) && blk) {
-                double tg = fm_now_ms();
-                s->st.ms_io_wait += tg - tn;
-                /* every read of this layer is in: the disk is free for the next MoE layer's
-                 * predicted experts (issued only now so they never delay this layer's reads) */
-                if (++got == nc && c0 == 0) {
-                    prefetch_predict(s, b, il, b->x);
-                    tg = fm_now_ms();
-                }
-                fm_cpu_experts_token(m->pool, m, L, &blk, 1, b->xn, b->ge + (int64_t)c * I, b->ue + (int64_t)c * I,
-                                     b->ye + (int64_t)c * H);
-                tn = fm_now_ms();
-                tx += tn - tg;
-            }
-            st = fm_io_wait(m->io, blocks, &ios, err, errlen); /* stats, RAM cache, error text */
-            double te = fm_now_ms();
-            s->st.ms_io_wait += te - tn;
-            s->st.ms_expert += tx;
-            s->st.last_bytes_read += ios.bytes_read;
-            s->st.last_expert_loads += ios.loads;
-            s->st.last_expert_hits += ios.hits;
-            if (st != FM_OK) return st;
-            for (int32_t c = 0; c < nc; c++) {
-                int32_t e = b->elist[c0 + c];
-                float wt = b->ew[b->off[e]];
-                const float *src = b->ye + (int64_t)c * H;
-                for (int64_t d = 0; d < H; d++) b->y[d] += wt * src[d];
-            }
-            s->st.ms_expert += fm_now_ms() - te;
-            continue;
-        }
-        double tw = fm_now_ms();
-        st = fm_io_wait(m->io, blocks, &ios, err, errlen);
-        double te = fm_now_ms();
-        s->st.ms_io_wait += te - tw;
-        s->st.last_bytes_read += ios.bytes_read;
-        s->st.last_expert_loads += ios.loads;
-        s->st.last_expert_hits += ios.hits;
-        if (st != FM_OK) return st;
-        for (int32_t c = 0; c < nc; c++) {
-            int32_t e = b->elist[c0 + c];
-            fm_qmat wg = fm_part_view(&L->parts[FM_PART_GATE], blocks[c]);
-            fm_qmat wu = fm_part_view(&L->parts[FM_PART_UP], blocks[c]);
-            fm_qmat wd = fm_part_view(&L->parts[FM_PART_DOWN], blocks[c]);
-            /* the expert's tokens, gathered ne rows at a time */
-            for (int64_t r0 = 0; r0 < b->cnt[e]; r0 += ne) {
-                int64_t me = b->cnt[e] - r0 < ne ? b->cnt[e] - r0 : ne;
-                const int32_t *toks = b->etok + b->off[e] + r0;
-                const float *wts = b->ew + b->off[e] + r0;
-                for (int64_t r = 0; r < me; r++)
-                    memcpy(b->xe + r * H, b->xn + (int64_t)toks[r] * H, sizeof(float) * (size_t)H);
-                fm_mm(m->pool, &wg, b->xe, me, b->ge);
-                fm_mm(m->pool, &wu, b->xe, me, b->ue);
-                swiglu(b->ge, b->ue, me * I);
-                fm_mm(m->pool, &wd, b->ge, me, b->ye);
-                for (int64_t r = 0; r < me; r++) {
-                    float *dst = b->y + (int64_t)toks[r] * H;
-                    const float *src = b->ye + r * H;
-                    float w = wts[r];
-                    for (int64_t d = 0; d < H; d++) dst[d] += w * src[d];
-                }
-            }
-        }
-        s->st.ms_expert += fm_now_ms() - te;
     }
-    if (L->has_shexp) {
-        for (int64_t t = 0; t < n; t++) {
-            float gsc = fm_sigmoid(b->shs[t]);
-            float *dst = b->y + t * H;
-            const float *src = b->sho + t * H;
-            for (int64_t d = 0; d < H; d++) dst[d] += gsc * src[d];
-        }
-    }
+    fm_stats *st = &p->s->st;
+    double dt = fm_now_ms() - t0;
+    *acc += dt - (charged_ms(st) - c0);
+    if (layer) *layer += dt;
     return FM_OK;
 }
 
-/* one pass over all layers for n (<= b->np) tokens at s->pos, layer-major: per layer the token
- * mixer runs in chunks of b->nb tokens, then the FFN over all n; on success s->pos += n */
-static fm_status forward_batch(fm_session *s, fm_scratch *b, const int32_t *tokens, int64_t n, float *logits,
-                               int32_t all_logits, char *err, size_t errlen) {
-    fm_model *m = s->m;
-    int64_t H = m->H;
-    fm_status gs;
-    if (s->pos + n > s->kv_hw) s->kv_hw = s->pos + (int32_t)n; /* rows this pass may write */
-    double t0 = fm_now_ms();
-    for (int64_t t = 0; t < n; t++) fm_qmat_get_row(&m->tok_embd, tokens[t], b->x + t * H);
-    if ((gs = guard(m, -1, b->x, n, H, s->pos, err, errlen)) != FM_OK) return gs;
-    s->st.ms_other += fm_now_ms() - t0;
-    b->pf_il = -1;
-    if (n == 1 && m->n_moe) prefetch_predict(s, b, -1, b->x); /* first MoE layer, from the embedding */
+#define TRY(x)                                                                                                \
+    do {                                                                                                      \
+        fm_status s_ = (x);                                                                                   \
+        if (s_ != FM_OK) return s_;                                                                           \
+    } while (0)
 
+/* one pass of p->n tokens through the model: THE loop over the layer table (fm_model_open checked
+ * that every layer's kinds index ops the backend has). timed: per-op timing into fm_stats. */
+static fm_status run_pass(const fm_backend *be, fm_pass *p, int32_t timed, char *err, size_t errlen) {
+    fm_session *s = p->s;
+    const fm_model *m = s->m;
+    fm_stats *st = &s->st;
+    double t = 0, c = 0;
+    if (timed) t = fm_now_ms(), c = charged_ms(st);
+    TRY(be->embed(p, err, errlen));
+    TRY(be->guard(p, -1, err, errlen));
+    if (timed) TRY(op_time(be, p, t, c, &st->ms_other, NULL, err, errlen));
+    double *lms = timed ? s->trace.layer_ms : NULL;
     for (int32_t il = 0; il < m->n_layers; il++) {
         const fm_layer *L = &m->layers[il];
-        double ta = fm_now_ms();
-        for (int64_t t = 0; t < n; t++) fm_rmsnorm(b->xn + t * H, b->x + t * H, L->attn_norm, H, m->eps, m->norm_offset);
-        for (int64_t c = 0; c < n; c += b->nb) {
-            fm_scratch v = *b; /* the chunk's rows of xn (in) and y (out) */
-            v.xn = b->xn + c * H;
-            v.y = b->y + c * H;
-            int64_t nn = n - c < b->nb ? n - c : b->nb;
-            if (L->attn == FM_ATTN_FULL)
-                layer_full_attn(s, L, &v, nn, s->pos + (int32_t)c);
-            else
-                layer_linear_attn(s, L, &v, nn, s->pos + (int32_t)c);
-        }
-        for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
-        double tb = fm_now_ms();
-        s->st.ms_attn += tb - ta;
-        for (int64_t t = 0; t < n; t++) fm_rmsnorm(b->xn + t * H, b->x + t * H, L->ffn_norm, H, m->eps, m->norm_offset);
-        if (L->ffn == FM_FFN_MOE) {
-            s->st.ms_route += fm_now_ms() - tb;
-            fm_status st = layer_moe(s, il, L, b, n, err, errlen);
-            if (st != FM_OK) return st;
-        } else {
-            for (int64_t c = 0; c < n; c += b->nb) {
-                fm_scratch v = *b;
-                v.xn = b->xn + c * H;
-                v.y = b->y + c * H;
-                layer_dense_ffn(s, L, &v, n - c < b->nb ? n - c : b->nb);
-            }
-            s->st.ms_expert += fm_now_ms() - tb;
-            if (s->trace.ids) /* no routed experts: -1 */
-                for (int64_t t = 0; t < n && s->trace_row + t < s->trace.cap_tokens; t++)
-                    for (int32_t k = 0; k < m->k_tok; k++)
-                        s->trace.ids[((s->trace_row + t) * m->n_layers + il) * m->k_tok + k] = -1;
-        }
-        if (s->trace.layer_ms) {
-            s->trace.layer_ms[2 * il] += tb - ta;
-            s->trace.layer_ms[2 * il + 1] += fm_now_ms() - tb;
-        }
-        for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
-        /* numerical guard: a NaN/Inf in the residual stream ends the call here, naming the layer */
-        if ((gs = guard(m, il, b->x, n, H, s->pos, err, errlen)) != FM_OK) return gs;
+        if (timed) t = fm_now_ms(), c = charged_ms(st);
+        TRY(be->mixer[L->attn](p, il, err, errlen));
+        if (timed) TRY(op_time(be, p, t, c, &st->ms_attn, lms ? &lms[2 * il] : NULL, err, errlen));
+        if (timed) t = fm_now_ms(), c = charged_ms(st);
+        TRY(be->ffn[L->ffn](p, il, err, errlen));
+        if (timed) TRY(op_time(be, p, t, c, &st->ms_expert, lms ? &lms[2 * il + 1] : NULL, err, errlen));
+        TRY(be->guard(p, il, err, errlen));
     }
+    if (timed) t = fm_now_ms(), c = charged_ms(st);
+    TRY(be->final(p, err, errlen));
+    if (timed) TRY(op_time(be, p, t, c, &st->ms_other, NULL, err, errlen));
+    return FM_OK;
+}
 
-    double tl = fm_now_ms();
-    if (logits) {
-        const fm_qmat *lm = m->tie ? &m->tok_embd : &m->output;
-        if (all_logits) {
-            for (int64_t t = 0; t < n; t++)
-                fm_rmsnorm(b->xn + t * H, b->x + t * H, m->output_norm, H, m->eps, m->norm_offset);
-            fm_mm(m->pool, lm, b->xn, n, logits);
-            gs = guard(m, m->n_layers, logits, n, m->vocab, s->pos, err, errlen);
-        } else {
-            fm_rmsnorm(b->xn, b->x + (n - 1) * H, m->output_norm, H, m->eps, m->norm_offset);
-            fm_qmat_matvec(m->pool, lm, b->xn, logits);
-            gs = guard(m, m->n_layers, logits, 1, m->vocab, s->pos + n - 1, err, errlen);
-        }
-        if (gs != FM_OK) return gs;
+/* pass `index` of ev: cnt tokens from token done */
+static fm_pass pass_of(const fm_eval *ev, int32_t done, int64_t cnt, int32_t index) {
+    fm_pass p;
+    memset(&p, 0, sizeof p);
+    p.s = ev->s;
+    p.tokens = ev->tokens + done;
+    p.n = cnt;
+    p.pos = ev->s->pos;
+    p.index = index;
+    p.all_logits = ev->all_logits;
+    p.ctx = ev->ctx;
+    if (ev->logits) {
+        if (ev->all_logits)
+            p.logits = ev->logits + (int64_t)done * ev->s->m->vocab;
+        else if (done + cnt == ev->n_tokens)
+            p.logits = ev->logits;
     }
-    s->st.ms_other += fm_now_ms() - tl;
-    s->pos += (int32_t)n;
+    return p;
+}
+
+/* the eval as one recorded pass: record it first when asked (the loop with capture set between the
+ * backend's hooks; a failed capture falls back to plain passes: *plain = 1), then replay */
+static fm_status run_graph(const fm_backend *be, fm_eval *ev, int32_t *plain, char *err, size_t errlen) {
+    fm_session *s = ev->s;
+    fm_pass p = pass_of(ev, 0, ev->n_tokens, 0);
+    if (ev->graph == FM_GRAPH_CAPTURE) {
+        char cerr[256];
+        cerr[0] = 0;
+        fm_pass cp = p;
+        cp.capture = 1;
+        cp.tokens = NULL;
+        fm_status st = be->capture_begin(&cp, cerr, sizeof cerr);
+        if (st == FM_OK) st = run_pass(be, &cp, 0, cerr, sizeof cerr);
+        if (be->capture_end(&cp, st, cerr, sizeof cerr) != FM_OK) {
+            *plain = 1;
+            return FM_OK;
+        }
+    }
+    TRY(be->replay(&p, err, errlen));
+    s->pos += (int32_t)p.n;
     return FM_OK;
 }
 
@@ -728,6 +195,7 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
     if (err && errlen) err[0] = 0;
     if (!s) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: session is NULL");
     fm_model *m = s->m;
+    const fm_backend *be = m->be;
     if (n_tokens < 1) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: n_tokens must be >= 1 (got %d)", n_tokens);
     if (!tokens) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: tokens is NULL");
     for (int32_t t = 0; t < n_tokens; t++)
@@ -745,35 +213,38 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
         return fm_errf(err, errlen, FM_ERR_CTX_FULL,
                        "context full: %d tokens held + %d new > n_ctx %d (nothing was evaluated)", s->pos,
                        n_tokens, s->n_ctx);
-    /* pass length: the whole call unless its per-token activations would pass FM_PASS_BYTES */
-    int64_t per_tok = (int64_t)sizeof(float) * (4 * (int64_t)m->H + 1 + 3 * (int64_t)m->k_tok);
-    int64_t np_cap = FM_PASS_BYTES / per_tok;
-    if (np_cap < FM_UBATCH) np_cap = FM_UBATCH;
-    int64_t np = n_tokens < np_cap ? n_tokens : np_cap;
-    int64_t nb = np < FM_UBATCH ? np : FM_UBATCH;
-    fm_scratch *b = session_scratch(s, nb, np);
-    if (!b)
-        return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_eval: out of memory for scratch of %lld tokens",
-                       (long long)np);
     pthread_mutex_lock(&m->mu);
+    fm_eval ev;
+    memset(&ev, 0, sizeof ev);
+    ev.s = s;
+    ev.tokens = tokens;
+    ev.n_tokens = n_tokens;
+    ev.logits = logits;
+    ev.all_logits = all_logits;
+    ev.pos0 = s->pos;
+    fm_status st = be->eval_begin(&ev, err, errlen);
+    if (st == FM_OK && ev.pass_cap < 1)
+        st = fm_errf(err, errlen, FM_ERR_BACKEND, "backend %s: pass capacity %lld", be->name, (long long)ev.pass_cap);
+    if (st != FM_OK) { /* nothing was evaluated: the session is as it was */
+        pthread_mutex_unlock(&m->mu);
+        return st;
+    }
     double t0 = fm_now_ms();
     s->st.last_bytes_read = s->st.last_expert_loads = s->st.last_expert_hits = 0;
-    fm_status st = FM_OK;
-    if (s->cuda) /* CUDA backend: the same layer loop over m->layers, through its ops table */
-        st = fm_cuda_session_eval(s, tokens, n_tokens, logits, all_logits, err, errlen);
-    for (int32_t done = 0; !s->cuda && done < n_tokens; done += (int32_t)np) {
-        int64_t cnt = n_tokens - done < np ? n_tokens - done : np;
-        float *lg = NULL;
-        if (logits) {
-            if (all_logits)
-                lg = logits + (int64_t)done * m->vocab;
-            else if (done + cnt == n_tokens)
-                lg = logits;
-        }
-        s->trace_row = s->trace_n + done;
-        st = forward_batch(s, b, tokens + done, cnt, lg, all_logits, err, errlen);
-        if (st != FM_OK) break;
+    int32_t plain = 1;
+    if (ev.graph != FM_GRAPH_NONE && be->replay && n_tokens <= ev.pass_cap) {
+        plain = 0;
+        st = run_graph(be, &ev, &plain, err, errlen);
     }
+    for (int32_t done = 0, index = 0; plain && done < n_tokens; done += (int32_t)ev.pass_cap, index++) {
+        int64_t cnt = n_tokens - done < ev.pass_cap ? n_tokens - done : ev.pass_cap;
+        fm_pass p = pass_of(&ev, done, cnt, index);
+        s->trace_row = s->trace_n + done;
+        st = run_pass(be, &p, ev.timed, err, errlen);
+        if (st != FM_OK) break;
+        s->pos += (int32_t)cnt;
+    }
+    if (be->eval_end) st = be->eval_end(&ev, st, err, errlen);
     pthread_mutex_unlock(&m->mu);
     s->st.n_eval_calls++;
     s->st.ms_total += fm_now_ms() - t0;
@@ -789,6 +260,6 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
         return st == FM_ERR_IO ? FM_ERR_IO : st;
     }
     s->st.n_tokens += n_tokens;
-    if (!s->cuda) s->trace_n += n_tokens;
+    if (be->records_trace) s->trace_n += n_tokens;
     return FM_OK;
 }

@@ -765,6 +765,40 @@ static fm_status load_experts(fm_model *m, const fm_json *root, int verify, char
     return FM_OK;
 }
 
+/* ---------------------------------------------------------------- backend selection */
+
+/* every layer's kinds are in range and index ops the backend has (the layer loop indexes
+ * be->mixer[attn] and be->ffn[ffn] without a check) */
+static fm_status backend_kinds(const fm_model *m, const char *mpath, char *err, size_t errlen) {
+    const fm_backend *be = m->be;
+    for (int32_t il = 0; il < m->n_layers; il++) {
+        const fm_layer *L = &m->layers[il];
+        if (L->attn < 0 || L->attn >= FM_ATTN_KINDS || L->ffn < 0 || L->ffn >= FM_FFN_KINDS)
+            return fm_errf(err, errlen, FM_ERR_FORMAT, "%s: spec.layers[%d]: unknown layer kind (attn %d, ffn %d)",
+                           mpath, il, L->attn, L->ffn);
+        if (!be->mixer[L->attn])
+            return fm_errf(err, errlen, FM_ERR_BACKEND,
+                           "%s: spec.layers[%d]: the %s backend has no %s token mixer (attn \"%s\")", mpath, il,
+                           be->name, fm_attn_kind_desc(L->attn), fm_attn_kind_name(L->attn));
+        if (!be->ffn[L->ffn])
+            return fm_errf(err, errlen, FM_ERR_BACKEND, "%s: spec.layers[%d]: the %s backend has no %s FFN (ffn \"%s\")",
+                           mpath, il, be->name, fm_ffn_kind_desc(L->ffn), fm_ffn_kind_name(L->ffn));
+    }
+    return FM_OK;
+}
+
+/* the backend's capability check: the model-wide features, then every layer (the first refusal,
+ * which names the layer and the feature, is the error) */
+static fm_status backend_supports(const fm_model *m, const char *mpath, char *err, size_t errlen) {
+    for (int32_t il = -1; il < m->n_layers; il++) {
+        char why[400];
+        why[0] = 0;
+        fm_status st = m->be->supports(m, il, why, sizeof why);
+        if (st != FM_OK) return fm_errf(err, errlen, st, "%s: %s", mpath, why);
+    }
+    return FM_OK;
+}
+
 fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *params, char *err, size_t errlen) {
     if (err && errlen) err[0] = 0;
     if (!out) return fm_errf(err, errlen, FM_ERR_ARG, "fm_model_open: out is NULL");
@@ -819,6 +853,14 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
         goto fail;
     }
     if ((st = parse_spec(m, spec, err, errlen)) != FM_OK) goto fail;
+    /* the backend: its table, and every layer's kinds index ops it has */
+    m->be = p.backend == FM_BACKEND_CUDA ? fm_cuda_backend() : &fm_cpu_backend;
+    if (!m->be) {
+        st = fm_errf(err, errlen, FM_ERR_BACKEND, "fm_model_open: backend %d has no implementation in this build",
+                     p.backend);
+        goto fail;
+    }
+    if ((st = backend_kinds(m, mpath, err, errlen)) != FM_OK) goto fail;
     m->k_tok = m->k_model;
     if (p.experts_per_token > 0) {
         if (m->n_moe && p.experts_per_token > m->n_experts) {
@@ -870,6 +912,7 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
     fm_ld ld = {m, tensors, 8 + hlen, err, errlen};
     if ((st = load_tensors(&ld)) != FM_OK) goto fail;
     if ((st = load_experts(m, root, p.verify_sizes, err, errlen)) != FM_OK) goto fail;
+    if ((st = backend_supports(m, mpath, err, errlen)) != FM_OK) goto fail;
 
     if (pthread_mutex_init(&m->mu, NULL) != 0) {
         st = fm_errf(err, errlen, FM_ERR_OOM, "cannot create the model mutex");
@@ -881,18 +924,12 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
         st = fm_errf(err, errlen, FM_ERR_OOM, "cannot start %d compute threads", p.n_threads);
         goto fail;
     }
-    if (m->n_moe) {
+    if (m->n_moe) { /* experts per fm_io_submit (the backends' expert reader) */
         int32_t mb = m->n_experts < 16 ? m->n_experts : 16;
         m->max_batch = m->k_tok > mb ? m->k_tok : mb;
-        int32_t iot = p.io_threads > 0 ? p.io_threads : (m->k_tok > 4 ? m->k_tok : 4);
-        /* CUDA: fm_cuda_model_open opens m->io itself (pinned buffers, a copy per landed block) */
-        if (p.backend != FM_BACKEND_CUDA &&
-            (st = fm_io_open(&m->io, m->files, m->n_layers, iot, p.direct_io, p.ram_budget, m->max_batch, err,
-                             errlen)) != FM_OK)
-            goto fail;
-        if (p.backend == FM_BACKEND_CPU) fm_io_set_prefetch(m->io, p.prefetch);
     }
-    if (p.backend == FM_BACKEND_CUDA && (st = fm_cuda_model_open(m, &p, &m->cuda, err, errlen)) != FM_OK) goto fail;
+    m->be_open = 1; /* model_close undoes a partial model_open too */
+    if ((st = m->be->model_open(m, &p, err, errlen)) != FM_OK) goto fail;
     fm_json_free(root);
     free(text);
     free(mpath);
@@ -911,8 +948,7 @@ fail:
 
 void fm_model_close(fm_model *m) {
     if (!m) return;
-    if (m->cuda) fm_cuda_model_close(m->cuda);
-    if (m->io) fm_io_close(m->io);
+    if (m->be_open) m->be->model_close(m);
     if (m->pool) fm_pool_free(m->pool);
     if (m->map) {
         if (m->dense_locked) munlock(m->map, m->map_len);

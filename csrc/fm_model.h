@@ -1,8 +1,10 @@
 /* fm_model.h: the resolved model (weights as fm_qmat views into the mmap, layer table, expert
- * layout), the session state and the compute ops. Private to fm_model.c, fm_ops.c, fm_forward.c.
+ * layout), the generic session state and the compute ops. Private to csrc (the backends include it).
  *
- * Owns: struct fm_model, struct fm_session, the ops in fm_ops.c. Does not own: kernels (fm_quant.c),
- * the manifest parser (fm_json.c), expert reads (fm_io.c).
+ * Owns: struct fm_model, struct fm_session, the ops in fm_ops.c, the CPU backend's exported expert
+ * op. Does not own: kernels (fm_quant.c), the manifest parser (fm_json.c), expert reads (fm_io.c),
+ * the backend interface and the layer kinds (fm_backend.h), backend state (fm_model.bm,
+ * fm_session.bs: fm_cpu.c, csrc/cuda).
  */
 #ifndef FM_MODEL_H
 #define FM_MODEL_H
@@ -10,11 +12,11 @@
 #include <math.h>
 #include <pthread.h>
 
+#include "fm_backend.h"
 #include "fm_internal.h"
 
 enum { FM_ARCH_QWEN3_5_MOE = 0, FM_ARCH_QWEN3_NEXT = 1, FM_ARCH_QWEN3_MOE = 2 };
-enum { FM_ATTN_FULL = 0, FM_ATTN_LINEAR = 1 };
-enum { FM_FFN_MOE = 0, FM_FFN_DENSE = 1 };
+/* the layer kinds FM_ATTN_* and FM_FFN_* are in fm_backend.h (they index the backend's op tables) */
 enum { FM_PART_GATE = 0, FM_PART_UP = 1, FM_PART_DOWN = 2 };
 
 /* one part (gate/up/down) of an expert block: offsets relative to the block start */
@@ -48,7 +50,7 @@ static inline fm_qmat fm_part_view(const fm_part *p, const uint8_t *blk) {
 
 
 typedef struct {
-    int32_t attn, ffn;   /* FM_ATTN_*, FM_FFN_* */
+    int32_t attn, ffn;   /* FM_ATTN_*, FM_FFN_* (fm_backend.h) */
     int32_t state_idx;   /* index into the session's KV caches (full) or linear states (linear) */
     const float *attn_norm, *ffn_norm;
     /* full attention */
@@ -93,26 +95,24 @@ struct fm_model {
     int32_t n_owned, cap_owned;
     fm_expert_file *files;
     char **paths;
-    fm_io *io;
-    fm_pool *pool;
+    fm_io *io;     /* the expert reads: opened by the backend (model_open), closed by it (model_close) */
+    fm_pool *pool; /* compute threads (every backend: the CUDA backend's CPU split uses them) */
     pthread_mutex_t mu; /* serialises evals of the sessions of this model (pool and io are shared) */
     int mu_init;
     fm_log_fn log_fn;
     void *log_user;
-    void *cuda; /* CUDA backend state (csrc/cuda/fm_cuda.cu) when params.backend == FM_BACKEND_CUDA */
+    const fm_backend *be; /* the backend (fm_model_params.backend), chosen by fm_model_open */
+    void *bm;             /* its model state */
+    int32_t be_open;      /* be->model_open was called (fm_model_close calls be->model_close) */
 };
 
 struct fm_session {
     fm_model *m;
     int32_t n_ctx, pos;
-    int32_t kv_hw;          /* KV rows [0, kv_hw) may have been written since the last reset */
-    float **kc, **vc;       /* per full layer: [n_ctx, n_kv_heads*head_dim] */
-    float **conv, **ssm;    /* per linear layer: conv [conv_k-1, conv_dim], ssm [nv, dk, dv] */
     fm_stats st;
-    void *scratch; /* fm_forward.c's per-session work buffers, kept between evals */
-    void *cuda; /* CUDA backend session state (VRAM KV cache, state, scratch) */
-    fm_trace trace;   /* routing trace buffers (all NULL: off), fm_session_set_trace */
-    int64_t trace_n;  /* tokens traced since set_trace */
+    void *bs;          /* the backend's session state (KV cache, conv + recurrent state, scratch) */
+    fm_trace trace;    /* routing trace buffers (all NULL: off), fm_session_set_trace */
+    int64_t trace_n;   /* tokens traced since set_trace */
     int64_t trace_row; /* trace row of the current pass's first token (fm_forward.c) */
 };
 

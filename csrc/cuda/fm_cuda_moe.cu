@@ -637,8 +637,8 @@ static fm_status moe_decode_cached(fmc_ctx *x, int32_t il, const int32_t *list, 
     return FM_OK;
 }
 
-fm_status fmc_op_moe(void *vx, int32_t il, char *err, size_t errlen) {
-    fmc_ctx *x = (fmc_ctx *)vx;
+fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
     fm_model *m = x->m;
     fmc_session *c = x->c;
     fmc_model *cm = x->cm;

@@ -1,13 +1,15 @@
-/* fm_cuda_ops.cu: the CUDA backend's launches, sessions, layer ops and forward pass.
+/* fm_cuda_ops.cu: the CUDA backend's launches, sessions, layer ops, eval hooks and backend table.
  *
  * Owns: the launch wrappers of the dense kernels (matrix x vectors, tensor-core prefill matmuls and
  * their split-K workspace, SwiGLU, norms, GatedDeltaNet (sequential, decode and chunked forms),
  * attention), per-session device state (KV cache, conv + recurrent state, scratch: new / free /
  * reset / counters), the layer ops of fm_backend.h but the MoE one (embed, full and linear
- * attention, dense FFN, final norm + lm_head), the numerical guard, the layer loop over
- * fm_model.layers through the ops table (cuda_ops), the resident decode step as a CUDA graph and
- * fm_cuda_session_eval. Host syncs per decode step and the kernel switches: fm_cuda_moe.cu and
- * docs/INTERNALS.md section 5.
+ * attention, dense FFN, final norm + lm_head), the numerical guard op (a small kernel recording
+ * into a flag word, no sync), the eval hooks (switches, the flag word, passes of FMC_UBATCH tokens),
+ * the graph hooks (the resident decode step recorded as a CUDA graph while fm_forward.c's layer
+ * loop runs with capture set, then replayed), the capability check and the table
+ * (fm_cuda_backend). The layer loop itself is fm_forward.c's. Host syncs per decode step and the
+ * kernel switches: fm_cuda_moe.cu and docs/INTERNALS.md section 5.
  * Does not own: the device model and dense weights (fm_cuda_weights.cu), the MoE op and the expert
  * tiers (fm_cuda_moe.cu, fm_cuda_experts.cu), kernels (fm_cuda_*.cuh).
  */
@@ -345,7 +347,9 @@ fm_status fmc_launch_attn(cudaStream_t st, const float *QG, const float *Kn, con
 
 /* ================================================================== session */
 
-void fm_cuda_session_free(void *p) {
+static void fm_cuda_session_reset(void *p);
+
+static void fm_cuda_session_free(void *p) {
     fmc_session *c = (fmc_session *)p;
     if (!c) return;
     cudaSetDevice(0);
@@ -371,10 +375,10 @@ void fm_cuda_session_free(void *p) {
     free(c);
 }
 
-fm_status fm_cuda_session_new(fm_session *s, void **out, char *err, size_t errlen) {
+static fm_status fm_cuda_session_new(fm_session *s, void **out, char *err, size_t errlen) {
     *out = NULL;
     fm_model *m = s->m;
-    fmc_model *cm = (fmc_model *)m->cuda;
+    fmc_model *cm = (fmc_model *)m->bm;
     CK(cudaSetDevice(0));
     fmc_session *c = (fmc_session *)calloc(1, sizeof *c);
     if (!c) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
@@ -452,7 +456,7 @@ fm_status fm_cuda_session_new(fm_session *s, void **out, char *err, size_t errle
     return FM_OK;
 }
 
-void fm_cuda_session_reset(void *p) {
+static void fm_cuda_session_reset(void *p) {
     fmc_session *c = (fmc_session *)p;
     if (!c) return;
     const fm_model *m = c->cm->m;
@@ -473,8 +477,8 @@ void fm_cuda_session_reset(void *p) {
 
 void fm_cuda_session_counters(const fm_session *s, fm_cuda_counters *out) {
     memset(out, 0, sizeof *out);
-    if (s && s->cuda) {
-        const fmc_session *c = (const fmc_session *)s->cuda;
+    if (s && s->m->be == fm_cuda_backend() && s->bs) {
+        const fmc_session *c = (const fmc_session *)s->bs;
         *out = c->cnt;
         out->split = c->cm->split;
         out->h2d_gbps = c->cm->rate_h2d * 1e-6;
@@ -505,17 +509,18 @@ static fm_status numeric_status(const fm_model *m, const fmc_session *c, int32_t
     return fm_numeric_error(m, sub, (int64_t)pos0 + chunk * c->nb + t, err, errlen);
 }
 
-static fm_status op_embed(void *vx, const int32_t *tokens, int64_t n, char *err, size_t errlen) {
-    fmc_ctx *x = (fmc_ctx *)vx;
+static fm_status op_embed(fm_pass *p, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
+    const int64_t n = x->n;
     if (!x->graph)
-        CK(cudaMemcpyAsync(x->c->tok, tokens, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, x->cm->cs));
+        CK(cudaMemcpyAsync(x->c->tok, p->tokens, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, x->cm->cs));
     k_embed<<<(unsigned)n, 256, 0, x->cm->cs>>>(x->cm->tok_embd, x->c->tok, x->c->x);
     CKL();
     return FM_OK;
 }
 
-static fm_status op_attn_full(void *vx, int32_t il, char *err, size_t errlen) {
-    fmc_ctx *x = (fmc_ctx *)vx;
+static fm_status op_attn_full(fm_pass *p, int32_t il, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
     fm_model *m = x->m;
     fmc_session *c = x->c;
     const cl_layer *L = &x->cm->L[il];
@@ -541,8 +546,8 @@ static fm_status op_attn_full(void *vx, int32_t il, char *err, size_t errlen) {
     return FM_OK;
 }
 
-static fm_status op_attn_linear(void *vx, int32_t il, char *err, size_t errlen) {
-    fmc_ctx *x = (fmc_ctx *)vx;
+static fm_status op_attn_linear(fm_pass *p, int32_t il, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
     fm_model *m = x->m;
     fmc_session *c = x->c;
     const cl_layer *L = &x->cm->L[il];
@@ -571,8 +576,8 @@ static fm_status op_attn_linear(void *vx, int32_t il, char *err, size_t errlen) 
     return FM_OK;
 }
 
-static fm_status op_ffn_dense(void *vx, int32_t il, char *err, size_t errlen) {
-    fmc_ctx *x = (fmc_ctx *)vx;
+static fm_status op_ffn_dense(fm_pass *p, int32_t il, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
     fm_model *m = x->m;
     fmc_session *c = x->c;
     const cl_layer *L = &x->cm->L[il];
@@ -584,8 +589,10 @@ static fm_status op_ffn_dense(void *vx, int32_t il, char *err, size_t errlen) {
     return FM_OK;
 }
 
-static fm_status op_final(void *vx, float *logits, int32_t all_logits, char *err, size_t errlen) {
-    fmc_ctx *x = (fmc_ctx *)vx;
+static fm_status op_final(fm_pass *p, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
+    float *logits = p->logits;
+    const int32_t all_logits = p->all_logits;
     fm_model *m = x->m;
     fmc_session *c = x->c;
     fmc_model *cm = x->cm;
@@ -620,86 +627,29 @@ static fm_status op_final(void *vx, float *logits, int32_t all_logits, char *err
     return FM_OK;
 }
 
-static const fm_backend_ops cuda_ops = {"cuda", op_embed, op_attn_full, op_attn_linear, fmc_op_moe, op_ffn_dense, op_final};
+/* the residual stream after the embedding (stage -1) or layer il, recorded in c->d_bad (no sync;
+ * eval_end reports it). A MoE layer's check is fused into fmc_op_moe's combine: nothing to add. */
+static fm_status op_guard(fm_pass *p, int32_t stage, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
+    if (stage >= 0 && x->m->layers[stage].ffn == FM_FFN_MOE) return FM_OK;
+    return check_finite(x, x->c->x, x->n, x->m->H, stage, 0, err, errlen);
+}
 
-/* FM_CUDA_TIMING: wait for the op and charge its wall time to *acc (distorts overlap; for breakdowns) */
-static fm_status op_timed(fmc_ctx *x, double t0, double *acc, char *err, size_t errlen) {
-    if (!x->cm->timing) return FM_OK;
-    CK(cudaStreamSynchronize(x->cm->cs));
-    *acc += fm_now_ms() - t0;
+/* per-op timing (fm_debug / FM_CUDA_TIMING): wait for the queued work */
+static fm_status op_sync(fm_pass *p, char *err, size_t errlen) {
+    CK(cudaStreamSynchronize(fmc_pass_ctx(p)->cm->cs));
     return FM_OK;
 }
 
-/* the layer loop (the same walk over fm_model.layers as fm_forward.c), through the ops table */
-static fm_status cuda_forward(const fm_backend_ops *ops, void *ctx, const fm_model *m, const int32_t *tokens, int64_t n,
-                              float *logits, int32_t all_logits, char *err, size_t errlen) {
-    fmc_ctx *x = (fmc_ctx *)ctx;
-    fm_stats *st = &x->s->st;
-    double t = fm_now_ms();
-    CKS(ops->embed(ctx, tokens, n, err, errlen));
-    CKS(check_finite(x, x->c->x, n, m->H, -1, 0, err, errlen));
-    CKS(op_timed(x, t, &st->ms_other, err, errlen));
-    for (int32_t il = 0; il < m->n_layers; il++) {
-        const fm_layer *L = &m->layers[il];
-        t = fm_now_ms();
-        CKS(L->attn == FM_ATTN_FULL ? ops->attn_full(ctx, il, err, errlen) : ops->attn_linear(ctx, il, err, errlen));
-        CKS(op_timed(x, t, &st->ms_attn, err, errlen));
-        t = fm_now_ms();
-        CKS(L->ffn == FM_FFN_MOE ? ops->moe(ctx, il, err, errlen) : ops->ffn_dense(ctx, il, err, errlen));
-        if (L->ffn != FM_FFN_MOE) /* the residual stream after the layer (fmc_op_moe's combine checks its own) */
-            CKS(check_finite(x, x->c->x, n, m->H, il, 0, err, errlen));
-        CKS(op_timed(x, t, &st->ms_expert, err, errlen));
-    }
-    t = fm_now_ms();
-    CKS(ops->final(ctx, logits, all_logits, err, errlen));
-    return op_timed(x, t, &st->ms_other, err, errlen);
-}
+/* ================================================================== the eval hooks and the graph */
 
-/* one resident decode step as a CUDA graph (captured on first use): no launch gaps, one sync */
-static fm_status graph_decode(fm_session *s, fmc_session *c, int32_t token, float *logits, char *err, size_t errlen) {
-    fmc_model *cm = c->cm;
+/* the switches of this eval, the guard's flag word cleared, passes of c->nb tokens; a resident
+ * decode step runs as a CUDA graph (captured on first use: no launch gaps, one sync) */
+static fm_status cu_eval_begin(fm_eval *ev, char *err, size_t errlen) {
+    fm_session *s = ev->s;
     fm_model *m = s->m;
-    cudaStream_t st = cm->cs;
-    if (!c->gexec) {
-        fmc_ctx x = {s, c, cm, m, 1, s->pos, 1};
-        fm_cuda_counters saved = c->cnt;
-        int64_t saved_hits = s->st.expert_hits_vram;
-        cudaGraph_t g = NULL;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        fm_status rs = cuda_forward(&cuda_ops, &x, m, NULL, 1, logits, 0, err, errlen);
-        cudaError_t ce = cudaStreamEndCapture(st, &g);
-        c->cnt = saved;
-        s->st.expert_hits_vram = saved_hits;
-        if (rs == FM_OK && ce == cudaSuccess) ce = cudaGraphInstantiate(&c->gexec, g, 0);
-        if (g) cudaGraphDestroy(g);
-        if (rs != FM_OK || ce != cudaSuccess) {
-            cudaGetLastError();
-            c->gexec = NULL;
-            c->graph_failed = 1;
-            return FM_ERR_BACKEND; /* the caller falls back to plain launches */
-        }
-    }
-    c->h_io[0] = token;
-    c->h_io[1] = s->pos;
-    CK(cudaMemcpyAsync(c->tok, &c->h_io[0], sizeof(int32_t), cudaMemcpyHostToDevice, st));
-    CK(cudaMemcpyAsync(c->d_pos, &c->h_io[1], sizeof(int32_t), cudaMemcpyHostToDevice, st));
-    CK(cudaGraphLaunch(c->gexec, st));
-    CK(cudaMemcpyAsync(logits, c->logits, sizeof(float) * (size_t)m->vocab, cudaMemcpyDeviceToHost, st));
-    CK(cudaMemcpyAsync(c->h_bad, c->d_bad, sizeof *c->h_bad, cudaMemcpyDeviceToHost, st));
-    CK(cudaStreamSynchronize(st));
-    c->cnt.syncs++;
-    c->cnt.vram_hits += (int64_t)m->k_tok * m->n_moe;
-    s->st.expert_hits_vram += (int64_t)m->k_tok * m->n_moe;
-    s->pos += 1;
-    return FM_OK;
-}
-
-fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
-                               int32_t all_logits, char *err, size_t errlen) {
-    fmc_session *c = (fmc_session *)s->cuda;
-    if (!c) return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: session has no device state");
+    fmc_session *c = (fmc_session *)s->bs;
     CK(cudaSetDevice(0));
-    fm_model *m = s->m;
     {
         const char *tv = getenv("FM_CUDA_TIMING"); /* read per eval: benchmarks toggle it */
         c->cm->timing = tv && tv[0] == '1';
@@ -718,42 +668,169 @@ fm_status fm_cuda_session_eval(fm_session *s, const int32_t *tokens, int32_t n_t
         const char *tv2 = getenv("FM_CUDA_SPLIT_THREAD");
         c->cm->split_async = tv2 && tv2[0] == '1';
     }
-    const int32_t pos0 = s->pos;
     *c->h_bad = ~0ull;
     CK(cudaMemsetAsync(c->d_bad, 0xff, sizeof *c->d_bad, c->cm->cs)); /* the guard's "nothing seen" */
-    {
-        const char *gv = getenv("FM_CUDA_GRAPH"); /* 0: plain launches (comparison) */
-        if (n_tokens == 1 && logits && !all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
-            !(gv && gv[0] == '0')) {
-            char gerr[256];
-            gerr[0] = 0;
-            fm_status gs = graph_decode(s, c, tokens[0], logits, gerr, sizeof gerr);
-            if (gs == FM_OK) return numeric_status(m, c, pos0, err, errlen);
-            if (!c->graph_failed) return fm_errf(err, errlen, gs, "%s", gerr);
-            /* capture failed: plain launches below */
-        }
+    fmc_ctx *x = &c->xc;
+    memset(x, 0, sizeof *x);
+    x->s = s;
+    x->c = c;
+    x->cm = c->cm;
+    x->m = m;
+    ev->ctx = x;
+    ev->pass_cap = c->nb;
+    ev->timed = c->cm->timing;
+    ev->graph = FM_GRAPH_NONE;
+    const char *gv = getenv("FM_CUDA_GRAPH"); /* 0: plain launches (comparison) */
+    if (ev->n_tokens == 1 && ev->logits && !ev->all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
+        !(gv && gv[0] == '0'))
+        ev->graph = c->gexec ? FM_GRAPH_REPLAY : FM_GRAPH_CAPTURE;
+    return FM_OK;
+}
+
+/* after an error: the stream drained and the sticky error cleared; else the guard's finding (the
+ * flag word came back with the logits; without logits it is fetched here) */
+static fm_status cu_eval_end(fm_eval *ev, fm_status st, char *err, size_t errlen) {
+    fmc_session *c = (fmc_session *)ev->s->bs;
+    if (st != FM_OK) {
+        cudaStreamSynchronize(c->cm->cs);
+        cudaGetLastError();
+        return st;
     }
-    for (int32_t done = 0; done < n_tokens; done += c->nb) {
-        int64_t cnt = n_tokens - done < c->nb ? n_tokens - done : c->nb;
-        float *lg = NULL;
-        if (logits) {
-            if (all_logits) lg = logits + (int64_t)done * m->vocab;
-            else if (done + cnt == n_tokens) lg = logits;
-        }
-        fmc_ctx x = {s, c, c->cm, m, cnt, s->pos, 0, done / c->nb};
-        fm_status st = cuda_forward(&cuda_ops, &x, m, tokens + done, cnt, lg, all_logits, err, errlen);
-        if (st != FM_OK) {
-            cudaStreamSynchronize(c->cm->cs);
-            cudaGetLastError();
-            return st;
-        }
-        s->pos += (int32_t)cnt;
-    }
-    if (!logits) {
+    if (!ev->logits) {
         CK(cudaMemcpyAsync(c->h_bad, c->d_bad, sizeof *c->h_bad, cudaMemcpyDeviceToHost, c->cm->cs));
         CK(cudaStreamSynchronize(c->cm->cs));
         c->cnt.syncs++;
     }
-    return numeric_status(m, c, pos0, err, errlen);
+    return numeric_status(ev->s->m, c, ev->pos0, err, errlen);
 }
 
+/* recording the decode step: what the captured ops count is not a real eval (saved, then restored) */
+static fm_status cu_capture_begin(fm_pass *p, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
+    x->c->cap_cnt = x->c->cnt;
+    x->c->cap_hits = p->s->st.expert_hits_vram;
+    CK(cudaStreamBeginCapture(x->cm->cs, cudaStreamCaptureModeThreadLocal));
+    return FM_OK;
+}
+
+static fm_status cu_capture_end(fm_pass *p, fm_status st, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
+    fmc_session *c = x->c;
+    cudaGraph_t g = NULL;
+    cudaError_t ce = cudaStreamEndCapture(x->cm->cs, &g);
+    c->cnt = c->cap_cnt;
+    p->s->st.expert_hits_vram = c->cap_hits;
+    if (st == FM_OK && ce == cudaSuccess) ce = cudaGraphInstantiate(&c->gexec, g, 0);
+    if (g) cudaGraphDestroy(g);
+    if (st != FM_OK || ce != cudaSuccess) { /* plain launches from now on */
+        cudaGetLastError();
+        c->gexec = NULL;
+        c->graph_failed = 1;
+        return st != FM_OK ? st : fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: graph capture: %s", cudaGetErrorString(ce));
+    }
+    return FM_OK;
+}
+
+/* the recorded decode step for p's token at p->pos: the logits and the guard's flag word back, one sync */
+static fm_status cu_replay(fm_pass *p, char *err, size_t errlen) {
+    fmc_ctx *x = fmc_pass_ctx(p);
+    fmc_session *c = x->c;
+    const fm_model *m = x->m;
+    cudaStream_t st = x->cm->cs;
+    c->h_io[0] = p->tokens[0];
+    c->h_io[1] = p->pos;
+    CK(cudaMemcpyAsync(c->tok, &c->h_io[0], sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(c->d_pos, &c->h_io[1], sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    CK(cudaGraphLaunch(c->gexec, st));
+    CK(cudaMemcpyAsync(p->logits, c->logits, sizeof(float) * (size_t)m->vocab, cudaMemcpyDeviceToHost, st));
+    CK(cudaMemcpyAsync(c->h_bad, c->d_bad, sizeof *c->h_bad, cudaMemcpyDeviceToHost, st));
+    CK(cudaStreamSynchronize(st));
+    c->cnt.syncs++;
+    c->cnt.vram_hits += (int64_t)m->k_tok * m->n_moe;
+    p->s->st.expert_hits_vram += (int64_t)m->k_tok * m->n_moe;
+    return FM_OK;
+}
+
+/* ================================================================== the backend table */
+
+/* what the kernels cannot run, refused at open (il -1: model-wide; else layer il) */
+static fm_status cu_supports(const fm_model *m, int32_t il, char *err, size_t errlen) {
+    if (il < 0) {
+        if (m->n_full && (m->head_dim > 256 || m->n_kv_heads <= 0 || m->n_heads % m->n_kv_heads))
+            return fm_errf(err, errlen, FM_ERR_BACKEND,
+                           "backend cuda: full attention with head_dim %d and %d/%d heads is not supported (the "
+                           "attention kernel takes head_dim <= 256 and n_heads a multiple of n_kv_heads)",
+                           m->head_dim, m->n_heads, m->n_kv_heads);
+        if (m->n_linear && (m->lin_dk > 128 || m->lin_dv > 256 || m->lin_nk <= 0 || m->lin_nv % m->lin_nk))
+            return fm_errf(err, errlen, FM_ERR_BACKEND,
+                           "backend cuda: linear attention with key dim %d, value dim %d, %d/%d heads is not supported "
+                           "(the GatedDeltaNet kernels take key dim <= 128, value dim <= 256, value heads a multiple "
+                           "of key heads)",
+                           m->lin_dk, m->lin_dv, m->lin_nv, m->lin_nk);
+        if (m->n_linear && m->conv_k > 9)
+            return fm_errf(err, errlen, FM_ERR_BACKEND,
+                           "backend cuda: linear attention with conv kernel %d is not supported (at most 9)", m->conv_k);
+        return FM_OK;
+    }
+    const fm_layer *L = &m->layers[il];
+    if (L->ffn == FM_FFN_MOE) {
+        const fm_part *g = &L->parts[FM_PART_GATE], *u = &L->parts[FM_PART_UP];
+        if (g->dt != u->dt || g->bits != u->bits || g->group_size != u->group_size)
+            return fm_errf(err, errlen, FM_ERR_BACKEND,
+                           "backend cuda: layer %d (%s): expert gate and up differ in dtype (the expert kernels take "
+                           "one for both)",
+                           il, fm_layer_kind(L));
+    }
+    return FM_OK;
+}
+
+static fm_status cu_model_open(fm_model *m, const fm_model_params *p, char *err, size_t errlen) {
+    return fm_cuda_model_open(m, p, &m->bm, err, errlen);
+}
+
+static void cu_model_close(fm_model *m) {
+    fm_cuda_model_close(m->bm);
+    m->bm = NULL;
+}
+
+static fm_status cu_session_new(fm_session *s, char *err, size_t errlen) {
+    return fm_cuda_session_new(s, &s->bs, err, errlen);
+}
+
+static void cu_session_free(fm_session *s) {
+    fm_cuda_session_free(s->bs);
+    s->bs = NULL;
+}
+
+static void cu_session_reset(fm_session *s) { fm_cuda_session_reset(s->bs); }
+
+static fm_backend make_backend(void) {
+    fm_backend b;
+    memset(&b, 0, sizeof b);
+    b.name = "cuda";
+    b.records_trace = 0;
+    b.supports = cu_supports;
+    b.model_open = cu_model_open;
+    b.model_close = cu_model_close;
+    b.session_new = cu_session_new;
+    b.session_free = cu_session_free;
+    b.session_reset = cu_session_reset;
+    b.eval_begin = cu_eval_begin;
+    b.eval_end = cu_eval_end;
+    b.embed = op_embed;
+    b.mixer[FM_ATTN_FULL] = op_attn_full;
+    b.mixer[FM_ATTN_LINEAR] = op_attn_linear;
+    b.ffn[FM_FFN_MOE] = fmc_op_moe;
+    b.ffn[FM_FFN_DENSE] = op_ffn_dense;
+    b.final = op_final;
+    b.guard = op_guard;
+    b.sync = op_sync;
+    b.capture_begin = cu_capture_begin;
+    b.capture_end = cu_capture_end;
+    b.replay = cu_replay;
+    return b;
+}
+
+static const fm_backend cuda_backend = make_backend();
+
+extern "C" const fm_backend *fm_cuda_backend(void) { return &cuda_backend; }

@@ -1,6 +1,7 @@
 /* fm_cuda_stub.c: the CUDA entry points of fm_backend.h for builds without CUDA (FLASHMOE_CUDA=0
- * or no nvcc). Every entry point reports FM_ERR_BACKEND; fm_cuda_compiled() and
- * fm_cuda_available() return 0. setup.py compiles this file instead of the .cu files in csrc/cuda.
+ * or no nvcc). fm_cuda_compiled() and fm_cuda_available() return 0, fm_cuda_backend() NULL, and
+ * every other entry point reports FM_ERR_BACKEND. setup.py compiles this file instead of the .cu
+ * files in csrc/cuda.
  */
 #include "fm_backend.h"
 #include "fm_internal.h"
@@ -13,25 +14,8 @@ void fm_cuda_describe(char *buf, size_t len) {
     if (buf && len) snprintf(buf, len, "%s", "compiled without CUDA");
 }
 
-fm_status fm_cuda_model_open(struct fm_model *m, const fm_model_params *p, void **out, char *err, size_t errlen) {
-    (void)m;
-    (void)p;
-    if (out) *out = NULL;
-    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
-}
-void fm_cuda_model_close(void *cm) { (void)cm; }
-fm_status fm_cuda_session_new(struct fm_session *s, void **out, char *err, size_t errlen) {
-    (void)s;
-    if (out) *out = NULL;
-    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
-}
-void fm_cuda_session_free(void *cs) { (void)cs; }
-void fm_cuda_session_reset(void *cs) { (void)cs; }
-fm_status fm_cuda_session_eval(struct fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
-                               int32_t all_logits, char *err, size_t errlen) {
-    (void)s, (void)tokens, (void)n_tokens, (void)logits, (void)all_logits;
-    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
-}
+/* no CUDA backend table: fm_model_open refuses backend cuda (fm_cuda_available() is 0) */
+const fm_backend *fm_cuda_backend(void) { return NULL; }
 
 fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                               const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n, float *Y,

@@ -1,7 +1,7 @@
 /* fm_ref.c: the C reference side of the CUDA kernel tests (fm_ref_* of fm_backend.h).
  *
  * Owns: thin wrappers that run csrc/fm_quant.c and csrc/fm_ops.c on caller buffers, composed the
- * way fm_forward.c composes them (routing, linear-attention, full-attention steps), so that
+ * way fm_cpu.c composes them (routing, linear-attention, full-attention steps), so that
  * tests/test_cuda.py can compare every CUDA kernel with the CPU engine's own arithmetic.
  * Compiled in every build (CPU-only too). Does not own: any arithmetic of its own.
  */
@@ -51,7 +51,7 @@ fm_status fm_ref_route(const float *logits, int64_t n, int32_t E, int32_t K, int
                        char *err, size_t errlen) {
     float *p = malloc(sizeof(float) * (size_t)E);
     if (!p) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
-    for (int64_t t = 0; t < n; t++) { /* as fm_forward.c layer_moe */
+    for (int64_t t = 0; t < n; t++) { /* as fm_cpu.c layer_moe */
         memcpy(p, logits + t * E, sizeof(float) * (size_t)E);
         fm_softmax(p, E);
         fm_topk(p, E, K, idx + t * K);
@@ -82,7 +82,7 @@ fm_status fm_ref_gdn(const float *qkv, const float *z, const float *a, const flo
     if (!row) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
     const int32_t rep = nv / nk;
     const float qs = 1.0f / sqrtf((float)dk);
-    for (int64_t t = 0; t < n; t++) { /* as fm_forward.c layer_linear_attn + job_gdn */
+    for (int64_t t = 0; t < n; t++) { /* as fm_cpu.c layer_linear_attn + job_gdn */
         memcpy(row, qkv + t * cd, sizeof(float) * (size_t)cd);
         for (int32_t h = 0; h < nk; h++) {
             float *q = row + (int64_t)h * dk, *k = row + (int64_t)nk * dk + (int64_t)h * dk;
@@ -120,7 +120,7 @@ fm_status fm_ref_attention(const float *qg, const float *k, const float *v, cons
         free(scores);
         return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
     }
-    for (int64_t t = 0; t < n; t++) { /* as fm_forward.c job_qk_prep */
+    for (int64_t t = 0; t < n; t++) { /* as fm_cpu.c job_qk_prep */
         const int32_t p = pos + (int32_t)t;
         for (int32_t h = 0; h < nh; h++) {
             float *qh = q + t * qd + (int64_t)h * dh;

@@ -8,14 +8,16 @@
  *   fm_cuda_weights.cu  model open/close, device upload of the dense weights, availability,
  *                       describe, bandwidth measurement
  *   fm_cuda_ops.cu      the launch wrappers (mv/mm/mma/swiglu/norm/gdn/attn), sessions, the layer
- *                       ops except the MoE one, the numerical guard, the forward pass, graph, eval
+ *                       ops except the MoE one, the numerical guard, the eval and graph hooks, the
+ *                       capability check and the backend table (fm_cuda_backend); the layer loop is
+ *                       fm_forward.c's
  *   fm_cuda_moe.cu      the expert tiers: VRAM slots (LRU) over fm_io (reads, RAM cache) with pinned
  *                       buffers, tier open/close/preload, the MoE op
  *   fm_cuda_experts.cu  the routed experts' compute: GPU launches (per pair, grouped on tensor
  *                       cores, decode pair sets) and the CPU share of a decode layer's misses
  *   fm_cuda_test.cu     the fm_cuda_test_* kernel entry points of tests/test_cuda.py
  * Does not own: kernels (fm_cuda_kernels.cuh, fm_cuda_mma.cuh, fm_cuda_gdn_chunk.cuh), model
- * parsing (fm_model.c), the CPU forward pass (fm_forward.c).
+ * parsing (fm_model.c), the layer loop (fm_forward.c), the CPU backend (fm_cpu.c).
  */
 #pragma once
 #include <errno.h>
@@ -166,7 +168,21 @@ typedef struct fmc_model {
     uint64_t t_bytes;
 } fmc_model;
 
+typedef struct fmc_session fmc_session;
+
+/* the layer ops' context: the session's, set for each pass from the fm_pass (fmc_pass_ctx) */
 typedef struct {
+    fm_session *s;
+    fmc_session *c;
+    fmc_model *cm;
+    fm_model *m;
+    int64_t n;
+    int32_t pos;
+    int graph; /* capturing the decode graph: no host copies or syncs, position read from c->d_pos */
+    int32_t chunk; /* index of this pass among the eval's passes of c->nb tokens (numerical guard) */
+} fmc_ctx;
+
+struct fmc_session {
     fmc_model *cm;
     int32_t n_ctx, nb;
     float **kc, **vc, **conv, **ssm;
@@ -180,18 +196,10 @@ typedef struct {
      * UINT64_MAX none) on the device, copied to pinned h_bad before the eval's last sync */
     unsigned long long *d_bad, *h_bad;
     fm_cuda_counters cnt;
-} fmc_session;
-
-typedef struct {
-    fm_session *s;
-    fmc_session *c;
-    fmc_model *cm;
-    fm_model *m;
-    int64_t n;
-    int32_t pos;
-    int graph; /* capturing the decode graph: no host copies or syncs, position read from c->d_pos */
-    int32_t chunk; /* index of this pass among the eval's passes of c->nb tokens (numerical guard) */
-} fmc_ctx;
+    fmc_ctx xc;                /* the context every pass of an eval hands to the ops (fm_eval.ctx) */
+    fm_cuda_counters cap_cnt;  /* counters saved while the graph is captured (capture charges nothing) */
+    int64_t cap_hits;
+};
 
 /* numerical guard: record a NaN/Inf among the n rows of `row` floats at v, seen after `sub` (-1 the
  * embedding, 0..n_layers-1 that layer, n_layers the logits; row t is token t_off + t of this pass),
@@ -205,7 +213,20 @@ static inline int64_t fmc_conv_dim(const fm_model *m) {
     return 2 * (int64_t)m->lin_nk * m->lin_dk + (int64_t)m->lin_nv * m->lin_dv;
 }
 
+/* the context of pass p (fm_pass.ctx is the session's fmc_ctx) */
+static inline fmc_ctx *fmc_pass_ctx(const fm_pass *p) {
+    fmc_ctx *x = (fmc_ctx *)p->ctx;
+    x->n = p->n;
+    x->pos = p->pos;
+    x->graph = p->capture;
+    x->chunk = p->index;
+    return x;
+}
+
 /* ---- fm_cuda_weights.cu */
+/* the backend's model state (fm_model.bm): dense weights in VRAM, streams, the expert tiers */
+fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, char *err, size_t errlen);
+void fm_cuda_model_close(void *cm);
 int fmc_sm_count(void);
 fm_status fmc_device_ready(char *err, size_t errlen); /* a usable device, made current */
 
@@ -234,7 +255,7 @@ fm_status fmc_launch_attn(cudaStream_t st, const float *QG, const float *Kn, con
 /* ---- fm_cuda_moe.cu: the expert tiers */
 fm_status fmc_moe_open(fmc_model *cm, const fm_model_params *p, char *err, size_t errlen);
 void fmc_moe_close(fmc_model *cm); /* after both streams are synced */
-fm_status fmc_op_moe(void *vx, int32_t il, char *err, size_t errlen);
+fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen); /* the table's ffn[FM_FFN_MOE] */
 
 /* ---- fm_cuda_experts.cu: the routed experts' compute */
 fm_status fmc_mma_work_build(const int32_t *ids, const uint8_t *const *hptrs, int64_t npairs, int64_t E,
