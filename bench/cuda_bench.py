@@ -4,16 +4,20 @@
   python bench/cuda_bench.py tiers DIR --budgets 8,16,32 [--scale-layers 60] [--tokens N]
                                                                (b) experts in pinned host RAM,
                                                                VRAM cache of each budget
-                                                               [--splits 0,auto] FM_CUDA_CPU_SPLIT
-                                                               settings run on each engine
+                                                               [--splits 0,auto] cpu_split settings
+                                                               (debug switch) run on each engine
   python bench/cuda_bench.py bw                                pinned H2D and D2D bandwidth
   python bench/cuda_bench.py prefill DIR [--lens 64,256,1024]  prompt tok/s, every expert in VRAM, the
-                                                               tensor-core prefill kernels (FM_CUDA_MMA=1)
-                                                               and the fp32 ones (FM_CUDA_MMA=0) side by side
+                                                               tensor-core prefill kernels (cuda_mma=1)
+                                                               and the fp32 ones (cuda_mma=0) side by side
+  python bench/cuda_bench.py gdn DIR [--lens 2,4,8,16,32,64]   prompt tok/s with the chunked GatedDeltaNet
+                                                               (gdn_chunk=2) and the sequential kernel
+                                                               (gdn_chunk=0): where to put gdn_chunk's default
 
 Model dirs come from `flashmoe synth` (pyflashmoe/synth.py: random weights at real dimensions).
 Decode timing: a 16-token prompt, `--warmup` greedy decode steps (fill the caches), then `--tokens`
 timed steps; per step the wall time of Session.eval (one host sync at the end: the logits).
+Switches (csrc/fm.h fm_debug_params) are set on the engine between runs with Engine.set_debug.
 --scale-layers L: the model dir has fewer layers than the real model (disk); the VRAM budget is
 scaled by (layers in dir / L) so the cache holds the same share of the experts as the full model
 would, and the hit rate (uniform random routing: ~ slots / experts) is the one of the full model.
@@ -89,14 +93,14 @@ def decode_run(eng, n_tok, warmup, n_ctx=512):
             d[k] = c1[k]
     d["io_wait_ms"] = (s1["ms_io_wait"] - s0["ms_io_wait"]) / n_tok
     times = np.array(times) * 1e3
-    # breakdown: the same decode with a host sync after every op (FM_CUDA_TIMING=1; slower overall)
-    os.environ["FM_CUDA_TIMING"] = "1"
+    # breakdown: the same decode with a host sync after every op (cuda_timing=1; slower overall)
+    eng.set_debug(cuda_timing=1)
     s0 = ses.stats()
     nb = 16
     for _ in range(nb):
         tok = int(np.argmax(ses.eval([tok])))
     s1 = ses.stats()
-    os.environ["FM_CUDA_TIMING"] = "0"
+    eng.set_debug(cuda_timing=0)
     d["breakdown_ms"] = {k: (s1[k] - s0[k]) / nb for k in ("ms_total", "ms_attn", "ms_expert", "ms_other", "ms_io_wait")}
     return {"prefill_s": t_prefill, "ms_median": float(np.median(times)), "ms_mean": float(times.mean()),
             "ms_p90": float(np.percentile(times, 90)), "tok_s": 1e3 / float(np.median(times)),
@@ -130,9 +134,9 @@ def cmd_resident(a):
           f"HBM roofline {1e3 / floor_ms:.0f} tok/s ({total / 1e9:.2f} GB/token at {d2d:.0f} GB/s) -> "
           f"{100 * floor_ms / r['ms_median']:.0f}% ; syncs/token {r['per_token'].get('syncs', 0):.2f}")
     print("  breakdown with a sync per op (ms/token):", {k: round(v, 3) for k, v in r["per_token"]["breakdown_ms"].items()})
-    os.environ["FM_CUDA_GRAPH"] = "0"
+    eng.set_debug(cuda_graph=0)
     r0 = decode_run(eng, a.tokens, a.warmup)
-    os.environ["FM_CUDA_GRAPH"] = "1"
+    eng.set_debug(cuda_graph=1)
     print(f"  without the CUDA graph (plain launches): {r0['tok_s']:.1f} tok/s ({r0['ms_median']:.3f} ms/token)")
     print(json.dumps({"case": "resident_no_graph", "tok_s": r0["tok_s"], "ms_median": r0["ms_median"]}))
 
@@ -159,23 +163,35 @@ def prefill_run(eng, n, reps=3):
 def cmd_prefill(a):
     eng = core.Engine(a.dir, backend=1, io_threads=16)
     lens = [int(v) for v in a.lens.split(",") if v.strip()]
-    old = os.environ.get("FM_CUDA_MMA")
-    try:
-        for n in lens:
-            row = {"case": "prefill", "dir": a.dir, "layers": eng.n_layers, "tokens": n}
-            for mma in ("1", "0"):
-                os.environ["FM_CUDA_MMA"] = mma  # read per launch by the CUDA backend
-                row["mma" if mma == "1" else "fp32"] = prefill_run(eng, n, a.reps)
-            row["speedup"] = row["mma"]["tok_s"] / row["fp32"]["tok_s"]
-            print(json.dumps(row))
-            print(f"PREFILL {n} tokens: tensor cores {row['mma']['tok_s']:.0f} tok/s "
-                  f"({row['mma']['ms_median']:.1f} ms), fp32 kernels {row['fp32']['tok_s']:.0f} tok/s "
-                  f"({row['fp32']['ms_median']:.1f} ms): x{row['speedup']:.2f}")
-    finally:
-        if old is None:
-            os.environ.pop("FM_CUDA_MMA", None)
-        else:
-            os.environ["FM_CUDA_MMA"] = old
+    for n in lens:
+        row = {"case": "prefill", "dir": a.dir, "layers": eng.n_layers, "tokens": n}
+        for mma in (1, 0):
+            eng.set_debug(cuda_mma=mma)
+            row["mma" if mma else "fp32"] = prefill_run(eng, n, a.reps)
+        eng.set_debug(cuda_mma=1)
+        row["speedup"] = row["mma"]["tok_s"] / row["fp32"]["tok_s"]
+        print(json.dumps(row))
+        print(f"PREFILL {n} tokens: tensor cores {row['mma']['tok_s']:.0f} tok/s "
+              f"({row['mma']['ms_median']:.1f} ms), fp32 kernels {row['fp32']['tok_s']:.0f} tok/s "
+              f"({row['fp32']['ms_median']:.1f} ms): x{row['speedup']:.2f}")
+
+
+def cmd_gdn(a):
+    """prompt tok/s per length with the chunked GatedDeltaNet from 2 tokens on (gdn_chunk=2) and with the
+    sequential kernel (gdn_chunk=0), every expert in VRAM: gdn_chunk's default belongs at the first
+    length from which the chunked form stays faster."""
+    eng = core.Engine(a.dir, backend=1, io_threads=16)
+    lens = [int(v) for v in a.lens.split(",") if v.strip()]
+    for n in lens:
+        row = {"case": "gdn_chunk", "dir": a.dir, "layers": eng.n_layers, "tokens": n}
+        for g in (2, 0):
+            eng.set_debug(gdn_chunk=g)
+            row["chunked" if g else "sequential"] = prefill_run(eng, n, a.reps)
+        eng.set_debug(gdn_chunk=2)
+        row["speedup"] = row["chunked"]["tok_s"] / row["sequential"]["tok_s"]
+        print(json.dumps(row))
+        print(f"GDN {n} tokens: chunked {row['chunked']['ms_median']:.2f} ms, sequential "
+              f"{row['sequential']['ms_median']:.2f} ms: x{row['speedup']:.2f}")
 
 
 def cmd_tiers(a):
@@ -190,16 +206,9 @@ def cmd_tiers(a):
         t0 = time.perf_counter()
         eng = core.Engine(a.dir, backend=1, io_threads=16, vram_budget=budget, ram_budget=total_experts + (1 << 30))
         t_open = time.perf_counter() - t0
-        for pp in a.pipes.split(","):
-            os.environ["FM_CUDA_PIPE"] = pp
-            for sp in a.splits.split(","):
-                # "auto+t": the host share on its own thread (FM_CUDA_SPLIT_THREAD=1)
-                os.environ["FM_CUDA_SPLIT_THREAD"] = "1" if sp.endswith("+t") else "0"
-                os.environ["FM_CUDA_CPU_SPLIT"] = sp[:-2] if sp.endswith("+t") else sp
-                rows.append(tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp, pp))
-        os.environ.pop("FM_CUDA_CPU_SPLIT", None)
-        os.environ.pop("FM_CUDA_PIPE", None)
-        os.environ.pop("FM_CUDA_SPLIT_THREAD", None)
+        for sp in a.splits.split(","):
+            eng.set_debug(cpu_split="auto" if sp == "auto" else float(sp))
+            rows.append(tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp))
         del eng
     if a.resident_too:
         eng = core.Engine(a.dir, backend=1, io_threads=16)
@@ -209,7 +218,7 @@ def cmd_tiers(a):
         print(json.dumps({"case": "tiers_resident_floor", "ms_per_layer": r["ms_median"] / n_layers, **r}))
 
 
-def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp, pp="1"):
+def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp):
     if True:
         k = eng.experts_per_token
         bb = eng.expert_block_bytes(0)
@@ -222,14 +231,14 @@ def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp, pp="1"):
         routed = k * n_layers
         hit = pt.get("vram_hits", 0) / routed
         pcie_ms_layer = pt.get("h2d_bytes", 0) / n_layers / (h2d * 1e9) * 1e3
-        row = {"case": "tiers", "cpu_split": sp, "pipe": pp, "vram_budget_GiB_full_model": gb, "vram_budget_bytes_here": budget,
+        row = {"case": "tiers", "cpu_split": sp, "vram_budget_GiB_full_model": gb, "vram_budget_bytes_here": budget,
                "open_s": t_open, "ms_per_layer": per_layer, "vram_hit_rate": hit,
                "h2d_MB_per_layer": pt.get("h2d_bytes", 0) / n_layers / 1e6, "pcie_floor_ms_per_layer": pcie_ms_layer,
                "pcie_frac": pcie_ms_layer / per_layer if per_layer else 0, "h2d_GBps": h2d,
                "head_ms": head, "ms_per_layer_incl_head": r["ms_median"] / n_layers,
                "tok_s_full_model": 1e3 / (per_layer * a.scale_layers + head) if a.scale_layers else r["tok_s"], **r}
         print(json.dumps(row))
-        print(f"TIERS pipe={pp} split={sp} vram {gb:g} GiB (x{scale:.3f} -> {budget / 2**30:.2f} GiB here): {per_layer:.3f} ms/layer, "
+        print(f"TIERS split={sp} vram {gb:g} GiB (x{scale:.3f} -> {budget / 2**30:.2f} GiB here): {per_layer:.3f} ms/layer, "
               f"VRAM hit {100 * hit:.1f}%, {row['h2d_MB_per_layer']:.1f} MB/layer over PCIe "
               f"(floor {pcie_ms_layer:.3f} ms at {h2d:.1f} GB/s, {100 * row['pcie_frac']:.0f}%), "
               f"syncs/token {pt.get('syncs', 0):.1f}, io wait {pt['io_wait_ms']:.2f} ms/token, block {bb / 2**20:.2f} MiB; "
@@ -244,21 +253,21 @@ def tiers_row(a, eng, gb, budget, scale, t_open, n_layers, h2d, sp, pp="1"):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["resident", "tiers", "bw", "prefill"])
+    ap.add_argument("cmd", choices=["resident", "tiers", "bw", "prefill", "gdn"])
     ap.add_argument("dir", nargs="?")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--budgets", default="8,16,32")
     ap.add_argument("--scale-layers", type=int, default=0)
     ap.add_argument("--resident-too", action="store_true")
-    ap.add_argument("--splits", default="0,auto", help="FM_CUDA_CPU_SPLIT settings to run per budget (tiers); "
-                    "a +t suffix runs the host share on its own thread (FM_CUDA_SPLIT_THREAD=1)")
-    ap.add_argument("--pipes", default="1", help="FM_CUDA_PIPE settings (1: decode experts computed as their "
-                    "copies land, 0: after all copies) to run per budget (tiers)")
-    ap.add_argument("--lens", default="64,256,1024", help="prompt lengths (prefill)")
+    ap.add_argument("--splits", default="0,auto", help="cpu_split settings (auto, 0 or a fraction) to run per "
+                    "budget (tiers)")
+    ap.add_argument("--lens", default=None, help="prompt lengths (prefill: 64,256,1024; gdn: 2,4,8,16,32,64)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per prompt length (prefill), median")
     a = ap.parse_args()
-    {"resident": cmd_resident, "tiers": cmd_tiers, "bw": cmd_bw, "prefill": cmd_prefill}[a.cmd](a)
+    if a.lens is None:
+        a.lens = "2,4,8,16,32,64" if a.cmd == "gdn" else "64,256,1024"
+    {"resident": cmd_resident, "tiers": cmd_tiers, "bw": cmd_bw, "prefill": cmd_prefill, "gdn": cmd_gdn}[a.cmd](a)
 
 
 if __name__ == "__main__":

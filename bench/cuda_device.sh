@@ -1,7 +1,7 @@
 #!/bin/bash
 # bench/cuda_device.sh STAGE... : what one call on the GPU machine runs (logs under $OUT).
 # Stages: info build test a b. The CUDA object may come prebuilt in build/cuda (carried).
-# Env: TEST_K (pytest -k filter), B_LAYERS, B_BUDGETS, B_TOKENS, B_SPLITS (FM_CUDA_CPU_SPLIT settings
+# Env: TEST_K (pytest -k filter), B_LAYERS, B_BUDGETS, B_TOKENS, B_SPLITS (cpu_split settings
 # per budget, default 0,auto), B_RESIDENT=1 (also the all-resident floor), *_TIMEOUT.
 set -u
 export PYTHONUNBUFFERED=1

@@ -5,7 +5,7 @@
   python3 bench/cuda_profile.py summarize raw.csv [--steps N]
 
 `run` opens DIR on the CUDA backend (every expert resident in VRAM unless --budget is given), evaluates
-a 16-token prompt, then decodes --steps greedy tokens with plain launches (FM_CUDA_GRAPH=0, so the
+a 16-token prompt, then decodes --steps greedy tokens with plain launches (debug cuda_graph=0, so the
 profiler sees each kernel) between cuProfilerStart/Stop (driver API through ctypes), so only those
 steps are profiled. `summarize` groups ncu's per-kernel durations by kernel name (template
 arguments kept) and prints microseconds per decode step, largest first.
@@ -23,11 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def cmd_run(a):
     import numpy as np
     from pyflashmoe import _core as core
-    os.environ["FM_CUDA_GRAPH"] = "0"
     kw = {}
     if a.budget:
         kw = {"vram_budget": int(a.budget * (1 << 30)), "ram_budget": 1 << 40}
-    eng = core.Engine(a.dir, backend=1, io_threads=16, **kw)
+    eng = core.Engine(a.dir, backend=1, io_threads=16, debug={"cuda_graph": 0}, **kw)
     ses = core.Session(eng, 256)
     prompt = np.arange(100, 116, dtype=np.int32)
     tok = int(np.argmax(ses.eval(prompt)))

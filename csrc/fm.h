@@ -38,6 +38,22 @@ typedef enum {
 
 typedef enum { FM_BACKEND_CPU = 0, FM_BACKEND_CUDA = 1 } fm_backend_kind;
 
+/* Switches for comparisons and breakdowns (CUDA backend; the CPU backend ignores them). The
+ * defaults (fm_model_default_params) are the measured-faster choice. Checked at fm_model_open and
+ * by fm_model_set_debug: FM_ERR_ARG names the field. */
+typedef struct {
+    int32_t cuda_graph;  /* 1 (default): a resident decode step is one CUDA graph; 0: plain launches */
+    int32_t cuda_timing; /* 0 (default); 1: a host sync after every op, its time charged to fm_stats.ms_*
+                            (breakdowns; slower overall) */
+    int32_t cuda_mma;    /* 1 (default): prefill matmuls and grouped experts on tensor cores; 0: the fp32
+                            kernels */
+    int32_t gdn_chunk;   /* GatedDeltaNet: the chunked kernel for passes of at least max(gdn_chunk, 2)
+                            tokens; 0: never (the sequential kernel); default 2; must be >= 0 */
+    double cpu_split;    /* decode with a pinned host cache: share of the missed experts computed on the
+                            CPU. < 0 (default -1): automatic, by the measured PCIe and CPU rates; 0: off;
+                            (0, 1]: that fraction of the misses found in the pinned cache */
+} fm_debug_params;
+
 typedef struct {
     int32_t backend;           /* fm_backend_kind */
     int32_t n_threads;         /* compute threads; <= 0: number of online CPUs */
@@ -55,6 +71,7 @@ typedef struct {
                                   open) so memory pressure from the streamed experts cannot page them
                                   out; when RLIMIT_MEMLOCK refuses, they stay unlocked
                                   (fm_model_dense_locked tells) */
+    fm_debug_params debug;     /* comparison switches (see fm_debug_params); fm_model_set_debug changes them */
 } fm_model_params;
 
 typedef struct {
@@ -97,6 +114,11 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
                         char *err, size_t errlen);
 void fm_model_close(fm_model *m);
 void fm_model_set_log(fm_model *m, fm_log_fn fn, void *user);
+/* The model's debug switches now, and a change of them (checked as at open: FM_ERR_ARG names the
+ * field, nothing changes). Waits for an eval running on any session of the model; the change
+ * applies from the next eval. */
+fm_debug_params fm_model_debug(const fm_model *m);
+fm_status fm_model_set_debug(fm_model *m, const fm_debug_params *d, char *err, size_t errlen);
 
 int32_t fm_model_n_vocab(const fm_model *m);
 int32_t fm_model_n_layers(const fm_model *m);

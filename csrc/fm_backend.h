@@ -147,17 +147,18 @@ void fm_cuda_describe(char *buf, size_t len);
  * Each runs the CUDA kernel on device copies of the inputs; the caller compares with the C
  * reference (fm_quant.c / fm_ops.c), which fm_ref_* below runs on the same inputs. */
 /* Y[n, rows] = X[n, cols] W^T. bits: 2..8 affine (q, scales, biases), 16 bf16 (q = data),
- * 32 f32 (q = data). */
+ * 32 f32 (q = data). mma: fm_debug_params.cuda_mma (n >= 2: tensor cores or the fp32 kernels). */
 fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols,
                               const void *q, const uint16_t *scales, const uint16_t *biases,
-                              const float *X, int64_t n, float *Y, char *err, size_t errlen);
+                              const float *X, int64_t n, float *Y, int32_t mma, char *err, size_t errlen);
 fm_status fm_ref_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                         const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
                         float *Y, char *err, size_t errlen);
-/* Y[n, rows] = silu(X G^T) * (X U^T), G and U of one kind (bits as above) */
+/* Y[n, rows] = silu(X G^T) * (X U^T), G and U of one kind (bits and mma as above) */
 fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
                               const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
-                              const uint16_t *bu, const float *X, int64_t n, float *Y, char *err, size_t errlen);
+                              const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma, char *err,
+                              size_t errlen);
 /* routed experts grouped by expert (the prefill path): Ye[p, H] = down_e(silu(gate_e x) * up_e x)
  * for pair p = t*K + k, e = ids[p], x = X[t]. blocks: E expert blocks of block_bytes, gate/up
  * [I, H] and down [H, I] of one kind (bits as above) at offs[9] (gate w, s, b, up w, s, b, down
@@ -183,11 +184,12 @@ fm_status fm_ref_conv1d(const float *X, int64_t n, float *state, const float *w,
                         float *Y, char *err, size_t errlen);
 /* GatedDeltaNet for n tokens: qkv [n, 2*nk*dk + nv*dv] (after conv), z [n, nv*dv], a, b [n, nv],
  * A_log, dt_bias [nv], norm_w [dv]; S [nv, dk, dv] updated; O [n, nv*dv] (l2norm of q, k, q scale,
- * recurrence and the gated RMSNorm, as the engine's linear-attention layer) */
+ * recurrence and the gated RMSNorm, as the engine's linear-attention layer); gdn_chunk:
+ * fm_debug_params.gdn_chunk (which kernel runs a pass of n tokens) */
 fm_status fm_cuda_test_gdn(const float *qkv, const float *z, const float *a, const float *b,
                            const float *A_log, const float *dt_bias, const float *norm_w, int64_t n,
                            int32_t nk, int32_t nv, int32_t dk, int32_t dv, float eps, float *S, float *O,
-                           char *err, size_t errlen);
+                           int32_t gdn_chunk, char *err, size_t errlen);
 fm_status fm_ref_gdn(const float *qkv, const float *z, const float *a, const float *b, const float *A_log,
                      const float *dt_bias, const float *norm_w, int64_t n, int32_t nk, int32_t nv, int32_t dk,
                      int32_t dv, float eps, float *S, float *O, char *err, size_t errlen);
@@ -216,7 +218,7 @@ typedef struct {
     int64_t vram_hits, ram_hits, storage_reads;
     int64_t vram_slots, ram_slots;
     int32_t resident;       /* 1: every expert lives in VRAM (no per-layer sync) */
-    /* CPU split (FM_CUDA_CPU_SPLIT, decode with a pinned host tier): missed experts computed on the
+    /* CPU split (fm_debug_params.cpu_split, decode with a pinned host tier): missed experts computed on the
      * host from the pinned cache instead of copied (counted in ram_hits, not in h2d_bytes) */
     int64_t cpu_experts, cpu_layers;
     double cpu_ms;          /* host wall time of those expert computations */

@@ -51,7 +51,48 @@ fm_model_params fm_model_default_params(void) {
     p.verify_sizes = 1;
     p.prefetch = 1;
     p.lock_dense = 1;
+    p.debug.cuda_graph = 1;
+    p.debug.cuda_timing = 0;
+    p.debug.cuda_mma = 1;
+    p.debug.gdn_chunk = 2; /* a guess, not yet timed on the GPU: the chunk loop's cost against the
+                              sequential kernel's 3 block reductions per token */
+    p.debug.cpu_split = -1.0;
     return p;
+}
+
+/* FM_ERR_ARG naming the first field of d out of range */
+static fm_status debug_check(const fm_debug_params *d, char *err, size_t errlen) {
+    const struct {
+        const char *name;
+        int32_t v;
+    } flags[] = {{"cuda_graph", d->cuda_graph}, {"cuda_timing", d->cuda_timing}, {"cuda_mma", d->cuda_mma}};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        if (flags[i].v != 0 && flags[i].v != 1)
+            return fm_errf(err, errlen, FM_ERR_ARG, "debug.%s must be 0 or 1 (got %d)", flags[i].name, flags[i].v);
+    if (d->gdn_chunk < 0)
+        return fm_errf(err, errlen, FM_ERR_ARG,
+                       "debug.gdn_chunk must be >= 0 (0: never chunked; n: chunked from n tokens; got %d)",
+                       d->gdn_chunk);
+    if (!(d->cpu_split < 0.0 || (d->cpu_split >= 0.0 && d->cpu_split <= 1.0)))
+        return fm_errf(err, errlen, FM_ERR_ARG,
+                       "debug.cpu_split must be < 0 (auto), 0 (off) or a fraction in (0, 1] (got %g)", d->cpu_split);
+    return FM_OK;
+}
+
+fm_debug_params fm_model_debug(const fm_model *m) {
+    if (!m) return fm_model_default_params().debug;
+    return m->debug;
+}
+
+fm_status fm_model_set_debug(fm_model *m, const fm_debug_params *d, char *err, size_t errlen) {
+    if (err && errlen) err[0] = 0;
+    if (!m || !d) return fm_errf(err, errlen, FM_ERR_ARG, "fm_model_set_debug: %s is NULL", m ? "d" : "m");
+    fm_status st = debug_check(d, err, errlen);
+    if (st != FM_OK) return st;
+    pthread_mutex_lock(&m->mu); /* held by every eval */
+    m->debug = *d;
+    pthread_mutex_unlock(&m->mu);
+    return FM_OK;
 }
 
 static int own(fm_model *m, void *p) {
@@ -808,6 +849,8 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
     if (p.backend != FM_BACKEND_CPU && p.backend != FM_BACKEND_CUDA)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "fm_model_open: backend %d is not one of 0 (cpu), 1 (cuda)",
                        p.backend);
+    fm_status dst = debug_check(&p.debug, err, errlen);
+    if (dst != FM_OK) return dst;
     if (p.backend == FM_BACKEND_CUDA && !fm_cuda_available()) {
         char why[256];
         fm_cuda_describe(why, sizeof why);
@@ -815,6 +858,7 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
     }
     fm_model *m = calloc(1, sizeof *m);
     if (!m) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    m->debug = p.debug;
     fm_status st = FM_OK;
     fm_json *root = NULL;
     char *text = NULL, *mpath = NULL, *dpath = NULL;

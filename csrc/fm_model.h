@@ -101,6 +101,7 @@ struct fm_model {
     int mu_init;
     fm_log_fn log_fn;
     void *log_user;
+    fm_debug_params debug; /* fm_model_params.debug; changed by fm_model_set_debug under mu */
     const fm_backend *be; /* the backend (fm_model_params.backend), chosen by fm_model_open */
     void *bm;             /* its model state */
     int32_t be_open;      /* be->model_open was called (fm_model_close calls be->model_close) */

@@ -28,13 +28,14 @@ cdef extern from "fm_backend.h" nogil:
     void fm_cuda_describe(char *buf, size_t len)
     fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                                   const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
-                                  float *Y, char *err, size_t errlen)
+                                  float *Y, int32_t mma, char *err, size_t errlen)
     fm_status fm_ref_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                             const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
                             float *Y, char *err, size_t errlen)
     fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
                                   const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
-                                  const uint16_t *bu, const float *X, int64_t n, float *Y, char *err, size_t errlen)
+                                  const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma, char *err,
+                                  size_t errlen)
     fm_status fm_cuda_test_experts(int32_t bits, int32_t group_size, int64_t H, int64_t I, int32_t E, int32_t K,
                                    const void *blocks, uint64_t block_bytes, const uint64_t *offs, const int32_t *ids,
                                    const float *X, int64_t n, float *Ye, char *err, size_t errlen)
@@ -53,7 +54,7 @@ cdef extern from "fm_backend.h" nogil:
     fm_status fm_cuda_test_gdn(const float *qkv, const float *z, const float *a, const float *b,
                                const float *A_log, const float *dt_bias, const float *norm_w, int64_t n,
                                int32_t nk, int32_t nv, int32_t dk, int32_t dv, float eps, float *S, float *O,
-                               char *err, size_t errlen)
+                               int32_t gdn_chunk, char *err, size_t errlen)
     fm_status fm_ref_gdn(const float *qkv, const float *z, const float *a, const float *b,
                          const float *A_log, const float *dt_bias, const float *norm_w, int64_t n,
                          int32_t nk, int32_t nv, int32_t dk, int32_t dv, float eps, float *S, float *O,
@@ -105,9 +106,11 @@ cdef inline const float *_fp(object a):
     return &v[0]
 
 
-def _kernel_matmul(bint gpu, int bits, int group_size, q, scales, biases, X):
+def _kernel_matmul(bint gpu, int bits, int group_size, q, scales, biases, X, bint mma=True):
     """Y[n, rows] = X[n, cols] W^T on the GPU (gpu=True) or with the C reference. bits 2..8: q uint32
-    [rows, cols*bits/32] + bf16 (uint16) scales/biases; 16: q uint16 bf16 [rows, cols]; 32: q float32."""
+    [rows, cols*bits/32] + bf16 (uint16) scales/biases; 16: q uint16 bf16 [rows, cols]; 32: q float32.
+    mma (GPU, n >= 2): tensor cores (debug cuda_mma=1, the default) or the fp32 kernels."""
+    cdef int32_t use_mma = 1 if mma else 0
     X = _f32(X)
     if X.ndim == 1:
         X = X[None, :]
@@ -132,7 +135,8 @@ def _kernel_matmul(bint gpu, int bits, int group_size, q, scales, biases, X):
     err[0] = 0
     with nogil:
         if gpu:
-            st = fm_cuda_test_matmul(bits, group_size, rows, cols, &qb[0], sp, bp, xp, n, yp, err, sizeof(err))
+            st = fm_cuda_test_matmul(bits, group_size, rows, cols, &qb[0], sp, bp, xp, n, yp, use_mma, err,
+                                     sizeof(err))
         else:
             st = fm_ref_matmul(bits, group_size, rows, cols, &qb[0], sp, bp, xp, n, yp, err, sizeof(err))
     if st != FM_OK:
@@ -140,9 +144,10 @@ def _kernel_matmul(bint gpu, int bits, int group_size, q, scales, biases, X):
     return Y
 
 
-def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X):
+def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X, bint mma=True):
     """Y[n, rows] = silu(X G^T) * (X U^T) on the GPU; G (qg, sg, bg) and U as _kernel_matmul's q, scales,
-    biases (one bits / group_size for both)."""
+    biases (one bits / group_size for both); mma as _kernel_matmul's."""
+    cdef int32_t use_mma = 1 if mma else 0
     X = _f32(X)
     if X.ndim == 1:
         X = X[None, :]
@@ -178,8 +183,8 @@ def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X):
     cdef fm_status st
     err[0] = 0
     with nogil:
-        st = fm_cuda_test_swiglu(bits, group_size, rows, cols, &gb[0], p0, p1, &ub[0], p2, p3, xp, n, yp, err,
-                                 sizeof(err))
+        st = fm_cuda_test_swiglu(bits, group_size, rows, cols, &gb[0], p0, p1, &ub[0], p2, p3, xp, n, yp, use_mma,
+                                 err, sizeof(err))
     if st != FM_OK:
         raise _error_from(st, err)
     return Y
@@ -291,8 +296,12 @@ def _kernel_conv1d(bint gpu, X, state, w):
     return Y, state
 
 
-def _kernel_gdn(bint gpu, qkv, z, a, b, A_log, dt_bias, norm_w, S, int nk, int nv, int dk, int dv, float eps):
-    """GatedDeltaNet over n tokens (see fm_backend.h) -> (O [n, nv*dv], S updated copy)"""
+def _kernel_gdn(bint gpu, qkv, z, a, b, A_log, dt_bias, norm_w, S, int nk, int nv, int dk, int dv, float eps,
+                int gdn_chunk=2):
+    """GatedDeltaNet over n tokens (see fm_backend.h) -> (O [n, nv*dv], S updated copy); gdn_chunk (GPU):
+    debug gdn_chunk, the chunked kernel from that many tokens on (0: never)"""
+    if gdn_chunk < 0:
+        raise ArgumentError(f"gdn_chunk must be >= 0 (got {gdn_chunk})")
     qkv = _f32(qkv)
     z = _f32(z)
     a = _f32(a)
@@ -317,7 +326,8 @@ def _kernel_gdn(bint gpu, qkv, z, a, b, A_log, dt_bias, norm_w, S, int nk, int n
     err[0] = 0
     with nogil:
         if gpu:
-            st = fm_cuda_test_gdn(p0, p1, p2, p3, p4, p5, p6, n, nk, nv, dk, dv, eps, ps, po, err, sizeof(err))
+            st = fm_cuda_test_gdn(p0, p1, p2, p3, p4, p5, p6, n, nk, nv, dk, dv, eps, ps, po, gdn_chunk, err,
+                                  sizeof(err))
         else:
             st = fm_ref_gdn(p0, p1, p2, p3, p4, p5, p6, n, nk, nv, dk, dv, eps, ps, po, err, sizeof(err))
     if st != FM_OK:

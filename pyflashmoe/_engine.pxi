@@ -11,6 +11,45 @@ _STATS_KEYS = ("n_eval_calls", "n_tokens", "bytes_read", "expert_loads", "expert
                "ms_other", "last_bytes_read", "last_expert_loads", "last_expert_hits",
                "last_n_tokens", "prefetch_blocks", "prefetch_used")
 
+# fm_debug_params (csrc/fm.h): comparison switches of the CUDA backend, as a dict for Engine(debug=...)
+# and Engine.set_debug; pyflashmoe.switches maps the FM_CUDA_* environment variables onto it
+DEBUG_KEYS = ("cuda_graph", "cuda_timing", "cuda_mma", "gdn_chunk", "cpu_split")
+
+
+cdef _debug_update(fm_debug_params *d, debug):
+    """Copy the switches of the dict `debug` into *d (types checked here, ranges by the C core)."""
+    if debug is None:
+        return
+    if not isinstance(debug, dict):
+        raise ArgumentError(f"debug must be a dict of switches ({', '.join(DEBUG_KEYS)}), got {type(debug).__name__}")
+    for k, v in debug.items():
+        if k not in DEBUG_KEYS:
+            raise ArgumentError(f"debug: unknown switch {k!r} (known: {', '.join(DEBUG_KEYS)})")
+        if k == "cpu_split":
+            if isinstance(v, str) and v == "auto":
+                v = -1.0
+            elif isinstance(v, (bool, str)) or not isinstance(v, (int, float, _np.integer, _np.floating)):
+                raise ArgumentError(f"debug.cpu_split must be 'auto' or a number (got {v!r})")
+            d.cpu_split = float(v)
+            continue
+        if isinstance(v, bool):
+            v = int(v)
+        if not isinstance(v, (int, _np.integer)) or not (-2 ** 31 <= int(v) < 2 ** 31):
+            raise ArgumentError(f"debug.{k} must be an integer (got {v!r})")
+        if k == "cuda_graph":
+            d.cuda_graph = int(v)
+        elif k == "cuda_timing":
+            d.cuda_timing = int(v)
+        elif k == "cuda_mma":
+            d.cuda_mma = int(v)
+        else:
+            d.gdn_chunk = int(v)
+
+
+cdef dict _debug_dict(fm_debug_params d):
+    return {"cuda_graph": d.cuda_graph, "cuda_timing": d.cuda_timing, "cuda_mma": d.cuda_mma,
+            "gdn_chunk": d.gdn_chunk, "cpu_split": d.cpu_split}
+
 
 cdef class Engine:
     """A model directory opened for inference: dense weights read into memory, expert files opened."""
@@ -22,7 +61,9 @@ cdef class Engine:
 
     def __init__(self, str path, int backend=0, int n_threads=0, int io_threads=0,
                  bint direct_io=False, ram_budget=0, int experts_per_token=0, vram_budget=0,
-                 bint lock_dense=True, prefetch=True):
+                 bint lock_dense=True, prefetch=True, debug=None):
+        """debug: a dict of comparison switches (DEBUG_KEYS; csrc/fm.h fm_debug_params), the rest
+        default; a bad value raises ArgumentError naming the switch."""
         cdef fm_model_params p = fm_model_default_params()
         cdef char err[1024]
         cdef fm_status st
@@ -45,6 +86,7 @@ cdef class Engine:
             raise ArgumentError(f"prefetch must be a bool or a count >= 0 (got {prefetch})")
         p.prefetch = <int32_t>min(int(prefetch), 1 << 30)
         p.lock_dense = 1 if lock_dense else 0
+        _debug_update(&p.debug, debug)
         err[0] = 0
         with nogil:
             st = fm_model_open(&self._m, cpath, &p, err, sizeof(err))
@@ -92,6 +134,28 @@ cdef class Engine:
     def dense_locked(self):
         """True when the dense weights are mlock'ed (resident whatever the expert traffic)."""
         return bool(fm_model_dense_locked(self._ptr()))
+
+    @property
+    def debug(self):
+        """The comparison switches now (a dict over DEBUG_KEYS; cpu_split < 0 is auto)."""
+        return _debug_dict(fm_model_debug(self._ptr()))
+
+    def set_debug(self, debug=None, **switches):
+        """Change some comparison switches (a dict and/or keywords over DEBUG_KEYS; the others keep their
+        values) from the next eval on; waits for an eval running on another thread. A bad value raises
+        ArgumentError naming the switch and changes nothing."""
+        m = self._ptr()
+        cdef fm_debug_params d = fm_model_debug(m)
+        cdef char err[512]
+        if debug is not None and not isinstance(debug, dict):
+            raise ArgumentError(f"debug must be a dict of switches ({', '.join(DEBUG_KEYS)}), got {type(debug).__name__}")
+        _debug_update(&d, {**(debug or {}), **switches})
+        err[0] = 0
+        cdef fm_status st
+        with nogil:
+            st = fm_model_set_debug(m, &d, err, sizeof(err))
+        if st != FM_OK:
+            raise _error_from(st, err)
 
     def expert_block_bytes(self, int il):
         """Bytes of one expert block of layer il (0 for a layer without routed experts)."""

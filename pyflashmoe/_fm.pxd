@@ -19,6 +19,13 @@ cdef extern from "fm.h" nogil:
         FM_BACKEND_CPU
         FM_BACKEND_CUDA
 
+    ctypedef struct fm_debug_params:
+        int32_t cuda_graph
+        int32_t cuda_timing
+        int32_t cuda_mma
+        int32_t gdn_chunk
+        double cpu_split
+
     ctypedef struct fm_model_params:
         int32_t backend
         int32_t n_threads
@@ -30,6 +37,7 @@ cdef extern from "fm.h" nogil:
         int32_t verify_sizes
         int32_t prefetch
         int32_t lock_dense
+        fm_debug_params debug
 
     ctypedef struct fm_stats:
         int64_t n_eval_calls
@@ -55,6 +63,8 @@ cdef extern from "fm.h" nogil:
     fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *params,
                             char *err, size_t errlen)
     void fm_model_close(fm_model *m)
+    fm_debug_params fm_model_debug(const fm_model *m)
+    fm_status fm_model_set_debug(fm_model *m, const fm_debug_params *d, char *err, size_t errlen)
     int32_t fm_model_n_vocab(const fm_model *m)
     int32_t fm_model_n_layers(const fm_model *m)
     int32_t fm_model_hidden(const fm_model *m)

@@ -288,9 +288,10 @@ def bench(path, backend="cpu", cold=False, tokens=16, prompt_tokens=16, repeat=3
     except ImportError as e:
         raise BackendError(f"pyflashmoe._core is not built: {e}") from None
     ncpu = os.cpu_count() or 1
+    from pyflashmoe.switches import debug_from_env
     eng_kw = dict(backend=_BACKENDS[backend], n_threads=int(threads or 0), io_threads=int(io_threads or 0),
                   direct_io=bool(direct_io), ram_budget=budget, experts_per_token=int(k or 0),
-                  vram_budget=parse_size(vram_budget, "vram_budget"))
+                  vram_budget=parse_size(vram_budget, "vram_budget"), debug=debug_from_env())
     log = log or (lambda *a: None)
     rng = np.random.default_rng(seed)
     files = sz["expert_files"]

@@ -177,7 +177,7 @@ class Model:
     def load(cls, path=None, backend: str = "cpu", threads: int | None = None,
              io_threads: int | None = None, direct_io: bool = False, ram_budget=None,
              experts_per_token: int | None = None, context_length: int | None = None,
-             vram_budget=None) -> "Model":
+             vram_budget=None, debug: dict | None = None) -> "Model":
         """Open a model dir written by `flashmoe convert` (None: the embedded demo model).
 
         backend: "cpu", "cuda" (BackendError unless the extension has CUDA) or "auto" (CUDA when
@@ -185,7 +185,9 @@ class Model:
         like "16GiB"); None/0 relies on the OS page cache. experts_per_token overrides the
         model's top-K. context_length defaults to min(max_position_embeddings, 4096).
         vram_budget (CUDA): bytes of VRAM for the expert cache (int or "16GiB"); None: the
-        backend's default (60% of free VRAM)."""
+        backend's default (60% of free VRAM). debug: the CUDA backend's comparison switches
+        (pyflashmoe.switches; csrc/fm.h fm_debug_params) over those set by FM_CUDA_* variables,
+        which are read here, once."""
         from pyflashmoe import format as _fmt
         path = resolve_model_dir(path)
         manifest_path = os.path.join(path, "pyflashmoe.json")
@@ -218,6 +220,10 @@ class Model:
             raise ArgumentError(f"experts_per_token={experts_per_token} exceeds the model's n_experts={n_exp}")
         budget = parse_size(ram_budget, "ram_budget")
         vbudget = parse_size(vram_budget, "vram_budget")
+        from pyflashmoe.switches import debug_from_env
+        if debug is not None and not isinstance(debug, dict):
+            raise ArgumentError(f"debug must be a dict of switches, got {type(debug).__name__}")
+        dbg = {**debug_from_env(), **(debug or {})}
         # the one model-dir check (paths inside the dir; every offset / size / dtype against the
         # file headers), after the cheap argument checks and before the C core maps anything
         manifest = _fmt.validate(path)
@@ -226,7 +232,7 @@ class Model:
         engine = core.Engine(path, backend=_BACKENDS[backend], n_threads=int(threads or 0),
                              io_threads=int(io_threads or 0), direct_io=bool(direct_io),
                              ram_budget=budget, experts_per_token=int(experts_per_token or 0),
-                             vram_budget=vbudget)
+                             vram_budget=vbudget, debug=dbg)
         tokenizer = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             from pyflashmoe.tokenizer import Tokenizer

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 core = pytest.importorskip("pyflashmoe._core")
-from pyflashmoe.errors import BackendError  # noqa: E402
+from pyflashmoe.errors import ArgumentError, BackendError  # noqa: E402
 
 HAVE_CUDA_API = hasattr(core, "cuda_available")
 GPU = HAVE_CUDA_API and core.cuda_available()
@@ -125,14 +125,13 @@ def _mma_weights(rng, bits, gs, rows, cols):
 @pytest.mark.parametrize("n", [2, 5, 16, 33, 64, 100, 256])
 @pytest.mark.parametrize("bits,gs", MMA_KINDS)
 @pytest.mark.parametrize("rows,cols", [(7, 1024), (100, 96), (4096, 512)])
-def test_mma_matmul(bits, gs, rows, cols, n, monkeypatch):
+def test_mma_matmul(bits, gs, rows, cols, n):
     if bits < 16 and cols % gs:
         pytest.skip("group size does not divide cols")
-    monkeypatch.setenv("FM_CUDA_MMA", "1")
     rng = np.random.default_rng(bits * 1000 + gs + rows + cols + n)
     q, s, b = _mma_weights(rng, bits, gs, rows, cols)
     X = rng.standard_normal((n, cols)).astype(np.float32)
-    got = core._kernel_matmul(True, bits, gs, q, s, b, X)
+    got = core._kernel_matmul(True, bits, gs, q, s, b, X, mma=True)
     ref = core._kernel_matmul(False, bits, gs, q, s, b, X)
     assert got.shape == (n, rows)
     assert rel(got, ref) < TOL["affine" if bits < 16 else "bf16"]
@@ -143,16 +142,15 @@ def test_mma_matmul(bits, gs, rows, cols, n, monkeypatch):
 @pytest.mark.parametrize("n", [2, 17, 64, 256])
 @pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, 128), (16, 0)])
 @pytest.mark.parametrize("rows,cols", [(7, 512), (100, 96), (520, 1024)])
-def test_mma_swiglu(bits, gs, rows, cols, n, mma, monkeypatch):
-    """SwiGLU pair (dense MLP, shared expert): tensor cores (1) and the fp32 kernels (0)."""
+def test_mma_swiglu(bits, gs, rows, cols, n, mma):
+    """SwiGLU pair (dense MLP, shared expert): tensor cores (debug cuda_mma 1) and the fp32 kernels (0)."""
     if bits < 16 and cols % gs:
         pytest.skip("group size does not divide cols")
-    monkeypatch.setenv("FM_CUDA_MMA", mma)
     rng = np.random.default_rng(bits * 1000 + gs + rows + cols + n)
     qg, sg, bg = _mma_weights(rng, bits, gs, rows, cols)
     qu, su, bu = _mma_weights(rng, bits, gs, rows, cols)
     X = rng.standard_normal((n, cols)).astype(np.float32)
-    got = core._kernel_swiglu(bits, gs, qg, sg, bg, qu, su, bu, X)
+    got = core._kernel_swiglu(bits, gs, qg, sg, bg, qu, su, bu, X, mma=mma == "1")
     g = core._kernel_matmul(False, bits, gs, qg, sg, bg, X).astype(np.float64)
     u = core._kernel_matmul(False, bits, gs, qu, su, bu, X).astype(np.float64)
     assert rel(got, g / (1 + np.exp(-g)) * u) < 2 * TOL["affine"]
@@ -161,15 +159,14 @@ def test_mma_swiglu(bits, gs, rows, cols, n, mma, monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("n", [5, 100])
 @pytest.mark.parametrize("mma", ["1", "0"])
-def test_matmul_fp32_fallback(n, mma, monkeypatch):
-    """FM_CUDA_MMA=0 (the fp32 k_mm path, for A/B runs) and bf16 widths the tensor-core path does not
+def test_matmul_fp32_fallback(n, mma):
+    """debug cuda_mma=0 (the fp32 k_mm path, for A/B runs) and bf16 widths the tensor-core path does not
     take (cols % 32 != 0) still match."""
-    monkeypatch.setenv("FM_CUDA_MMA", mma)
     rng = np.random.default_rng(n)
     for bits, gs, rows, cols in [(4, 64, 300, 1024), (16, 0, 70, 100), (16, 0, 300, 512)]:
         q, s, b = _mma_weights(rng, bits, gs, rows, cols)
         X = rng.standard_normal((n, cols)).astype(np.float32)
-        assert rel(core._kernel_matmul(True, bits, gs, q, s, b, X),
+        assert rel(core._kernel_matmul(True, bits, gs, q, s, b, X, mma=mma == "1"),
                    core._kernel_matmul(False, bits, gs, q, s, b, X)) < TOL["affine"]
 
 
@@ -341,13 +338,11 @@ def test_gated_delta_net_decay_and_shapes(nk, nv, dk, dv, n, decay):
 @needs_gpu
 @pytest.mark.parametrize("n", [2, 65, 300])
 @pytest.mark.parametrize("nk,nv,dk,dv", [(2, 4, 16, 16), (16, 32, 128, 128)])
-def test_gated_delta_net_chunked_matches_sequential(nk, nv, dk, dv, n, monkeypatch):
-    """FM_CUDA_GDN_CHUNK=0 (sequential kernel) and =1 (chunked from n >= 2) agree."""
+def test_gated_delta_net_chunked_matches_sequential(nk, nv, dk, dv, n):
+    """debug gdn_chunk=0 (sequential kernel) and =1 (chunked from n >= 2) agree."""
     args = _gdn_inputs(nk, nv, dk, dv, n, "weak")
-    monkeypatch.setenv("FM_CUDA_GDN_CHUNK", "0")
-    so, sS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6)
-    monkeypatch.setenv("FM_CUDA_GDN_CHUNK", "1")
-    co, cS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6)
+    so, sS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6, gdn_chunk=0)
+    co, cS = core._kernel_gdn(True, *args, nk, nv, dk, dv, 1e-6, gdn_chunk=1)
     assert rel(co, so) < TOL["gdn"]
     assert rel(cS, sS) < TOL["gdn"]
 
@@ -521,16 +516,16 @@ def test_engine_long_prompt_spans_ubatches(tiny_dirs):
 @pytest.mark.parametrize("which", ["bf16", "q4"])
 @pytest.mark.parametrize("tier", ["vram_lru+ram_resident", "vram_lru+ram"])
 @pytest.mark.parametrize("split", ["0", "0.5", "1", "auto"])
-def test_cpu_split_matches_cpu_backend(tiny_dirs, which, tier, split, monkeypatch):
-    """Decode with FM_CUDA_CPU_SPLIT: part (0.5), all (1), none (0) or an automatic share of the
+def test_cpu_split_matches_cpu_backend(tiny_dirs, which, tier, split):
+    """Decode with debug cpu_split: part (0.5), all (1), none (0) or an automatic share of the
     misses found in the pinned host cache computed on the CPU from that cache while the GPU copies
-    the rest; logits against the CPU backend at every step."""
+    the rest; logits against the CPU backend at every step. Then Engine.set_debug turns it off."""
     path = tiny_dirs[which]
     cpu = core.Engine(path, backend=0, n_threads=2)
     bb = max(cpu.expert_block_bytes(i) for i in range(cpu.n_layers))
     ram = (1 << 30) if tier == "vram_lru+ram_resident" else 5 * bb
-    monkeypatch.setenv("FM_CUDA_CPU_SPLIT", split)
-    gpu = core.Engine(path, backend=1, n_threads=2, vram_budget=3 * bb, ram_budget=ram)
+    gpu = core.Engine(path, backend=1, n_threads=2, vram_budget=3 * bb, ram_budget=ram,
+                      debug={"cpu_split": split if split == "auto" else float(split)})
     toks = np.random.default_rng(11).integers(3, cpu.n_vocab, size=10).astype(np.int32)
     sc, sg = core.Session(cpu, 64), core.Session(gpu, 64)
     _close(sg.eval(toks), sc.eval(toks))  # prefill: never split
@@ -565,13 +560,51 @@ def test_cpu_split_matches_cpu_backend(tiny_dirs, which, tier, split, monkeypatc
             assert dec["cpu_experts"] > 0 and c1["cpu_gbps"] > 0
             if split == "1":  # every miss computed on the host: nothing crosses PCIe
                 assert dec["h2d_bytes"] == 0 and dec["cpu_experts"] == dec["ram_hits"]
+    # switched off between evals: no expert on the host from the next eval on, same logits
+    gpu.set_debug(cpu_split=0)
+    assert gpu.debug["cpu_split"] == 0.0
+    for _ in range(3):
+        a = sc.eval([tok])
+        _close(sg.eval([tok]), a)
+        tok = int(np.argmax(a))
+    c2 = core.cuda_counters(sg)
+    assert c2["cpu_experts"] == c1["cpu_experts"] and c2["split"] == 0.0
 
 
 @needs_gpu
-def test_cpu_split_bad_setting_raises(tiny_dirs, monkeypatch):
+def test_cpu_split_bad_setting_raises(tiny_dirs):
     cpu = core.Engine(tiny_dirs["bf16"], backend=0, n_threads=2)
     bb = max(cpu.expert_block_bytes(i) for i in range(cpu.n_layers))
+    with pytest.raises(ArgumentError, match="debug.cpu_split"):
+        core.Engine(tiny_dirs["bf16"], backend=1, vram_budget=3 * bb, ram_budget=1 << 30,
+                    debug={"cpu_split": 1.5})
     gpu = core.Engine(tiny_dirs["bf16"], backend=1, vram_budget=3 * bb, ram_budget=1 << 30)
-    monkeypatch.setenv("FM_CUDA_CPU_SPLIT", "1.5")
-    with pytest.raises(Exception, match="FM_CUDA_CPU_SPLIT"):
-        core.Session(gpu, 16).eval([5])
+    with pytest.raises(ArgumentError, match="debug.cpu_split"):
+        gpu.set_debug(cpu_split=1.5)
+    assert gpu.debug["cpu_split"] < 0  # unchanged: auto
+    core.Session(gpu, 16).eval([5])
+
+
+@needs_gpu
+@pytest.mark.parametrize("which", ["bf16", "q4"])
+def test_debug_switches_keep_logits(tiny_dirs, which):
+    """Resident decode without the CUDA graph (cuda_graph=0) and with a sync per op (cuda_timing=1),
+    and prefill on the fp32 kernels (cuda_mma=0) and the sequential GatedDeltaNet (gdn_chunk=0), all
+    switched between evals with Engine.set_debug, match the CPU backend."""
+    path = tiny_dirs[which]
+    cpu = core.Engine(path, backend=0, n_threads=2)
+    gpu = core.Engine(path, backend=1)
+    toks = np.random.default_rng(5).integers(3, cpu.n_vocab, size=20).astype(np.int32)
+    ref = core.Session(cpu, 64).eval(toks, all_logits=True)
+    for sw in ({"cuda_mma": 0}, {"gdn_chunk": 0}, {"cuda_mma": 0, "gdn_chunk": 0}, {}):
+        gpu.set_debug(cuda_mma=1, gdn_chunk=2, **sw)
+        _close(core.Session(gpu, 64).eval(toks, all_logits=True), ref)
+    sc, sg = core.Session(cpu, 64), core.Session(gpu, 64)
+    sc.eval(toks[:4])
+    sg.eval(toks[:4])
+    for i, sw in enumerate([{"cuda_graph": 1}, {"cuda_graph": 0}, {"cuda_timing": 1}, {"cuda_timing": 0}] * 2):
+        gpu.set_debug(**sw)
+        s0 = sg.stats()
+        _close(sg.eval([int(toks[4 + i])]), sc.eval([int(toks[4 + i])]))
+        if sw == {"cuda_timing": 1}:
+            assert sg.stats()["ms_attn"] > s0["ms_attn"]

@@ -4,12 +4,11 @@
  * per chunk; prefill grouped by expert on tensor cores from a host-built work list; decode pair
  * sets behind their copies), and the CPU split: part of a decode layer's missed experts computed
  * on the host from fm_io's RAM cache (fm_cpu_experts_token, the CPU backend's op) while the GPU copies and
- * computes the rest (fmc_split_count, calibration, rate EMAs, the host share inline or on the split
- * worker thread).
+ * computes the rest (fmc_split_count, calibration, rate EMAs, the host share on the calling
+ * thread: a worker thread for it measured slower, bench/RESULTS.md).
  * Does not own: which experts are where and the reads/copies (fm_cuda_moe.cu), kernels
  * (fm_cuda_kernels.cuh, fm_cuda_mma.cuh).
  */
-#include <pthread.h>
 #include <stdlib.h>
 
 #include "fmc_internal.cuh"
@@ -149,7 +148,7 @@ fm_status fmc_launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const
     fmc_session *c = x->c;
     cudaStream_t st = x->cm->cs;
     const int K = m->k_tok;
-    if (x->n > 1 && !x->graph && x->cm->mcnt && fmc_mma_enabled() && fmc_mma_experts_ok(L->pg, L->pu, L->pd, m->H))
+    if (x->n > 1 && !x->graph && x->cm->mcnt && m->debug.cuda_mma && fmc_mma_experts_ok(L->pg, L->pu, L->pd, m->H))
         return launch_experts_grouped(x, L, dptrs, hptrs, ci, npairs, err, errlen);
     dim3 gg, gd;
     expert_grids(L, x->cm->sms, npairs, &gg, &gd);
@@ -262,74 +261,20 @@ static void host_share_compute(fmc_model *cm, const fm_layer *FL, int64_t ncpu) 
     }
 }
 
-static void *split_main(void *arg) {
-    fmc_model *cm = (fmc_model *)arg;
-    pthread_mutex_lock(&cm->sw_mu);
-    for (;;) {
-        while (!cm->sw_stop && !cm->sw_job) pthread_cond_wait(&cm->sw_cv, &cm->sw_mu);
-        if (cm->sw_stop) break;
-        const fm_layer *FL = cm->sw_FL;
-        const int64_t ncpu = cm->sw_ncpu;
-        pthread_mutex_unlock(&cm->sw_mu);
-        const double t0 = fm_now_ms();
-        host_share_compute(cm, FL, ncpu);
-        const double ms = fm_now_ms() - t0;
-        pthread_mutex_lock(&cm->sw_mu);
-        cm->sw_ms = ms;
-        cm->sw_job = 0;
-        cm->sw_done = 1;
-        pthread_cond_broadcast(&cm->sw_cv);
-    }
-    pthread_mutex_unlock(&cm->sw_mu);
-    return NULL;
-}
-
-/* the host share on the calling thread, now */
+/* the host share on the calling thread, now (its time kept for fmc_host_share_finish) */
 void fmc_host_share_inline(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
     const double t0 = fm_now_ms();
     host_share_compute(cm, FL, ncpu);
-    cm->sw_ms = fm_now_ms() - t0;
-    cm->sw_done = 1;
+    cm->share_ms = fm_now_ms() - t0;
 }
 
-/* start the host share on the split worker (inline, now, if the worker cannot start) */
-void fmc_host_share_start(fmc_model *cm, const fm_layer *FL, int64_t ncpu) {
-    if (cm->sw_state == 0) {
-        pthread_mutex_init(&cm->sw_mu, NULL);
-        pthread_cond_init(&cm->sw_cv, NULL);
-        if (pthread_create(&cm->sw_th, NULL, split_main, cm) == 0) {
-            cm->sw_state = 1;
-        } else {
-            pthread_mutex_destroy(&cm->sw_mu);
-            pthread_cond_destroy(&cm->sw_cv);
-            cm->sw_state = -1;
-        }
-    }
-    if (cm->sw_state != 1) {
-        fmc_host_share_inline(cm, FL, ncpu);
-        return;
-    }
-    pthread_mutex_lock(&cm->sw_mu);
-    cm->sw_FL = FL;
-    cm->sw_ncpu = ncpu;
-    cm->sw_done = 0;
-    cm->sw_job = 1;
-    pthread_cond_broadcast(&cm->sw_cv);
-    pthread_mutex_unlock(&cm->sw_mu);
-}
-
-/* wait for the host share, then queue its sum for the combine (d_ycpu) and set the pairs' bits */
+/* after fmc_host_share_inline: queue the share's sum for the combine (d_ycpu), set the pairs' bits
+ * and charge its time */
 fm_status fmc_host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask,
-                                   const float **ycpu, char *err, size_t errlen) {
+                                const float **ycpu, char *err, size_t errlen) {
     fmc_model *cm = x->cm;
     fmc_session *c = x->c;
-    if (cm->sw_state == 1 && !cm->sw_done) {
-        pthread_mutex_lock(&cm->sw_mu);
-        while (!cm->sw_done) pthread_cond_wait(&cm->sw_cv, &cm->sw_mu);
-        pthread_mutex_unlock(&cm->sw_mu);
-    }
-    cm->sw_done = 0;
-    const double ms = cm->sw_ms;
+    const double ms = cm->share_ms;
     for (int64_t j = 0; j < ncpu; j++)
         if (cm->cpair[j] >= 0 && cm->cpair[j] < 32) *hostmask |= 1u << cm->cpair[j];
     fmc_ema(&cm->rate_cpu, (double)((uint64_t)ncpu * FL->block_bytes) / ms);
@@ -339,13 +284,6 @@ fm_status fmc_host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, ui
     CK(cudaMemcpyAsync(cm->d_ycpu, cm->h_ycpu, sizeof(float) * (size_t)x->m->H, cudaMemcpyHostToDevice, cm->cs));
     *ycpu = cm->d_ycpu;
     return FM_OK;
-}
-
-/* the host share, start to finish (the prefill-era chunk loop: nothing to overlap it with there) */
-fm_status fmc_host_share(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask, const float **ycpu,
-                            char *err, size_t errlen) {
-    fmc_host_share_start(x->cm, FL, ncpu);
-    return fmc_host_share_finish(x, FL, ncpu, hostmask, ycpu, err, errlen);
 }
 
 /* decode experts whose VRAM blocks are in S (cnt members), on the compute stream */
@@ -364,17 +302,4 @@ fm_status fmc_launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int cn
 #undef LG
 #undef LD
     return FM_OK;
-}
-
-/* join the split worker thread (model close) */
-void fmc_split_stop(fmc_model *cm) {
-    if (cm->sw_state != 1) return;
-    pthread_mutex_lock(&cm->sw_mu);
-    cm->sw_stop = 1;
-    pthread_cond_broadcast(&cm->sw_cv);
-    pthread_mutex_unlock(&cm->sw_mu);
-    pthread_join(cm->sw_th, NULL);
-    pthread_mutex_destroy(&cm->sw_mu);
-    pthread_cond_destroy(&cm->sw_cv);
-    cm->sw_state = 0;
 }

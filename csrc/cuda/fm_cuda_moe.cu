@@ -456,7 +456,6 @@ fm_status fmc_moe_open(fmc_model *cm, const fm_model_params *p, char *err, size_
 
 /* after both streams were synced (no copy out of fm_io's buffers is in flight) */
 void fmc_moe_close(fmc_model *cm) {
-    fmc_split_stop(cm);
     /* fm_io first: its threads stop, and it hands every block buffer back to pin */
     if (cm->io_opened && cm->m->io) {
         fm_io_close(cm->m->io);
@@ -650,7 +649,7 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
     const int32_t K = m->k_tok;
     const int64_t npairs = n * K;
     CKS(fmc_launch_norm(st, 0, c->x, NULL, L->ffn_norm, n, H, m->eps, m->norm_offset, c->xn, err, errlen));
-    CKS(fmc_launch_mm(st, sms, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
+    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
     k_route<<<(unsigned)n, 32, sizeof(float) * (size_t)E, st>>>(c->lr, (int)E, K, m->norm_topk, c->topi, c->topw);
     CKL();
     /* CPU split possible: decode, pinned host tier; the layer's normalized input and routing weights
@@ -668,9 +667,9 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
     const float *ycpu = NULL;
     /* shared expert: queued now, runs while the host waits for the ids and the copies fly */
     if (FL->has_shexp) {
-        CKS(fmc_launch_swiglu(st, sms, L->sh_gate, L->sh_up, c->xn, H, n, c->shg, err, errlen));
-        CKS(fmc_launch_mm(st, sms, L->sh_down, c->shg, m->sh_I, n, c->sho, H, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, L->sh_router, c->xn, H, n, c->shs, 1, 0, err, errlen));
+        CKS(fmc_launch_swiglu(st, sms, m->debug.cuda_mma, L->sh_gate, L->sh_up, c->xn, H, n, c->shg, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->sh_down, c->shg, m->sh_I, n, c->sho, H, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->sh_router, c->xn, H, n, c->shs, 1, 0, err, errlen));
     }
     if (cm->resident) {
         k_fill_ptrs<<<(unsigned)((npairs + 255) / 256), 256, 0, st>>>(c->topi, npairs, cm->d_table + (int64_t)il * E,
@@ -709,10 +708,10 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
                 cm->eptr[e] = NULL;
             }
         const uint64_t bb = FL->block_bytes;
-        /* decode: the pipelined path (hits at once, each copied miss as soon as it lands); the chunk
-         * loop below serves prefill (and FM_CUDA_PIPE=0, for comparison) */
-        const char *pv = getenv("FM_CUDA_PIPE");
-        const int pipe = n == 1 && npairs <= FMC_PSET && nu <= cm->chunk && !(pv && pv[0] == '0');
+        /* decode: the pipelined path (hits at once, each copied miss as soon as it lands; the CPU
+         * split); the chunk loop below serves prefill (and decode with K > FMC_PSET: try_split
+         * implies pipe, as chunk >= K) */
+        const int pipe = n == 1 && npairs <= FMC_PSET && nu <= cm->chunk;
         if (pipe) CKS(moe_decode_cached(x, il, list, nu, try_split, &hostmask, &ycpu, err, errlen));
         int64_t ci = 0;
         for (int64_t c0 = 0; !pipe && c0 < nu; c0 += cm->chunk, ci++) {

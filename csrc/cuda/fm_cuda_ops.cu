@@ -76,13 +76,8 @@ static fm_status launch_mv_multi(cudaStream_t st, int sms, int nm, const DMat *c
 
 /* ---- tensor-core prefill matmuls (fm_cuda_mma.cuh) ----
  * Used for n >= 2 tokens when the weights are bf16 or affine with cols % 32 == 0 (f32 weights and
- * odd bf16 widths keep k_mm). FM_CUDA_MMA=0 (read per launch, prefill only) falls back to the
+ * odd bf16 widths keep k_mm). mma == 0 (fm_debug_params.cuda_mma, prefill only) falls back to the
  * fp32 kernels, for A/B benchmarks. */
-int fmc_mma_enabled(void) {
-    const char *e = getenv("FM_CUDA_MMA");
-    return !(e && e[0] == '0');
-}
-
 int fmc_mma_mat_ok(int kind, int64_t cols, int gs) {
     if (kind < 1 || kind > 8 || kind == 7 || cols <= 0 || cols % 32) return 0;
     return kind == 1 || (gs > 0 && gs % 32 == 0 && cols % gs == 0);
@@ -212,8 +207,8 @@ static fm_status launch_mma_dense(cudaStream_t st, int sms, const DMat &W, const
     return FM_OK;
 }
 
-fm_status fmc_launch_mm(cudaStream_t st, int sms, const DMat &W, const float *X, int64_t ldx, int64_t n, float *Y,
-                           int64_t ldy, int acc, char *err, size_t errlen) {
+fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const float *X, int64_t ldx, int64_t n,
+                        float *Y, int64_t ldy, int acc, char *err, size_t errlen) {
     if (n <= 0 || W.rows <= 0) return FM_OK;
     if (n == 1) {
         const DMat *Ws[1] = {&W};
@@ -221,7 +216,7 @@ fm_status fmc_launch_mm(cudaStream_t st, int sms, const DMat &W, const float *X,
         int accs[1] = {acc};
         return launch_mv_multi(st, sms, 1, Ws, ys, accs, X, err, errlen);
     }
-    if (fmc_mma_mat_ok(W.kind, W.cols, W.gs) && mma_x_ok(X, ldx) && fmc_mma_enabled())
+    if (fmc_mma_mat_ok(W.kind, W.cols, W.gs) && mma_x_ok(X, ldx) && mma)
         return launch_mma_dense(st, sms, W, NULL, X, ldx, n, Y, ldy, acc, err, errlen);
     dim3 g = row_grid(W.rows, sms);
 #define L1(K) k_mm<K, 1><<<g, FMC_WARPS * 32, 0, st>>>(W, X, ldx, n, Y, ldy, acc)
@@ -237,8 +232,8 @@ fm_status fmc_launch_mm(cudaStream_t st, int sms, const DMat &W, const float *X,
     return FM_OK;
 }
 
-fm_status fmc_launch_swiglu(cudaStream_t st, int sms, const DMat &G, const DMat &U, const float *X, int64_t ldx,
-                               int64_t n, float *Hout, char *err, size_t errlen) {
+fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, const DMat &U, const float *X,
+                            int64_t ldx, int64_t n, float *Hout, char *err, size_t errlen) {
     if (n <= 0 || G.rows <= 0) return FM_OK;
     if (G.kind != U.kind || G.rows != U.rows || G.cols != U.cols)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: gate and up projections differ in dtype or shape");
@@ -250,7 +245,7 @@ fm_status fmc_launch_swiglu(cudaStream_t st, int sms, const DMat &G, const DMat 
         CKL();
         return FM_OK;
     }
-    if (fmc_mma_mat_ok(G.kind, G.cols, G.gs) && G.gs == U.gs && mma_x_ok(X, ldx) && fmc_mma_enabled())
+    if (fmc_mma_mat_ok(G.kind, G.cols, G.gs) && G.gs == U.gs && mma_x_ok(X, ldx) && mma)
         return launch_mma_dense(st, sms, G, &U, X, ldx, n, Hout, G.rows, 0, err, errlen);
     dim3 g = row_grid(G.rows, sms);
 #define L1(K) k_mm_swiglu<K, 1><<<g, FMC_WARPS * 32, 0, st>>>(G, U, X, ldx, n, Hout)
@@ -276,21 +271,19 @@ fm_status fmc_launch_norm(cudaStream_t st, int op, const float *X, const float *
 }
 
 fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, const float *A, const float *B,
-                            const float *A_log, const float *dt_bias, const float *normw, float *S, float *O, int64_t n,
-                            int nk, int nv, int dk, int dv, float eps, char *err, size_t errlen) {
+                         const float *A_log, const float *dt_bias, const float *normw, float *S, float *O, int64_t n,
+                         int nk, int nv, int dk, int dv, float eps, int gdn_chunk, char *err, size_t errlen) {
     if (dv > 256 || dk > 128)
         return fm_errf(err, errlen, FM_ERR_BACKEND,
                        "CUDA: GatedDeltaNet with key dim %d / value dim %d is not supported (max 128 / 256)", dk, dv);
     if (nk <= 0 || nv % nk)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: GatedDeltaNet needs n_v_heads %% n_k_heads == 0");
-    /* Chunked form (fm_cuda_gdn_chunk.cuh) from FM_CUDA_GDN_CHUNK tokens on (default and minimum 2;
-     * 0: never). Its cost per chunk of up to 64 tokens is a few dependent phases, where the
-     * sequential kernel pays 3 block reductions per token; the default 2 is a guess, not yet timed
-     * (set a larger minimum to move the switch). Decode (n == 1) stays on the sequential kernel,
-     * which is also the fallback. */
-    const char *cv = getenv("FM_CUDA_GDN_CHUNK");
-    const long cmin = cv && *cv ? strtol(cv, NULL, 10) : 2;
-    if (cmin > 0 && n >= (cmin > 2 ? cmin : 2)) {
+    /* Chunked form (fm_cuda_gdn_chunk.cuh) from gdn_chunk tokens on (fm_debug_params.gdn_chunk:
+     * default and minimum 2; 0: never). Its cost per chunk of up to 64 tokens is a few dependent
+     * phases, where the sequential kernel pays 3 block reductions per token; the default 2 is a
+     * guess, not yet timed (a larger minimum moves the switch). Decode (n == 1) runs k_gdn_dec;
+     * other passes below the switch run the sequential k_gdn. */
+    if (gdn_chunk > 0 && n >= (gdn_chunk > 2 ? gdn_chunk : 2)) {
         const size_t smem = gdn_chunk_smem(dk);
         const dim3 grid((unsigned)nv, (unsigned)((dv + 31) / 32));
 #define GDN_CHUNK(K)                                                                                          \
@@ -309,8 +302,7 @@ fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, cons
         /* gated RMSNorm of each (token, head) row of dv outputs, in place (as k_gdn's) */
         return fmc_launch_norm(st, 1, O, Z, normw, n * nv, dv, eps, 0.f, O, err, errlen);
     }
-    const char *dvv = getenv("FM_CUDA_GDN_DEC"); /* 0: decode on the one-block-per-head k_gdn */
-    if (n == 1 && !(dvv && dvv[0] == '0')) {
+    if (n == 1) {
         /* decode: value columns over blocks, key dim over 4 slices (k_gdn_dec), then the norm */
         const dim3 grid((unsigned)nv, (unsigned)((dv + 31) / 32));
         if (dk <= 32)
@@ -535,14 +527,14 @@ static fm_status op_attn_full(fm_pass *p, int32_t il, char *err, size_t errlen) 
         float *ys[3] = {c->qg, c->k, c->v};
         CKS(launch_mv_multi(st, sms, 3, Ws, ys, NULL, c->xn, err, errlen));
     } else {
-        CKS(fmc_launch_mm(st, sms, L->wq, c->xn, H, n, c->qg, L->wq.rows, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, L->wk, c->xn, H, n, c->k, kvd, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, L->wv, c->xn, H, n, c->v, kvd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wq, c->xn, H, n, c->qg, L->wq.rows, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wk, c->xn, H, n, c->k, kvd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wv, c->xn, H, n, c->v, kvd, 0, err, errlen));
     }
     CKS(fmc_launch_attn(st, c->qg, c->k, c->v, L->q_norm, L->k_norm, c->q, c->gate, c->kc[si], c->vc[si], c->att, n, x->pos,
                     x->graph ? c->d_pos : NULL, m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
                     m->norm_offset, err, errlen));
-    CKS(fmc_launch_mm(st, sms, L->wo, c->att, qd, n, c->x, H, 1, err, errlen));
+    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wo, c->att, qd, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
 
@@ -562,17 +554,17 @@ static fm_status op_attn_linear(fm_pass *p, int32_t il, char *err, size_t errlen
         float *ys[4] = {c->qkv, c->z, c->bb, c->ba};
         CKS(launch_mv_multi(st, sms, 4, Ws, ys, NULL, c->xn, err, errlen));
     } else {
-        CKS(fmc_launch_mm(st, sms, L->ssm_qkv, c->xn, H, n, c->qkv, cd, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, L->ssm_z, c->xn, H, n, c->z, vd, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, L->ssm_b, c->xn, H, n, c->bb, m->lin_nv, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, L->ssm_a, c->xn, H, n, c->ba, m->lin_nv, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_qkv, c->xn, H, n, c->qkv, cd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_z, c->xn, H, n, c->z, vd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_b, c->xn, H, n, c->bb, m->lin_nv, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_a, c->xn, H, n, c->ba, m->lin_nv, 0, err, errlen));
     }
     k_conv<<<(unsigned)((cd + 127) / 128), 128, 0, st>>>(c->qkv, n, c->conv[si], L->ssm_conv, (int)cd, m->conv_k,
                                                          c->qkvc);
     CKL();
     CKS(fmc_launch_gdn(st, c->qkvc, c->z, c->ba, c->bb, L->A_log, L->dt_bias, L->ssm_norm, c->ssm[si], c->o, n, m->lin_nk,
-                   m->lin_nv, m->lin_dk, m->lin_dv, m->eps, err, errlen));
-    CKS(fmc_launch_mm(st, sms, L->ssm_out, c->o, vd, n, c->x, H, 1, err, errlen));
+                   m->lin_nv, m->lin_dk, m->lin_dv, m->eps, m->debug.gdn_chunk, err, errlen));
+    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_out, c->o, vd, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
 
@@ -584,8 +576,8 @@ static fm_status op_ffn_dense(fm_pass *p, int32_t il, char *err, size_t errlen) 
     cudaStream_t st = x->cm->cs;
     const int64_t n = x->n, H = m->H;
     CKS(fmc_launch_norm(st, 0, c->x, NULL, L->ffn_norm, n, H, m->eps, m->norm_offset, c->xn, err, errlen));
-    CKS(fmc_launch_swiglu(st, x->cm->sms, L->ffn_gate, L->ffn_up, c->xn, H, n, c->dg, err, errlen));
-    CKS(fmc_launch_mm(st, x->cm->sms, L->ffn_down, c->dg, m->dense_I, n, c->x, H, 1, err, errlen));
+    CKS(fmc_launch_swiglu(st, x->cm->sms, m->debug.cuda_mma, L->ffn_gate, L->ffn_up, c->xn, H, n, c->dg, err, errlen));
+    CKS(fmc_launch_mm(st, x->cm->sms, m->debug.cuda_mma, L->ffn_down, c->dg, m->dense_I, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
 
@@ -606,7 +598,7 @@ static fm_status op_final(fm_pass *p, char *err, size_t errlen) {
     for (; r0 < n; r0 += FMC_LOGIT_ROWS) {
         int64_t nr = n - r0 < FMC_LOGIT_ROWS ? n - r0 : FMC_LOGIT_ROWS;
         CKS(fmc_launch_norm(st, 0, c->x + r0 * H, NULL, cm->output_norm, nr, H, m->eps, m->norm_offset, c->xn, err, errlen));
-        CKS(fmc_launch_mm(st, cm->sms, lm, c->xn, H, nr, c->logits, V, 0, err, errlen));
+        CKS(fmc_launch_mm(st, cm->sms, m->debug.cuda_mma, lm, c->xn, H, nr, c->logits, V, 0, err, errlen));
         CKS(check_finite(x, c->logits, nr, V, (int32_t)m->n_layers, r0, err, errlen));
         if (x->graph) return FM_OK; /* the caller copies the logits after the replay */
         if (timed) CK(cudaEventRecord(cm->ev_h1, st));
@@ -635,7 +627,7 @@ static fm_status op_guard(fm_pass *p, int32_t stage, char *err, size_t errlen) {
     return check_finite(x, x->c->x, x->n, x->m->H, stage, 0, err, errlen);
 }
 
-/* per-op timing (fm_debug / FM_CUDA_TIMING): wait for the queued work */
+/* per-op timing (fm_debug_params.cuda_timing): wait for the queued work */
 static fm_status op_sync(fm_pass *p, char *err, size_t errlen) {
     CK(cudaStreamSynchronize(fmc_pass_ctx(p)->cm->cs));
     return FM_OK;
@@ -650,24 +642,9 @@ static fm_status cu_eval_begin(fm_eval *ev, char *err, size_t errlen) {
     fm_model *m = s->m;
     fmc_session *c = (fmc_session *)s->bs;
     CK(cudaSetDevice(0));
-    {
-        const char *tv = getenv("FM_CUDA_TIMING"); /* read per eval: benchmarks toggle it */
-        c->cm->timing = tv && tv[0] == '1';
-        /* FM_CUDA_CPU_SPLIT=auto (default) | 0 (off) | fraction in (0, 1] of the missed experts that
-         * sit in the pinned host cache, computed on the CPU (decode) */
-        const char *sv = getenv("FM_CUDA_CPU_SPLIT");
-        double sp = -1.0;
-        if (sv && sv[0] && strcmp(sv, "auto") != 0) {
-            char *end = NULL;
-            sp = strtod(sv, &end);
-            if (end == sv || *end || !(sp >= 0.0 && sp <= 1.0))
-                return fm_errf(err, errlen, FM_ERR_ARG, "FM_CUDA_CPU_SPLIT=%s: expected auto, 0 or a fraction in [0, 1]",
-                               sv);
-        }
-        c->cm->split = sp;
-        const char *tv2 = getenv("FM_CUDA_SPLIT_THREAD");
-        c->cm->split_async = tv2 && tv2[0] == '1';
-    }
+    /* the switches of this eval (fm_model_set_debug may change them between evals; evals hold m->mu) */
+    c->cm->timing = m->debug.cuda_timing;
+    c->cm->split = m->debug.cpu_split < 0.0 ? -1.0 : m->debug.cpu_split;
     *c->h_bad = ~0ull;
     CK(cudaMemsetAsync(c->d_bad, 0xff, sizeof *c->d_bad, c->cm->cs)); /* the guard's "nothing seen" */
     fmc_ctx *x = &c->xc;
@@ -680,9 +657,8 @@ static fm_status cu_eval_begin(fm_eval *ev, char *err, size_t errlen) {
     ev->pass_cap = c->nb;
     ev->timed = c->cm->timing;
     ev->graph = FM_GRAPH_NONE;
-    const char *gv = getenv("FM_CUDA_GRAPH"); /* 0: plain launches (comparison) */
     if (ev->n_tokens == 1 && ev->logits && !ev->all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
-        !(gv && gv[0] == '0'))
+        m->debug.cuda_graph)
         ev->graph = c->gexec ? FM_GRAPH_REPLAY : FM_GRAPH_CAPTURE;
     return FM_OK;
 }

@@ -19,15 +19,17 @@ const fm_backend *fm_cuda_backend(void) { return NULL; }
 
 fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                               const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n, float *Y,
-                              char *err, size_t errlen) {
+                              int32_t mma, char *err, size_t errlen) {
     (void)bits, (void)group_size, (void)rows, (void)cols, (void)q, (void)scales, (void)biases, (void)X, (void)n, (void)Y;
+    (void)mma;
     return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
 }
 fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
                               const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
-                              const uint16_t *bu, const float *X, int64_t n, float *Y, char *err, size_t errlen) {
+                              const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma, char *err,
+                              size_t errlen) {
     (void)bits, (void)group_size, (void)rows, (void)cols, (void)qg, (void)sg, (void)bg, (void)qu, (void)su, (void)bu;
-    (void)X, (void)n, (void)Y;
+    (void)X, (void)n, (void)Y, (void)mma;
     return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
 }
 fm_status fm_cuda_test_experts(int32_t bits, int32_t group_size, int64_t H, int64_t I, int32_t E, int32_t K,
@@ -54,9 +56,9 @@ fm_status fm_cuda_test_conv1d(const float *X, int64_t n, float *state, const flo
 }
 fm_status fm_cuda_test_gdn(const float *qkv, const float *z, const float *a, const float *b, const float *A_log,
                            const float *dt_bias, const float *norm_w, int64_t n, int32_t nk, int32_t nv, int32_t dk,
-                           int32_t dv, float eps, float *S, float *O, char *err, size_t errlen) {
+                           int32_t dv, float eps, float *S, float *O, int32_t gdn_chunk, char *err, size_t errlen) {
     (void)qkv, (void)z, (void)a, (void)b, (void)A_log, (void)dt_bias, (void)norm_w, (void)n, (void)nk, (void)nv;
-    (void)dk, (void)dv, (void)eps, (void)S, (void)O;
+    (void)dk, (void)dv, (void)eps, (void)S, (void)O, (void)gdn_chunk;
     return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
 }
 fm_status fm_cuda_test_attention(const float *qg, const float *k, const float *v, const float *q_norm,

@@ -50,7 +50,7 @@ static void *tb_put(tbufs *t, const void *src, size_t bytes) {
 
 extern "C" fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                                          const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
-                                         float *Y, char *err, size_t errlen) {
+                                         float *Y, int32_t mma, char *err, size_t errlen) {
     CKS(fmc_device_ready(err, errlen));
     tbufs tb = {{0}, 0};
     DMat W;
@@ -78,7 +78,7 @@ extern "C" fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64
     void *dx, *dy;
     TPUT(dx, X, (size_t)(n * cols) * 4);
     TPUT(dy, NULL, (size_t)(n * rows) * 4);
-    fm_status st = fmc_launch_mm(0, fmc_sm_count(), W, (const float *)dx, cols, n, (float *)dy, rows, 0, err, errlen);
+    fm_status st = fmc_launch_mm(0, fmc_sm_count(), mma, W, (const float *)dx, cols, n, (float *)dy, rows, 0, err, errlen);
     if (st != FM_OK) {
         tb_free(&tb);
         return st;
@@ -107,8 +107,8 @@ static int test_mat(tbufs *tb, int32_t bits, int32_t gs, int64_t rows, int64_t c
 
 extern "C" fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
                                          const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
-                                         const uint16_t *bu, const float *X, int64_t n, float *Y, char *err,
-                                         size_t errlen) {
+                                         const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma,
+                                         char *err, size_t errlen) {
     CKS(fmc_device_ready(err, errlen));
     if (bits != 16 && bits != 32 && (cols % 32 || group_size % 32 || cols % group_size))
         return fm_errf(err, errlen, FM_ERR_ARG, "cols/group_size must be multiples of 32");
@@ -122,7 +122,7 @@ extern "C" fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64
     }
     TPUT(dx, X, (size_t)(n * cols) * 4);
     TPUT(dy, NULL, (size_t)(n * rows) * 4);
-    fm_status st = fmc_launch_swiglu(0, fmc_sm_count(), G, U, (const float *)dx, cols, n, (float *)dy, err, errlen);
+    fm_status st = fmc_launch_swiglu(0, fmc_sm_count(), mma, G, U, (const float *)dx, cols, n, (float *)dy, err, errlen);
     if (st != FM_OK) {
         tb_free(&tb);
         return st;
@@ -245,8 +245,8 @@ extern "C" fm_status fm_cuda_test_conv1d(const float *X, int64_t n, float *state
 
 extern "C" fm_status fm_cuda_test_gdn(const float *qkv, const float *z, const float *a, const float *b,
                                       const float *A_log, const float *dt_bias, const float *norm_w, int64_t n, int32_t nk,
-                                      int32_t nv, int32_t dk, int32_t dv, float eps, float *S, float *O, char *err,
-                                      size_t errlen) {
+                                      int32_t nv, int32_t dk, int32_t dv, float eps, float *S, float *O,
+                                      int32_t gdn_chunk, char *err, size_t errlen) {
     CKS(fmc_device_ready(err, errlen));
     tbufs tb = {{0}, 0};
     const int64_t cd = 2 * (int64_t)nk * dk + (int64_t)nv * dv, vd = (int64_t)nv * dv;
@@ -261,8 +261,8 @@ extern "C" fm_status fm_cuda_test_gdn(const float *qkv, const float *z, const fl
     TPUT(dS, S, (size_t)((int64_t)nv * dk * dv) * 4);
     TPUT(dO, NULL, (size_t)(n * vd) * 4);
     fm_status st = fmc_launch_gdn(0, (const float *)dq, (const float *)dz, (const float *)da, (const float *)db,
-                              (const float *)dA, (const float *)dt, (const float *)dn, (float *)dS, (float *)dO, n, nk, nv,
-                              dk, dv, eps, err, errlen);
+                                  (const float *)dA, (const float *)dt, (const float *)dn, (float *)dS, (float *)dO, n,
+                                  nk, nv, dk, dv, eps, gdn_chunk, err, errlen);
     if (st != FM_OK) {
         tb_free(&tb);
         return st;

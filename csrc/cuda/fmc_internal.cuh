@@ -138,10 +138,10 @@ typedef struct fmc_model {
     const uint8_t **eptr; /* host scratch [E] */
     int32_t *used;        /* host scratch [E] */
     int64_t epoch;
-    int timing; /* FM_CUDA_TIMING=1 (read per eval): sync after every op, charge its time to fm_stats.ms_* */
+    int timing; /* fm_debug_params.cuda_timing of this eval: sync after every op, time to fm_stats.ms_* */
     /* CPU split (decode, RAM tier): part of a layer's missed experts found in fm_io's RAM cache is
      * computed on the host from that cache (fm_cpu_experts_token) while the GPU copies + computes the rest */
-    double split;             /* FM_CUDA_CPU_SPLIT (read per eval): <0 auto, else the fraction in [0, 1] */
+    double split;             /* fm_debug_params.cpu_split of this eval: -1 auto, else the fraction in [0, 1] */
     double rate_h2d, rate_cpu; /* bytes per ms (= GB/s * 1e6), EMAs of the measured rates; 0: unknown */
     int calibrated;
     float *h_xn, *h_topw, *h_ycpu; /* pinned [H], [K], [H] */
@@ -152,18 +152,8 @@ typedef struct fmc_model {
     cudaEvent_t ev_t0, ev_t1;      /* timing events around a layer's copies */
     cudaEvent_t ev_h0, ev_h1;      /* timing events around the final norm + lm_head */
     cudaEvent_t ev_grp[FMC_PSET];  /* decode: one per copied miss (its compute waits for it) */
-    /* the host share runs on its own thread (the split worker) while the main thread queues the
-     * layer's copies and kernels; started on first use */
-    pthread_t sw_th;
-    pthread_mutex_t sw_mu;
-    pthread_cond_t sw_cv;
-    int sw_state; /* 0 none, 1 running, -1 could not start (host share runs inline) */
-    int split_async; /* FM_CUDA_SPLIT_THREAD (read per eval) */
+    double share_ms;     /* the last host share's time (fmc_host_share_inline) */
     int64_t split_calls; /* auto-split decisions (every 64th may probe the host with one expert) */
-    int sw_stop, sw_job, sw_done;
-    const fm_layer *sw_FL;
-    int64_t sw_ncpu;
-    double sw_ms;
     int t_pending;
     uint64_t t_bytes;
 } fmc_model;
@@ -232,21 +222,20 @@ fm_status fmc_device_ready(char *err, size_t errlen); /* a usable device, made c
 
 /* ---- fm_cuda_ops.cu: launches on stream st (sms: the device's SM count) */
 dim3 fmc_mv_grid(int64_t rows, int rows_per_warp, int sms);
-int fmc_mma_enabled(void);
 int fmc_mma_mat_ok(int kind, int64_t cols, int gs);
 int fmc_mma_nt(int64_t n);
 fm_status fmc_mma_launch(int swi, cudaStream_t st, const MmaArgs &a, int kind, int nt, dim3 g, char *err,
                          size_t errlen);
 void fmc_mma_ws_release(cudaStream_t st);
-fm_status fmc_launch_mm(cudaStream_t st, int sms, const DMat &W, const float *X, int64_t ldx, int64_t n, float *Y,
-                        int64_t ldy, int acc, char *err, size_t errlen);
-fm_status fmc_launch_swiglu(cudaStream_t st, int sms, const DMat &G, const DMat &U, const float *X, int64_t ldx,
+fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const float *X, int64_t ldx, int64_t n,
+                        float *Y, int64_t ldy, int acc, char *err, size_t errlen);
+fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, const DMat &U, const float *X, int64_t ldx,
                             int64_t n, float *Hout, char *err, size_t errlen);
 fm_status fmc_launch_norm(cudaStream_t st, int op, const float *X, const float *Z, const float *w, int64_t n,
                           int64_t d, float eps, float off, float *Y, char *err, size_t errlen);
 fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, const float *A, const float *B,
                          const float *A_log, const float *dt_bias, const float *normw, float *S, float *O, int64_t n,
-                         int nk, int nv, int dk, int dv, float eps, char *err, size_t errlen);
+                         int nk, int nv, int dk, int dv, float eps, int gdn_chunk, char *err, size_t errlen);
 fm_status fmc_launch_attn(cudaStream_t st, const float *QG, const float *Kn, const float *Vn, const float *qnw,
                           const float *knw, float *Q, float *Gt, float *KC, float *VC, float *O, int64_t n, int pos,
                           const int *dpos, int nh, int nkv, int dh, int rot, float theta, int gate, float eps,
@@ -272,10 +261,6 @@ int64_t fmc_split_count(double split, double rate_h2d, double rate_cpu, int64_t 
 void fmc_ema(double *r, double sample);
 fm_status fmc_split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, const fm_layer *FL, char *err,
                               size_t errlen);
-void fmc_host_share_start(fmc_model *cm, const fm_layer *FL, int64_t ncpu);
 void fmc_host_share_inline(fmc_model *cm, const fm_layer *FL, int64_t ncpu);
 fm_status fmc_host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask,
                                 const float **ycpu, char *err, size_t errlen);
-fm_status fmc_host_share(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask, const float **ycpu,
-                         char *err, size_t errlen);
-void fmc_split_stop(fmc_model *cm); /* join the split worker thread if it runs */
