@@ -713,10 +713,10 @@ def test_hooks_alloc_every_block_buffer(expert_file, ram_budget):
                 assert np.array_equal(b, mm[e]), e
             assert all(_owned(hr, p) for p in hr.pointers(0, ex))
         assert hr.alloc_sizes == {bb} and hr.alloc_threads == {True}
-        # slots (2 * max_batch) + cache entries, never more
+        # slots (2 * max_batch) + cache entries, never more (the CUDA backend pins exactly that many)
         assert 0 < hr.n_alloc <= 2 * 4 + ram_budget // bb
-        if ram_budget:
-            assert hr.n_alloc > 2 * 4 - 1  # cache entries are former slots, the slots were refilled
+        if ram_budget:  # cache entries are former slots; the slots were refilled
+            assert hr.n_alloc > ram_budget // bb
     finally:
         hr.close()
     assert hr.n_free == hr.n_alloc and not hr.bufs and not hr.bad_free
