@@ -652,7 +652,7 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
     CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
     k_route<<<(unsigned)n, 32, sizeof(float) * (size_t)E, st>>>(c->lr, (int)E, K, m->norm_topk, c->topi, c->topw);
     CKL();
-    /* CPU split possible: decode, pinned host tier; the layer's normalized input and routing weights
+    /* CPU split possible: decode, fm_io's RAM cache; the layer's normalized input and routing weights
      * come back with the routed ids (one sync) */
     const int try_split = !cm->resident && n == 1 && K <= 32 && cm->has_ram && cm->split != 0.0 && !x->graph;
     if (!cm->resident) {
