@@ -729,6 +729,10 @@ static fm_status cu_replay(fm_pass *p, char *err, size_t errlen) {
 
 /* ================================================================== the backend table */
 
+static int same_format(fm_dtype da, int32_t ba, int32_t ga, fm_dtype db, int32_t bb, int32_t gb) {
+    return da == db && (da != FM_DT_AFFINE || (ba == bb && ga == gb));
+}
+
 /* what the kernels cannot run, refused at open (il -1: model-wide; else layer il) */
 static fm_status cu_supports(const fm_model *m, int32_t il, char *err, size_t errlen) {
     if (il < 0) {
@@ -748,15 +752,26 @@ static fm_status cu_supports(const fm_model *m, int32_t il, char *err, size_t er
                            "backend cuda: linear attention with conv kernel %d is not supported (at most 9)", m->conv_k);
         return FM_OK;
     }
+    /* a gate and its up projection are read by one kernel (k_mv_swiglu, the expert gate/up kernels)
+     * with one kind and one group size */
     const fm_layer *L = &m->layers[il];
+    const char *which = NULL;
     if (L->ffn == FM_FFN_MOE) {
         const fm_part *g = &L->parts[FM_PART_GATE], *u = &L->parts[FM_PART_UP];
-        if (g->dt != u->dt || g->bits != u->bits || g->group_size != u->group_size)
-            return fm_errf(err, errlen, FM_ERR_BACKEND,
-                           "backend cuda: layer %d (%s): expert gate and up differ in dtype (the expert kernels take "
-                           "one for both)",
-                           il, fm_layer_kind(L));
+        if (!same_format(g->dt, g->bits, g->group_size, u->dt, u->bits, u->group_size))
+            which = "routed expert";
+        else if (L->has_shexp && !same_format(L->sh_gate.dt, L->sh_gate.bits, L->sh_gate.group_size, L->sh_up.dt,
+                                              L->sh_up.bits, L->sh_up.group_size))
+            which = "shared expert";
+    } else if (!same_format(L->ffn_gate.dt, L->ffn_gate.bits, L->ffn_gate.group_size, L->ffn_up.dt, L->ffn_up.bits,
+                            L->ffn_up.group_size)) {
+        which = "dense FFN";
     }
+    if (which)
+        return fm_errf(err, errlen, FM_ERR_BACKEND,
+                       "backend cuda: layer %d (%s): %s gate and up differ in dtype or group size (the CUDA gate/up "
+                       "kernels read both with one format)",
+                       il, fm_layer_kind(L), which);
     return FM_OK;
 }
 
