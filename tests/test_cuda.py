@@ -597,7 +597,7 @@ def test_debug_switches_keep_logits(tiny_dirs, which):
     toks = np.random.default_rng(5).integers(3, cpu.n_vocab, size=20).astype(np.int32)
     ref = core.Session(cpu, 64).eval(toks, all_logits=True)
     for sw in ({"cuda_mma": 0}, {"gdn_chunk": 0}, {"cuda_mma": 0, "gdn_chunk": 0}, {}):
-        gpu.set_debug(cuda_mma=1, gdn_chunk=2, **sw)
+        gpu.set_debug(**{"cuda_mma": 1, "gdn_chunk": 2, **sw})
         _close(core.Session(gpu, 64).eval(toks, all_logits=True), ref)
     sc, sg = core.Session(cpu, 64), core.Session(gpu, 64)
     sc.eval(toks[:4])
