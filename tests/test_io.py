@@ -614,7 +614,8 @@ LIB.fm_io_max_batch.argtypes = [ctypes.c_void_p]
 
 class HookedReader(Reader):
     """Reader opened through fm_io_open_ex with Python hooks that record every call: buffers from
-    an allocator of our own (4096-aligned ctypes buffers), on_block events (index, block, thread)."""
+    an allocator of our own (4096-aligned ctypes buffers), on_block events (index, block, thread);
+    on_block may also be a callable(index, block), called after the event is recorded."""
 
     def __init__(self, layers, io_threads=0, direct_io=0, ram_budget=0, max_batch=8, alloc=True, on_block=True,
                  block_delay=0.0):
@@ -655,6 +656,8 @@ class HookedReader(Reader):
                 time.sleep(block_delay)
             with self.lock:
                 self.events.append((index, block, threading.get_ident()))
+            if callable(on_block):
+                on_block(index, block)
 
         self.alloc_threads = set()
         self._cbs = IoHooks(ALLOC_FN(_alloc) if alloc else ALLOC_FN(), FREE_FN(_free) if alloc else FREE_FN(),
@@ -825,6 +828,43 @@ def test_on_block_not_called_for_a_failed_read(expert_file):
     finally:
         with open(path, "r+b") as f:
             f.write(full)
+        hr.close()
+
+
+def test_async_copies_see_intact_blocks_until_the_next_submit(tmp_path):
+    """The CUDA backend's pattern: on_block starts an asynchronous copy of each block (here: noted,
+    and done later, standing in for the copy stream), and the caller finishes all copies of a
+    request before it submits the next one. With a small RAM cache (admissions, evictions, buffers
+    swapping between slots and cache) every copy done at the last moment, right before the next
+    submit, must see its block's bytes; done later, many would not (the buffers are reused), which
+    is why the backend waits."""
+    n, bb = 24, 4096
+    path = tmp_path / "L000.safetensors"
+    off, data = write_expert_file(path, n, bb, seed=21)
+    cur, pending, late = {}, [], []
+
+    def on_block(index, block):
+        pending.append((cur["ex"][index], block))
+
+    hr = HookedReader([(path, off, bb, n)], io_threads=3, ram_budget=5 * bb, max_batch=6, on_block=on_block)
+    try:
+        rng = random.Random(4)
+        hot = [0, 1, 2, 3]
+        for _ in range(150):
+            for e, ptr in pending:  # the previous request's copies, finished before this submit
+                assert np.array_equal(np.frombuffer(ctypes.string_at(ptr, bb), np.uint8), data[e]), e
+            late.extend(pending)
+            pending.clear()
+            ex = list({rng.choice(hot) if rng.random() < 0.6 else rng.randrange(n)
+                       for _ in range(rng.randint(1, 6))})
+            cur["ex"] = ex
+            hr.submit(0, ex)
+            while hr.next() is not None:
+                pass
+            hr.wait(len(ex))
+        stale = sum(not np.array_equal(np.frombuffer(ctypes.string_at(p, bb), np.uint8), data[e]) for e, p in late)
+        assert stale > 0  # copies left for later would have read reused buffers
+    finally:
         hr.close()
 
 
