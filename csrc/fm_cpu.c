@@ -84,6 +84,7 @@ struct fm_scratch {
     float *qkv, *qkvc, *z, *ba, *bb, *o;
     /* moe */
     float *logits_r, *topw, *shg, *shu, *sho, *shs, *xe, *ge, *ue, *ye;
+    float *rtmp; /* fm_route scratch [2 * n_experts] */
     int32_t *topi, *cnt, *off, *fill, *etok, *elist;
     float *ew;
     /* dense mlp */
@@ -97,7 +98,7 @@ static void scratch_free(fm_scratch *b) {
     float **f[] = {&b->x,   &b->xn,  &b->y,   &b->qg,  &b->q,   &b->gate, &b->k,   &b->v,   &b->att,
                    &b->scores, &b->qkv, &b->qkvc, &b->z, &b->ba, &b->bb, &b->o, &b->logits_r, &b->topw,
                    &b->shg, &b->shu, &b->sho, &b->shs, &b->xe, &b->ge, &b->ue, &b->ye, &b->ew,
-                   &b->dg, &b->du};
+                   &b->dg, &b->du, &b->rtmp};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
         free(*f[i]);
         *f[i] = NULL;
@@ -134,7 +135,7 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int64_t n
              FA(b->shu, nb * I) && FA(b->sho, np * H) && FA(b->shs, np) && FA(b->xe, ne * H) &&
              FA(b->ge, ne * I) && FA(b->ue, ne * I) && FA(b->ye, ne * H) && IA(b->cnt, E) && IA(b->off, E + 1) &&
              IA(b->fill, E) && IA(b->etok, np * K) && FA(b->ew, np * K) &&
-             IA(b->elist, E) && IA(b->pfi, E);
+             IA(b->elist, E) && IA(b->pfi, E) && FA(b->rtmp, 2 * E);
     b->pf_il = -1;
     if (ok && m->n_moe < m->n_layers && m->dense_I > 0) ok = FA(b->dg, nb * m->dense_I) && FA(b->du, nb * m->dense_I);
 #undef FA
@@ -191,8 +192,10 @@ static void job_attend(void *ctx, int64_t i0, int64_t i1, int32_t tid) {
         int64_t t = it / nh;
         int32_t h = (int32_t)(it % nh), kh = h / rep;
         float *out = j->b->att + t * qd + (int64_t)h * dh;
-        fm_attend_head(out, j->b->q + t * qd + (int64_t)h * dh, kc + (int64_t)kh * dh, vc + (int64_t)kh * dh, kvd,
-                       j->pos + (int32_t)t + 1, dh, scale, scores);
+        int32_t p = j->pos + (int32_t)t;
+        fm_attend_head_ex(out, j->b->q + t * qd + (int64_t)h * dh, kc + (int64_t)kh * dh, vc + (int64_t)kh * dh, kvd,
+                          fm_window_start(p, j->L->window), p + 1, dh, scale, j->L->sinks ? j->L->sinks + h : NULL,
+                          scores);
         if (m->attn_gate) {
             const float *g = j->b->gate + t * qd + (int64_t)h * dh;
             for (int32_t d = 0; d < dh; d++) out[d] *= fm_sigmoid(g[d]);
@@ -374,23 +377,14 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
     int64_t ne = b->nb > m->max_batch ? b->nb : m->max_batch; /* rows of xe/ge/ue/ye */
     double t0 = fm_now_ms();
     /* routing (router logits in chunks of nb tokens): softmax over all experts, top-K,
-     * renormalise when norm_topk_prob */
+     * renormalise when norm_topk_prob, or the sigmoid router (fm_route, spec.router) */
     memset(b->cnt, 0, sizeof(int32_t) * (size_t)E);
     for (int64_t t = 0; t < n; t++) {
         if (t % b->nb == 0)
             fm_mm(m->pool, &L->router, b->xn + t * H, n - t < b->nb ? n - t : b->nb, b->logits_r);
-        float *p = b->logits_r + (t % b->nb) * E;
-        fm_softmax(p, E);
         int32_t *idx = b->topi + t * K;
-        float *w = b->topw + t * K;
-        fm_topk(p, (int32_t)E, K, idx);
-        float sum = 0.0f;
-        for (int32_t k = 0; k < K; k++) {
-            w[k] = p[idx[k]];
-            sum += w[k];
-        }
-        if (m->norm_topk)
-            for (int32_t k = 0; k < K; k++) w[k] /= sum;
+        fm_route(&m->route, b->logits_r + (t % b->nb) * E, L->router_bias, (int32_t)E, K, idx, b->topw + t * K,
+                 b->rtmp);
         for (int32_t k = 0; k < K; k++) b->cnt[idx[k]]++;
     }
     /* union of routed experts (ascending) and, per expert, its tokens */
@@ -432,7 +426,7 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
                 fm_mm(m->pool, &L->sh_up, xc, nn, b->shu);
                 swiglu(b->shg, b->shu, nn * shI);
                 fm_mm(m->pool, &L->sh_down, b->shg, nn, b->sho + c * H);
-                fm_mm(m->pool, &L->sh_router, xc, nn, b->shs + c);
+                if (m->shared_gate == FM_SHGATE_SIGMOID) fm_mm(m->pool, &L->sh_router, xc, nn, b->shs + c);
             }
             s->st.ms_expert += fm_now_ms() - ts;
         }
@@ -498,8 +492,11 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
                     memcpy(b->xe + r * H, b->xn + (int64_t)toks[r] * H, sizeof(float) * (size_t)H);
                 fm_mm(m->pool, &wg, b->xe, me, b->ge);
                 fm_mm(m->pool, &wu, b->xe, me, b->ue);
-                swiglu(b->ge, b->ue, me * I);
+                fm_add_bias(b->ge, fm_part_bias(&L->parts[FM_PART_GATE], blocks[c]), me, I);
+                fm_add_bias(b->ue, fm_part_bias(&L->parts[FM_PART_UP], blocks[c]), me, I);
+                fm_expert_act(&m->act, b->ge, b->ue, me * I);
                 fm_mm(m->pool, &wd, b->ge, me, b->ye);
+                fm_add_bias(b->ye, fm_part_bias(&L->parts[FM_PART_DOWN], blocks[c]), me, H);
                 for (int64_t r = 0; r < me; r++) {
                     float *dst = b->y + (int64_t)toks[r] * H;
                     const float *src = b->ye + r * H;
@@ -512,7 +509,7 @@ static fm_status layer_moe(fm_session *s, int32_t il, const fm_layer *L, fm_scra
     }
     if (L->has_shexp) {
         for (int64_t t = 0; t < n; t++) {
-            float gsc = fm_sigmoid(b->shs[t]);
+            float gsc = m->shared_gate == FM_SHGATE_SIGMOID ? fm_sigmoid(b->shs[t]) : 1.0f;
             float *dst = b->y + t * H;
             const float *src = b->sho + t * H;
             for (int64_t d = 0; d < H; d++) dst[d] += gsc * src[d];
@@ -577,8 +574,13 @@ void fm_cpu_experts_token(fm_pool *pool, const fm_model *m, const fm_layer *L, c
     fm_qmat wg = fm_part_view(&L->parts[FM_PART_GATE], blocks[0]);
     fm_qmat wd = fm_part_view(&L->parts[FM_PART_DOWN], blocks[0]);
     fm_pool_for(pool, (int64_t)nc * 2 * I, grain_rows(&wg), job_exp_gu, &j);
-    for (int64_t i = 0; i < (int64_t)nc * I; i++) g[i] = fm_silu(g[i]) * u[i];
+    for (int32_t c = 0; c < nc; c++) { /* part biases (spec model features) */
+        fm_add_bias(g + c * I, fm_part_bias(&L->parts[FM_PART_GATE], blocks[c]), 1, I);
+        fm_add_bias(u + c * I, fm_part_bias(&L->parts[FM_PART_UP], blocks[c]), 1, I);
+    }
+    fm_expert_act(&m->act, g, u, (int64_t)nc * I);
     fm_pool_for(pool, (int64_t)nc * H, grain_rows(&wd), job_exp_down, &j);
+    for (int32_t c = 0; c < nc; c++) fm_add_bias(ye + c * H, fm_part_bias(&L->parts[FM_PART_DOWN], blocks[c]), 1, H);
 }
 
 /* ---------------------------------------------------------------- session */

@@ -188,7 +188,7 @@ static int entry_shape(const fm_json *e, int64_t *dims, int32_t *nd) {
 static const fm_json *tensor_entry(fm_ld *ld, const char *name, fm_status *st) {
     const fm_json *e = fm_json_get(ld->tensors, name);
     if (!e || fm_json_kind(e) != FM_JSON_OBJ) {
-        *st = fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"] is missing (needed by spec.arch)",
+        *st = fm_errf(ld->err, ld->errlen, FM_ERR_FORMAT, MANIFEST ": tensors[\"%s\"] is missing (needed by the spec)",
                       name);
         return NULL;
     }
@@ -361,7 +361,7 @@ static fm_status get_part(fm_model *m, const fm_json *parts, const char *pname, 
     out->cols = cols;
     if (!ok)
         return fm_errf(err, errlen, FM_ERR_FORMAT,
-                       MANIFEST ": experts.layers[\"%d\"].parts.%s.dtype is \"%s\", expected bf16 or affine", il, pname,
+                       MANIFEST ": experts.layers[\"%d\"].parts.%s.dtype is \"%s\", expected bf16, f32 or affine", il, pname,
                        ds ? ds : "?");
     if (out->dt == FM_DT_AFFINE) {
         int32_t bits = json_small_int(fm_json_get(e, "bits"), 64);
@@ -396,6 +396,19 @@ static fm_status get_part(fm_model *m, const fm_json *parts, const char *pname, 
                            "block, 64-byte aligned",
                            il, pname, (unsigned long long)want, (unsigned long long)block_bytes);
         out->off_data = off;
+    }
+    /* optional bias: f32 [rows] inside the block */
+    const fm_json *bv = fm_json_get(e, "bias");
+    if (bv) {
+        uint64_t want = (uint64_t)rows * 4u, off, nb;
+        if (!json_span(bv, &off, &nb) || nb != want || off > block_bytes || nb > block_bytes - off ||
+            off % FM_PART_ALIGN != 0)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": experts.layers[\"%d\"].parts.%s.bias must be [offset, %llu] (f32 [%lld]) inside "
+                           "the %llu-byte block, 64-byte aligned",
+                           il, pname, (unsigned long long)want, (long long)rows, (unsigned long long)block_bytes);
+        out->has_bias = 1;
+        out->off_bias = off;
     }
     (void)m;
     return FM_OK;
@@ -518,20 +531,120 @@ static char *path_join(const char *dir, const char *name) {
     return p;
 }
 
+/* ---------------------------------------------------------------- model features (spec data) */
+
+/* optional spec key `key` (at where.key): one of names[n] -> its index; absent -> 0 (the default) */
+static fm_status feat_choice(const fm_json *obj, const char *where, const char *key, const char *const *names,
+                             int32_t n, int32_t *out, char *err, size_t errlen) {
+    const fm_json *v = fm_json_get(obj, key);
+    *out = 0;
+    if (!v) return FM_OK;
+    const char *s = fm_json_str(v);
+    for (int32_t i = 0; s && i < n; i++)
+        if (!strcmp(s, names[i])) {
+            *out = i;
+            return FM_OK;
+        }
+    char list[160] = "";
+    for (int32_t i = 0; i < n; i++) {
+        size_t l = strlen(list);
+        snprintf(list + l, sizeof list - l, "%s%s", i ? ", " : "", names[i]);
+    }
+    return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": %s.%s \"%.60s\" is not one of %s", where, key,
+                   s ? s : "(not a string)", list);
+}
+
+static fm_status feat_bool(const fm_json *obj, const char *where, const char *key, int32_t *out, char *err,
+                           size_t errlen) {
+    const fm_json *v = fm_json_get(obj, key);
+    *out = 0;
+    if (!v) return FM_OK;
+    if (fm_json_kind(v) != FM_JSON_BOOL)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": %s.%s must be true or false", where, key);
+    *out = fm_json_bool(v, 0);
+    return FM_OK;
+}
+
+/* optional number in [lo, hi]; absent -> dflt */
+static fm_status feat_num(const fm_json *obj, const char *where, const char *key, double dflt, double lo, double hi,
+                          int integer, double *out, char *err, size_t errlen) {
+    const fm_json *v = fm_json_get(obj, key);
+    *out = dflt;
+    if (!v) return FM_OK;
+    double d = fm_json_num(v, NAN);
+    if (fm_json_kind(v) != FM_JSON_NUM || !(d >= lo && d <= hi) || (integer && d != floor(d)))
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": %s.%s must be %s in [%g, %g]", where, key,
+                       integer ? "an integer" : "a number", lo, hi);
+    *out = d;
+    return FM_OK;
+}
+
+/* spec.router*, routed_scaling_factor, expert_act, swiglu_*, shared_gate and per layer
+ * sliding_window / attn_sinks (after the layer kinds are known); defaults when absent (manifests
+ * written before these keys: the Qwen3 family). The same rules as ModelSpec.check_features. */
+static fm_status parse_features(fm_model *m, const fm_json *spec, const fm_json *layers, char *err, size_t errlen) {
+    static const char *const routers[] = {"softmax_topk", "sigmoid_topk"};
+    static const char *const acts[] = {"swiglu", "swiglu_clamp"};
+    static const char *const gates[] = {"sigmoid", "none"};
+    fm_status st;
+    int32_t rb;
+    double ng, tg, sc, lim, al;
+    if ((st = feat_choice(spec, "spec", "router", routers, 2, &m->route.kind, err, errlen)) != FM_OK ||
+        (st = feat_bool(spec, "spec", "router_bias", &rb, err, errlen)) != FM_OK ||
+        (st = feat_num(spec, "spec", "router_n_group", 1, 1, FM_MAX_EXPERTS, 1, &ng, err, errlen)) != FM_OK ||
+        (st = feat_num(spec, "spec", "router_topk_group", 1, 1, FM_MAX_EXPERTS, 1, &tg, err, errlen)) != FM_OK ||
+        (st = feat_num(spec, "spec", "routed_scaling_factor", 1.0, 1e-6, 1e6, 0, &sc, err, errlen)) != FM_OK ||
+        (st = feat_choice(spec, "spec", "expert_act", acts, 2, &m->act.kind, err, errlen)) != FM_OK ||
+        (st = feat_num(spec, "spec", "swiglu_limit", 7.0, 0.0, 1e6, 0, &lim, err, errlen)) != FM_OK ||
+        (st = feat_num(spec, "spec", "swiglu_alpha", 1.702, -1e6, 1e6, 0, &al, err, errlen)) != FM_OK ||
+        (st = feat_choice(spec, "spec", "shared_gate", gates, 2, &m->shared_gate, err, errlen)) != FM_OK)
+        return st;
+    m->route.norm = m->norm_topk;
+    m->route.n_group = (int32_t)ng;
+    m->route.topk_group = (int32_t)tg;
+    m->route.scale = (float)sc;
+    m->router_bias = rb;
+    m->act.limit = (float)lim;
+    m->act.alpha = (float)al;
+    if (m->act.kind == FM_ACT_SWIGLU_CLAMP && !(lim > 0))
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.swiglu_limit must be > 0 with expert_act swiglu_clamp");
+    if (m->route.topk_group > m->route.n_group)
+        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.router_topk_group %d exceeds spec.router_n_group %d",
+                       m->route.topk_group, m->route.n_group);
+    if (m->route.n_group > 1 || m->route.topk_group > 1) {
+        int32_t E = m->n_moe ? m->n_experts : 0, G = m->route.n_group;
+        if (m->route.kind != FM_ROUTER_SIGMOID)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": spec.router_n_group %d: group-limited routing needs router sigmoid_topk", G);
+        if (E % G || E / G < 2)
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": spec.router_n_group %d must divide n_experts %d into groups of at least 2", G, E);
+        if (m->k_model > m->route.topk_group * (E / G))
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": spec.router_topk_group %d groups of %d experts cannot hold n_experts_per_tok %d",
+                           m->route.topk_group, E / G, m->k_model);
+    }
+    for (int32_t il = 0; il < m->n_layers; il++) {
+        const fm_json *L = fm_json_at(layers, il);
+        char where[48];
+        snprintf(where, sizeof where, "spec.layers[%d]", il);
+        double w;
+        int32_t sk;
+        if ((st = feat_num(L, where, "sliding_window", 0, 0, 1 << 24, 1, &w, err, errlen)) != FM_OK ||
+            (st = feat_bool(L, where, "attn_sinks", &sk, err, errlen)) != FM_OK)
+            return st;
+        if (m->layers[il].attn != FM_ATTN_FULL && (w > 0 || sk))
+            return fm_errf(err, errlen, FM_ERR_FORMAT,
+                           MANIFEST ": %s: sliding_window / attn_sinks apply to full attention layers only", where);
+        m->layers[il].window = (int32_t)w;
+        m->layers[il].has_sinks = sk;
+    }
+    return FM_OK;
+}
+
 static fm_status parse_spec(fm_model *m, const fm_json *spec, char *err, size_t errlen) {
     fm_status st;
-    const char *arch = fm_json_str(fm_json_get(spec, "arch"));
-    if (!arch)
-        return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.arch is missing");
-    if (!strcmp(arch, "qwen3_5_moe"))
-        m->arch = FM_ARCH_QWEN3_5_MOE;
-    else if (!strcmp(arch, "qwen3_next"))
-        m->arch = FM_ARCH_QWEN3_NEXT;
-    else if (!strcmp(arch, "qwen3_moe"))
-        m->arch = FM_ARCH_QWEN3_MOE;
-    else
-        return fm_errf(err, errlen, FM_ERR_FORMAT,
-                       MANIFEST ": spec.arch \"%s\" is not supported (qwen3_5_moe, qwen3_next, qwen3_moe)", arch);
+    /* spec.arch is not read: the C core follows the feature fields only (Python checks the arch) */
 #define SIH(key, dst, lo, hi) \
     if ((st = spec_int(spec, key, &m->dst, lo, hi, err, errlen)) != FM_OK) return st
 #define SI(key, dst, lo) SIH(key, dst, lo, FM_MAX_DIM)
@@ -550,8 +663,6 @@ static fm_status parse_spec(fm_model *m, const fm_json *spec, char *err, size_t 
     if ((st = spec_num(spec, "norm_offset", &d, err, errlen)) != FM_OK) return st;
     m->norm_offset = (float)d;
     m->norm_topk = fm_json_bool(fm_json_get(spec, "norm_topk_prob"), 1);
-    /* transformers' Qwen3.5-MoE router renormalises the top-k unconditionally */
-    if (m->arch == FM_ARCH_QWEN3_5_MOE) m->norm_topk = 1;
     m->tie = fm_json_bool(fm_json_get(spec, "tie_word_embeddings"), 0);
     m->attn_gate = fm_json_bool(fm_json_get(spec, "attn_output_gate"), 0);
 
@@ -625,6 +736,7 @@ static fm_status parse_spec(fm_model *m, const fm_json *spec, char *err, size_t 
     }
     if (m->n_moe < m->n_layers && m->dense_I < 1)
         return fm_errf(err, errlen, FM_ERR_FORMAT, MANIFEST ": spec.intermediate_size must be > 0 for dense FFN layers");
+    if ((st = parse_features(m, spec, layers, err, errlen)) != FM_OK) return st;
 #undef SI
 #undef SIH
     return FM_OK;
@@ -657,6 +769,7 @@ static fm_status load_tensors(fm_ld *ld) {
             MAT(N("attn_o"), &L->wo, H, qd);
             VEC(N("attn_q_norm"), &L->q_norm, m->head_dim, 0);
             VEC(N("attn_k_norm"), &L->k_norm, m->head_dim, 0);
+            if (L->has_sinks) VEC(N("attn_sinks"), &L->sinks, m->n_heads, 0);
         } else {
             MAT(N("ssm_qkv"), &L->ssm_qkv, cd, H);
             MAT(N("ssm_z"), &L->ssm_z, nv * dv, H);
@@ -670,12 +783,13 @@ static fm_status load_tensors(fm_ld *ld) {
         }
         if (L->ffn == FM_FFN_MOE) {
             MAT(N("ffn_router"), &L->router, m->n_experts, H);
+            if (m->router_bias) VEC(N("ffn_router_bias"), &L->router_bias, m->n_experts, 0);
             if (m->sh_I > 0) {
                 L->has_shexp = 1;
                 MAT(N("shexp_gate"), &L->sh_gate, m->sh_I, H);
                 MAT(N("shexp_up"), &L->sh_up, m->sh_I, H);
                 MAT(N("shexp_down"), &L->sh_down, H, m->sh_I);
-                MAT(N("shexp_router"), &L->sh_router, 1, H);
+                if (m->shared_gate == FM_SHGATE_SIGMOID) MAT(N("shexp_router"), &L->sh_router, 1, H);
             }
         } else {
             MAT(N("ffn_gate"), &L->ffn_gate, m->dense_I, H);

@@ -15,18 +15,44 @@
 #include "fm_backend.h"
 #include "fm_internal.h"
 
-enum { FM_ARCH_QWEN3_5_MOE = 0, FM_ARCH_QWEN3_NEXT = 1, FM_ARCH_QWEN3_MOE = 2 };
 /* the layer kinds FM_ATTN_* and FM_FFN_* are in fm_backend.h (they index the backend's op tables) */
 enum { FM_PART_GATE = 0, FM_PART_UP = 1, FM_PART_DOWN = 2 };
 
-/* one part (gate/up/down) of an expert block: offsets relative to the block start */
+/* model features as data (spec keys of docs/INTERNALS.md section 1; defaults: the Qwen3 family) */
+enum { FM_ROUTER_SOFTMAX = 0, FM_ROUTER_SIGMOID = 1 };   /* spec.router softmax_topk | sigmoid_topk */
+enum { FM_ACT_SWIGLU = 0, FM_ACT_SWIGLU_CLAMP = 1 };     /* spec.expert_act swiglu | swiglu_clamp */
+enum { FM_SHGATE_SIGMOID = 0, FM_SHGATE_NONE = 1 };      /* spec.shared_gate sigmoid | none */
+
+/* routing of one token (fm_route) */
+typedef struct {
+    int32_t kind;               /* FM_ROUTER_* */
+    int32_t norm;               /* renormalise the K weights (spec.norm_topk_prob) */
+    int32_t n_group, topk_group; /* group-limited top-K (sigmoid only; 1, 1: off) */
+    float scale;                /* spec.routed_scaling_factor */
+} fm_router_cfg;
+
+/* routed-expert activation (fm_expert_act) */
+typedef struct {
+    int32_t kind;       /* FM_ACT_* */
+    float limit, alpha; /* swiglu_clamp: spec.swiglu_limit, spec.swiglu_alpha */
+} fm_act_cfg;
+
+/* one part (gate/up/down) of an expert block: offsets relative to the block start; each part has
+ * its own format */
 typedef struct {
     fm_dtype dt;
     int32_t bits, group_size;
     int64_t rows, cols;
     uint64_t off_data;           /* FM_DT_BF16 / FM_DT_F32 */
     uint64_t off_q, off_s, off_b; /* FM_DT_AFFINE */
+    int32_t has_bias;            /* optional f32 [rows] bias (manifest parts.X.bias) at off_bias */
+    uint64_t off_bias;
 } fm_part;
+
+/* the part's bias (f32 [rows]) inside the block at blk, or NULL */
+static inline const float *fm_part_bias(const fm_part *p, const uint8_t *blk) {
+    return p->has_bias ? (const float *)(const void *)(blk + p->off_bias) : NULL;
+}
 
 /* fm_qmat view of one part (gate/up/down) of an expert block held at blk (CPU backend and the
  * CUDA backend's CPU share use the same view) */
@@ -56,12 +82,16 @@ typedef struct {
     /* full attention */
     fm_qmat wq, wk, wv, wo;
     const float *q_norm, *k_norm;
+    int32_t window;      /* spec.layers[il].sliding_window: keys of the last `window` positions (0: all) */
+    int32_t has_sinks;   /* spec.layers[il].attn_sinks */
+    const float *sinks;  /* blk.il.attn_sinks [n_heads] when has_sinks, else NULL */
     /* linear attention (GatedDeltaNet) */
     fm_qmat ssm_qkv, ssm_z, ssm_b, ssm_a, ssm_out;
     const float *ssm_conv;  /* [conv_dim, conv_kernel] */
     const float *dt_bias, *A_log, *ssm_norm;
     /* MoE */
-    fm_qmat router, sh_gate, sh_up, sh_down, sh_router;
+    fm_qmat router, sh_gate, sh_up, sh_down, sh_router; /* sh_router: shared_gate sigmoid only */
+    const float *router_bias; /* spec.router_bias: blk.il.ffn_router_bias [n_experts], or NULL */
     int32_t has_shexp;
     fm_part parts[3];
     uint64_t block_bytes;
@@ -70,8 +100,7 @@ typedef struct {
 } fm_layer;
 
 struct fm_model {
-    /* spec */
-    int32_t arch;
+    /* spec (no architecture name: every feature is a field below) */
     int32_t H, n_layers, vocab;
     float eps, norm_offset;
     int32_t n_heads, n_kv_heads, head_dim, rotary_dim, attn_gate;
@@ -79,6 +108,10 @@ struct fm_model {
     int32_t lin_nk, lin_nv, lin_dk, lin_dv, conv_k;
     int32_t n_experts, k_model, k_tok, moe_I, norm_topk, sh_I, dense_I, tie;
     int32_t max_pos;
+    fm_router_cfg route;   /* route.norm == norm_topk */
+    int32_t router_bias;   /* spec.router_bias: every MoE layer has blk.il.ffn_router_bias */
+    fm_act_cfg act;        /* routed experts */
+    int32_t shared_gate;   /* FM_SHGATE_* */
     int32_t n_full, n_linear, n_moe;
     int32_t max_batch; /* experts per fm_io_submit */
 
@@ -161,6 +194,25 @@ void fm_topk(const float *x, int32_t n, int32_t k, int32_t *idx);
  * scores: scratch float[n_keys] */
 void fm_attend_head(float *out, const float *q, const float *kc, const float *vc, int64_t kv_stride,
                     int32_t n_keys, int32_t dh, float scale, float *scores);
+/* the same over keys k0..n_keys-1 only (a sliding window: k0 = max(0, n_keys - window)), with an
+ * optional sink logit (gpt-oss: *sink joins the softmax max and denominator, no value); k0 = 0 and
+ * sink NULL is fm_attend_head bit for bit. scores: scratch float[n_keys - k0] */
+void fm_attend_head_ex(float *out, const float *q, const float *kc, const float *vc, int64_t kv_stride,
+                       int32_t k0, int32_t n_keys, int32_t dh, float scale, const float *sink, float *scores);
+/* first key of a query at position pos under a sliding window (0: none) */
+static inline int32_t fm_window_start(int32_t pos, int32_t window) {
+    return window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+}
+/* routing of one token: p[E] the router logits (overwritten), bias[E] spec.router_bias or NULL
+ * (softmax: added to the logits; sigmoid: selection-only correction bias) -> idx[K] (descending by
+ * selection score, ties: lower index), w[K]. tmp: scratch float[2*E]. The softmax router without
+ * bias and scale 1 is the arithmetic of transformers' Qwen3 MoE routers, bit for bit as before. */
+void fm_route(const fm_router_cfg *rc, float *p, const float *bias, int32_t E, int32_t K, int32_t *idx, float *w,
+              float *tmp);
+/* routed-expert activation in place: g[i] = act(g[i], u[i]) over n values (swiglu: silu(g) * u) */
+void fm_expert_act(const fm_act_cfg *a, float *g, const float *u, int64_t n);
+/* y[n, rows] += b[rows] (b NULL: nothing) */
+void fm_add_bias(float *y, const float *b, int64_t n, int64_t rows);
 /* causal depthwise conv1d + SiLU over n tokens for channels [c0, c1): X, Y [n, C] row-major,
  * state[(k-1)*C] the last k-1 inputs (oldest first, updated), w[C, k] */
 void fm_conv1d_seq(float *Y, const float *X, int64_t n, float *state, const float *w, int32_t C,

@@ -3,7 +3,7 @@
 
 Owns C handles and passes caller-owned buffers; releases the GIL around every call that does I/O or
 compute. One .pxi per area keeps the pieces apart: _quant.pxi (quantizer, kernels), _engine.pxi
-(model and session).
+(model and session), _ops.pxi (test entry points of the model-feature ops).
 """
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from pyflashmoe._fm cimport *
@@ -39,3 +39,4 @@ def simd_name():
 include "_quant.pxi"
 include "_engine.pxi"
 include "_cuda.pxi"
+include "_ops.pxi"

@@ -886,9 +886,11 @@ def validate(dirpath, check_tensors=True) -> dict:
 
 
 def _part_format(pe) -> dict:
-    """An expert part's storage as quantization.experts writes it: {"bits": 16} for bf16, else
-    {"bits": b, "group_size": g}."""
-    return {"bits": 16} if pe["dtype"] == "bf16" else {"bits": pe["bits"], "group_size": pe["group_size"]}
+    """An expert part's storage as quantization.experts writes it: {"bits": 16} for bf16, {"bits": 32}
+    for f32, else {"bits": b, "group_size": g}."""
+    if pe["dtype"] in ("bf16", "f32"):
+        return {"bits": 16 if pe["dtype"] == "bf16" else 32}
+    return {"bits": pe["bits"], "group_size": pe["group_size"]}
 
 
 def _check_part_formats(where, parts, qe):
@@ -905,8 +907,8 @@ def _check_part_formats(where, parts, qe):
                                             f"quantization.experts.formats lists {_desc(fmts)}")
         return
     g = parts["gate"]
-    qb = 16 if g["dtype"] == "bf16" else g["bits"]
-    if qe.get("bits") != qb or (qb != 16 and qe.get("group_size", g["group_size"]) != g["group_size"]):
+    qb = _part_format(g)["bits"]
+    if qe.get("bits") != qb or (qb not in (16, 32) and qe.get("group_size", g["group_size"]) != g["group_size"]):
         _fail(where, "parts.gate", f"is {g['dtype']} bits {qb} but {MANIFEST} quantization.experts "
                                    f"says {_desc(qe)}")
 
@@ -921,9 +923,9 @@ def _check_quant(mp, q):
             _fail(mp, f"quantization.{k}", f"{_desc(e)} must be {{\"bits\": int, \"group_size\": int}}")
     fm = (q.get("experts") or {}).get("formats")
     if fm is not None and (not isinstance(fm, list) or not 0 < len(fm) <= 64 or not all(
-            isinstance(a, dict) and (a == {"bits": 16} or (set(a) == {"bits", "group_size"} and _is_int(
+            isinstance(a, dict) and (a in ({"bits": 16}, {"bits": 32}) or (set(a) == {"bits", "group_size"} and _is_int(
                 a["bits"]) and _is_int(a["group_size"]))) for a in fm)):
-        _fail(mp, "quantization.experts.formats", f"{_desc(fm)} must be a list of {{\"bits\": 16}} or "
+        _fail(mp, "quantization.experts.formats", f"{_desc(fm)} must be a list of {{\"bits\": 16 | 32}} or "
                                                   f"{{\"bits\", \"group_size\"}}")
     notes = q.get("notes")
     if notes is not None and (not isinstance(notes, list) or len(notes) > 4096
@@ -1009,12 +1011,13 @@ def _check_expert_layer(dirpath, mp, k, L, spec, quant):
     spans = []
     for pn, pe in parts.items():
         pw = f"{where}.parts.{pn}"
-        sizes = _entry_sizes(pw, pe, want_shapes[pn], ("bf16", "affine"))
+        sizes = _entry_sizes(pw, pe, want_shapes[pn], ("bf16", "f32", "affine"))
         for sk, nb in sizes.items():
             rng = _span(pw, sk, pe.get(sk), bb, PART_ALIGN)
             if rng[1] != nb:
                 _fail(pw, sk, f"{rng} (needs {nb} bytes at a multiple of {PART_ALIGN})")
             spans.append((rng[0], rng[0] + rng[1], f"{pn}.{sk}"))
+        spans += _part_bias_spans(pw, pn, pe, want_shapes[pn][0], bb)
     spans.sort()
     for a, b in zip(spans, spans[1:]):
         if b[0] < a[1]:
@@ -1025,6 +1028,17 @@ def _check_expert_layer(dirpath, mp, k, L, spec, quant):
                             or not all(_is_int(c) and 0 <= c <= 0xFFFFFFFF for c in crc)):
         _fail(where, "block_crc32", f"must be a list of n_experts ({ne}) unsigned 32-bit ints, got "
                                     f"{_desc(crc) if not isinstance(crc, list) else f'{len(crc)} entries'}")
+
+
+def _part_bias_spans(pw, pn, pe, rows, bb):
+    """An expert part's optional `bias` (f32 [rows] inside the block, 64-aligned; the spec's
+    model features, docs/INTERNALS.md section 3) -> [(start, end, name)] for the overlap check."""
+    if "bias" not in pe:
+        return []
+    rng = _span(pw, "bias", pe["bias"], bb, PART_ALIGN)
+    if rng[1] != rows * 4:
+        _fail(pw, "bias", f"{rng} (needs f32 [{rows}] = {rows * 4} bytes at a multiple of {PART_ALIGN})")
+    return [(rng[0], rng[0] + rng[1], f"{pn}.bias")]
 
 
 def open_model_dir(dirpath) -> dict:
@@ -1362,7 +1376,8 @@ def info_text(dirpath) -> str:
     ]
     if eq.get("formats"):
         lines.append("  expert parts  " + ", ".join(
-            "bf16" if f == {"bits": 16} else f"{f['bits']}-bit group {f['group_size']}" for f in eq["formats"])
+            "bf16" if f == {"bits": 16} else "f32" if f == {"bits": 32} else f"{f['bits']}-bit group {f['group_size']}"
+            for f in eq["formats"])
             + " (per part and layer)")
     for n in q.get("notes") or []:
         lines.append(f"  note          {n[:300] if n.isprintable() else _desc(n)}")

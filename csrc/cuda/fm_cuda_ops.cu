@@ -750,11 +750,34 @@ static fm_status cu_supports(const fm_model *m, int32_t il, char *err, size_t er
         if (m->n_linear && m->conv_k > 9)
             return fm_errf(err, errlen, FM_ERR_BACKEND,
                            "backend cuda: linear attention with conv kernel %d is not supported (at most 9)", m->conv_k);
+        /* model features (spec data) the CUDA kernels do not implement: the CPU backend does */
+        const char *feat = NULL;
+        if (m->n_moe && m->route.kind != FM_ROUTER_SOFTMAX) feat = "spec.router sigmoid_topk";
+        else if (m->n_moe && m->router_bias) feat = "spec.router_bias (blk.N.ffn_router_bias)";
+        else if (m->n_moe && m->route.scale != 1.0f) feat = "spec.routed_scaling_factor other than 1";
+        else if (m->n_moe && m->act.kind != FM_ACT_SWIGLU) feat = "spec.expert_act swiglu_clamp";
+        else if (m->n_moe && m->sh_I > 0 && m->shared_gate != FM_SHGATE_SIGMOID) feat = "spec.shared_gate none";
+        if (feat)
+            return fm_errf(err, errlen, FM_ERR_BACKEND,
+                           "backend cuda: model feature %s is not implemented by the CUDA backend (use the cpu "
+                           "backend)",
+                           feat);
         return FM_OK;
     }
+    const fm_layer *L = &m->layers[il];
+    if (L->attn == FM_ATTN_FULL && (L->window > 0 || L->has_sinks))
+        return fm_errf(err, errlen, FM_ERR_BACKEND,
+                       "backend cuda: layer %d (%s): model feature %s is not implemented by the CUDA backend (use the "
+                       "cpu backend)",
+                       il, fm_layer_kind(L), L->window > 0 ? "spec.layers[].sliding_window" : "spec.layers[].attn_sinks");
+    if (L->ffn == FM_FFN_MOE &&
+        (L->parts[FM_PART_GATE].has_bias || L->parts[FM_PART_UP].has_bias || L->parts[FM_PART_DOWN].has_bias))
+        return fm_errf(err, errlen, FM_ERR_BACKEND,
+                       "backend cuda: layer %d (%s): model feature expert part biases (experts.layers[\"%d\"].parts.*.bias) "
+                       "is not implemented by the CUDA backend (use the cpu backend)",
+                       il, fm_layer_kind(L), il);
     /* a gate and its up projection are read by one kernel (k_mv_swiglu, the expert gate/up kernels)
      * with one kind and one group size */
-    const fm_layer *L = &m->layers[il];
     const char *which = NULL;
     if (L->ffn == FM_FFN_MOE) {
         const fm_part *g = &L->parts[FM_PART_GATE], *u = &L->parts[FM_PART_UP];

@@ -3,12 +3,15 @@
  * Owns: thin wrappers that run csrc/fm_quant.c and csrc/fm_ops.c on caller buffers, composed the
  * way fm_cpu.c composes them (routing, linear-attention, full-attention steps), so that
  * tests/test_cuda.py can compare every CUDA kernel with the CPU engine's own arithmetic.
+ * Also the model-feature test entry points of fm_ref.h (routing, expert activation with part biases,
+ * attention with a sliding window and sinks) for tests/test_model_features.py.
  * Compiled in every build (CPU-only too). Does not own: any arithmetic of its own.
  */
 #include <stdlib.h>
 
 #include "fm_backend.h"
 #include "fm_model.h"
+#include "fm_ref.h"
 
 fm_status fm_ref_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                         const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n, float *Y,
@@ -51,17 +54,10 @@ fm_status fm_ref_route(const float *logits, int64_t n, int32_t E, int32_t K, int
                        char *err, size_t errlen) {
     float *p = malloc(sizeof(float) * (size_t)E);
     if (!p) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
-    for (int64_t t = 0; t < n; t++) { /* as fm_cpu.c layer_moe */
+    fm_router_cfg rc = {FM_ROUTER_SOFTMAX, norm != 0, 1, 1, 1.0f};
+    for (int64_t t = 0; t < n; t++) { /* as fm_cpu.c layer_moe (softmax, no bias: no scratch) */
         memcpy(p, logits + t * E, sizeof(float) * (size_t)E);
-        fm_softmax(p, E);
-        fm_topk(p, E, K, idx + t * K);
-        float sum = 0.0f;
-        for (int32_t k = 0; k < K; k++) {
-            w[t * K + k] = p[idx[t * K + k]];
-            sum += w[t * K + k];
-        }
-        if (norm)
-            for (int32_t k = 0; k < K; k++) w[t * K + k] /= sum;
+        fm_route(&rc, p, NULL, E, K, idx + t * K, w + t * K, NULL);
     }
     free(p);
     return FM_OK;
@@ -154,6 +150,84 @@ fm_status fm_ref_attention(const float *qg, const float *k, const float *v, cons
         }
     free(q);
     free(gt);
+    free(scores);
+    return FM_OK;
+}
+
+/* ---- model-feature ops (fm_ref.h): routing, expert activation + part biases, attention options ---- */
+
+fm_status fm_ref_route_ex(const float *logits, const float *bias, int64_t n, int32_t E, int32_t K, int32_t kind,
+                          int32_t norm, int32_t n_group, int32_t topk_group, float scale, int32_t *idx, float *w,
+                          char *err, size_t errlen) {
+    if (E < 1 || K < 1 || K > E || n < 0 || (kind != FM_ROUTER_SOFTMAX && kind != FM_ROUTER_SIGMOID) || n_group < 1 ||
+        topk_group < 1 || topk_group > n_group || E % n_group || (n_group > 1 && E / n_group < 2) ||
+        K > topk_group * (E / n_group) || (n_group > 1 && kind != FM_ROUTER_SIGMOID))
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_ref_route_ex: bad configuration E %d K %d kind %d groups %d/%d", E,
+                       K, kind, topk_group, n_group);
+    fm_router_cfg rc = {kind, norm != 0, n_group, topk_group, scale};
+    float *p = malloc(sizeof(float) * 3 * (size_t)E);
+    if (!p) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    for (int64_t t = 0; t < n; t++) { /* as the CPU backend's MoE layer */
+        memcpy(p, logits + t * E, sizeof(float) * (size_t)E);
+        fm_route(&rc, p, bias, E, K, idx + t * K, w + t * K, p + E);
+    }
+    free(p);
+    return FM_OK;
+}
+
+fm_status fm_ref_expert(const float *x, int64_t n, int64_t H, int64_t I, const float *wg, const float *bg,
+                        const float *wu, const float *bu, const float *wd, const float *bd, int32_t act, float limit,
+                        float alpha, float *y, char *err, size_t errlen) {
+    if (n < 1 || H < 1 || I < 1 || (act != FM_ACT_SWIGLU && act != FM_ACT_SWIGLU_CLAMP))
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_ref_expert: bad arguments");
+    fm_qmat G, U, D;
+    memset(&G, 0, sizeof G);
+    G.dt = FM_DT_F32;
+    G.rows = I;
+    G.cols = H;
+    U = G;
+    D = G;
+    G.data = wg;
+    U.data = wu;
+    D.rows = H;
+    D.cols = I;
+    D.data = wd;
+    float *g = malloc(sizeof(float) * (size_t)(n * I)), *u = malloc(sizeof(float) * (size_t)(n * I));
+    if (!g || !u) {
+        free(g);
+        free(u);
+        return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    }
+    fm_act_cfg a = {act, limit, alpha};
+    /* as the CPU backend's routed expert: gate / up, their biases, the activation, down, its bias */
+    fm_mm(NULL, &G, x, n, g);
+    fm_mm(NULL, &U, x, n, u);
+    fm_add_bias(g, bg, n, I);
+    fm_add_bias(u, bu, n, I);
+    fm_expert_act(&a, g, u, n * I);
+    fm_mm(NULL, &D, g, n, y);
+    fm_add_bias(y, bd, n, H);
+    free(g);
+    free(u);
+    return FM_OK;
+}
+
+fm_status fm_ref_attend(const float *q, const float *kc, const float *vc, int64_t n, int32_t pos, int32_t nh,
+                        int32_t nkv, int32_t dh, int32_t window, const float *sinks, float scale, float *out,
+                        char *err, size_t errlen) {
+    if (n < 1 || pos < 0 || nh < 1 || nkv < 1 || nh % nkv || dh < 1 || window < 0)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_ref_attend: bad arguments");
+    const int64_t qd = (int64_t)nh * dh, kvd = (int64_t)nkv * dh;
+    const int32_t rep = nh / nkv;
+    float *scores = malloc(sizeof(float) * (size_t)(pos + n));
+    if (!scores) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    for (int64_t t = 0; t < n; t++) /* as the CPU backend's attention job */
+        for (int32_t h = 0; h < nh; h++) {
+            const int32_t p = pos + (int32_t)t, kh = h / rep;
+            fm_attend_head_ex(out + t * qd + (int64_t)h * dh, q + t * qd + (int64_t)h * dh, kc + (int64_t)kh * dh,
+                              vc + (int64_t)kh * dh, kvd, fm_window_start(p, window), p + 1, dh, scale,
+                              sinks ? sinks + h : NULL, scores);
+        }
     free(scores);
     return FM_OK;
 }

@@ -38,6 +38,14 @@ LIMITS = {
 }
 ATTN_KINDS = ("full", "linear")
 FFN_KINDS = ("moe", "dense")
+# model features as data (docs/INTERNALS.md section 1); the first of each is the default
+ROUTERS = ("softmax_topk", "sigmoid_topk")
+EXPERT_ACTS = ("swiglu", "swiglu_clamp")
+SHARED_GATES = ("sigmoid", "none")
+# spec keys a manifest may omit (written by older versions): their dataclass defaults apply
+OPTIONAL_KEYS = ("bos_token_id", "eos_token_ids", "router", "router_bias", "router_n_group",
+                 "router_topk_group", "routed_scaling_factor", "expert_act", "swiglu_limit",
+                 "swiglu_alpha", "shared_gate")
 # per arch: (norm_offset, attn_output_gate, allowed attention kinds, allowed ffn kinds)
 ARCH_RULES = {"qwen3_5_moe": (1.0, True, ATTN_KINDS, ("moe",)),
               "qwen3_next": (1.0, True, ATTN_KINDS, FFN_KINDS),
@@ -63,9 +71,12 @@ def _desc(v) -> str:
 class LayerSpec:
     attn: str  # "full" | "linear"
     ffn: str   # "moe" | "dense"
+    sliding_window: int = 0   # full attention: keys of the last `sliding_window` positions only (0: all)
+    attn_sinks: bool = False  # full attention: per-head learned logit blk.{i}.attn_sinks in the softmax
 
     def to_dict(self):
-        return {"attn": self.attn, "ffn": self.ffn}
+        return {"attn": self.attn, "ffn": self.ffn, "sliding_window": self.sliding_window,
+                "attn_sinks": self.attn_sinks}
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,24 @@ class ModelSpec:
     max_position_embeddings: int = 4096
     bos_token_id: int = -1
     eos_token_ids: tuple = field(default_factory=tuple)
+    # routing: "softmax_topk" (softmax over all experts, top-K, renormalised when norm_topk_prob;
+    # router_bias adds blk.{i}.ffn_router_bias to the logits first) or "sigmoid_topk" (DeepSeek-V3:
+    # sigmoid scores; router_bias is the selection-only correction bias; group-limited top-K over
+    # router_n_group groups ranked by the sum of their top-2 biased scores, router_topk_group kept;
+    # weights are the unbiased scores, renormalised when norm_topk_prob); weights times
+    # routed_scaling_factor
+    router: str = "softmax_topk"
+    router_bias: bool = False
+    router_n_group: int = 1
+    router_topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # routed experts: "swiglu" silu(g) * u, or "swiglu_clamp" (gpt-oss) g' = min(g, limit),
+    # u' = clamp(u, -limit, limit), (u' + 1) * g' * sigmoid(alpha * g')
+    expert_act: str = "swiglu"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    # shared expert output scale: "sigmoid" (sigmoid(blk.{i}.shexp_router x)) or "none" (1)
+    shared_gate: str = "sigmoid"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -114,7 +143,7 @@ class ModelSpec:
         # every field to_dict writes is required (the C core reads them without defaults), except
         # the token ids only Python reads
         missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in d and f.name not in ("bos_token_id", "eos_token_ids")]
+                   if f.name not in d and f.name not in OPTIONAL_KEYS]
         if missing:
             raise FormatError(f"{where}: missing key(s) {missing}")
         kw = {k: v for k, v in d.items() if k in names}
@@ -127,7 +156,11 @@ class ModelSpec:
             if not isinstance(l, dict) or l.get("attn") not in ATTN_KINDS or l.get("ffn") not in FFN_KINDS:
                 raise FormatError(f"{where}.layers[{i}]: must be {{\"attn\": \"full\"|\"linear\", "
                                   f"\"ffn\": \"moe\"|\"dense\"}}, got {_desc(l)}")
-            out.append(LayerSpec(attn=l["attn"], ffn=l["ffn"]))
+            extra = sorted(set(l) - {"attn", "ffn", "sliding_window", "attn_sinks"})
+            if extra:
+                raise FormatError(f"{where}.layers[{i}]: unknown key(s) {extra}")
+            out.append(LayerSpec(attn=l["attn"], ffn=l["ffn"], sliding_window=l.get("sliding_window", 0),
+                                 attn_sinks=l.get("attn_sinks", False)))
         kw["layers"] = tuple(out)
         eos = d.get("eos_token_ids", [])
         if not isinstance(eos, list) or len(eos) > LIMITS["eos_token_ids"]:
@@ -206,12 +239,62 @@ class ModelSpec:
                                   f"n_experts {self.n_experts}")
         if any(l.ffn == "dense" for l in self.layers):
             self._int(where, "intermediate_size", 1)
+        if self.arch == "qwen3_5_moe" and self.norm_topk_prob is not True:
+            # transformers' Qwen3.5-MoE router renormalises the top-K unconditionally
+            raise FormatError(f"{where}.norm_topk_prob: must be true for arch qwen3_5_moe")
+        self.check_features(where)
         if not is_int(self.bos_token_id) or not -1 <= self.bos_token_id <= LIMITS["token_id"]:
             raise FormatError(f"{where}.bos_token_id: must be -1 or a token id, got {_desc(self.bos_token_id)}")
         if (not isinstance(self.eos_token_ids, tuple) or len(self.eos_token_ids) > LIMITS["eos_token_ids"]
                 or not all(is_int(t) and 0 <= t <= LIMITS["token_id"] for t in self.eos_token_ids)):
             raise FormatError(f"{where}.eos_token_ids: must be a list of at most "
                               f"{LIMITS['eos_token_ids']} token ids, got {_desc(self.eos_token_ids)}")
+
+
+    def _choice(self, where, k, choices):
+        v = getattr(self, k)
+        if not isinstance(v, str) or v not in choices:
+            raise FormatError(f"{where}.{k}: {_desc(v)} is not one of {', '.join(choices)}")
+
+    def check_features(self, where="spec"):
+        """The model-feature fields (router, expert activation, shared gate, per-layer attention
+        options): types, bounds and consistency, FormatError naming the field. The C parser
+        (csrc/fm_model.c parse_features) checks the same."""
+        self._choice(where, "router", ROUTERS)
+        self._choice(where, "expert_act", EXPERT_ACTS)
+        self._choice(where, "shared_gate", SHARED_GATES)
+        if not isinstance(self.router_bias, bool):
+            raise FormatError(f"{where}.router_bias: must be true or false, got {_desc(self.router_bias)}")
+        E = self.n_experts if any(l.ffn == "moe" for l in self.layers) else 0
+        self._int(where, "router_n_group", 1, max(E, 1))
+        self._int(where, "router_topk_group", 1, self.router_n_group)
+        self._num(where, "routed_scaling_factor", 1e-6, 1e6)
+        self._num(where, "swiglu_limit", 0.0, 1e6)
+        self._num(where, "swiglu_alpha", -1e6, 1e6)
+        if self.expert_act == "swiglu_clamp" and not self.swiglu_limit > 0:
+            raise FormatError(f"{where}.swiglu_limit: must be > 0 with expert_act swiglu_clamp, got "
+                              f"{self.swiglu_limit}")
+        G, TG = self.router_n_group, self.router_topk_group
+        if G > 1 or TG > 1:
+            if self.router != "sigmoid_topk":
+                raise FormatError(f"{where}.router_n_group: group-limited routing ({G} groups, "
+                                  f"{TG} kept) needs router sigmoid_topk, not {self.router}")
+            if E % G or E // G < 2:
+                raise FormatError(f"{where}.router_n_group: {G} groups must divide n_experts {E} "
+                                  f"into groups of at least 2 (ranked by their top-2 scores)")
+            if self.n_experts_per_tok > TG * (E // G):
+                raise FormatError(f"{where}.router_topk_group: {TG} groups of {E // G} experts "
+                                  f"cannot hold n_experts_per_tok {self.n_experts_per_tok}")
+        for i, l in enumerate(self.layers):
+            sw, sk = l.sliding_window, l.attn_sinks
+            if not is_int(sw) or not 0 <= sw <= LIMITS["max_position_embeddings"]:
+                raise FormatError(f"{where}.layers[{i}].sliding_window: must be an integer in "
+                                  f"[0, {LIMITS['max_position_embeddings']}], got {_desc(sw)}")
+            if not isinstance(sk, bool):
+                raise FormatError(f"{where}.layers[{i}].attn_sinks: must be true or false, got {_desc(sk)}")
+            if l.attn != "full" and (sw or sk):
+                raise FormatError(f"{where}.layers[{i}]: sliding_window / attn_sinks apply to full "
+                                  f"attention layers only (this layer is {l.attn})")
 
 
 @dataclass(frozen=True)
@@ -484,12 +567,15 @@ def common_tensors(spec: ModelSpec, zc: bool) -> list[TensorMap]:
 def full_attn_tensors(spec: ModelSpec, i: int, zc: bool) -> list[TensorMap]:
     p, H, hd = f"model.layers.{i}.self_attn", spec.hidden_size, spec.head_dim
     qrows = spec.n_heads * hd * (2 if spec.attn_output_gate else 1)
-    return [TensorMap(f"blk.{i}.attn_q", f"{p}.q_proj.weight", (qrows, H)),
-            TensorMap(f"blk.{i}.attn_k", f"{p}.k_proj.weight", (spec.n_kv_heads * hd, H)),
-            TensorMap(f"blk.{i}.attn_v", f"{p}.v_proj.weight", (spec.n_kv_heads * hd, H)),
-            TensorMap(f"blk.{i}.attn_o", f"{p}.o_proj.weight", (H, spec.n_heads * hd)),
-            TensorMap(f"blk.{i}.attn_q_norm", f"{p}.q_norm.weight", (hd,), "vector", zc_norm=zc),
-            TensorMap(f"blk.{i}.attn_k_norm", f"{p}.k_norm.weight", (hd,), "vector", zc_norm=zc)]
+    out = [TensorMap(f"blk.{i}.attn_q", f"{p}.q_proj.weight", (qrows, H)),
+           TensorMap(f"blk.{i}.attn_k", f"{p}.k_proj.weight", (spec.n_kv_heads * hd, H)),
+           TensorMap(f"blk.{i}.attn_v", f"{p}.v_proj.weight", (spec.n_kv_heads * hd, H)),
+           TensorMap(f"blk.{i}.attn_o", f"{p}.o_proj.weight", (H, spec.n_heads * hd)),
+           TensorMap(f"blk.{i}.attn_q_norm", f"{p}.q_norm.weight", (hd,), "vector", zc_norm=zc),
+           TensorMap(f"blk.{i}.attn_k_norm", f"{p}.k_norm.weight", (hd,), "vector", zc_norm=zc)]
+    if spec.layers[i].attn_sinks:
+        out.append(TensorMap(f"blk.{i}.attn_sinks", f"{p}.sinks", (spec.n_heads,), "vector"))
+    return out
 
 
 def layer_norm_tensors(spec: ModelSpec, i: int, zc: bool) -> list[TensorMap]:
@@ -507,12 +593,16 @@ def ffn_tensors(spec: ModelSpec, i: int) -> list[TensorMap]:
                 TensorMap(f"blk.{i}.ffn_up", f"{p}.up_proj.weight", (I, H)),
                 TensorMap(f"blk.{i}.ffn_down", f"{p}.down_proj.weight", (H, I))]
     out = [TensorMap(f"blk.{i}.ffn_router", f"{p}.gate.weight", (spec.n_experts, H))]
+    if spec.router_bias:
+        out.append(TensorMap(f"blk.{i}.ffn_router_bias", f"{p}.gate.e_score_correction_bias",
+                             (spec.n_experts,), "vector"))
     Ish = spec.shared_expert_intermediate_size
     if Ish:
         out += [TensorMap(f"blk.{i}.shexp_gate", f"{p}.shared_expert.gate_proj.weight", (Ish, H)),
                 TensorMap(f"blk.{i}.shexp_up", f"{p}.shared_expert.up_proj.weight", (Ish, H)),
-                TensorMap(f"blk.{i}.shexp_down", f"{p}.shared_expert.down_proj.weight", (H, Ish)),
-                TensorMap(f"blk.{i}.shexp_router", f"{p}.shared_expert_gate.weight", (1, H))]
+                TensorMap(f"blk.{i}.shexp_down", f"{p}.shared_expert.down_proj.weight", (H, Ish))]
+        if spec.shared_gate == "sigmoid":
+            out.append(TensorMap(f"blk.{i}.shexp_router", f"{p}.shared_expert_gate.weight", (1, H)))
     return out
 
 

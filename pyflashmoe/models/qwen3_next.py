@@ -15,6 +15,12 @@ from pyflashmoe.models import (LIMITS, ConfigFields, LayerSpec, ModelSpec, Tenso
                                linear_fields, moe_layer_kinds, rope_params)
 
 
+# model features (docs/INTERNALS.md section 1): softmax top-K routing, SwiGLU experts, sigmoid
+# shared-expert gate, plain causal attention (LayerSpec defaults: no sliding window, no sinks)
+FEATURES = dict(router="softmax_topk", router_bias=False, router_n_group=1, router_topk_group=1,
+                routed_scaling_factor=1.0, expert_act="swiglu", shared_gate="sigmoid")
+
+
 def spec_from_config(cfg, generation_config=None):
     f = ConfigFields(cfg)
     c = common_fields(f)
@@ -32,7 +38,8 @@ def spec_from_config(cfg, generation_config=None):
                                               LIMITS["shared_expert_intermediate_size"], 0),
         intermediate_size=(f.int("intermediate_size", 0, LIMITS["intermediate_size"], 0)
                            if "dense" in ffn else 0),
-        eos_token_ids=eos_ids(f, generation_config))
+        eos_token_ids=eos_ids(f, generation_config),
+        **FEATURES)
 
 
 def split_rows(nk, nv, dk, dv):
