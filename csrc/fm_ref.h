@@ -22,6 +22,11 @@ extern "C" {
 fm_status fm_ref_route_ex(const float *logits, const float *bias, int64_t n, int32_t E, int32_t K, int32_t kind,
                           int32_t norm, int32_t n_group, int32_t topk_group, float scale, int32_t *idx, float *w,
                           char *err, size_t errlen);
+/* the same sigmoid router on the GPU (csrc/cuda/fm_cuda_test.cu k_route_sigmoid; FM_ERR_BACKEND without
+ * CUDA): tests/test_cuda.py compares it with fm_ref_route_ex */
+fm_status fm_cuda_test_route_sigmoid(const float *logits, const float *bias, int64_t n, int32_t E, int32_t K,
+                                     int32_t norm, int32_t n_group, int32_t topk_group, float scale, int32_t *idx,
+                                     float *w, char *err, size_t errlen);
 /* one routed expert over n tokens with f32 parts: y[n, H] = down(act(gate x + bg, up x + bu)) + bd;
  * wg, wu [I, H], wd [H, I]; biases may be NULL; act 0 swiglu, 1 swiglu_clamp (limit, alpha) */
 fm_status fm_ref_expert(const float *x, int64_t n, int64_t H, int64_t I, const float *wg, const float *bg,

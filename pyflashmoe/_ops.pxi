@@ -1,6 +1,7 @@
 # _ops.pxi: test entry points of the model-feature ops (csrc/fm_ref.h, csrc/cuda/fm_ref.c).
 #
-# _ref_route / _ref_expert / _ref_attend run the CPU backend's ops (csrc/fm_ops.c) on numpy inputs;
+# _ref_route / _ref_expert / _ref_attend run the CPU backend's ops (csrc/fm_ops.c) on numpy inputs
+# (_cuda_route_sigmoid: the CUDA sigmoid router kernel, compared in tests/test_cuda.py);
 # tests/test_model_features.py compares them with transformers' DeepSeek-V3 router, gpt-oss experts
 # and gpt-oss eager attention.
 
@@ -8,6 +9,9 @@ cdef extern from "fm_ref.h" nogil:
     fm_status fm_ref_route_ex(const float *logits, const float *bias, int64_t n, int32_t E, int32_t K,
                               int32_t kind, int32_t norm, int32_t n_group, int32_t topk_group, float scale,
                               int32_t *idx, float *w, char *err, size_t errlen)
+    fm_status fm_cuda_test_route_sigmoid(const float *logits, const float *bias, int64_t n, int32_t E, int32_t K,
+                                         int32_t norm, int32_t n_group, int32_t topk_group, float scale,
+                                         int32_t *idx, float *w, char *err, size_t errlen)
     fm_status fm_ref_expert(const float *x, int64_t n, int64_t H, int64_t I, const float *wg, const float *bg,
                             const float *wu, const float *bu, const float *wd, const float *bd, int32_t act,
                             float limit, float alpha, float *y, char *err, size_t errlen)
@@ -56,6 +60,35 @@ def _ref_route(logits, int K, router="softmax_topk", bias=None, bint norm=True, 
     err[0] = 0
     with nogil:
         st = fm_ref_route_ex(lp, bp, n, E, K, kind, nrm, n_group, topk_group, scale, &iv[0], wp, err, sizeof(err))
+    if st != FM_OK:
+        raise _error_from(st, err)
+    return idx, w
+
+
+def _cuda_route_sigmoid(logits, int K, bias=None, bint norm=True, int n_group=1, int topk_group=1,
+                        float scale=1.0):
+    """the sigmoid router on the GPU (k_route_sigmoid) -> (idx int32 [n, K], w float32 [n, K]);
+    BackendError without CUDA"""
+    import numpy as np
+    logits = _c32(logits)
+    bias = _c32(bias)
+    cdef int64_t n = logits.shape[0]
+    cdef int32_t E = logits.shape[1]
+    if bias is not None and bias.shape != (E,):
+        raise ValueError("bias must have shape [E]")
+    idx = np.empty((n, K), dtype=np.int32)
+    w = np.empty((n, K), dtype=np.float32)
+    cdef int32_t[::1] iv = idx.reshape(-1)
+    cdef const float *lp = _cp(logits)
+    cdef const float *bp = _cp(bias)
+    cdef float *wp = <float *>_cp(w)
+    cdef int32_t nrm = 1 if norm else 0
+    cdef char err[512]
+    cdef fm_status st
+    err[0] = 0
+    with nogil:
+        st = fm_cuda_test_route_sigmoid(lp, bp, n, E, K, nrm, n_group, topk_group, scale, &iv[0], wp, err,
+                                        sizeof(err))
     if st != FM_OK:
         raise _error_from(st, err)
     return idx, w

@@ -248,6 +248,23 @@ def test_route_topk(E, K, norm):
 
 
 @needs_gpu
+@pytest.mark.parametrize("E,K,n_group,topk_group,norm,scale,bias", [
+    (8, 2, 1, 1, True, 1.0, False), (16, 4, 4, 2, True, 2.5, True), (64, 6, 8, 3, False, 1.0, True),
+    (256, 8, 8, 4, True, 2.5, True), (512, 10, 1, 1, True, 1.0, True), (96, 8, 48, 5, True, 1.5, True)])
+def test_route_sigmoid(E, K, n_group, topk_group, norm, scale, bias):
+    """k_route_sigmoid (spec.router sigmoid_topk) against fm_route, the CPU op that
+    tests/test_model_features.py checks against transformers' DeepSeek-V3 router"""
+    rng = np.random.default_rng(E + K + n_group)
+    logits = rng.standard_normal((9, E)).astype(np.float32) * 2
+    b = (rng.standard_normal(E) * 0.3).astype(np.float32) if bias else None
+    kw = dict(bias=b, norm=norm, n_group=n_group, topk_group=topk_group, scale=scale)
+    gi, gw = core._cuda_route_sigmoid(logits, K, **kw)
+    ri, rw = core._ref_route(logits, K, "sigmoid_topk", **kw)
+    np.testing.assert_array_equal(gi, ri)
+    assert rel(gw, rw) < TOL["route"]
+
+
+@needs_gpu
 @pytest.mark.parametrize("rows", [1, 5, 512, 2111, 4096])
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_decode_matvec_row_and_split_paths(rows, bits):

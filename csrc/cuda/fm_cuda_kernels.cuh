@@ -742,6 +742,91 @@ static __global__ void k_route(const float *__restrict__ logits, int E, int K, i
         for (int k = lane; k < K; k += 32) topw[t * K + k] = topw[t * K + k] / wsum;
 }
 
+/* the sigmoid router (spec.router sigmoid_topk, DeepSeek-V3; fm_ops.c fm_route): one warp per token
+ * (blockDim 32). scores = sigmoid(logits); the choice uses scores + bias (bias may be NULL), limited
+ * to the topk_group best of n_group groups (each ranked by the sum of its two largest biased
+ * scores) when n_group > 1; K rounds of warp argmax (descending, ties: lower index); weights = the
+ * unbiased scores, divided by their sum + 1e-20 when norm, times scale. Shared memory: 2 * E +
+ * 2 * n_group floats. A NaN selection score becomes -3e38 (below every real score, above the
+ * -INFINITY of a chosen or masked expert) so K distinct ids are still picked. */
+static __global__ void k_route_sigmoid(const float *__restrict__ logits, const float *__restrict__ bias, int E, int K,
+                                       int norm, int n_group, int topk_group, float scale,
+                                       int32_t *__restrict__ topi, float *__restrict__ topw) {
+    extern __shared__ float sm[];
+    float *score = sm, *sel = sm + E, *gs = sm + 2 * E, *chosen = sm + 2 * E + n_group;
+    const int64_t t = blockIdx.x;
+    const int lane = threadIdx.x;
+    const float *l = logits + t * E;
+    for (int i = lane; i < E; i += 32) {
+        const float s = 1.0f / (1.0f + expf(-l[i]));
+        const float v = bias ? s + bias[i] : s;
+        score[i] = s;
+        sel[i] = v == v ? v : -3.0e38f;
+    }
+    __syncwarp();
+    if (n_group > 1 && topk_group < n_group) {
+        const int per = E / n_group;
+        for (int g = lane; g < n_group; g += 32) {
+            float a = -INFINITY, b = -INFINITY;
+            for (int i = 0; i < per; i++) {
+                const float x = sel[g * per + i];
+                if (x > a) { b = a; a = x; } else if (x > b) { b = x; }
+            }
+            gs[g] = a + b;
+            chosen[g] = 0.0f;
+        }
+        __syncwarp();
+        for (int r = 0; r < topk_group; r++) {
+            float v = -INFINITY;
+            int idx = 0x7fffffff;
+            for (int g = lane; g < n_group; g += 32)
+                if (chosen[g] == 0.0f && (idx == 0x7fffffff || gs[g] > v || (gs[g] == v && g < idx))) { v = gs[g]; idx = g; }
+            for (int o = 16; o > 0; o >>= 1) {
+                const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+                const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+                if (i2 != 0x7fffffff && (idx == 0x7fffffff || v2 > v || (v2 == v && i2 < idx))) { v = v2; idx = i2; }
+            }
+            if (lane == 0 && idx >= 0 && idx < n_group) chosen[idx] = 1.0f;
+            __syncwarp();
+        }
+        for (int i = lane; i < E; i += 32)
+            if (chosen[i / per] == 0.0f) sel[i] = -INFINITY;
+        __syncwarp();
+    }
+    float wsum = 0.f;
+    for (int k = 0; k < K; k++) {
+        float v = -INFINITY;
+        int idx = 0x7fffffff;
+        for (int i = lane; i < E; i += 32) {
+            const float x = sel[i];
+            if (x > v || (x == v && i < idx)) { v = x; idx = i; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+            const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (v2 > v || (v2 == v && i2 < idx)) { v = v2; idx = i2; }
+        }
+        const float w = idx >= 0 && idx < E ? score[idx] : 0.0f;
+        if (lane == 0) {
+            topi[t * K + k] = idx;
+            topw[t * K + k] = w;
+        }
+        __syncwarp();
+        if (idx >= 0 && idx < E && (idx & 31) == lane) sel[idx] = -INFINITY;
+        wsum += w;
+        __syncwarp();
+    }
+    if (lane < K) {
+        const float den = wsum + 1e-20f;
+        for (int k = lane; k < K; k += 32) {
+            float w = topw[t * K + k];
+            if (norm) w /= den;
+            if (scale != 1.0f) w *= scale;
+            topw[t * K + k] = w;
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ numerical guard */
 
 /* any NaN/Inf among x[n * row] (a bit test, no float compare): atomicMin of code | (t_off + i / row)

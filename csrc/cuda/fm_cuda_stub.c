@@ -4,6 +4,7 @@
  * files in csrc/cuda.
  */
 #include "fm_backend.h"
+#include "fm_ref.h"
 #include "fm_internal.h"
 
 #define NO_CUDA "backend cuda: this build of pyflashmoe was compiled without CUDA (no nvcc, or FLASHMOE_CUDA=0)"
@@ -47,6 +48,13 @@ fm_status fm_cuda_test_norm(int32_t op, const float *x, const float *z, const fl
 fm_status fm_cuda_test_route(const float *logits, int64_t n, int32_t E, int32_t K, int32_t norm, int32_t *idx,
                              float *w, char *err, size_t errlen) {
     (void)logits, (void)n, (void)E, (void)K, (void)norm, (void)idx, (void)w;
+    return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
+}
+fm_status fm_cuda_test_route_sigmoid(const float *logits, const float *bias, int64_t n, int32_t E, int32_t K,
+                                     int32_t norm, int32_t n_group, int32_t topk_group, float scale, int32_t *idx,
+                                     float *w, char *err, size_t errlen) {
+    (void)logits, (void)bias, (void)n, (void)E, (void)K, (void)norm, (void)n_group, (void)topk_group, (void)scale;
+    (void)idx, (void)w;
     return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
 }
 fm_status fm_cuda_test_conv1d(const float *X, int64_t n, float *state, const float *w, int32_t C, int32_t k,

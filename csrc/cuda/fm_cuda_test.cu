@@ -1,6 +1,7 @@
 /* fm_cuda_test.cu: the CUDA backend's kernel entry points for tests (fm_cuda_test_* in fm_backend.h).
  *
- * Owns: fm_cuda_test_matmul / swiglu / experts / norm / route / conv1d / gdn / attention: each puts
+ * Owns: fm_cuda_test_matmul / swiglu / experts / norm / route (+ route_sigmoid, fm_ref.h) / conv1d / gdn /
+ * attention: each puts
  * its host inputs in fresh device buffers (outputs poisoned), runs the same launch path as the
  * layer ops, and copies the results back; tests/test_cuda.py compares them with the CPU kernels.
  * Does not own: the launches (fm_cuda_ops.cu, fm_cuda_experts.cu), kernels (fm_cuda_*.cuh).
@@ -8,6 +9,7 @@
 #include <stdlib.h>
 
 #include "fmc_internal.cuh"
+#include "fm_ref.h"
 
 typedef struct {
     void *p[40];
@@ -220,6 +222,28 @@ extern "C" fm_status fm_cuda_test_route(const float *logits, int64_t n, int32_t 
     TPUT(di, NULL, (size_t)(n * K) * 4);
     TPUT(dw, NULL, (size_t)(n * K) * 4);
     k_route<<<(unsigned)n, 32, sizeof(float) * (size_t)E>>>((const float *)dl, E, K, norm, (int32_t *)di, (float *)dw);
+    TEND(idx, di, (size_t)(n * K) * 4);
+    TEND(w, dw, (size_t)(n * K) * 4);
+    tb_free(&tb);
+    return FM_OK;
+}
+
+/* the sigmoid router of n tokens (k_route_sigmoid; reference fm_ref_route_ex of fm_ref.h) */
+extern "C" fm_status fm_cuda_test_route_sigmoid(const float *logits, const float *bias, int64_t n, int32_t E, int32_t K,
+                                                int32_t norm, int32_t n_group, int32_t topk_group, float scale,
+                                                int32_t *idx, float *w, char *err, size_t errlen) {
+    CKS(fmc_device_ready(err, errlen));
+    if (E < 1 || K < 1 || K > E || n_group < 1 || topk_group < 1 || topk_group > n_group || E % n_group ||
+        (n_group > 1 && E / n_group < 2) || K > topk_group * (E / n_group))
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_cuda_test_route_sigmoid: bad configuration");
+    tbufs tb = {{0}, 0};
+    void *dl, *db = NULL, *di, *dw;
+    TPUT(dl, logits, (size_t)(n * E) * 4);
+    if (bias) TPUT(db, bias, (size_t)E * 4);
+    TPUT(di, NULL, (size_t)(n * K) * 4);
+    TPUT(dw, NULL, (size_t)(n * K) * 4);
+    k_route_sigmoid<<<(unsigned)n, 32, sizeof(float) * (size_t)(2 * E + 2 * n_group)>>>(
+        (const float *)dl, (const float *)db, E, K, norm, n_group, topk_group, scale, (int32_t *)di, (float *)dw);
     TEND(idx, di, (size_t)(n * K) * 4);
     TEND(w, dw, (size_t)(n * K) * 4);
     tb_free(&tb);
