@@ -99,7 +99,8 @@ typedef struct {
     /* ---- model ----
      * supports: FM_OK when the backend can run layer il of the parsed spec (il -1: the model-wide
      * features), else FM_ERR_BACKEND / FM_ERR_FORMAT naming the layer and the feature. Called by
-     * fm_model_open right after the spec is parsed (no weights yet). */
+     * fm_model_open once the spec, the weights' formats and the expert layout are read, before
+     * model_open (nothing of the backend's is allocated yet). */
     fm_status (*supports)(const struct fm_model *m, int32_t il, char *err, size_t errlen);
     /* after the generic load (dense weights, expert layout, fm_model.pool): the backend's model
      * state into fm_model.bm (and whatever else it opens; model_close undoes it, also after a
@@ -137,7 +138,7 @@ typedef struct {
 extern const fm_backend fm_cpu_backend; /* fm_cpu.c */
 const fm_backend *fm_cuda_backend(void); /* csrc/cuda (NULL from the stub) */
 
-/* ---- CUDA backend: availability (csrc/cuda/fm_cuda.cu, or the stub) ---- */
+/* ---- CUDA backend: availability (csrc/cuda/fm_cuda_weights.cu, or the stub) ---- */
 int32_t fm_cuda_compiled(void);  /* 1 when this build has the CUDA backend */
 int32_t fm_cuda_available(void); /* compiled in AND a CUDA device is usable */
 /* "NAME (sm_XY, N MiB)" of device 0, or why none is usable */
