@@ -155,8 +155,9 @@ fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, in
 fm_status fm_ref_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                         const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
                         float *Y, char *err, size_t errlen);
-/* Y[n, rows] = silu(X G^T) * (X U^T), G and U of one kind (bits and mma as above) */
-fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
+/* Y[n, rows] = silu(X G^T) * (X U^T) (bits and mma as above): G of bits / group_size, U of up_bits /
+ * up_group_size (a different format takes the split gate/up path) */
+fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int32_t up_bits, int32_t up_group_size, int64_t rows, int64_t cols, const void *qg,
                               const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
                               const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma, char *err,
                               size_t errlen);

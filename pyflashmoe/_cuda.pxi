@@ -32,7 +32,7 @@ cdef extern from "fm_backend.h" nogil:
     fm_status fm_ref_matmul(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *q,
                             const uint16_t *scales, const uint16_t *biases, const float *X, int64_t n,
                             float *Y, char *err, size_t errlen)
-    fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
+    fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int32_t up_bits, int32_t up_group_size, int64_t rows, int64_t cols, const void *qg,
                                   const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
                                   const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma, char *err,
                                   size_t errlen)
@@ -144,18 +144,21 @@ def _kernel_matmul(bint gpu, int bits, int group_size, q, scales, biases, X, bin
     return Y
 
 
-def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X, bint mma=True):
+def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X, bint mma=True, up_bits=None,
+                   up_group_size=None):
     """Y[n, rows] = silu(X G^T) * (X U^T) on the GPU; G (qg, sg, bg) and U as _kernel_matmul's q, scales,
-    biases (one bits / group_size for both); mma as _kernel_matmul's."""
+    biases; G of bits / group_size, U of up_bits / up_group_size (default: G's); mma as _kernel_matmul's."""
     cdef int32_t use_mma = 1 if mma else 0
+    cdef int32_t ubits = bits if up_bits is None else int(up_bits)
+    cdef int32_t ugs = group_size if up_group_size is None else int(up_group_size)
     X = _f32(X)
     if X.ndim == 1:
         X = X[None, :]
     cdef int64_t n = X.shape[0], cols = X.shape[1]
     qg = _np.ascontiguousarray(qg)
     qu = _np.ascontiguousarray(qu)
-    if qg.shape != qu.shape:
-        raise ValueError("gate and up differ in shape")
+    if qg.ndim != 2 or qu.ndim != 2 or qg.shape[0] != qu.shape[0]:
+        raise ValueError("gate and up differ in rows")
     cdef int64_t rows = qg.shape[0]
     Y = _np.empty((n, rows), dtype=_np.float32)
     cdef const unsigned char[::1] gb = qg.reshape(-1).view(_np.uint8)
@@ -171,10 +174,11 @@ def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X, bint mma
     if bits < 16:
         v0 = _np.ascontiguousarray(sg, dtype=_np.uint16).reshape(-1)
         v1 = _np.ascontiguousarray(bg, dtype=_np.uint16).reshape(-1)
-        v2 = _np.ascontiguousarray(su, dtype=_np.uint16).reshape(-1)
-        v3 = _np.ascontiguousarray(bu, dtype=_np.uint16).reshape(-1)
         p0 = &v0[0]
         p1 = &v1[0]
+    if ubits < 16:
+        v2 = _np.ascontiguousarray(su, dtype=_np.uint16).reshape(-1)
+        v3 = _np.ascontiguousarray(bu, dtype=_np.uint16).reshape(-1)
         p2 = &v2[0]
         p3 = &v3[0]
     cdef const float *xp = _fp(X)
@@ -183,7 +187,7 @@ def _kernel_swiglu(int bits, int group_size, qg, sg, bg, qu, su, bu, X, bint mma
     cdef fm_status st
     err[0] = 0
     with nogil:
-        st = fm_cuda_test_swiglu(bits, group_size, rows, cols, &gb[0], p0, p1, &ub[0], p2, p3, xp, n, yp, use_mma,
+        st = fm_cuda_test_swiglu(bits, group_size, ubits, ugs, rows, cols, &gb[0], p0, p1, &ub[0], p2, p3, xp, n, yp, use_mma,
                                  err, sizeof(err))
     if st != FM_OK:
         raise _error_from(st, err)

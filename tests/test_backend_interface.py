@@ -94,26 +94,3 @@ def test_trace_layer_ms_per_layer():
     tr = s.trace()
     lm = np.asarray(tr["layer_ms"]).reshape(-1, 2)
     assert lm.shape[0] == 8 and (lm > 0).all(), lm
-
-
-@pytest.mark.skipif(not core.cuda_available(), reason="no usable CUDA device: the CUDA capability check needs one")
-@pytest.mark.parametrize("recipe", ["gate_up_kinds", "gate_up_groups"])
-def test_cuda_refuses_gate_up_formats_at_open(tmp_path, recipe):
-    """The CUDA gate/up kernels read both projections with one kind and group size: a model whose
-    gate and up differ is refused by the backend's supports() at open, naming the layer (the CPU
-    backend runs it)."""
-    pytest.importorskip("mlx_lm")
-    tm = pytest.importorskip("tiny_models")
-    import mlx_recipes
-
-    from pyflashmoe.convert import convert
-    from pyflashmoe.errors import BackendError
-    hf, _ = tm.make_tiny_hf("qwen3_5_moe", str(tmp_path / "hf"), seed=0)
-    mlx = tm.make_mlx_quantized(hf, str(tmp_path / "mlx"), bits=4, group_size=32,
-                                quant_predicate=getattr(mlx_recipes, recipe))
-    d = convert(mlx, str(tmp_path / "fm"), progress=False)
-    core.Engine(d, backend=0, n_threads=1)
-    with pytest.raises(BackendError) as ei:
-        core.Engine(d, backend=1)
-    msg = str(ei.value)
-    assert "layer" in msg and "gate and up differ" in msg and "pyflashmoe.json" in msg, msg

@@ -157,6 +157,28 @@ def test_mma_swiglu(bits, gs, rows, cols, n, mma):
 
 
 @needs_gpu
+@pytest.mark.parametrize("mma", ["1", "0"])
+@pytest.mark.parametrize("n", [1, 2, 33])
+@pytest.mark.parametrize("g_fmt,u_fmt", [((4, 32), (4, 64)), ((2, 32), (4, 64)), ((16, 0), (8, 64)),
+                                         ((4, 128), (32, 0))])
+def test_swiglu_gate_up_formats_differ(g_fmt, u_fmt, n, mma):
+    """SwiGLU pair (dense MLP, shared expert) whose gate and up differ in group size (the fused kernels
+    read each with its own) or in kind (split: the gate, then silu(gate) * up in the up's launch)."""
+    rows, cols = 100, 512
+    rng = np.random.default_rng(g_fmt[0] * 100 + u_fmt[0] + n)
+    qg, sg, bg = _mma_weights(rng, *g_fmt, rows, cols) if g_fmt[0] < 32 else (
+        rng.standard_normal((rows, cols)).astype(np.float32) * 0.05, None, None)
+    qu, su, bu = _mma_weights(rng, *u_fmt, rows, cols) if u_fmt[0] < 32 else (
+        rng.standard_normal((rows, cols)).astype(np.float32) * 0.05, None, None)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    got = core._kernel_swiglu(*g_fmt, qg, sg, bg, qu, su, bu, X, mma=mma == "1", up_bits=u_fmt[0],
+                              up_group_size=u_fmt[1])
+    g = core._kernel_matmul(False, *g_fmt, qg, sg, bg, X).astype(np.float64)
+    u = core._kernel_matmul(False, *u_fmt, qu, su, bu, X).astype(np.float64)
+    assert rel(got, g / (1 + np.exp(-g)) * u) < 2 * TOL["affine"]
+
+
+@needs_gpu
 @pytest.mark.parametrize("n", [5, 100])
 @pytest.mark.parametrize("mma", ["1", "0"])
 def test_matmul_fp32_fallback(n, mma):
@@ -443,15 +465,8 @@ TIERS = {  # name -> Engine kwargs (block sizes of the tiny models are a few KiB
 }
 
 
-# an expert whose gate and up differ in kind: the CUDA expert kernels (k_moe_gateup / k_dec_gateup,
-# one KIND for both) do not take it; fm_cuda refuses the model at load with a BackendError
-GATE_UP_KINDS = pytest.mark.xfail(raises=BackendError, strict=True, reason=(
-    "CUDA: routed gate and up of different kinds (2-bit vs 4-bit) are refused at load "
-    "('expert gate and up differ in dtype'); remove this mark once the expert kernels take two kinds"))
-
-
 @needs_gpu
-@pytest.mark.parametrize("which", ["bf16", "q4", "fallback", "mixed", pytest.param("mixed_gu", marks=GATE_UP_KINDS)])
+@pytest.mark.parametrize("which", ["bf16", "q4", "fallback", "mixed", "mixed_gu"])
 @pytest.mark.parametrize("tier", list(TIERS))
 def test_engine_logits_match_cpu(tiny_dirs, which, tier):
     path = tiny_dirs[which]
@@ -495,17 +510,18 @@ def test_engine_logits_match_cpu(tiny_dirs, which, tier):
 
 
 @needs_gpu
-@pytest.mark.xfail(raises=(AssertionError, BackendError), strict=True, reason=(
-    "CUDA: gate 4-bit g32 with up 4-bit g64 (one kind, two group sizes; routed and shared experts): "
-    "rows_mv_affine2 (expert_gateup at any n, k_mv_swiglu at n=1) reads up's scales/biases with the "
-    "gate's group count and the load checks compare kinds only, so the logits are wrong; remove this "
-    "mark once it is refused or computed right"))
-def test_engine_gate_up_group_sizes_differ(tiny_dirs):
-    path = tiny_dirs["mixed_gs"]
+@pytest.mark.parametrize("mma", [1, 0])
+@pytest.mark.parametrize("which", ["mixed_gs", "mixed_gu"])
+def test_engine_gate_up_group_sizes_differ(tiny_dirs, which, mma):
+    """Gate and up of one kind and two group sizes (mixed_gs: routed and shared, 4-bit g32 / g64; the
+    fused kernels read each with its own group size, tensor-core prefill splits them) or of two kinds
+    (mixed_gu: routed 2-bit g32 / 4-bit g64; split launches), prefill on tensor cores (cuda_mma 1) and
+    on the fp32 kernels (0: the per-pair expert kernels, k_mm_swiglu), then decode."""
+    path = tiny_dirs[which]
     if path is None:
         pytest.skip(tiny_dirs["why"])
     cpu = core.Engine(path, backend=0, n_threads=2)
-    gpu = core.Engine(path, backend=1)
+    gpu = core.Engine(path, backend=1, debug={"cuda_mma": mma})
     toks = np.random.default_rng(7).integers(3, cpu.n_vocab, size=12).astype(np.int32)
     sc, sg = core.Session(cpu, 64), core.Session(gpu, 64)
     lc = sc.eval(toks, all_logits=True)

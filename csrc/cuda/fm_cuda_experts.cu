@@ -61,14 +61,20 @@ fm_status fmc_mma_work_build(const int32_t *ids, const uint8_t *const *hptrs, in
     return FM_OK;
 }
 
+/* gate and up read by one SwiGLU tile (one kind and group size) */
+static int gu_fused(const DPart &pg, const DPart &pu) {
+    return pu.kind == pg.kind && (pg.kind < 2 || pu.gs == pg.gs);
+}
+
 int fmc_mma_experts_ok(const DPart &pg, const DPart &pu, const DPart &pd, int64_t H) {
-    return fmc_mma_mat_ok(pg.kind, pg.cols, pg.gs) && pu.kind == pg.kind && pu.rows == pg.rows && pu.cols == pg.cols &&
-           pu.gs == pg.gs && fmc_mma_mat_ok(pd.kind, pd.cols, pd.gs) && pd.cols == pg.rows && pg.cols == H;
+    return fmc_mma_mat_ok(pg.kind, pg.cols, pg.gs) && fmc_mma_mat_ok(pu.kind, pu.cols, pu.gs) && pu.rows == pg.rows &&
+           pu.cols == pg.cols && fmc_mma_mat_ok(pd.kind, pd.cols, pd.gs) && pd.cols == pg.rows && pg.cols == H;
 }
 
 /* dw: the device copy of a work list (fmc_mma_work_build). gate + up: Hbuf[p*I + r] = silu(g) * u from
  * row p / K of xn [., H]; down: Ye[p*H + r] from Hbuf[p]. Each block reads one row tile of one
- * expert once for all of its item's pairs. */
+ * expert once for all of its item's pairs. Gate and up of different formats: two plain launches,
+ * the gate into Hbuf, then the up stored as silu(Hbuf) * u (FMC_Y_GLU). */
 fm_status fmc_mma_launch_experts(cudaStream_t st, const uint8_t *const *dptrs, const int32_t *dw, int64_t nitems,
                                     int nt, const DPart &pg, const DPart &pu, const DPart &pd, int K, int64_t H,
                                     const float *xn, float *hb, float *ye, char *err, size_t errlen) {
@@ -86,8 +92,19 @@ fm_status fmc_mma_launch_experts(cudaStream_t st, const uint8_t *const *dptrs, c
     a.ldx = H;
     a.Y = hb;
     a.ldy = pg.rows;
-    dim3 g1((unsigned)((pg.rows + FMC_MMA_ROWS / 2 - 1) / (FMC_MMA_ROWS / 2)), (unsigned)nitems);
-    CKS(fmc_mma_launch(1, st, a, pg.kind, nt, g1, err, errlen));
+    if (gu_fused(pg, pu)) {
+        dim3 g1((unsigned)((pg.rows + FMC_MMA_ROWS / 2 - 1) / (FMC_MMA_ROWS / 2)), (unsigned)nitems);
+        CKS(fmc_mma_launch(1, st, a, pg.kind, nt, g1, err, errlen));
+    } else {
+        dim3 g1((unsigned)((pg.rows + FMC_MMA_ROWS - 1) / FMC_MMA_ROWS), (unsigned)nitems);
+        a.PB = pg;
+        a.accumulate = FMC_Y_SET;
+        CKS(fmc_mma_launch(0, st, a, pg.kind, nt, g1, err, errlen));
+        a.PA = a.PB = pu;
+        a.accumulate = FMC_Y_GLU;
+        CKS(fmc_mma_launch(0, st, a, pu.kind, nt, g1, err, errlen));
+        a.accumulate = FMC_Y_SET;
+    }
     a.PA = a.PB = pd;
     a.in_div = 1;
     a.X = hb;
@@ -131,7 +148,9 @@ static fm_status launch_experts_grouped(fmc_ctx *x, const cl_layer *L, const uin
 /* grids of the gate+up and down expert kernels for n experts (blockIdx.y): a pair's rows spread
  * over fewer blocks when many pairs run at once */
 static void expert_grids(const cl_layer *L, int sms, int64_t n, dim3 *gu, dim3 *gd) {
-    dim3 g1 = fmc_mv_grid(L->pg.rows, 2, sms), g2 = fmc_mv_grid(L->pd.rows, FMC_MV_R, sms);
+    /* gate+up fused: 2 rows of each per warp pass; split (one part per launch): FMC_MV_R rows */
+    dim3 g1 = fmc_mv_grid(L->pg.rows, L->pg.kind == L->pu.kind ? 2 : FMC_MV_R, sms),
+         g2 = fmc_mv_grid(L->pd.rows, FMC_MV_R, sms);
     const int64_t want = (int64_t)sms * 8;
     if ((int64_t)g1.x * n > want) g1.x = (unsigned)((want + n - 1) / n);
     if ((int64_t)g2.x * n > want) g2.x = (unsigned)((want + n - 1) / n);
@@ -153,12 +172,22 @@ fm_status fmc_launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const
     dim3 gg, gd;
     expert_grids(L, x->cm->sms, npairs, &gg, &gd);
 #define LG(KD) k_moe_gateup<KD><<<gg, FMC_WARPS * 32, 0, st>>>(L->pg, L->pu, dptrs, K, c->xn, m->H, c->hb)
+#define LPG(KD) k_moe_part<KD><<<gg, FMC_WARPS * 32, 0, st>>>(L->pg, dptrs, K, c->xn, m->H, c->hb, FMC_Y_SET)
+#define LPU(KD) k_moe_part<KD><<<gg, FMC_WARPS * 32, 0, st>>>(L->pu, dptrs, K, c->xn, m->H, c->hb, FMC_Y_GLU)
 #define LD(KD) k_moe_down<KD><<<gd, FMC_WARPS * 32, 0, st>>>(L->pd, dptrs, c->hb, c->ye)
-    KIND_SWITCH(L->pg.kind, LG)
+    if (L->pg.kind == L->pu.kind) { /* fused; each part read with its own group size */
+        KIND_SWITCH(L->pg.kind, LG)
+    } else { /* split: the gate, then the up stored as silu(gate) * up */
+        KIND_SWITCH(L->pg.kind, LPG)
+        CKL();
+        KIND_SWITCH(L->pu.kind, LPU)
+    }
     CKL();
     KIND_SWITCH(L->pd.kind, LD)
     CKL();
 #undef LG
+#undef LPG
+#undef LPU
 #undef LD
     return FM_OK;
 }
@@ -294,12 +323,22 @@ fm_status fmc_launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int cn
     dim3 g1, g2;
     expert_grids(L, x->cm->sms, cnt, &g1, &g2);
 #define LG(KD) k_dec_gateup<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pg, L->pu, *S, c->xn, c->hb)
+#define LPG(KD) k_dec_part<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pg, *S, c->xn, c->hb, FMC_Y_SET)
+#define LPU(KD) k_dec_part<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pu, *S, c->xn, c->hb, FMC_Y_GLU)
 #define LD(KD) k_dec_down<KD><<<g2, FMC_WARPS * 32, 0, st>>>(L->pd, *S, c->hb, c->ye)
-    KIND_SWITCH(L->pg.kind, LG)
+    if (L->pg.kind == L->pu.kind) { /* fused; each part read with its own group size */
+        KIND_SWITCH(L->pg.kind, LG)
+    } else { /* split: the gate, then the up stored as silu(gate) * up */
+        KIND_SWITCH(L->pg.kind, LPG)
+        CKL();
+        KIND_SWITCH(L->pu.kind, LPU)
+    }
     CKL();
     KIND_SWITCH(L->pd.kind, LD)
     CKL();
 #undef LG
+#undef LPG
+#undef LPU
 #undef LD
     return FM_OK;
 }

@@ -39,6 +39,16 @@ __device__ __forceinline__ float d_silu(float x) { return x / (1.0f + expf(-x));
 __device__ __forceinline__ float d_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float d_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
+/* how a row kernel stores its result v at d (the `accumulate` / `mode` argument): FMC_Y_SET *d = v,
+ * FMC_Y_ADD *d += v (fused residual add), FMC_Y_GLU *d = silu(*d) * v (SwiGLU of a gate already in
+ * *d and its up projection v: the split gate/up path when the two differ in format) */
+#define FMC_Y_SET 0
+#define FMC_Y_ADD 1
+#define FMC_Y_GLU 2
+__device__ __forceinline__ void y_store(float *d, float v, int mode) {
+    *d = mode == FMC_Y_ADD ? *d + v : mode == FMC_Y_GLU ? d_silu(*d) * v : v;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -316,14 +326,15 @@ __device__ __forceinline__ void rows_mv(const DMat &W, int64_t r0, int nr, const
     else rows_mv_affine<KIND, R>(W, r0, nr, x, acc, p0, ps);
 }
 
-/* gate and up rows r0..r0+nr of two affine matrices of one shape in one pass: each lane loads its
- * slice of x once for 2R rows (x traffic from L1 halved against two rows_mv calls) */
+/* gate and up rows r0..r0+nr of two affine matrices of one shape and bit width in one pass: each
+ * lane loads its slice of x once for 2R rows (x traffic from L1 halved against two rows_mv calls).
+ * Each matrix is read with its own group size (the up's group of pack p may differ from the gate's). */
 template <int BITS, int R>
 __device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, int64_t r0, int nr,
                                                 const float *__restrict__ x, float (&ag)[R], float (&au)[R], int p0,
                                                 int ps) {
-    const int64_t packs = G.cols >> 5, ng = G.cols / G.gs, rw = G.cols * BITS / 32;
-    const int ppg = G.gs >> 5;
+    const int64_t packs = G.cols >> 5, ng = G.cols / G.gs, ngu = U.cols / U.gs, rw = G.cols * BITS / 32;
+    const int ppg = G.gs >> 5, ppgu = U.gs >> 5;
     const uint32_t *g0 = reinterpret_cast<const uint32_t *>(G.w) + r0 * rw;
     const uint32_t *u0 = reinterpret_cast<const uint32_t *>(U.w) + r0 * rw;
     for (int64_t p = p0; p < packs; p += ps) {
@@ -338,15 +349,15 @@ __device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, in
                 for (int i = 0; i < BITS; i++) wg[r][i] = wu[r][i] = 0u;
             }
         }
-        const int64_t g = p / ppg;
+        const int64_t g = p / ppg, gu = ppgu == ppg ? g : p / ppgu;
         float sg[R], bg[R], su[R], bu[R];
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const int64_t o = (r0 + r) * ng + g;
+            const int64_t o = (r0 + r) * ng + g, ou = (r0 + r) * ngu + gu;
             sg[r] = r < nr ? bf2f(__ldg(G.s + o)) : 0.f;
             bg[r] = r < nr ? bf2f(__ldg(G.b + o)) : 0.f;
-            su[r] = r < nr ? bf2f(__ldg(U.s + o)) : 0.f;
-            bu[r] = r < nr ? bf2f(__ldg(U.b + o)) : 0.f;
+            su[r] = r < nr ? bf2f(__ldg(U.s + ou)) : 0.f;
+            bu[r] = r < nr ? bf2f(__ldg(U.b + ou)) : 0.f;
         }
         float xf[32];
         const float xs = load_xpack(x, p, xf);
@@ -366,7 +377,8 @@ __device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, in
     }
 }
 
-/* gate/up of any kind: the fused pass for affine, two passes otherwise */
+/* gate/up of one kind (group sizes may differ): the fused pass for affine, two passes otherwise.
+ * Gate and up of different kinds go through the split path (two row launches, FMC_Y_GLU). */
 template <int KIND, int R>
 __device__ __forceinline__ void rows_mv_gu(const DMat &G, const DMat &U, int64_t r0, int nr,
                                            const float *__restrict__ x, float (&ag)[R], float (&au)[R], int p0,
@@ -389,7 +401,8 @@ struct MVSet {
     int acc[FMC_MULTI];
 };
 
-/* y[r] (+)= W[r,:] . x over all rows, FMC_MV_R rows per warp pass, the grid's warps in turn */
+/* y[r] (+)= W[r,:] . x over all rows, FMC_MV_R rows per warp pass, the grid's warps in turn
+ * (accumulate: an FMC_Y_* mode) */
 template <int KIND>
 __device__ __forceinline__ void warp_rows_mv(const DMat &W, const float *__restrict__ x, float *__restrict__ y,
                                              int accumulate) {
@@ -405,7 +418,7 @@ __device__ __forceinline__ void warp_rows_mv(const DMat &W, const float *__restr
 #pragma unroll
         for (int r = 0; r < FMC_MV_R; r++) {
             const float v = warp_sum(acc[r]);
-            if (lane == r && r < nr) y[r0 + r] = accumulate ? y[r0 + r] + v : v;
+            if (lane == r && r < nr) y_store(y + r0 + r, v, accumulate);
         }
     }
 }
@@ -441,7 +454,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_mv_sk(MVSet set, const float
             float v = 0.f;
 #pragma unroll
             for (int w = 0; w < FMC_WARPS; w++) v += part[w][threadIdx.x];
-            y[r0 + threadIdx.x] = accumulate ? y[r0 + threadIdx.x] + v : v;
+            y_store(y + r0 + threadIdx.x, v, accumulate);
         }
         __syncthreads();
     }
@@ -496,8 +509,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_mm(DMat W, const float *__re
 #pragma unroll
                 for (int t = 0; t < NT; t++)
                     if (t < nt) {
-                        float *dst = Y + (t0 + t) * ldy + r;
-                        *dst = accumulate ? *dst + acc[t] : acc[t];
+                        y_store(Y + (t0 + t) * ldy + r, acc[t], accumulate);
                     }
             }
         }
@@ -572,6 +584,19 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_gateup(DPart PG, DPart P
     expert_gateup<KIND>(G, U, x, Hbuf, p);
 }
 
+/* routed experts, one of gate / up alone (the split path: gate and up differ in kind):
+ * Hbuf[p*I + r] = W[r,:] . x stored by mode (FMC_Y_SET for the gate, then FMC_Y_GLU for the up) */
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_part(DPart P, const uint8_t *const *ptrs, int K,
+                                                              const float *__restrict__ X, int64_t H,
+                                                              float *__restrict__ Hbuf, int mode) {
+    const int p = blockIdx.y;
+    const uint8_t *base = ptrs[p];
+    if (!base) return;
+    const DMat W = part_mat(P, base);
+    warp_rows_mv<KIND>(W, X + (int64_t)(p / K) * H, Hbuf + (int64_t)p * W.rows, mode);
+}
+
 /* routed experts, down: Ye[p*H + r] = D[r,:] . Hbuf[p] */
 template <int KIND>
 __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_down(DPart PD, const uint8_t *const *ptrs,
@@ -600,6 +625,16 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_dec_gateup(DPart PG, DPart P
     const int p = S.pair[blockIdx.y];
     const DMat G = part_mat(PG, base), U = part_mat(PU, base);
     expert_gateup<KIND>(G, U, x, Hbuf, p);
+}
+
+/* decode, one of gate / up alone (as k_moe_part) */
+template <int KIND>
+__global__ void __launch_bounds__(FMC_WARPS * 32) k_dec_part(DPart P, PairSet S, const float *__restrict__ x,
+                                                              float *__restrict__ Hbuf, int mode) {
+    const uint8_t *base = S.p[blockIdx.y];
+    const int p = S.pair[blockIdx.y];
+    const DMat W = part_mat(P, base);
+    warp_rows_mv<KIND>(W, x, Hbuf + (int64_t)p * W.rows, mode);
 }
 
 template <int KIND>

@@ -54,7 +54,7 @@ struct MmaArgs {
     float *Y;
     int64_t ldy;
     int64_t n; /* dense: tokens */
-    int32_t accumulate;
+    int32_t accumulate; /* FMC_Y_* (plain launches) */
     /* split-K (dense, gridDim.z > 1): partials at ws[(z * n + t) * R2 + r], R2 = rows (x2 SwiGLU:
      * gate at r, up at rows + r) */
     float *ws;
@@ -340,14 +340,14 @@ __global__ void __launch_bounds__(FMC_MMA_THREADS) k_mma(MmaArgs a) {
                 const int vr = warp * 16 + g + (e >> 1) * 8, tk = j * 8 + 2 * t + (e & 1);
                 const int64_t r = r0 + vr;
                 if (r < rows && tk < cnt) {
-                    float *d = a.Y + (int64_t)sOut[tk] * a.ldy + r;
-                    *d = a.accumulate ? *d + acc[j][e] : acc[j][e];
+                    y_store(a.Y + (int64_t)sOut[tk] * a.ldy + r, acc[j][e], a.accumulate);
                 }
             }
     }
 }
 
-/* split-K: Y[t*ldy + r] (+)= sum_z ws[z][t][r] (z ascending); SwiGLU: silu(sum gate) * sum up */
+/* split-K: Y[t*ldy + r] (+)= sum_z ws[z][t][r] (z ascending; accumulate: an FMC_Y_* mode);
+ * SwiGLU: silu(sum gate) * sum up */
 static __global__ void k_mma_reduce(const float *__restrict__ ws, int splits, int64_t n, int64_t rows, int swi,
                              float *__restrict__ Y, int64_t ldy, int accumulate) {
     const int64_t R2 = swi ? 2 * rows : rows, tot = n * rows;
@@ -360,7 +360,6 @@ static __global__ void k_mma_reduce(const float *__restrict__ ws, int splits, in
             if (swi) us += w[rows + r];
         }
         const float v = swi ? d_silu(gs) * us : gs;
-        float *d = Y + t * ldy + r;
-        *d = accumulate ? *d + v : v;
+        y_store(Y + t * ldy + r, v, accumulate);
     }
 }

@@ -164,6 +164,9 @@ fm_status fmc_mma_launch(int swi, cudaStream_t st, const MmaArgs &a, int kind, i
 static fm_status launch_mma_dense(cudaStream_t st, int sms, const DMat &W, const DMat *U, const float *X, int64_t ldx,
                                   int64_t n, float *Y, int64_t ldy, int acc, char *err, size_t errlen) {
     const int swi = U != NULL;
+    /* the SwiGLU tile reads gate and up with the gate's kind and group size */
+    if (swi && (U->kind != W.kind || U->gs != W.gs || U->rows != W.rows || U->cols != W.cols))
+        return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: fused gate/up matmul with gate and up of different formats");
     const int nt = fmc_mma_nt(n);
     const int64_t tr = (W.rows + (swi ? FMC_MMA_ROWS / 2 : FMC_MMA_ROWS) - 1) / (swi ? FMC_MMA_ROWS / 2 : FMC_MMA_ROWS);
     const int64_t tt = (n + 8 * nt - 1) / (8 * nt);
@@ -232,11 +235,22 @@ fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const 
     return FM_OK;
 }
 
+/* Hout = silu(G X) * (U X). Gate and up of one format: one fused kernel (k_mv_swiglu decode,
+ * tensor cores or k_mm_swiglu prefill). Of different kinds (or, for the tensor-core path, group
+ * sizes): the split path, each its own matmul (fmc_launch_mm: mv / mma / k_mm by its own format),
+ * the gate into Hout, then the up stored as silu(Hout) * (U X) (FMC_Y_GLU): no extra buffer. */
 fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, const DMat &U, const float *X,
                             int64_t ldx, int64_t n, float *Hout, char *err, size_t errlen) {
     if (n <= 0 || G.rows <= 0) return FM_OK;
-    if (G.kind != U.kind || G.rows != U.rows || G.cols != U.cols)
-        return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: gate and up projections differ in dtype or shape");
+    if (G.rows != U.rows || G.cols != U.cols)
+        return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: gate [%lld x %lld] and up [%lld x %lld] differ in shape",
+                       (long long)G.rows, (long long)G.cols, (long long)U.rows, (long long)U.cols);
+    const int same_kind = G.kind == U.kind, same_gs = same_kind && (G.kind < 2 || G.gs == U.gs);
+    if (!same_kind || (n > 1 && !same_gs && mma)) {
+        CKS(fmc_launch_mm(st, sms, mma, G, X, ldx, n, Hout, G.rows, FMC_Y_SET, err, errlen));
+        return fmc_launch_mm(st, sms, mma, U, X, ldx, n, Hout, G.rows, FMC_Y_GLU, err, errlen);
+    }
+    /* from here one kind; the fused kernels read each matrix with its own group size */
     if (n == 1) {
         dim3 g1 = fmc_mv_grid(G.rows, 2, sms);
 #define LS(K) k_mv_swiglu<K><<<g1, FMC_WARPS * 32, 0, st>>>(G, U, X, Hout)
@@ -245,17 +259,11 @@ fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, co
         CKL();
         return FM_OK;
     }
-    if (fmc_mma_mat_ok(G.kind, G.cols, G.gs) && G.gs == U.gs && mma_x_ok(X, ldx) && mma)
+    if (same_gs && fmc_mma_mat_ok(G.kind, G.cols, G.gs) && mma_x_ok(X, ldx) && mma)
         return launch_mma_dense(st, sms, G, &U, X, ldx, n, Hout, G.rows, 0, err, errlen);
     dim3 g = row_grid(G.rows, sms);
-#define L1(K) k_mm_swiglu<K, 1><<<g, FMC_WARPS * 32, 0, st>>>(G, U, X, ldx, n, Hout)
 #define L8(K) k_mm_swiglu<K, 8><<<g, FMC_WARPS * 32, 0, st>>>(G, U, X, ldx, n, Hout)
-    if (n == 1) {
-        KIND_SWITCH(G.kind, L1)
-    } else {
-        KIND_SWITCH(G.kind, L8)
-    }
-#undef L1
+    KIND_SWITCH(G.kind, L8)
 #undef L8
     CKL();
     return FM_OK;
@@ -729,10 +737,6 @@ static fm_status cu_replay(fm_pass *p, char *err, size_t errlen) {
 
 /* ================================================================== the backend table */
 
-static int same_format(fm_dtype da, int32_t ba, int32_t ga, fm_dtype db, int32_t bb, int32_t gb) {
-    return da == db && (da != FM_DT_AFFINE || (ba == bb && ga == gb));
-}
-
 /* what the kernels cannot run, refused at open (il -1: model-wide; else layer il) */
 static fm_status cu_supports(const fm_model *m, int32_t il, char *err, size_t errlen) {
     if (il < 0) {
@@ -776,25 +780,6 @@ static fm_status cu_supports(const fm_model *m, int32_t il, char *err, size_t er
                        "backend cuda: layer %d (%s): model feature expert part biases (experts.layers[\"%d\"].parts.*.bias) "
                        "is not implemented by the CUDA backend (use the cpu backend)",
                        il, fm_layer_kind(L), il);
-    /* a gate and its up projection are read by one kernel (k_mv_swiglu, the expert gate/up kernels)
-     * with one kind and one group size */
-    const char *which = NULL;
-    if (L->ffn == FM_FFN_MOE) {
-        const fm_part *g = &L->parts[FM_PART_GATE], *u = &L->parts[FM_PART_UP];
-        if (!same_format(g->dt, g->bits, g->group_size, u->dt, u->bits, u->group_size))
-            which = "routed expert";
-        else if (L->has_shexp && !same_format(L->sh_gate.dt, L->sh_gate.bits, L->sh_gate.group_size, L->sh_up.dt,
-                                              L->sh_up.bits, L->sh_up.group_size))
-            which = "shared expert";
-    } else if (!same_format(L->ffn_gate.dt, L->ffn_gate.bits, L->ffn_gate.group_size, L->ffn_up.dt, L->ffn_up.bits,
-                            L->ffn_up.group_size)) {
-        which = "dense FFN";
-    }
-    if (which)
-        return fm_errf(err, errlen, FM_ERR_BACKEND,
-                       "backend cuda: layer %d (%s): %s gate and up differ in dtype or group size (the CUDA gate/up "
-                       "kernels read both with one format)",
-                       il, fm_layer_kind(L), which);
     return FM_OK;
 }
 

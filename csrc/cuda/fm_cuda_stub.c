@@ -25,11 +25,11 @@ fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64_t rows, in
     (void)mma;
     return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
 }
-fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
+fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int32_t up_bits, int32_t up_group_size, int64_t rows, int64_t cols, const void *qg,
                               const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
                               const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma, char *err,
                               size_t errlen) {
-    (void)bits, (void)group_size, (void)rows, (void)cols, (void)qg, (void)sg, (void)bg, (void)qu, (void)su, (void)bu;
+    (void)bits, (void)group_size, (void)up_bits, (void)up_group_size, (void)rows, (void)cols, (void)qg, (void)sg, (void)bg, (void)qu, (void)su, (void)bu;
     (void)X, (void)n, (void)Y, (void)mma;
     return fm_errf(err, errlen, FM_ERR_BACKEND, NO_CUDA);
 }

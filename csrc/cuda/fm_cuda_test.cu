@@ -107,18 +107,19 @@ static int test_mat(tbufs *tb, int32_t bits, int32_t gs, int64_t rows, int64_t c
     return (W->b = (const uint16_t *)tb_put(tb, biases, (size_t)(rows * (cols / gs) * 2))) != NULL;
 }
 
-extern "C" fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int64_t rows, int64_t cols, const void *qg,
-                                         const uint16_t *sg, const uint16_t *bg, const void *qu, const uint16_t *su,
-                                         const uint16_t *bu, const float *X, int64_t n, float *Y, int32_t mma,
-                                         char *err, size_t errlen) {
+extern "C" fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int32_t up_bits, int32_t up_group_size,
+                                         int64_t rows, int64_t cols, const void *qg, const uint16_t *sg,
+                                         const uint16_t *bg, const void *qu, const uint16_t *su, const uint16_t *bu,
+                                         const float *X, int64_t n, float *Y, int32_t mma, char *err, size_t errlen) {
     CKS(fmc_device_ready(err, errlen));
-    if (bits != 16 && bits != 32 && (cols % 32 || group_size % 32 || cols % group_size))
+    if ((bits != 16 && bits != 32 && (cols % 32 || group_size % 32 || cols % group_size)) ||
+        (up_bits != 16 && up_bits != 32 && (cols % 32 || up_group_size % 32 || cols % up_group_size)))
         return fm_errf(err, errlen, FM_ERR_ARG, "cols/group_size must be multiples of 32");
     tbufs tb = {{0}, 0};
     DMat G, U;
     void *dx, *dy;
     if (!test_mat(&tb, bits, group_size, rows, cols, qg, sg, bg, &G) ||
-        !test_mat(&tb, bits, group_size, rows, cols, qu, su, bu, &U)) {
+        !test_mat(&tb, up_bits, up_group_size, rows, cols, qu, su, bu, &U)) {
         tb_free(&tb);
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: test buffer allocation/copy failed");
     }

@@ -205,8 +205,11 @@ fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, 
                 c->pg = to_dpart(&L->parts[FM_PART_GATE]);
                 c->pu = to_dpart(&L->parts[FM_PART_UP]);
                 c->pd = to_dpart(&L->parts[FM_PART_DOWN]);
-                if (c->pg.kind != c->pu.kind) {
-                    st = fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: layer %d: expert gate and up differ in dtype", il);
+                /* gate and up may differ in format (fmc_launch_experts: fused or split launches), not in
+                 * shape (both write the pair's I rows of the gate/up buffer) */
+                if (c->pg.rows != c->pu.rows || c->pg.cols != c->pu.cols || c->pd.cols != c->pg.rows) {
+                    st = fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: layer %d: expert gate, up and down shapes disagree",
+                                 il);
                     goto fail;
                 }
                 if (L->block_bytes > cm->slot_bytes) cm->slot_bytes = L->block_bytes;
