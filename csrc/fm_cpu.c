@@ -347,7 +347,14 @@ static void prefetch_predict(fm_session *s, fm_scratch *b, int32_t after, const 
     if (nk > m->k_tok) nk = m->k_tok;
     if (nk > m->n_experts) nk = m->n_experts;
     if (nk < 1) nk = 1;
-    fm_topk(b->logits_r, m->n_experts, nk, b->pfi); /* top-K of the logits == top-K of the softmax */
+    const float *sel = b->logits_r; /* top-K of the logits == top-K of the softmax */
+    if (J->router_bias || m->route.kind == FM_ROUTER_SIGMOID) { /* the router's selection scores (no groups) */
+        for (int32_t e = 0; e < m->n_experts; e++)
+            b->rtmp[e] = (m->route.kind == FM_ROUTER_SIGMOID ? fm_sigmoid(b->logits_r[e]) : b->logits_r[e]) +
+                         (J->router_bias ? J->router_bias[e] : 0.0f);
+        sel = b->rtmp;
+    }
+    fm_topk(sel, m->n_experts, nk, b->pfi);
     b->pf_n = fm_io_prefetch(m->io, jl, b->pfi, nk);
     b->pf_il = jl;
     s->st.prefetch_blocks += b->pf_n;

@@ -575,3 +575,23 @@ def test_cuda_backend_refuses_the_features_it_does_not_implement(tiny_moe, tmp_p
         core.Engine(d, n_threads=1)                       # the CPU backend runs it
         with pytest.raises(BackendError, match=field):
             core.Engine(d, backend=1, n_threads=1)
+
+
+def test_decode_prefetch_predicts_with_the_routers_selection_scores(tiny_moe, tmp_path):
+    """the decode prefetch ranks experts as the router chooses them (sigmoid + correction bias):
+    with a bias that makes experts 3 and 6 win every choice, every prefetched block is used"""
+    spec = json.load(open(os.path.join(tiny_moe["fm16"], "pyflashmoe.json")))["spec"]
+    L, E = spec["n_layers"], spec["n_experts"]
+    bias = np.zeros(E, np.float32)
+    bias[[3, 6]] = 5.0
+    d = str(tmp_path / "biased")
+    rebuild(tiny_moe["fm16"], d, spec={"router": "sigmoid_topk", "router_bias": True},
+            dense={f"blk.{i}.ffn_router_bias": bias for i in range(L)})
+    ses = core.Session(core.Engine(d, n_threads=1, prefetch=2), 32)
+    toks = np.random.default_rng(5).integers(3, 512, 10).astype(np.int32)
+    ses.eval(toks[:2])
+    for t in toks[2:]:
+        ses.eval(np.array([t], np.int32))
+    st = ses.stats()
+    assert st["prefetch_blocks"] > 0
+    assert st["prefetch_used"] == st["prefetch_blocks"], st
