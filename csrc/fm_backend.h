@@ -96,6 +96,10 @@ typedef fm_status (*fm_layer_op)(fm_pass *p, int32_t il, char *err, size_t errle
 typedef struct {
     const char *name;       /* "cpu", "cuda" */
     int32_t records_trace;  /* 1: the routing trace of fm_session_set_trace is recorded */
+    /* 1: the ops read the dense weights (fm_layer's views) from host memory. 0: model_open copies
+     * what it needs, and fm_model_open then releases the host copy (never locked); the fm_qmat
+     * views of fm_model's dense tensors are invalid from then on (their shapes and formats stay) */
+    int32_t host_dense;
     /* ---- model ----
      * supports: FM_OK when the backend can run layer il of the parsed spec (il -1: the model-wide
      * features), else FM_ERR_BACKEND / FM_ERR_FORMAT naming the layer and the feature. Called by

@@ -829,6 +829,7 @@ static fm_status cpu_guard(fm_pass *p, int32_t stage, char *err, size_t errlen) 
 const fm_backend fm_cpu_backend = {
     .name = "cpu",
     .records_trace = 1,
+    .host_dense = 1,
     .supports = cpu_supports,
     .model_open = cpu_model_open,
     .model_close = cpu_model_close,

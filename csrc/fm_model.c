@@ -922,6 +922,16 @@ static fm_status load_experts(fm_model *m, const fm_json *root, int verify, char
 
 /* ---------------------------------------------------------------- backend selection */
 
+/* the host copy of the dense weights, for a backend that has its own (fm_backend.host_dense 0):
+ * unmapped; map_len stays (fm_model_dense_bytes) */
+static void release_dense(fm_model *m) {
+    if (!m->map) return;
+    if (m->dense_locked) munlock(m->map, m->map_len);
+    m->dense_locked = 0;
+    munmap(m->map, m->map_len);
+    m->map = NULL;
+}
+
 /* every layer's kinds are in range and index ops the backend has (the layer loop indexes
  * be->mixer[attn] and be->ffn[ffn] without a check) */
 static fm_status backend_kinds(const fm_model *m, const char *mpath, char *err, size_t errlen) {
@@ -1052,7 +1062,9 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
                      (unsigned long long)sb.st_size);
         goto fail;
     }
-    if ((st = read_dense(m, fd, dpath, (size_t)sb.st_size, p.lock_dense, err, errlen)) != FM_OK) goto fail;
+    /* locked only for a backend that reads them from host memory during evals */
+    if ((st = read_dense(m, fd, dpath, (size_t)sb.st_size, p.lock_dense && m->be->host_dense, err, errlen)) != FM_OK)
+        goto fail;
     close(fd);
     fd = -1;
     const fm_json *tensors = fm_json_get(root, "tensors");
@@ -1088,6 +1100,7 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
     }
     m->be_open = 1; /* model_close undoes a partial model_open too */
     if ((st = m->be->model_open(m, &p, err, errlen)) != FM_OK) goto fail;
+    if (!m->be->host_dense) release_dense(m); /* the backend holds its own copy */
     fm_json_free(root);
     free(text);
     free(mpath);

@@ -94,3 +94,22 @@ def test_trace_layer_ms_per_layer():
     tr = s.trace()
     lm = np.asarray(tr["layer_ms"]).reshape(-1, 2)
     assert lm.shape[0] == 8 and (lm > 0).all(), lm
+
+
+@pytest.mark.skipif(not core.cuda_available(), reason="no usable CUDA device")
+def test_cuda_releases_the_host_dense_copy():
+    """The CUDA backend uploads every dense tensor at open (fm_backend.host_dense 0): the host copy
+    is released (never locked) and evals, prefill and graph decode alike, do not touch it."""
+    cpu = core.Engine(DEMO, backend=0, n_threads=2)
+    gpu = core.Engine(DEMO, backend=1)
+    assert cpu.dense_bytes == gpu.dense_bytes and not gpu.dense_locked
+    toks = list(range(3, 11))
+    sc, sg = core.Session(cpu, 32), core.Session(gpu, 32)
+    a, b = sc.eval(toks, all_logits=True), sg.eval(toks, all_logits=True)
+    tol = 2e-4 * float(np.abs(a).max())
+    assert float(np.abs(a - b).max()) <= tol
+    tok = int(np.argmax(a[-1]))
+    for _ in range(4):
+        a, b = sc.eval([tok]), sg.eval([tok])
+        assert float(np.abs(a - b).max()) <= tol
+        tok = int(np.argmax(a))

@@ -808,6 +808,7 @@ static fm_backend make_backend(void) {
     memset(&b, 0, sizeof b);
     b.name = "cuda";
     b.records_trace = 0;
+    b.host_dense = 0; /* every dense tensor is uploaded at open */
     b.supports = cu_supports;
     b.model_open = cu_model_open;
     b.model_close = cu_model_close;
