@@ -162,8 +162,8 @@ def test_mma_swiglu(bits, gs, rows, cols, n, mma):
 @pytest.mark.parametrize("g_fmt,u_fmt", [((4, 32), (4, 64)), ((2, 32), (4, 64)), ((16, 0), (8, 64)),
                                          ((4, 128), (32, 0))])
 def test_swiglu_gate_up_formats_differ(g_fmt, u_fmt, n, mma):
-    """SwiGLU pair (dense MLP, shared expert) whose gate and up differ in group size (the fused kernels
-    read each with its own) or in kind (split: the gate, then silu(gate) * up in the up's launch)."""
+    """SwiGLU pair (dense MLP, shared expert) whose gate and up differ in group size or in kind: the
+    split path (the gate's launch, then silu(gate) * up stored by the up's launch), decode and prefill."""
     rows, cols = 100, 512
     rng = np.random.default_rng(g_fmt[0] * 100 + u_fmt[0] + n)
     qg, sg, bg = _mma_weights(rng, *g_fmt, rows, cols) if g_fmt[0] < 32 else (
@@ -513,10 +513,9 @@ def test_engine_logits_match_cpu(tiny_dirs, which, tier):
 @pytest.mark.parametrize("mma", [1, 0])
 @pytest.mark.parametrize("which", ["mixed_gs", "mixed_gu"])
 def test_engine_gate_up_group_sizes_differ(tiny_dirs, which, mma):
-    """Gate and up of one kind and two group sizes (mixed_gs: routed and shared, 4-bit g32 / g64; the
-    fused kernels read each with its own group size, tensor-core prefill splits them) or of two kinds
-    (mixed_gu: routed 2-bit g32 / 4-bit g64; split launches), prefill on tensor cores (cuda_mma 1) and
-    on the fp32 kernels (0: the per-pair expert kernels, k_mm_swiglu), then decode."""
+    """Gate and up of one kind and two group sizes (mixed_gs: routed and shared, 4-bit g32 / g64) or of
+    two kinds (mixed_gu: routed 2-bit g32 / 4-bit g64): the split gate/up launches (FMC_Y_GLU), prefill
+    on tensor cores (cuda_mma 1) and on the fp32 kernels (0: the per-pair expert kernels), then decode."""
     path = tiny_dirs[which]
     if path is None:
         pytest.skip(tiny_dirs["why"])

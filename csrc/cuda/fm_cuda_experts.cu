@@ -61,10 +61,8 @@ fm_status fmc_mma_work_build(const int32_t *ids, const uint8_t *const *hptrs, in
     return FM_OK;
 }
 
-/* gate and up read by one SwiGLU tile (one kind and group size) */
-static int gu_fused(const DPart &pg, const DPart &pu) {
-    return pu.kind == pg.kind && (pg.kind < 2 || pu.gs == pg.gs);
-}
+/* gate and up read by one fused kernel (one kind and group size) */
+static int gu_fused(const DPart &pg, const DPart &pu) { return fmc_gu_fused(pg.kind, pg.gs, pu.kind, pu.gs); }
 
 int fmc_mma_experts_ok(const DPart &pg, const DPart &pu, const DPart &pd, int64_t H) {
     return fmc_mma_mat_ok(pg.kind, pg.cols, pg.gs) && fmc_mma_mat_ok(pu.kind, pu.cols, pu.gs) && pu.rows == pg.rows &&
@@ -149,7 +147,7 @@ static fm_status launch_experts_grouped(fmc_ctx *x, const cl_layer *L, const uin
  * over fewer blocks when many pairs run at once */
 static void expert_grids(const cl_layer *L, int sms, int64_t n, dim3 *gu, dim3 *gd) {
     /* gate+up fused: 2 rows of each per warp pass; split (one part per launch): FMC_MV_R rows */
-    dim3 g1 = fmc_mv_grid(L->pg.rows, L->pg.kind == L->pu.kind ? 2 : FMC_MV_R, sms),
+    dim3 g1 = fmc_mv_grid(L->pg.rows, gu_fused(L->pg, L->pu) ? 2 : FMC_MV_R, sms),
          g2 = fmc_mv_grid(L->pd.rows, FMC_MV_R, sms);
     const int64_t want = (int64_t)sms * 8;
     if ((int64_t)g1.x * n > want) g1.x = (unsigned)((want + n - 1) / n);
@@ -175,9 +173,9 @@ fm_status fmc_launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const
 #define LPG(KD) k_moe_part<KD><<<gg, FMC_WARPS * 32, 0, st>>>(L->pg, dptrs, K, c->xn, m->H, c->hb, FMC_Y_SET)
 #define LPU(KD) k_moe_part<KD><<<gg, FMC_WARPS * 32, 0, st>>>(L->pu, dptrs, K, c->xn, m->H, c->hb, FMC_Y_GLU)
 #define LD(KD) k_moe_down<KD><<<gd, FMC_WARPS * 32, 0, st>>>(L->pd, dptrs, c->hb, c->ye)
-    if (L->pg.kind == L->pu.kind) { /* fused; each part read with its own group size */
+    if (gu_fused(L->pg, L->pu)) { /* fused: one kind and group size */
         KIND_SWITCH(L->pg.kind, LG)
-    } else { /* split: the gate, then the up stored as silu(gate) * up */
+    } else { /* split: the gate, then the up stored as silu(gate) * up (each its own format) */
         KIND_SWITCH(L->pg.kind, LPG)
         CKL();
         KIND_SWITCH(L->pu.kind, LPU)
@@ -326,9 +324,9 @@ fm_status fmc_launch_dec(fmc_ctx *x, const cl_layer *L, const PairSet *S, int cn
 #define LPG(KD) k_dec_part<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pg, *S, c->xn, c->hb, FMC_Y_SET)
 #define LPU(KD) k_dec_part<KD><<<g1, FMC_WARPS * 32, 0, st>>>(L->pu, *S, c->xn, c->hb, FMC_Y_GLU)
 #define LD(KD) k_dec_down<KD><<<g2, FMC_WARPS * 32, 0, st>>>(L->pd, *S, c->hb, c->ye)
-    if (L->pg.kind == L->pu.kind) { /* fused; each part read with its own group size */
+    if (gu_fused(L->pg, L->pu)) { /* fused: one kind and group size */
         KIND_SWITCH(L->pg.kind, LG)
-    } else { /* split: the gate, then the up stored as silu(gate) * up */
+    } else { /* split: the gate, then the up stored as silu(gate) * up (each its own format) */
         KIND_SWITCH(L->pg.kind, LPG)
         CKL();
         KIND_SWITCH(L->pu.kind, LPU)

@@ -34,6 +34,11 @@ struct DPart {
     uint64_t off_w, off_s, off_b;
 };
 
+/* (host) may a gate of (kind gk, group size ggs) and its up (uk, ugs) run in one fused SwiGLU kernel
+ * (k_mv_swiglu, k_mm_swiglu, the expert gate/up kernels, the tensor-core SwiGLU tile)? They read both
+ * with the gate's kind and group size; anything else takes the split path (FMC_Y_GLU) */
+static inline int fmc_gu_fused(int gk, int ggs, int uk, int ugs) { return gk == uk && (gk < 2 || ggs == ugs); }
+
 __device__ __forceinline__ float bf2f(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
 __device__ __forceinline__ float d_silu(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float d_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -326,15 +331,15 @@ __device__ __forceinline__ void rows_mv(const DMat &W, int64_t r0, int nr, const
     else rows_mv_affine<KIND, R>(W, r0, nr, x, acc, p0, ps);
 }
 
-/* gate and up rows r0..r0+nr of two affine matrices of one shape and bit width in one pass: each
- * lane loads its slice of x once for 2R rows (x traffic from L1 halved against two rows_mv calls).
- * Each matrix is read with its own group size (the up's group of pack p may differ from the gate's). */
+/* gate and up rows r0..r0+nr of two affine matrices of one shape, bit width AND group size (the
+ * gate's is used for both: the launchers run fused only when fmc_gu_fused) in one pass: each lane
+ * loads its slice of x once for 2R rows (x traffic from L1 halved against two rows_mv calls) */
 template <int BITS, int R>
 __device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, int64_t r0, int nr,
                                                 const float *__restrict__ x, float (&ag)[R], float (&au)[R], int p0,
                                                 int ps) {
-    const int64_t packs = G.cols >> 5, ng = G.cols / G.gs, ngu = U.cols / U.gs, rw = G.cols * BITS / 32;
-    const int ppg = G.gs >> 5, ppgu = U.gs >> 5;
+    const int64_t packs = G.cols >> 5, ng = G.cols / G.gs, rw = G.cols * BITS / 32;
+    const int ppg = G.gs >> 5;
     const uint32_t *g0 = reinterpret_cast<const uint32_t *>(G.w) + r0 * rw;
     const uint32_t *u0 = reinterpret_cast<const uint32_t *>(U.w) + r0 * rw;
     for (int64_t p = p0; p < packs; p += ps) {
@@ -349,15 +354,15 @@ __device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, in
                 for (int i = 0; i < BITS; i++) wg[r][i] = wu[r][i] = 0u;
             }
         }
-        const int64_t g = p / ppg, gu = ppgu == ppg ? g : p / ppgu;
+        const int64_t g = p / ppg;
         float sg[R], bg[R], su[R], bu[R];
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const int64_t o = (r0 + r) * ng + g, ou = (r0 + r) * ngu + gu;
+            const int64_t o = (r0 + r) * ng + g;
             sg[r] = r < nr ? bf2f(__ldg(G.s + o)) : 0.f;
             bg[r] = r < nr ? bf2f(__ldg(G.b + o)) : 0.f;
-            su[r] = r < nr ? bf2f(__ldg(U.s + ou)) : 0.f;
-            bu[r] = r < nr ? bf2f(__ldg(U.b + ou)) : 0.f;
+            su[r] = r < nr ? bf2f(__ldg(U.s + o)) : 0.f;
+            bu[r] = r < nr ? bf2f(__ldg(U.b + o)) : 0.f;
         }
         float xf[32];
         const float xs = load_xpack(x, p, xf);
@@ -377,8 +382,8 @@ __device__ __forceinline__ void rows_mv_affine2(const DMat &G, const DMat &U, in
     }
 }
 
-/* gate/up of one kind (group sizes may differ): the fused pass for affine, two passes otherwise.
- * Gate and up of different kinds go through the split path (two row launches, FMC_Y_GLU). */
+/* gate/up of one format (fmc_gu_fused): the fused pass for affine, two passes otherwise. Gate and
+ * up of different kinds or group sizes go through the split path (two row launches, FMC_Y_GLU). */
 template <int KIND, int R>
 __device__ __forceinline__ void rows_mv_gu(const DMat &G, const DMat &U, int64_t r0, int nr,
                                            const float *__restrict__ x, float (&ag)[R], float (&au)[R], int p0,
@@ -584,7 +589,7 @@ __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_gateup(DPart PG, DPart P
     expert_gateup<KIND>(G, U, x, Hbuf, p);
 }
 
-/* routed experts, one of gate / up alone (the split path: gate and up differ in kind):
+/* routed experts, one of gate / up alone (the split path: gate and up differ in kind or group size):
  * Hbuf[p*I + r] = W[r,:] . x stored by mode (FMC_Y_SET for the gate, then FMC_Y_GLU for the up) */
 template <int KIND>
 __global__ void __launch_bounds__(FMC_WARPS * 32) k_moe_part(DPart P, const uint8_t *const *ptrs, int K,

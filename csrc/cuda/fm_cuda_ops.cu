@@ -165,7 +165,7 @@ static fm_status launch_mma_dense(cudaStream_t st, int sms, const DMat &W, const
                                   int64_t n, float *Y, int64_t ldy, int acc, char *err, size_t errlen) {
     const int swi = U != NULL;
     /* the SwiGLU tile reads gate and up with the gate's kind and group size */
-    if (swi && (U->kind != W.kind || U->gs != W.gs || U->rows != W.rows || U->cols != W.cols))
+    if (swi && (!fmc_gu_fused(W.kind, W.gs, U->kind, U->gs) || U->rows != W.rows || U->cols != W.cols))
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: fused gate/up matmul with gate and up of different formats");
     const int nt = fmc_mma_nt(n);
     const int64_t tr = (W.rows + (swi ? FMC_MMA_ROWS / 2 : FMC_MMA_ROWS) - 1) / (swi ? FMC_MMA_ROWS / 2 : FMC_MMA_ROWS);
@@ -235,22 +235,21 @@ fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const 
     return FM_OK;
 }
 
-/* Hout = silu(G X) * (U X). Gate and up of one format: one fused kernel (k_mv_swiglu decode,
- * tensor cores or k_mm_swiglu prefill). Of different kinds (or, for the tensor-core path, group
- * sizes): the split path, each its own matmul (fmc_launch_mm: mv / mma / k_mm by its own format),
- * the gate into Hout, then the up stored as silu(Hout) * (U X) (FMC_Y_GLU): no extra buffer. */
+/* Hout = silu(G X) * (U X). Gate and up of one format (kind and group size, fmc_gu_fused): one
+ * fused kernel (k_mv_swiglu decode, tensor cores or k_mm_swiglu prefill). Otherwise the split path,
+ * each its own matmul (fmc_launch_mm: mv / mma / k_mm by its own format), the gate into Hout, then
+ * the up stored as silu(Hout) * (U X) (FMC_Y_GLU): no extra buffer. */
 fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, const DMat &U, const float *X,
                             int64_t ldx, int64_t n, float *Hout, char *err, size_t errlen) {
     if (n <= 0 || G.rows <= 0) return FM_OK;
     if (G.rows != U.rows || G.cols != U.cols)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: gate [%lld x %lld] and up [%lld x %lld] differ in shape",
                        (long long)G.rows, (long long)G.cols, (long long)U.rows, (long long)U.cols);
-    const int same_kind = G.kind == U.kind, same_gs = same_kind && (G.kind < 2 || G.gs == U.gs);
-    if (!same_kind || (n > 1 && !same_gs && mma)) {
+    if (!fmc_gu_fused(G.kind, G.gs, U.kind, U.gs)) {
         CKS(fmc_launch_mm(st, sms, mma, G, X, ldx, n, Hout, G.rows, FMC_Y_SET, err, errlen));
         return fmc_launch_mm(st, sms, mma, U, X, ldx, n, Hout, G.rows, FMC_Y_GLU, err, errlen);
     }
-    /* from here one kind; the fused kernels read each matrix with its own group size */
+    /* from here one format: the fused kernels read both with the gate's kind and group size */
     if (n == 1) {
         dim3 g1 = fmc_mv_grid(G.rows, 2, sms);
 #define LS(K) k_mv_swiglu<K><<<g1, FMC_WARPS * 32, 0, st>>>(G, U, X, Hout)
@@ -259,7 +258,7 @@ fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, co
         CKL();
         return FM_OK;
     }
-    if (same_gs && fmc_mma_mat_ok(G.kind, G.cols, G.gs) && mma_x_ok(X, ldx) && mma)
+    if (fmc_mma_mat_ok(G.kind, G.cols, G.gs) && mma_x_ok(X, ldx) && mma)
         return launch_mma_dense(st, sms, G, &U, X, ldx, n, Hout, G.rows, 0, err, errlen);
     dim3 g = row_grid(G.rows, sms);
 #define L8(K) k_mm_swiglu<K, 8><<<g, FMC_WARPS * 32, 0, st>>>(G, U, X, ldx, n, Hout)
