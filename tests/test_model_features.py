@@ -129,6 +129,8 @@ def test_clamped_swiglu_with_biases_matches_gpt_oss(limit, alpha):
     cfg = transformers.GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
                                     swiglu_limit=limit, swiglu_alpha=alpha)
     ex = GptOssExperts(cfg)
+    # older transformers hard-code alpha 1.702 / limit 7.0 instead of reading the config
+    ex.alpha, ex.limit = alpha, limit
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) * (3 / H ** 0.5))
@@ -433,6 +435,7 @@ def _featured_reference(hf, seen, rbias, sinks, feats, W, monkeypatch):
             r.e_score_correction_bias.copy_(torch.from_numpy(rbias[il]))
             layer.mlp.gate = r
             ex = modeling_gpt_oss.GptOssExperts(gcfg)
+            ex.alpha, ex.limit = feats["swiglu_alpha"], feats["swiglu_limit"]  # older transformers ignore gcfg's
             for e in range(E):
                 p = seen[(il, e)]
                 gu = np.empty((H, 2 * I), np.float32)
