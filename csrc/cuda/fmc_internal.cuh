@@ -119,6 +119,7 @@ typedef struct fmc_model {
     int has_ram;       /* fm_io has a RAM cache (ram_budget, not resident) */
     int64_t ram_slots; /* its capacity in blocks */
     int io_copies;     /* copies from the last fm_io request's blocks may still run: ev_copy */
+    int t1_recorded;   /* ev_t1 (end of the request's copies, PCIe rate) already recorded for this request */
     /* the current fm_io request, read by the on_block hook (on fm_io's threads) */
     int32_t *rq_e;          /* [chunk] the experts asked for */
     uint8_t **rq_ddst;      /* [chunk] VRAM slot to copy request index i into (NULL: none) */
