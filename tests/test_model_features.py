@@ -555,16 +555,14 @@ GPU = hasattr(core, "cuda_available") and core.cuda_available()
 
 @pytest.mark.skipif(not GPU, reason="no usable CUDA device (the CUDA backend's refusals need one)")
 def test_cuda_backend_refuses_the_features_it_does_not_implement(tiny_moe, tmp_path):
-    """each non-default feature: BackendError at load naming it (and the layer for per-layer ones)"""
+    """each non-default feature the CUDA kernels lack: BackendError at load naming it (and the layer
+    for per-layer ones)"""
     from pyflashmoe.errors import BackendError
     spec = json.load(open(os.path.join(tiny_moe["fm16"], "pyflashmoe.json")))["spec"]
-    L, E, nh = spec["n_layers"], spec["n_experts"], spec["n_heads"]
+    L, nh = spec["n_layers"], spec["n_heads"]
+    # (spec.router sigmoid_topk, router_bias, routed_scaling_factor and shared_gate none run on CUDA:
+    # test_cuda_routing_features_match_the_cpu_backend)
     cases = [
-        ("router", dict(spec={"router": "sigmoid_topk"}), "spec.router"),
-        ("rbias", dict(spec={"router_bias": True},
-                       dense={f"blk.{i}.ffn_router_bias": np.zeros(E, np.float32) for i in range(L)}),
-         "router_bias"),
-        ("scale", dict(spec={"routed_scaling_factor": 2.0}), "routed_scaling_factor"),
         ("act", dict(spec={"expert_act": "swiglu_clamp"}), "expert_act"),
         ("window", dict(layers={"sliding_window": 4}), r"layer 0 .*sliding_window"),
         ("sinks", dict(layers={"attn_sinks": True},
@@ -578,6 +576,68 @@ def test_cuda_backend_refuses_the_features_it_does_not_implement(tiny_moe, tmp_p
         core.Engine(d, n_threads=1)                       # the CPU backend runs it
         with pytest.raises(BackendError, match=field):
             core.Engine(d, backend=1, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def cuda_feature_dirs(tiny_moe, tmp_path_factory):
+    """tiny models with the routing features the CUDA backend runs: (a) the sigmoid router with a
+    correction bias, 4 groups of 2 with 2 kept, renormalised, routed scale 2.5; (b) the softmax
+    router with a logit bias and routed scale 2.0; (c) a Qwen3-Next (shared experts) with
+    shared_gate none. "defaults": the models they were made from."""
+    from pyflashmoe.convert import convert
+    root = tmp_path_factory.mktemp("cuda_features")
+    rng = np.random.default_rng(21)
+    spec = json.load(open(os.path.join(tiny_moe["fm16"], "pyflashmoe.json")))["spec"]
+    L, E = spec["n_layers"], spec["n_experts"]
+    dense = {f"blk.{i}.ffn_router_bias": (rng.standard_normal(E) * 0.3).astype(np.float32) for i in range(L)}
+    dirs = {k: str(root / k) for k in ("sigmoid_groups", "softmax_bias_scale", "shared_gate_none")}
+    rebuild(tiny_moe["fm16"], dirs["sigmoid_groups"], dense=dense,
+            spec=dict(router="sigmoid_topk", router_bias=True, router_n_group=4, router_topk_group=2,
+                      norm_topk_prob=True, routed_scaling_factor=2.5))
+    rebuild(tiny_moe["fm16"], dirs["softmax_bias_scale"], dense=dense,
+            spec=dict(router_bias=True, routed_scaling_factor=2.0))
+    hf, _ = make_tiny_hf("qwen3_next", str(root / "hf_next"), seed=4)
+    fm16 = convert(hf, str(root / "fm16_next"), bits=16, progress=False)
+    nspec = json.load(open(os.path.join(fm16, "pyflashmoe.json")))["spec"]
+    moe = [i for i, l in enumerate(nspec["layers"]) if l["ffn"] == "moe"]
+    rebuild(fm16, dirs["shared_gate_none"], spec={"shared_gate": "none"},
+            drop=[f"blk.{i}.shexp_router" for i in moe])
+    dirs["defaults"] = {"sigmoid_groups": tiny_moe["fm16"], "softmax_bias_scale": tiny_moe["fm16"],
+                        "shared_gate_none": fm16}
+    return dirs
+
+
+def _cuda_tier_kwargs(tier, bb):
+    return {"resident": {}, "vram_lru": {"vram_budget": 3 * bb},
+            "vram_lru+ram_split": {"vram_budget": 3 * bb, "ram_budget": 1 << 30, "debug": {"cpu_split": 0.5}}}[tier]
+
+
+@pytest.mark.skipif(not GPU, reason="no usable CUDA device (CUDA against CPU logits need one)")
+@pytest.mark.parametrize("which", ["sigmoid_groups", "softmax_bias_scale", "shared_gate_none"])
+@pytest.mark.parametrize("tier", ["resident", "vram_lru", "vram_lru+ram_split"])
+def test_cuda_routing_features_match_the_cpu_backend(cuda_feature_dirs, which, tier):
+    """the CUDA backend runs the sigmoid router (bias, groups, scale), the softmax router with a
+    logit bias and a routed scale, and shared_gate none: its logits match the CPU backend's (which
+    test_all_features_match_transformers / test_shared_gate_none_... pin against transformers),
+    prefill then decode, with every expert resident, with a 3-slot VRAM cache, and with the decode's
+    CPU split (the host computes RAM-cached misses with the routing weights the GPU made)"""
+    d = cuda_feature_dirs[which]
+    cpu = core.Engine(d, backend=0, n_threads=2)
+    bb = max(cpu.expert_block_bytes(i) for i in range(cpu.n_layers))
+    gpu = core.Engine(d, backend=1, n_threads=2, **_cuda_tier_kwargs(tier, bb))
+    toks = np.random.default_rng(7).integers(3, cpu.n_vocab, size=12).astype(np.int32)
+    sc, sg = core.Session(cpu, 64), core.Session(gpu, 64)
+    lc = sc.eval(toks, all_logits=True)
+    _close(sg.eval(toks, all_logits=True), lc, rel=2e-4)
+    tok = int(np.argmax(lc[-1]))
+    for _ in range(8):
+        a = sc.eval(np.array([tok], np.int32))
+        _close(sg.eval(np.array([tok], np.int32)), a, rel=2e-4)
+        tok = int(np.argmax(a))
+    assert bool(core.cuda_counters(sg)["resident"]) == (tier == "resident")
+    # the feature changes the logits (CUDA ignoring it would fail above)
+    ref = core.Session(core.Engine(cuda_feature_dirs["defaults"][which], backend=0, n_threads=2), 64)
+    assert np.abs(ref.eval(toks, all_logits=True) - lc).max() > 1e-3 * np.abs(lc).max()
 
 
 def test_decode_prefetch_predicts_with_the_routers_selection_scores(tiny_moe, tmp_path):

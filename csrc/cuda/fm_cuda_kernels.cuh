@@ -658,9 +658,11 @@ static __global__ void k_fill_ptrs(const int32_t *topi, int64_t npairs, const ui
     if (p < npairs) ptrs[p] = table[topi[p]];
 }
 
-/* X[t] += sum_k w[t,k] * Ye[t*K+k] + (has_sh ? sigmoid(shs[t]) * sho[t] : 0) */
+/* X[t] += sum_k w[t,k] * Ye[t*K+k] + (has_sh ? g * sho[t] : 0), g = sigmoid(shs[t]) (spec.shared_gate
+ * sigmoid: GATE1 false, the default kernel) or 1 (spec.shared_gate none: GATE1 true, shs unread) */
 /* hostmask (CPU split, decode, n == 1): bit k set = pair k was computed on the host; the weighted
  * sum of those arrives as ycpu [n, H] (NULL: none) */
+template <bool GATE1>
 static __global__ void k_moe_combine(float *__restrict__ X, const float *__restrict__ Ye, const float *__restrict__ topw,
                               int K, const float *__restrict__ sho, const float *__restrict__ shs, int has_sh,
                               int64_t n, int64_t H, uint32_t hostmask, const float *__restrict__ ycpu,
@@ -671,7 +673,7 @@ static __global__ void k_moe_combine(float *__restrict__ X, const float *__restr
         for (int k = 0; k < K; k++)
             if (!(k < 32 && ((hostmask >> k) & 1u))) acc += topw[t * K + k] * Ye[(t * K + k) * H + d];
         if (ycpu) acc += ycpu[t * H + d];
-        if (has_sh) acc += d_sigmoid(shs[t]) * sho[t * H + d];
+        if (has_sh) acc += (GATE1 ? 1.0f : d_sigmoid(shs[t])) * sho[t * H + d];
         const float v = X[t * H + d] + acc;
         X[t * H + d] = v;
         /* numerical guard of the layer (as k_check_finite, fused: no extra launch per MoE layer) */
@@ -729,21 +731,25 @@ static __global__ void k_norm(int op, const float *__restrict__ X, const float *
 
 /* ------------------------------------------------------------------ routing */
 
-/* one warp per token (blockDim 32): softmax over E, top-K (descending, ties: lower index),
- * renormalise. The K selection rounds are warp shuffles over the probabilities in shared memory:
- * no block barriers (the old one-block version spent ~11 us per token on them). */
-static __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm, int32_t *__restrict__ topi,
-                        float *__restrict__ topw) {
+/* the softmax router of one token, one warp (blockDim 32): softmax over E, top-K (descending, ties:
+ * lower index), renormalise. The K selection rounds are warp shuffles over the probabilities in
+ * shared memory: no block barriers (the old one-block version spent ~11 us per token on them).
+ * EX (k_route_ex only): bias[E] (may be NULL) added to the logits first, the K weights times scale
+ * at the end (fm_ops.c fm_route); EX false is k_route, the default path, without either. */
+template <bool EX>
+static __device__ __forceinline__ void route_softmax(const float *__restrict__ logits, const float *__restrict__ bias,
+                                                     float scale, int E, int K, int norm, int32_t *__restrict__ topi,
+                                                     float *__restrict__ topw) {
     extern __shared__ float sp[]; /* E */
     const int64_t t = blockIdx.x;
     const int lane = threadIdx.x;
     const float *l = logits + t * E;
     float mx = -INFINITY;
-    for (int i = lane; i < E; i += 32) mx = fmaxf(mx, l[i]);
+    for (int i = lane; i < E; i += 32) mx = fmaxf(mx, EX && bias ? l[i] + bias[i] : l[i]);
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float s = 0.f;
     for (int i = lane; i < E; i += 32) {
-        const float e = expf(l[i] - mx);
+        const float e = expf((EX && bias ? l[i] + bias[i] : l[i]) - mx);
         sp[i] = e;
         s += e;
     }
@@ -778,8 +784,30 @@ static __global__ void k_route(const float *__restrict__ logits, int E, int K, i
         wsum += v;
         __syncwarp();
     }
-    if (norm && lane < K)
-        for (int k = lane; k < K; k += 32) topw[t * K + k] = topw[t * K + k] / wsum;
+    if (!EX) {
+        if (norm && lane < K)
+            for (int k = lane; k < K; k += 32) topw[t * K + k] = topw[t * K + k] / wsum;
+    } else if (lane < K) {
+        for (int k = lane; k < K; k += 32) {
+            float w = topw[t * K + k];
+            if (norm) w = w / wsum;
+            if (scale != 1.0f) w *= scale;
+            topw[t * K + k] = w;
+        }
+    }
+}
+
+/* the default router (spec.router softmax_topk, no router_bias, routed_scaling_factor 1) */
+static __global__ void k_route(const float *__restrict__ logits, int E, int K, int norm, int32_t *__restrict__ topi,
+                        float *__restrict__ topw) {
+    route_softmax<false>(logits, NULL, 1.0f, E, K, norm, topi, topw);
+}
+
+/* spec.router softmax_topk with spec.router_bias (bias[E], NULL: none) and/or a
+ * spec.routed_scaling_factor other than 1 (gpt-oss style); shared memory: E floats */
+static __global__ void k_route_ex(const float *__restrict__ logits, const float *__restrict__ bias, float scale, int E,
+                                  int K, int norm, int32_t *__restrict__ topi, float *__restrict__ topw) {
+    route_softmax<true>(logits, bias, scale, E, K, norm, topi, topw);
 }
 
 /* the sigmoid router (spec.router sigmoid_topk, DeepSeek-V3; fm_ops.c fm_route): one warp per token

@@ -654,7 +654,17 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
     const int64_t npairs = n * K;
     CKS(fmc_launch_norm(st, 0, c->x, NULL, L->ffn_norm, n, H, m->eps, m->norm_offset, c->xn, err, errlen));
     CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
-    k_route<<<(unsigned)n, 32, sizeof(float) * (size_t)E, st>>>(c->lr, (int)E, K, m->norm_topk, c->topi, c->topw);
+    /* routing (fm_ops.c fm_route): the default softmax router is k_route as always; a router bias or a
+     * routed scaling factor takes k_route_ex, the sigmoid router k_route_sigmoid */
+    if (m->route.kind == FM_ROUTER_SIGMOID)
+        k_route_sigmoid<<<(unsigned)n, 32, sizeof(float) * (size_t)(2 * E + 2 * (int64_t)m->route.n_group), st>>>(
+            c->lr, L->router_bias, (int)E, K, m->norm_topk, m->route.n_group, m->route.topk_group, m->route.scale,
+            c->topi, c->topw);
+    else if (L->router_bias || m->route.scale != 1.0f)
+        k_route_ex<<<(unsigned)n, 32, sizeof(float) * (size_t)E, st>>>(c->lr, L->router_bias, m->route.scale, (int)E, K,
+                                                                       m->norm_topk, c->topi, c->topw);
+    else
+        k_route<<<(unsigned)n, 32, sizeof(float) * (size_t)E, st>>>(c->lr, (int)E, K, m->norm_topk, c->topi, c->topw);
     CKL();
     /* CPU split possible: decode, fm_io's RAM cache; the layer's normalized input and routing weights
      * come back with the routed ids (one sync) */
@@ -673,7 +683,8 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
     if (FL->has_shexp) {
         CKS(fmc_launch_swiglu(st, sms, m->debug.cuda_mma, L->sh_gate, L->sh_up, c->xn, H, n, c->shg, err, errlen));
         CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->sh_down, c->shg, m->sh_I, n, c->sho, H, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->sh_router, c->xn, H, n, c->shs, 1, 0, err, errlen));
+        if (m->shared_gate == FM_SHGATE_SIGMOID) /* spec.shared_gate none: weight 1, no gate logit */
+            CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->sh_router, c->xn, H, n, c->shs, 1, 0, err, errlen));
     }
     if (cm->resident) {
         k_fill_ptrs<<<(unsigned)((npairs + 255) / 256), 256, 0, st>>>(c->topi, npairs, cm->d_table + (int64_t)il * E,
@@ -778,8 +789,13 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
             for (int64_t i = 0; i < nc; i++) cm->eptr[list[c0 + i]] = NULL;
         }
     }
-    k_moe_combine<<<dim3((unsigned)((H + 255) / 256), (unsigned)n), 256, 0, st>>>(
-        c->x, c->ye, c->topw, K, c->sho, c->shs, FL->has_shexp, n, H, hostmask, ycpu, fmc_guard_code(x, il), c->d_bad);
+    const dim3 cgrid((unsigned)((H + 255) / 256), (unsigned)n);
+    if (m->shared_gate == FM_SHGATE_SIGMOID)
+        k_moe_combine<false><<<cgrid, 256, 0, st>>>(c->x, c->ye, c->topw, K, c->sho, c->shs, FL->has_shexp, n, H,
+                                                    hostmask, ycpu, fmc_guard_code(x, il), c->d_bad);
+    else /* spec.shared_gate none: the shared expert's output with weight 1 */
+        k_moe_combine<true><<<cgrid, 256, 0, st>>>(c->x, c->ye, c->topw, K, c->sho, c->shs, FL->has_shexp, n, H,
+                                                   hostmask, ycpu, fmc_guard_code(x, il), c->d_bad);
     CKL();
     return FM_OK;
 }

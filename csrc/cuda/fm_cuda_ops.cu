@@ -755,11 +755,8 @@ static fm_status cu_supports(const fm_model *m, int32_t il, char *err, size_t er
                            "backend cuda: linear attention with conv kernel %d is not supported (at most 9)", m->conv_k);
         /* model features (spec data) the CUDA kernels do not implement: the CPU backend does */
         const char *feat = NULL;
-        if (m->n_moe && m->route.kind != FM_ROUTER_SOFTMAX) feat = "spec.router sigmoid_topk";
-        else if (m->n_moe && m->router_bias) feat = "spec.router_bias (blk.N.ffn_router_bias)";
-        else if (m->n_moe && m->route.scale != 1.0f) feat = "spec.routed_scaling_factor other than 1";
-        else if (m->n_moe && m->act.kind != FM_ACT_SWIGLU) feat = "spec.expert_act swiglu_clamp";
-        else if (m->n_moe && m->sh_I > 0 && m->shared_gate != FM_SHGATE_SIGMOID) feat = "spec.shared_gate none";
+        /* (spec.router, router_bias, routed_scaling_factor and shared_gate are all implemented: fmc_op_moe) */
+        if (m->n_moe && m->act.kind != FM_ACT_SWIGLU) feat = "spec.expert_act swiglu_clamp";
         if (feat)
             return fm_errf(err, errlen, FM_ERR_BACKEND,
                            "backend cuda: model feature %s is not implemented by the CUDA backend (use the cpu "

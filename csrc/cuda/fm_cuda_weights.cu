@@ -196,6 +196,7 @@ fm_status fm_cuda_model_open(fm_model *m, const fm_model_params *p, void **out, 
             }
             if (L->ffn == FM_FFN_MOE) {
                 TRY(up_mat(cm, &L->router, &c->router, err, errlen));
+                if (L->router_bias) TRY(up_vec(cm, L->router_bias, m->n_experts, &c->router_bias, err, errlen));
                 if (L->has_shexp) {
                     TRY(up_mat(cm, &L->sh_gate, &c->sh_gate, err, errlen));
                     TRY(up_mat(cm, &L->sh_up, &c->sh_up, err, errlen));

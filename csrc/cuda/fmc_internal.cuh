@@ -92,6 +92,7 @@ typedef struct {
     DMat wq, wk, wv, wo, ssm_qkv, ssm_z, ssm_b, ssm_a, ssm_out, router, sh_gate, sh_up, sh_down, sh_router,
         ffn_gate, ffn_up, ffn_down;
     const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *ssm_conv, *dt_bias, *A_log, *ssm_norm;
+    const float *router_bias; /* spec.router_bias [n_experts] on the device, or NULL */
     DPart pg, pu, pd;
 } cl_layer;
 
