@@ -1,27 +1,31 @@
 """Model specs: HF config.json -> normalized ModelSpec, and HF tensor names -> canonical names.
 
 Owns: the ModelSpec / LayerSpec dataclasses (the keys the manifest stores and the C core reads,
-docs/INTERNALS.md section 1), the registry (`models/<model_type>.py`, imported by name, plus an
-alias dict), and the TensorMap records the converter follows. Does not own: reading or writing
-tensors (pyflashmoe.convert, pyflashmoe.format).
+docs/INTERNALS.md section 1), the registry of model families, and the TensorMap records the
+converter follows. Does not own: reading or writing tensors (pyflashmoe.convert, pyflashmoe.format).
 
-Each architecture module defines
+A model family is one module `models/<model_type>.py` (its file name is the HF model_type); the
+registry finds every such module of this package (pkgutil, names starting with "_" skipped), so
+adding a family edits nothing here. Each family module defines
+    RULES = dict(norm_offset=..., attn_output_gate=..., attn_kinds=(...), ffn_kinds=(...))
+        what ModelSpec.check requires of a spec with this arch (optional key: norm_topk_prob,
+        a bool the spec must have, or None for either)
+    ALIASES = ("<model_type>_text", ...)            optional: other model_type names it serves
     spec_from_config(cfg: dict, generation_config: dict | None) -> ModelSpec
     tensor_map(spec: ModelSpec) -> list[TensorMap]      every dense (non-expert) tensor
 and the experts of MoE layer i are read from the HF prefix `model.layers.{i}.mlp`.
+SUPPORTED / ALIASES / ARCH_RULES are built from the modules on first use (registry()).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import math
+import pkgutil
+import threading
 from dataclasses import dataclass, field
 
-from pyflashmoe.errors import FormatError, UnsupportedModelError
-
-SUPPORTED = ("qwen3_5_moe", "qwen3_next", "qwen3_moe")
-ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "qwen3_next_text": "qwen3_next",
-           "qwen3_moe_text": "qwen3_moe"}
+from pyflashmoe.errors import FlashMoEError, FormatError, UnsupportedModelError
 
 
 # Bounds on every count a config or manifest may name, checked before anything is sized from it.
@@ -46,10 +50,9 @@ SHARED_GATES = ("sigmoid", "none")
 OPTIONAL_KEYS = ("bos_token_id", "eos_token_ids", "router", "router_bias", "router_n_group",
                  "router_topk_group", "routed_scaling_factor", "expert_act", "swiglu_limit",
                  "swiglu_alpha", "shared_gate")
-# per arch: (norm_offset, attn_output_gate, allowed attention kinds, allowed ffn kinds)
-ARCH_RULES = {"qwen3_5_moe": (1.0, True, ATTN_KINDS, ("moe",)),
-              "qwen3_next": (1.0, True, ATTN_KINDS, FFN_KINDS),
-              "qwen3_moe": (0.0, False, ("full",), FFN_KINDS)}
+# a family module's RULES: the required keys, then the optional ones
+RULE_KEYS = ("norm_offset", "attn_output_gate", "attn_kinds", "ffn_kinds")
+OPTIONAL_RULE_KEYS = ("norm_topk_prob",)
 
 
 def is_int(v) -> bool:
@@ -191,15 +194,17 @@ class ModelSpec:
 
     def check(self, where="spec"):
         """Every field's type, its bounds (LIMITS) and the consistency between fields."""
-        if not isinstance(self.arch, str) or self.arch not in ARCH_RULES:
-            raise FormatError(f"{where}.arch: {_desc(self.arch)} is not one of {', '.join(SUPPORTED)}")
+        reg = registry()
+        if not isinstance(self.arch, str) or self.arch not in reg.arch_rules:
+            raise FormatError(f"{where}.arch: {_desc(self.arch)} is not one of "
+                              f"{', '.join(reg.supported)}")
         for k in ("attn_output_gate", "norm_topk_prob", "tie_word_embeddings"):
             if not isinstance(getattr(self, k), bool):
                 raise FormatError(f"{where}.{k}: must be true or false, got {_desc(getattr(self, k))}")
         self._int(where, "n_layers", 1)
         if not isinstance(self.layers, tuple) or len(self.layers) != self.n_layers:
             raise FormatError(f"{where}.layers: {len(self.layers)} entries but n_layers={self.n_layers}")
-        offset, gate, attn_ok, ffn_ok = ARCH_RULES[self.arch]
+        offset, gate, attn_ok, ffn_ok = reg.arch_rules[self.arch]
         for i, l in enumerate(self.layers):
             if not isinstance(l, LayerSpec) or l.attn not in attn_ok or l.ffn not in ffn_ok:
                 raise FormatError(f"{where}.layers[{i}]: bad kind {l!r} for arch {self.arch} "
@@ -239,9 +244,11 @@ class ModelSpec:
                                   f"n_experts {self.n_experts}")
         if any(l.ffn == "dense" for l in self.layers):
             self._int(where, "intermediate_size", 1)
-        if self.arch == "qwen3_5_moe" and self.norm_topk_prob is not True:
-            # transformers' Qwen3.5-MoE router renormalises the top-K unconditionally
-            raise FormatError(f"{where}.norm_topk_prob: must be true for arch qwen3_5_moe")
+        ntp = reg.rules[self.arch].get("norm_topk_prob")
+        if ntp is not None and self.norm_topk_prob is not ntp:
+            # e.g. transformers' Qwen3.5-MoE router renormalises the top-K unconditionally
+            raise FormatError(f"{where}.norm_topk_prob: must be {str(ntp).lower()} for arch "
+                              f"{self.arch}")
         self.check_features(where)
         if not is_int(self.bos_token_id) or not -1 <= self.bos_token_id <= LIMITS["token_id"]:
             raise FormatError(f"{where}.bos_token_id: must be -1 or a token id, got {_desc(self.bos_token_id)}")
@@ -338,16 +345,136 @@ def normalize_config(config: dict) -> dict:
 
 
 def canonical_type(model_type) -> str:
-    mt = ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
-    if mt not in SUPPORTED:
+    reg = registry()
+    mt = reg.aliases.get(model_type, model_type) if isinstance(model_type, str) else model_type
+    if mt not in reg.supported:   # a tuple: an unhashable model_type is just unsupported
         raise UnsupportedModelError(
             f"config.json: model_type {_desc(model_type)} is not supported; supported: "
-            f"{', '.join(SUPPORTED)} (aliases: {', '.join(sorted(ALIASES))})")
+            f"{', '.join(reg.supported)} (aliases: {', '.join(sorted(reg.aliases))})")
     return mt
 
 
 def arch_module(model_type):
-    return importlib.import_module(f"pyflashmoe.models.{canonical_type(model_type)}")
+    return registry().modules[canonical_type(model_type)]
+
+
+# ---- the family registry: built from the modules of this package ----------------------------------
+
+@dataclass(frozen=True)
+class Registry:
+    supported: tuple    # model_types, sorted
+    aliases: dict       # alias -> model_type, sorted by alias
+    arch_rules: dict    # model_type -> (norm_offset, attn_output_gate, attn kinds, ffn kinds)
+    rules: dict         # model_type -> the module's RULES (every key, optional ones None if absent)
+    modules: dict       # model_type -> module
+
+
+_REGISTRY = None
+_BUILDING = False
+_REGISTRY_LOCK = threading.RLock()
+FAMILY_ATTRS = ("RULES", "spec_from_config", "tensor_map")
+
+
+def _family_error(where, msg):
+    return FlashMoEError(
+        f"{where}: {msg} (a model family module defines RULES = dict({', '.join(RULE_KEYS)}"
+        f"[, {', '.join(OPTIONAL_RULE_KEYS)}]), optional ALIASES, spec_from_config(cfg, "
+        f"generation_config) and tensor_map(spec); see pyflashmoe/models/__init__.py)")
+
+
+def _kinds(where, rules, key, allowed):
+    v = rules[key]
+    if (not isinstance(v, (tuple, list)) or not v or len(set(v)) != len(v)
+            or not all(isinstance(k, str) and k in allowed for k in v)):
+        raise _family_error(where, f"RULES[{key!r}] must be a non-empty tuple of distinct "
+                                   f"kinds from {list(allowed)}, got {_desc(v)}")
+    return tuple(v)
+
+
+def _check_family(name, mod):
+    """A family module's RULES / ALIASES / functions, checked; -> (arch rule tuple, rules, aliases)."""
+    where = f"{getattr(mod, '__file__', None) or name} (model family {name!r})"
+    missing = [a for a in FAMILY_ATTRS if not hasattr(mod, a)]
+    if missing:
+        raise _family_error(where, f"missing module attribute(s) {missing}")
+    for a in ("spec_from_config", "tensor_map"):
+        if not callable(getattr(mod, a)):
+            raise _family_error(where, f"{a} must be a function")
+    rules = mod.RULES
+    if not isinstance(rules, dict):
+        raise _family_error(where, f"RULES must be a dict, got {type(rules).__name__}")
+    missing = [k for k in RULE_KEYS if k not in rules]
+    extra = sorted(set(rules) - set(RULE_KEYS) - set(OPTIONAL_RULE_KEYS), key=str)
+    if missing or extra:
+        raise _family_error(where, f"RULES has missing key(s) {missing} / unknown key(s) {extra}")
+    offset = rules["norm_offset"]
+    if not is_num(offset) or not 0.0 <= offset <= 1.0:
+        raise _family_error(where, f"RULES['norm_offset'] must be a number in [0, 1], got {_desc(offset)}")
+    for k in ("attn_output_gate",):
+        if not isinstance(rules[k], bool):
+            raise _family_error(where, f"RULES[{k!r}] must be True or False, got {_desc(rules[k])}")
+    ntp = rules.get("norm_topk_prob")
+    if ntp is not None and not isinstance(ntp, bool):
+        raise _family_error(where, f"RULES['norm_topk_prob'] must be None, True or False, got {_desc(ntp)}")
+    attn, ffn = _kinds(where, rules, "attn_kinds", ATTN_KINDS), _kinds(where, rules, "ffn_kinds", FFN_KINDS)
+    aliases = getattr(mod, "ALIASES", ())
+    if (not isinstance(aliases, (tuple, list))
+            or not all(isinstance(a, str) and a and a != name for a in aliases)):
+        raise _family_error(where, f"ALIASES must be a tuple of other model_type names, got {_desc(aliases)}")
+    full = {k: rules.get(k) for k in RULE_KEYS + OPTIONAL_RULE_KEYS}
+    full.update(attn_kinds=attn, ffn_kinds=ffn)
+    return (offset, rules["attn_output_gate"], attn, ffn), full, tuple(aliases)
+
+
+def _build_registry() -> Registry:
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    modules, arch_rules, rules, aliases = {}, {}, {}, {}
+    for name in names:
+        modules[name] = importlib.import_module(f"{__name__}.{name}")
+        arch_rules[name], rules[name], al = _check_family(name, modules[name])
+        for a in al:
+            if a in aliases:
+                raise _family_error(f"model families {aliases[a]!r} and {name!r}",
+                                    f"both claim the alias {a!r}")
+            aliases[a] = name
+    for a, name in aliases.items():
+        if a in modules:
+            raise _family_error(f"model family {name!r}", f"alias {a!r} is also the name of a "
+                                                        f"family module")
+    if not modules:   # pragma: no cover - the package ships its families
+        raise FlashMoEError(f"{__name__}: no model family modules found in {list(__path__)}")
+    return Registry(tuple(names), dict(sorted(aliases.items())), arch_rules, rules, modules)
+
+
+def registry(refresh: bool = False) -> Registry:
+    """The model families of this package (built on first use; refresh=True scans again, e.g.
+    after a module was added to the package path)."""
+    global _REGISTRY, _BUILDING
+    reg = _REGISTRY
+    if reg is not None and not refresh:
+        return reg
+    with _REGISTRY_LOCK:   # re-entrant: only a family module importing it re-enters here
+        if _BUILDING:
+            raise FlashMoEError(f"{__name__}: a model family module read SUPPORTED / ALIASES / "
+                                f"ARCH_RULES / registry() while the registry was being built")
+        if _REGISTRY is None or refresh:
+            _REGISTRY, _BUILDING = None, True
+            try:
+                _REGISTRY = _build_registry()
+            finally:
+                _BUILDING = False
+        return _REGISTRY
+
+
+def __getattr__(name):
+    # SUPPORTED, ALIASES and ARCH_RULES are derived from the family modules (PEP 562)
+    if name == "SUPPORTED":
+        return registry().supported
+    if name == "ALIASES":
+        return registry().aliases
+    if name == "ARCH_RULES":
+        return registry().arch_rules
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _MISSING = object()

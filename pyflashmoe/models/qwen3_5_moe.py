@@ -11,6 +11,14 @@ from pyflashmoe.models import (LIMITS, ConfigFields, LayerSpec, ModelSpec, Tenso
                                linear_fields, rope_params)
 
 
+# registry data (pyflashmoe/models/__init__.py): other model_type names this module serves, and
+# what ModelSpec.check requires of a spec with arch qwen3_5_moe
+ALIASES = ("qwen3_5_moe_text",)
+RULES = {"norm_offset": 1.0, "attn_output_gate": True, "attn_kinds": ("full", "linear"),
+         "ffn_kinds": ("moe",),
+         "norm_topk_prob": True}  # the HF router renormalises the top-K unconditionally
+
+
 # model features (docs/INTERNALS.md section 1): softmax top-K routing, SwiGLU experts, sigmoid
 # shared-expert gate, plain causal attention (LayerSpec defaults: no sliding window, no sinks)
 FEATURES = dict(router="softmax_topk", router_bias=False, router_n_group=1, router_topk_group=1,

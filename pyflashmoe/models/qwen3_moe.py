@@ -10,6 +10,13 @@ from pyflashmoe.models import (LIMITS, ConfigFields, LayerSpec, ModelSpec, commo
                                layer_norm_tensors, moe_layer_kinds, rope_params)
 
 
+# registry data (pyflashmoe/models/__init__.py): other model_type names this module serves, and
+# what ModelSpec.check requires of a spec with arch qwen3_moe
+ALIASES = ("qwen3_moe_text",)
+RULES = {"norm_offset": 0.0, "attn_output_gate": False, "attn_kinds": ("full",),
+         "ffn_kinds": ("moe", "dense")}
+
+
 # model features (docs/INTERNALS.md section 1): softmax top-K routing, SwiGLU experts, sigmoid
 # shared-expert gate, plain causal attention (LayerSpec defaults: no sliding window, no sinks)
 FEATURES = dict(router="softmax_topk", router_bias=False, router_n_group=1, router_topk_group=1,

@@ -15,6 +15,13 @@ from pyflashmoe.models import (LIMITS, ConfigFields, LayerSpec, ModelSpec, Tenso
                                linear_fields, moe_layer_kinds, rope_params)
 
 
+# registry data (pyflashmoe/models/__init__.py): other model_type names this module serves, and
+# what ModelSpec.check requires of a spec with arch qwen3_next
+ALIASES = ("qwen3_next_text",)
+RULES = {"norm_offset": 1.0, "attn_output_gate": True, "attn_kinds": ("full", "linear"),
+         "ffn_kinds": ("moe", "dense")}
+
+
 # model features (docs/INTERNALS.md section 1): softmax top-K routing, SwiGLU experts, sigmoid
 # shared-expert gate, plain causal attention (LayerSpec defaults: no sliding window, no sinks)
 FEATURES = dict(router="softmax_topk", router_bias=False, router_n_group=1, router_topk_group=1,

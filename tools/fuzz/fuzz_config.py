@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzzlib  # noqa: E402
 
 with atheris.instrument_imports(include=["pyflashmoe"]):
-    import pyflashmoe.models.qwen3_5_moe, pyflashmoe.models.qwen3_moe, pyflashmoe.models.qwen3_next  # noqa: E401,F401
+    from pyflashmoe.models import registry
+    registry()   # imports every model family module, instrumented
     from pyflashmoe.convert.reader import check_config
     from pyflashmoe.errors import FlashMoEError
     from pyflashmoe.models import ModelSpec, spec_from_config, tensor_map

@@ -23,7 +23,8 @@ import fuzzlib  # noqa: E402
 SRC_DIRS = fuzzlib.model_dirs()
 
 with atheris.instrument_imports(include=["pyflashmoe"]):
-    import pyflashmoe.models.qwen3_5_moe, pyflashmoe.models.qwen3_moe, pyflashmoe.models.qwen3_next  # noqa: E401,F401
+    from pyflashmoe.models import registry
+    registry()   # imports every model family module, instrumented
     import numpy as np
     from pyflashmoe import format as fmt
     from pyflashmoe.errors import FlashMoEError

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzzlib  # noqa: E402
 
 with atheris.instrument_imports(include=["pyflashmoe"]):
-    import pyflashmoe.models.qwen3_5_moe, pyflashmoe.models.qwen3_moe, pyflashmoe.models.qwen3_next  # noqa: E401,F401
+    from pyflashmoe.models import registry
+    registry()   # imports every model family module, instrumented
     from pyflashmoe import format as fmt
     from pyflashmoe.convert.reader import Checkpoint
     from pyflashmoe.errors import FlashMoEError
