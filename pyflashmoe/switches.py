@@ -11,7 +11,7 @@ a bad value raises ArgumentError naming the variable.
 | FM_CUDA_GRAPH | cuda_graph | 1 (default): resident decode as one CUDA graph; 0: plain launches |
 | FM_CUDA_TIMING | cuda_timing | 0 (default); 1: a sync after every op, time charged to the stats |
 | FM_CUDA_MMA | cuda_mma | 1 (default): prefill on tensor cores; 0: the fp32 kernels |
-| FM_CUDA_GDN_CHUNK | gdn_chunk | chunked GatedDeltaNet from this many tokens on (default 2); 0: never |
+| FM_CUDA_GDN_CHUNK | gdn_chunk | chunked GatedDeltaNet from this many tokens on (default 4); 0: never |
 | FM_CUDA_CPU_SPLIT | cpu_split | auto (default), 0 (off) or a fraction in (0, 1] of the missed experts |
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ core = pytest.importorskip("pyflashmoe._core")
 from pyflashmoe.errors import ArgumentError  # noqa: E402
 from pyflashmoe.switches import ENV_SWITCHES, debug_from_env  # noqa: E402
 
-DEFAULTS = {"cuda_graph": 1, "cuda_timing": 0, "cuda_mma": 1, "gdn_chunk": 2, "cpu_split": -1.0}
+DEFAULTS = {"cuda_graph": 1, "cuda_timing": 0, "cuda_mma": 1, "gdn_chunk": 4, "cpu_split": -1.0}
 
 
 @pytest.fixture(scope="module")
