@@ -653,7 +653,7 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
     const int32_t K = m->k_tok;
     const int64_t npairs = n * K;
     CKS(fmc_launch_norm(st, 0, c->x, NULL, L->ffn_norm, n, H, m->eps, m->norm_offset, c->xn, err, errlen));
-    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
+    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &cm->mma_ws, L->router, c->xn, H, n, c->lr, E, 0, err, errlen));
     /* routing (fm_ops.c fm_route): the default softmax router is k_route as always; a router bias or a
      * routed scaling factor takes k_route_ex, the sigmoid router k_route_sigmoid */
     if (m->route.kind == FM_ROUTER_SIGMOID)
@@ -681,10 +681,10 @@ fm_status fmc_op_moe(fm_pass *p, int32_t il, char *err, size_t errlen) {
     const float *ycpu = NULL;
     /* shared expert: queued now, runs while the host waits for the ids and the copies fly */
     if (FL->has_shexp) {
-        CKS(fmc_launch_swiglu(st, sms, m->debug.cuda_mma, L->sh_gate, L->sh_up, c->xn, H, n, c->shg, err, errlen));
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->sh_down, c->shg, m->sh_I, n, c->sho, H, 0, err, errlen));
+        CKS(fmc_launch_swiglu(st, sms, m->debug.cuda_mma, &cm->mma_ws, L->sh_gate, L->sh_up, c->xn, H, n, c->shg, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &cm->mma_ws, L->sh_down, c->shg, m->sh_I, n, c->sho, H, 0, err, errlen));
         if (m->shared_gate == FM_SHGATE_SIGMOID) /* spec.shared_gate none: weight 1, no gate logit */
-            CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->sh_router, c->xn, H, n, c->shs, 1, 0, err, errlen));
+            CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &cm->mma_ws, L->sh_router, c->xn, H, n, c->shs, 1, 0, err, errlen));
     }
     if (cm->resident) {
         k_fill_ptrs<<<(unsigned)((npairs + 255) / 256), 256, 0, st>>>(c->topi, npairs, cm->d_table + (int64_t)il * E,

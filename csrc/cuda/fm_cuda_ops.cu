@@ -13,7 +13,6 @@
  * Does not own: the device model and dense weights (fm_cuda_weights.cu), the MoE op and the expert
  * tiers (fm_cuda_moe.cu, fm_cuda_experts.cu), kernels (fm_cuda_*.cuh).
  */
-#include <pthread.h>
 #include <stdlib.h>
 
 #include "fmc_internal.cuh"
@@ -85,45 +84,24 @@ int fmc_mma_mat_ok(int kind, int64_t cols, int gs) {
 
 static int mma_x_ok(const float *X, int64_t ldx) { return ((uintptr_t)X & 15) == 0 && ldx % 4 == 0; }
 
-/* split-K workspace: one per stream (a stream runs one kernel at a time, the reduction follows
- * the partials on the same stream), allocated on first use, released by fmc_mma_ws_release */
+/* split-K workspace: FMC_MMA_WS_FLOATS floats owned by the caller (*wsp: the model's cm->mma_ws, or
+ * a test entry point's own), allocated on first use and kept there; the caller frees it (cudaFree).
+ * One workspace serves one stream at a time: the reduction follows the partials on that stream, and a
+ * model's evals all run on its compute stream cm->cs, serialised by the model mutex. If the
+ * allocation fails the matmul runs unsplit (and the next one tries again). */
 #define FMC_MMA_WS_FLOATS ((int64_t)4 << 20)
-#define FMC_MMA_WS_SLOTS 16
-static pthread_mutex_t g_mma_ws_mu = PTHREAD_MUTEX_INITIALIZER;
-static struct {
-    cudaStream_t st;
-    float *p;
-} g_mma_ws[FMC_MMA_WS_SLOTS];
 
-static float *mma_ws(cudaStream_t st) {
-    float *r = NULL;
-    pthread_mutex_lock(&g_mma_ws_mu);
-    int fr = -1;
-    for (int i = 0; i < FMC_MMA_WS_SLOTS && !r; i++) {
-        if (g_mma_ws[i].p && g_mma_ws[i].st == st) r = g_mma_ws[i].p;
-        else if (!g_mma_ws[i].p && fr < 0) fr = i;
-    }
-    if (!r && fr >= 0) {
-        if (cudaMalloc((void **)&r, (size_t)FMC_MMA_WS_FLOATS * sizeof(float)) == cudaSuccess) {
-            g_mma_ws[fr].st = st;
-            g_mma_ws[fr].p = r;
-        } else {
+static float *mma_ws(float **wsp) {
+    if (!wsp) return NULL;
+    if (!*wsp) {
+        float *r = NULL;
+        if (cudaMalloc((void **)&r, (size_t)FMC_MMA_WS_FLOATS * sizeof(float)) != cudaSuccess) {
             cudaGetLastError();
-            r = NULL;
+            return NULL;
         }
+        *wsp = r;
     }
-    pthread_mutex_unlock(&g_mma_ws_mu);
-    return r;
-}
-
-void fmc_mma_ws_release(cudaStream_t st) {
-    pthread_mutex_lock(&g_mma_ws_mu);
-    for (int i = 0; i < FMC_MMA_WS_SLOTS; i++)
-        if (g_mma_ws[i].p && g_mma_ws[i].st == st) {
-            cudaFree(g_mma_ws[i].p);
-            g_mma_ws[i].p = NULL;
-        }
-    pthread_mutex_unlock(&g_mma_ws_mu);
+    return *wsp;
 }
 
 /* 8-token n-tiles per block for up to n tokens per block */
@@ -161,7 +139,7 @@ fm_status fmc_mma_launch(int swi, cudaStream_t st, const MmaArgs &a, int kind, i
 /* dense Y (+)= W X (U == NULL) or Y = silu(W X) * (U X), n >= 2 tokens. The tile grid is
  * (row tiles, token tiles); when it would leave SMs idle (small n or few rows) the columns are
  * split over gridDim.z and the partials summed in order by k_mma_reduce. */
-static fm_status launch_mma_dense(cudaStream_t st, int sms, const DMat &W, const DMat *U, const float *X, int64_t ldx,
+static fm_status launch_mma_dense(cudaStream_t st, int sms, float **wsp, const DMat &W, const DMat *U, const float *X, int64_t ldx,
                                   int64_t n, float *Y, int64_t ldy, int acc, char *err, size_t errlen) {
     const int swi = U != NULL;
     /* the SwiGLU tile reads gate and up with the gate's kind and group size */
@@ -180,7 +158,7 @@ static fm_status launch_mma_dense(cudaStream_t st, int sms, const DMat &W, const
         if (splits > 16) splits = 16;
         const int64_t per_split = n * W.rows * (swi ? 2 : 1);
         if (splits * per_split > FMC_MMA_WS_FLOATS) splits = FMC_MMA_WS_FLOATS / per_split;
-        if (splits >= 2) ws = mma_ws(st);
+        if (splits >= 2) ws = mma_ws(wsp);
         if (!ws) splits = 1;
         else { /* no empty split */
             const int64_t per = (nst + splits - 1) / splits;
@@ -210,7 +188,7 @@ static fm_status launch_mma_dense(cudaStream_t st, int sms, const DMat &W, const
     return FM_OK;
 }
 
-fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const float *X, int64_t ldx, int64_t n,
+fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, float **ws, const DMat &W, const float *X, int64_t ldx, int64_t n,
                         float *Y, int64_t ldy, int acc, char *err, size_t errlen) {
     if (n <= 0 || W.rows <= 0) return FM_OK;
     if (n == 1) {
@@ -220,7 +198,7 @@ fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const 
         return launch_mv_multi(st, sms, 1, Ws, ys, accs, X, err, errlen);
     }
     if (fmc_mma_mat_ok(W.kind, W.cols, W.gs) && mma_x_ok(X, ldx) && mma)
-        return launch_mma_dense(st, sms, W, NULL, X, ldx, n, Y, ldy, acc, err, errlen);
+        return launch_mma_dense(st, sms, ws, W, NULL, X, ldx, n, Y, ldy, acc, err, errlen);
     dim3 g = row_grid(W.rows, sms);
 #define L1(K) k_mm<K, 1><<<g, FMC_WARPS * 32, 0, st>>>(W, X, ldx, n, Y, ldy, acc)
 #define L8(K) k_mm<K, 8><<<g, FMC_WARPS * 32, 0, st>>>(W, X, ldx, n, Y, ldy, acc)
@@ -239,15 +217,15 @@ fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const 
  * fused kernel (k_mv_swiglu decode, tensor cores or k_mm_swiglu prefill). Otherwise the split path,
  * each its own matmul (fmc_launch_mm: mv / mma / k_mm by its own format), the gate into Hout, then
  * the up stored as silu(Hout) * (U X) (FMC_Y_GLU): no extra buffer. */
-fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, const DMat &U, const float *X,
+fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, float **ws, const DMat &G, const DMat &U, const float *X,
                             int64_t ldx, int64_t n, float *Hout, char *err, size_t errlen) {
     if (n <= 0 || G.rows <= 0) return FM_OK;
     if (G.rows != U.rows || G.cols != U.cols)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: gate [%lld x %lld] and up [%lld x %lld] differ in shape",
                        (long long)G.rows, (long long)G.cols, (long long)U.rows, (long long)U.cols);
     if (!fmc_gu_fused(G.kind, G.gs, U.kind, U.gs)) {
-        CKS(fmc_launch_mm(st, sms, mma, G, X, ldx, n, Hout, G.rows, FMC_Y_SET, err, errlen));
-        return fmc_launch_mm(st, sms, mma, U, X, ldx, n, Hout, G.rows, FMC_Y_GLU, err, errlen);
+        CKS(fmc_launch_mm(st, sms, mma, ws, G, X, ldx, n, Hout, G.rows, FMC_Y_SET, err, errlen));
+        return fmc_launch_mm(st, sms, mma, ws, U, X, ldx, n, Hout, G.rows, FMC_Y_GLU, err, errlen);
     }
     /* from here one format: the fused kernels read both with the gate's kind and group size */
     if (n == 1) {
@@ -259,7 +237,7 @@ fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, co
         return FM_OK;
     }
     if (fmc_mma_mat_ok(G.kind, G.cols, G.gs) && mma_x_ok(X, ldx) && mma)
-        return launch_mma_dense(st, sms, G, &U, X, ldx, n, Hout, G.rows, 0, err, errlen);
+        return launch_mma_dense(st, sms, ws, G, &U, X, ldx, n, Hout, G.rows, 0, err, errlen);
     dim3 g = row_grid(G.rows, sms);
 #define L8(K) k_mm_swiglu<K, 8><<<g, FMC_WARPS * 32, 0, st>>>(G, U, X, ldx, n, Hout)
     KIND_SWITCH(G.kind, L8)
@@ -534,14 +512,14 @@ static fm_status op_attn_full(fm_pass *p, int32_t il, char *err, size_t errlen) 
         float *ys[3] = {c->qg, c->k, c->v};
         CKS(launch_mv_multi(st, sms, 3, Ws, ys, NULL, c->xn, err, errlen));
     } else {
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wq, c->xn, H, n, c->qg, L->wq.rows, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wk, c->xn, H, n, c->k, kvd, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wv, c->xn, H, n, c->v, kvd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wq, c->xn, H, n, c->qg, L->wq.rows, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wk, c->xn, H, n, c->k, kvd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wv, c->xn, H, n, c->v, kvd, 0, err, errlen));
     }
     CKS(fmc_launch_attn(st, c->qg, c->k, c->v, L->q_norm, L->k_norm, c->q, c->gate, c->kc[si], c->vc[si], c->att, n, x->pos,
                     x->graph ? c->d_pos : NULL, m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
                     m->norm_offset, err, errlen));
-    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->wo, c->att, qd, n, c->x, H, 1, err, errlen));
+    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wo, c->att, qd, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
 
@@ -561,17 +539,17 @@ static fm_status op_attn_linear(fm_pass *p, int32_t il, char *err, size_t errlen
         float *ys[4] = {c->qkv, c->z, c->bb, c->ba};
         CKS(launch_mv_multi(st, sms, 4, Ws, ys, NULL, c->xn, err, errlen));
     } else {
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_qkv, c->xn, H, n, c->qkv, cd, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_z, c->xn, H, n, c->z, vd, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_b, c->xn, H, n, c->bb, m->lin_nv, 0, err, errlen));
-        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_a, c->xn, H, n, c->ba, m->lin_nv, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_qkv, c->xn, H, n, c->qkv, cd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_z, c->xn, H, n, c->z, vd, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_b, c->xn, H, n, c->bb, m->lin_nv, 0, err, errlen));
+        CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_a, c->xn, H, n, c->ba, m->lin_nv, 0, err, errlen));
     }
     k_conv<<<(unsigned)((cd + 127) / 128), 128, 0, st>>>(c->qkv, n, c->conv[si], L->ssm_conv, (int)cd, m->conv_k,
                                                          c->qkvc);
     CKL();
     CKS(fmc_launch_gdn(st, c->qkvc, c->z, c->ba, c->bb, L->A_log, L->dt_bias, L->ssm_norm, c->ssm[si], c->o, n, m->lin_nk,
                    m->lin_nv, m->lin_dk, m->lin_dv, m->eps, m->debug.gdn_chunk, err, errlen));
-    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, L->ssm_out, c->o, vd, n, c->x, H, 1, err, errlen));
+    CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_out, c->o, vd, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
 
@@ -583,8 +561,8 @@ static fm_status op_ffn_dense(fm_pass *p, int32_t il, char *err, size_t errlen) 
     cudaStream_t st = x->cm->cs;
     const int64_t n = x->n, H = m->H;
     CKS(fmc_launch_norm(st, 0, c->x, NULL, L->ffn_norm, n, H, m->eps, m->norm_offset, c->xn, err, errlen));
-    CKS(fmc_launch_swiglu(st, x->cm->sms, m->debug.cuda_mma, L->ffn_gate, L->ffn_up, c->xn, H, n, c->dg, err, errlen));
-    CKS(fmc_launch_mm(st, x->cm->sms, m->debug.cuda_mma, L->ffn_down, c->dg, m->dense_I, n, c->x, H, 1, err, errlen));
+    CKS(fmc_launch_swiglu(st, x->cm->sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ffn_gate, L->ffn_up, c->xn, H, n, c->dg, err, errlen));
+    CKS(fmc_launch_mm(st, x->cm->sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ffn_down, c->dg, m->dense_I, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
 
@@ -605,7 +583,7 @@ static fm_status op_final(fm_pass *p, char *err, size_t errlen) {
     for (; r0 < n; r0 += FMC_LOGIT_ROWS) {
         int64_t nr = n - r0 < FMC_LOGIT_ROWS ? n - r0 : FMC_LOGIT_ROWS;
         CKS(fmc_launch_norm(st, 0, c->x + r0 * H, NULL, cm->output_norm, nr, H, m->eps, m->norm_offset, c->xn, err, errlen));
-        CKS(fmc_launch_mm(st, cm->sms, m->debug.cuda_mma, lm, c->xn, H, nr, c->logits, V, 0, err, errlen));
+        CKS(fmc_launch_mm(st, cm->sms, m->debug.cuda_mma, &cm->mma_ws, lm, c->xn, H, nr, c->logits, V, 0, err, errlen));
         CKS(check_finite(x, c->logits, nr, V, (int32_t)m->n_layers, r0, err, errlen));
         if (x->graph) return FM_OK; /* the caller copies the logits after the replay */
         if (timed) CK(cudaEventRecord(cm->ev_h1, st));

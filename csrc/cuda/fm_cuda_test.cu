@@ -21,6 +21,16 @@ static void tb_free(tbufs *t) {
     t->n = 0;
 }
 
+/* the split-K workspace a launch allocated (fmc_launch_mm's *ws, NULL if none): freed with tb */
+static void tb_own(tbufs *t, void *p) {
+    if (!p) return;
+    if (t->n < 40) t->p[t->n++] = p;
+    else {
+        cudaDeviceSynchronize();
+        cudaFree(p);
+    }
+}
+
 static void *tb_put(tbufs *t, const void *src, size_t bytes) {
     if (!bytes) bytes = 4;
     void *d = NULL;
@@ -80,7 +90,10 @@ extern "C" fm_status fm_cuda_test_matmul(int32_t bits, int32_t group_size, int64
     void *dx, *dy;
     TPUT(dx, X, (size_t)(n * cols) * 4);
     TPUT(dy, NULL, (size_t)(n * rows) * 4);
-    fm_status st = fmc_launch_mm(0, fmc_sm_count(), mma, W, (const float *)dx, cols, n, (float *)dy, rows, 0, err, errlen);
+    float *ws = NULL;
+    fm_status st =
+        fmc_launch_mm(0, fmc_sm_count(), mma, &ws, W, (const float *)dx, cols, n, (float *)dy, rows, 0, err, errlen);
+    tb_own(&tb, ws);
     if (st != FM_OK) {
         tb_free(&tb);
         return st;
@@ -125,7 +138,10 @@ extern "C" fm_status fm_cuda_test_swiglu(int32_t bits, int32_t group_size, int32
     }
     TPUT(dx, X, (size_t)(n * cols) * 4);
     TPUT(dy, NULL, (size_t)(n * rows) * 4);
-    fm_status st = fmc_launch_swiglu(0, fmc_sm_count(), mma, G, U, (const float *)dx, cols, n, (float *)dy, err, errlen);
+    float *ws = NULL;
+    fm_status st =
+        fmc_launch_swiglu(0, fmc_sm_count(), mma, &ws, G, U, (const float *)dx, cols, n, (float *)dy, err, errlen);
+    tb_own(&tb, ws);
     if (st != FM_OK) {
         tb_free(&tb);
         return st;

@@ -106,7 +106,7 @@ void fm_cuda_model_close(void *p) {
     fmc_moe_close(cm);
     for (int32_t i = 0; i < cm->n_allocs; i++) cudaFree(cm->allocs[i]);
     free(cm->allocs);
-    if (cm->cs) fmc_mma_ws_release(cm->cs);
+    if (cm->mma_ws) cudaFree(cm->mma_ws);
     if (cm->ev_topi) cudaEventDestroy(cm->ev_topi);
     if (cm->ev_copy) cudaEventDestroy(cm->ev_copy);
     if (cm->ev_comp) cudaEventDestroy(cm->ev_comp);

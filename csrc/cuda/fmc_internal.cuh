@@ -105,6 +105,8 @@ typedef struct fmc_model {
     void **allocs;
     int32_t n_allocs, cap_allocs;
     cudaStream_t cs, xs;
+    float *mma_ws; /* split-K workspace of the tensor-core matmuls on cs (fmc_launch_mm: allocated on first
+                    * use, FMC_MMA_WS_FLOATS floats), freed by fm_cuda_model_close */
     cudaEvent_t ev_topi, ev_copy, ev_comp; /* ev_copy: after the copies of the last fm_io request */
     /* experts */
     int64_t n_keys; /* n_layers * n_experts */
@@ -228,10 +230,9 @@ int fmc_mma_mat_ok(int kind, int64_t cols, int gs);
 int fmc_mma_nt(int64_t n);
 fm_status fmc_mma_launch(int swi, cudaStream_t st, const MmaArgs &a, int kind, int nt, dim3 g, char *err,
                          size_t errlen);
-void fmc_mma_ws_release(cudaStream_t st);
-fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, const DMat &W, const float *X, int64_t ldx, int64_t n,
+fm_status fmc_launch_mm(cudaStream_t st, int sms, int mma, float **ws, const DMat &W, const float *X, int64_t ldx, int64_t n,
                         float *Y, int64_t ldy, int acc, char *err, size_t errlen);
-fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, const DMat &G, const DMat &U, const float *X, int64_t ldx,
+fm_status fmc_launch_swiglu(cudaStream_t st, int sms, int mma, float **ws, const DMat &G, const DMat &U, const float *X, int64_t ldx,
                             int64_t n, float *Hout, char *err, size_t errlen);
 fm_status fmc_launch_norm(cudaStream_t st, int op, const float *X, const float *Z, const float *w, int64_t n,
                           int64_t d, float eps, float off, float *Y, char *err, size_t errlen);
