@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 import numpy as np
@@ -62,7 +63,9 @@ def main():
         for name in logits_cases.CASES:  # build once, in this process
             logits_cases.build(name, root)
         got = {p: run_all(root, p) for p in PATHS}
-    meta = {"commit": commit, "simd_of_arrays": "avx2", "machine_simd": core.simd_name(),
+    cc = subprocess.run([(sysconfig.get_config_var("CC") or "cc").split()[0], "--version"], capture_output=True,
+                        text=True).stdout.splitlines()[0]
+    meta = {"commit": commit, "cc": cc, "simd_of_arrays": "avx2", "machine_simd": core.simd_name(),
             "sha256": {p: {k: sha(v) for k, v in got[p].items()} for p in PATHS}}
     np.savez_compressed(a.out, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8),
                         **got["avx2"])
