@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import shutil
-import zlib
 
 import numpy as np
 import pytest
