@@ -132,7 +132,7 @@ def build_parser():
     _add_load_args(r)
     r.set_defaults(fn=_cmd_run)
 
-    ch = sub.add_parser("chat", help="interactive chat (stdin, piped or terminal)")
+    ch = sub.add_parser("chat", help="interactive chat (terminal: line editing, history, /help; or piped stdin)")
     ch.add_argument("dir", nargs="?", default=None,
                    help="model dir (default: the embedded demo model)")
     ch.add_argument("--system", default=None, help="system prompt")
