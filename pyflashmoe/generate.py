@@ -35,6 +35,7 @@ import numpy as np
 from pyflashmoe.errors import (ArgumentError, BackendError, ContextFullError, FlashMoEError,
                                FormatError)
 from pyflashmoe.sampling import Sampler, SamplingParams, logprob as _logprob, validate_max_tokens
+from pyflashmoe.sampling import apply_logit_bias, validate_logit_bias
 
 DEFAULT_CONTEXT = 4096
 #: the trained demo model shipped inside the package (pyflashmoe/demo/README.md says what it is)
@@ -366,14 +367,19 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop=None,
                  chat_template_kwargs: dict | None = None, ignore_eos: bool = False,
-                 logprobs: bool = True, logits_processor=None) -> Iterator[GenerationPiece]:
+                 logprobs: bool = True, logits_processor=None,
+                 logit_bias: dict | None = None) -> Iterator[GenerationPiece]:
         """Stream GenerationPieces. Arguments are validated before the generator is returned
         (ArgumentError), so a bad call fails at once and leaves the model untouched.
 
         logits_processor: optional fn(generated_ids: list[int], logits: float32 [vocab]) -> logits,
         called before each token is sampled (e.g. pyflashmoe.constrain's JSON masks); logprobs
-        stay those of the unprocessed logits."""
+        stay those of the unprocessed logits.
+
+        logit_bias: {token id: bias in [-100, 100]} added to the logits before every sampled
+        token (before logits_processor, so a grammar's mask still wins; OpenAI semantics)."""
         max_tokens = validate_max_tokens(max_tokens)
+        bias = validate_logit_bias(logit_bias, self.n_vocab)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty}
         kw = self.default_sampling()
@@ -401,7 +407,8 @@ class Model:
             raise ArgumentError("stop strings need a tokenizer (the model dir has no tokenizer.json)")
         if logits_processor is not None and not callable(logits_processor):
             raise ArgumentError("logits_processor must be callable (generated_ids, logits) -> logits")
-        return self._generate(ids, max_tokens, params, stops, ignore_eos, logprobs, logits_processor)
+        return self._generate(ids, max_tokens, params, stops, ignore_eos, logprobs, logits_processor,
+                              bias)
 
     def _stats_snapshot(self) -> dict:
         try:
@@ -423,7 +430,8 @@ class Model:
             self._vmask_cache = cached
         return cached[2]
 
-    def _generate(self, ids, max_tokens, params, stops, ignore_eos, want_logprobs, processor=None):
+    def _generate(self, ids, max_tokens, params, stops, ignore_eos, want_logprobs, processor=None,
+                  bias=None):
         self._gen_id += 1
         my_id = self._gen_id
         sampler = Sampler(params, mask=self._vocab_mask())
@@ -461,11 +469,12 @@ class Model:
         t_first = None
         try:
             while True:
+                x = logits if bias is None else apply_logit_bias(logits, bias)
                 if processor is not None:
-                    tok = sampler.sample(processor(generated, logits))
+                    tok = sampler.sample(processor(generated, x))
                     generated.append(tok)
                 else:
-                    tok = sampler.sample(logits)
+                    tok = sampler.sample(x)
                 lp = _logprob(logits, tok) if want_logprobs else None
                 n += 1
                 st["generated_tokens"] = n

@@ -101,6 +101,49 @@ def validate_max_tokens(max_tokens) -> int:
     return n
 
 
+MAX_LOGIT_BIAS = 100.0  # |bias| limit per token (OpenAI's range)
+
+
+def validate_logit_bias(bias, n_vocab: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A logit_bias mapping {token id (int or integer string): bias in [-100, 100]} ->
+    (ids int64, biases float32), or None when empty/None. ArgumentError names the key."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ArgumentError(f"logit_bias must be a dict {{token id: bias}}, got {type(bias).__name__}")
+    if not bias:
+        return None
+    acc: dict[int, float] = {}
+    for k, v in bias.items():
+        if isinstance(k, str):
+            ks = k.strip()
+            if not ks.isascii() or not ks.lstrip("-").isdigit() or ks.count("-") > 1 \
+                    or ("-" in ks and not ks.startswith("-")):
+                raise ArgumentError(f"logit_bias key {k!r} is not a token id (an integer)")
+            i = int(ks)
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            i = int(k)
+        else:
+            raise ArgumentError(f"logit_bias key {k!r} is not a token id (an integer)")
+        if i < 0 or (n_vocab is not None and i >= n_vocab):
+            raise ArgumentError(f"logit_bias key {k!r} is outside the vocabulary [0, {n_vocab})")
+        b = _num(f"logit_bias[{k!r}]", v)
+        if not math.isfinite(b) or abs(b) > MAX_LOGIT_BIAS:
+            raise ArgumentError(f"logit_bias[{k!r}] must be a finite number in [-100, 100], got {v!r}")
+        acc[i] = acc.get(i, 0.0) + b
+    ids = np.fromiter(acc.keys(), dtype=np.int64, count=len(acc))
+    vals = np.fromiter(acc.values(), dtype=np.float32, count=len(acc))
+    return ids, vals
+
+
+def apply_logit_bias(logits, bias: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """logits + the (validated) bias, as a new float32 array (the input is not modified)."""
+    x = np.array(logits, dtype=np.float32, copy=True)
+    if bias is not None:
+        x[bias[0]] += bias[1]
+    return x
+
+
 def _as_logits(logits) -> np.ndarray:
     x = np.asarray(logits)
     if x.ndim != 1:

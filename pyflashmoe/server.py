@@ -181,6 +181,37 @@ def parse_stop(stop, key):
     return stop
 
 
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
+
+
+def parse_logit_bias(bias, n_vocab: int | None = None) -> dict | None:
+    """Validated OpenAI `logit_bias` ({"token id": bias in [-100, 100]}) -> {int id: float}, or
+    None when absent. With n_vocab, ids must lie in [0, n_vocab)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise APIError(f"'logit_bias' must be an object mapping token ids to numbers, got "
+                       f"{_short(bias)}", "logit_bias")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                       "logit_bias")
+    out = {}
+    for k, v in bias.items():
+        ks = str(k).strip()
+        if not (ks.isdigit() or (ks.startswith("-") and ks[1:].isdigit())) or not ks.isascii():
+            raise APIError(f"'logit_bias' key {_short(k)} is not a token id (an integer string)",
+                           "logit_bias")
+        i = int(ks)
+        if i < 0 or (n_vocab is not None and i >= n_vocab):
+            raise APIError(f"'logit_bias' key {_short(k)} is outside the vocabulary "
+                           f"[0, {n_vocab if n_vocab is not None else 'vocab'})", "logit_bias")
+        if not _is_num(v) or not (-100 <= v <= 100):
+            raise APIError(f"'logit_bias' value for key {_short(k)} must be a finite number in "
+                           f"[-100, 100], got {_short(v)}", "logit_bias")
+        out[i] = out.get(i, 0.0) + float(v)
+    return out
+
+
 def parse_sampling(body: dict, context_length: int | None = None, n_vocab: int | None = None) -> dict:
     """Validated generate() keyword arguments from an OpenAI request body. With context_length,
     max_tokens above it is an error; with n_vocab, so is top_k above it."""
@@ -216,6 +247,9 @@ def parse_sampling(body: dict, context_length: int | None = None, n_vocab: int |
     stop = parse_stop(body.get("stop"), "stop")
     if stop:
         kw["stop"] = stop
+    bias = parse_logit_bias(body.get("logit_bias"), n_vocab)
+    if bias:
+        kw["logit_bias"] = bias
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
         key = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
         raise APIError(f"'{key}' is not supported by this server", key)
@@ -512,9 +546,22 @@ class Server:
                         f"context can hold (at most {self.max_prompt_chars} for this tokenizer); "
                         f"it was not tokenized", param, code="context_length_exceeded")
 
+    def check_model(self, body: dict) -> None:
+        """A request's `model`, when given (non-empty), must be the served one (the id that
+        /v1/models lists): else a 404 model_not_found."""
+        name = body.get("model")
+        if name is None or name == "":
+            return
+        if not isinstance(name, str):
+            raise APIError(f"'model' must be a string, got {_short(name)}", "model")
+        if name != self.model_name:
+            raise APIError(f"model {_short(name)} not found; this server serves "
+                           f"{self.model_name!r}", "model", 404, code="model_not_found")
+
     def prepare_chat(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object", None)
+        self.check_model(body)
         m = self.model
         msgs = parse_messages(body, self.max_prompt_chars)
         kw = parse_sampling(body, m.context_length, m.n_vocab)
@@ -566,6 +613,7 @@ class Server:
     def prepare_completion(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object", None)
+        self.check_model(body)
         m = self.model
         prompt = body.get("prompt")
         if prompt is None:

@@ -300,6 +300,7 @@ def convert(server, body: dict, generation: bool = True):
     max_tokens and the sampling fields are not needed."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object", None)
+    server.check_model(body)
     m = server.model
     kw = {}
     if generation:

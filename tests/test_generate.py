@@ -479,3 +479,18 @@ def test_cli_bad_args_no_traceback(tmp_path):
         r = _cli(*args, timeout=120)
         assert r.returncode != 0
         assert "Traceback" not in r.stderr and r.stderr.strip()
+
+
+# ------------------------------------------------------------------ logit_bias (demo model)
+def test_logit_bias_demo_model():
+    m = G.Model.load(G.DEMO_MODEL_DIR)
+    ref = [p.token for p in m.generate("Hello", max_tokens=3, temperature=0, ignore_eos=True)]
+    target = 5 if ref[0] != 5 else 6  # an ordinary token of the demo vocabulary
+    up = [p.token for p in m.generate("Hello", max_tokens=3, temperature=0, ignore_eos=True,
+                                      logit_bias={str(target): 100})]
+    assert up == [target] * 3
+    down = [p.token for p in m.generate("Hello", max_tokens=1, temperature=0, ignore_eos=True,
+                                        logit_bias={ref[0]: -100})]
+    assert down[0] != ref[0]
+    with pytest.raises(ArgumentError, match="logit_bias"):
+        m.generate("Hello", max_tokens=1, logit_bias={str(m.n_vocab): 1})

@@ -156,3 +156,21 @@ def test_logprob():
     ref = torch.log_softmax(torch.from_numpy(x), -1).numpy()
     for t in (0, 17, int(np.argmax(x))):
         assert abs(S.logprob(x, t) - float(ref[t])) < 1e-5
+
+
+# ------------------------------------------------------------------ logit_bias
+def test_logit_bias_validation_and_apply():
+    assert S.validate_logit_bias(None, 10) is None and S.validate_logit_bias({}, 10) is None
+    ids, vals = S.validate_logit_bias({"3": 5, 1: -2.5}, 10)
+    assert dict(zip(ids.tolist(), vals.tolist())) == {3: 5.0, 1: -2.5}
+    x = np.zeros(10, np.float32)
+    y = S.apply_logit_bias(x, (ids, vals))
+    assert y[3] == 5 and y[1] == -2.5 and x[3] == 0  # input untouched
+    for bad, what in [({"x": 1}, "'x'"), ({"1.5": 1}, "'1.5'"), ({"10": 1}, "'10'"),
+                      ({"-1": 1}, "'-1'"), ({"2": 101}, "'2'"), ({"2": float("nan")}, "'2'"),
+                      ({"2": float("inf")}, "'2'"), ({"2": "1"}, "'2'"), ({True: 1}, "True")]:
+        with pytest.raises(ArgumentError, match="logit_bias") as e:
+            S.validate_logit_bias(bad, 10)
+        assert what in str(e.value)
+    with pytest.raises(ArgumentError, match="logit_bias"):
+        S.validate_logit_bias([1, 2], 10)

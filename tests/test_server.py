@@ -1065,3 +1065,45 @@ def test_api_key():
         assert c2.get("/v1/models").status_code == 200
     finally:
         server.close()
+
+
+# ----------------------------------------------------------------------------- model name, logit_bias
+def test_unknown_model_is_404(demo_client):
+    for path, body in [("/v1/chat/completions", {"messages": [OK], "max_tokens": 1}),
+                       ("/v1/completions", {"prompt": "hi", "max_tokens": 1})]:
+        r = demo_client.post(path, json={**body, "model": "gpt-9"})
+        assert r.status_code == 404
+        assert r.json() == {"error": {"message": "model 'gpt-9' not found; this server serves 'demo'",
+                                      "type": "invalid_request_error", "param": "model",
+                                      "code": "model_not_found"}}
+        for ok in ("demo", "", None):  # the served id, or none given
+            b = dict(body) if ok is None else {**body, "model": ok}
+            assert demo_client.post(path, json=b).status_code == 200
+    assert demo_client.get("/v1/models").json()["data"][0]["id"] == "demo"
+
+
+def test_logit_bias_api(demo_client):
+    body = {"model": "demo", "prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}
+    ref = demo_client.post("/v1/completions", json=body).json()
+    r = demo_client.post("/v1/chat/completions", json={"messages": [OK], "max_tokens": 2,
+                                                        "temperature": 0, "logit_bias": {"5": 100}})
+    assert r.status_code == 200
+    m = G.Model.load(G.DEMO_MODEL_DIR)
+    want = m.tokenizer.decode([5, 5])
+    msg = r.json()["choices"][0]["message"]  # the demo template opens a reasoning block
+    assert (msg.get("reasoning_content") or "") + (msg["content"] or "") == want
+    r = demo_client.post("/v1/completions", json={**body, "logit_bias": {"5": 100}})
+    assert r.json()["choices"][0]["text"] == m.tokenizer.decode([5, 5, 5])
+    first = m.tokenizer.encode(ref["choices"][0]["text"], add_special_tokens=False)[0]
+    r = demo_client.post("/v1/completions", json={**body, "max_tokens": 1,
+                                                   "logit_bias": {str(first): -100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] != m.tokenizer.decode([first])
+    nv = m.n_vocab
+    for bad, key in [({"abc": 1}, "'abc'"), ({str(nv): 1}, repr(str(nv))), ({"-1": 1}, "'-1'"),
+                     ({"5": 100.5}, "'5'"), ({"5": "x"}, "'5'"), ({"5": None}, "'5'"),
+                     ({str(i): 1 for i in range(301)}, "301"), ([1], "logit_bias")]:
+        r = demo_client.post("/v1/chat/completions", json={"messages": [OK], "max_tokens": 1,
+                                                            "logit_bias": bad})
+        assert r.status_code == 400, bad
+        e = r.json()["error"]
+        assert e["param"] == "logit_bias" and "logit_bias" in e["message"] and key in e["message"]

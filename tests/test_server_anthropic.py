@@ -374,3 +374,11 @@ def test_cache_read_input_tokens(client):
         {"role": "assistant", "content": a.content[0].text}]).input_tokens
     assert b.usage.input_tokens + b.usage.cache_read_input_tokens == n
     assert b.usage.input_tokens < n - a.usage.input_tokens
+
+
+def test_unknown_model_is_404(live):
+    r = _post(live, {"model": "claude-9", "max_tokens": 1, "messages": HI})
+    assert r.status_code == 404
+    assert r.json() == {"type": "error", "error": {
+        "type": "not_found_error", "message": "model 'claude-9' not found; this server serves 'demo'"}}
+    assert _post(live, {"model": "demo", "max_tokens": 1, "messages": HI}).status_code == 200
