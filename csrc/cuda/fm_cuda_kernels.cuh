@@ -731,6 +731,24 @@ static __global__ void k_norm(int op, const float *__restrict__ X, const float *
 
 /* ------------------------------------------------------------------ routing */
 
+/* the largest of x[0..E) across one warp (every lane gets it): its index (ties: the lower index) and
+ * *vout its value; index 0x7fffffff and -INFINITY when every entry is -INFINITY or NaN */
+static __device__ __forceinline__ int warp_argmax(const float *x, int E, int lane, float *vout) {
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int i = lane; i < E; i += 32) {
+        const float xi = x[i];
+        if (xi > v || (xi == v && i < idx)) { v = xi; idx = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (v2 > v || (v2 == v && i2 < idx)) { v = v2; idx = i2; }
+    }
+    *vout = v;
+    return idx;
+}
+
 /* the softmax router of one token, one warp (blockDim 32): softmax over E, top-K (descending, ties:
  * lower index), renormalise. The K selection rounds are warp shuffles over the probabilities in
  * shared memory: no block barriers (the old one-block version spent ~11 us per token on them).
@@ -765,17 +783,8 @@ static __device__ __forceinline__ void route_softmax(const float *__restrict__ l
     __syncwarp();
     float wsum = 0.f;
     for (int k = 0; k < K; k++) {
-        float v = -INFINITY;
-        int idx = 0x7fffffff;
-        for (int i = lane; i < E; i += 32) {
-            const float x = sp[i];
-            if (x > v || (x == v && i < idx)) { v = x; idx = i; }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-            const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (v2 > v || (v2 == v && i2 < idx)) { v = v2; idx = i2; }
-        }
+        float v;
+        const int idx = warp_argmax(sp, E, lane, &v);
         if (lane == 0) {
             topi[t * K + k] = idx;
             topw[t * K + k] = v;
@@ -863,17 +872,8 @@ static __global__ void k_route_sigmoid(const float *__restrict__ logits, const f
     }
     float wsum = 0.f;
     for (int k = 0; k < K; k++) {
-        float v = -INFINITY;
-        int idx = 0x7fffffff;
-        for (int i = lane; i < E; i += 32) {
-            const float x = sel[i];
-            if (x > v || (x == v && i < idx)) { v = x; idx = i; }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-            const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (v2 > v || (v2 == v && i2 < idx)) { v = v2; idx = i2; }
-        }
+        float v;
+        const int idx = warp_argmax(sel, E, lane, &v);
         const float w = idx >= 0 && idx < E ? score[idx] : 0.0f;
         if (lane == 0) {
             topi[t * K + k] = idx;
