@@ -65,11 +65,37 @@ _STAT_KEYS = ("n_eval_calls", "n_tokens", "bytes_read", "expert_loads", "expert_
 class GenerationPiece:
     """One step of generation. `text` may be "" (bytes held back, or text withheld while it might
     be a stop string); `token` is the sampled id (None only for the empty piece of max_tokens=0);
-    `finish_reason` is set on the last piece: "stop" (EOS or stop string) or "length"."""
+    `finish_reason` is set on the last piece: "stop" (EOS or stop string) or "length".
+    `logprob`: log-probability of `token` under the model's raw distribution (log-softmax of the
+    logits before logit_bias, sampling settings or a grammar); `top_logprobs`: the k most likely
+    (token id, logprob) pairs of that same distribution, most likely first (generate's
+    top_logprobs=k; None when k is 0)."""
     text: str
     token: int | None
     finish_reason: str | None = None
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+#: the largest top_logprobs generate() accepts (OpenAI's chat API allows 0..20)
+MAX_TOP_LOGPROBS = 20
+
+
+def top_k_logprobs(logits, k: int, mask=None) -> list[tuple[int, float]]:
+    """The k most likely (token id, log-probability) pairs of log-softmax(logits), most likely
+    first (ties: lower id first). Only ids that may be sampled are listed (`mask`, a
+    sampling.VocabMask: ids past the tokenizer are left out); the normalisation is over every
+    logit, as for GenerationPiece.logprob."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = float(x.max())
+    lse = m + math.log(float(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
+    cand = mask.apply(x) if mask is not None else x
+    k = min(int(k), cand.shape[0])
+    if k <= 0:
+        return []
+    idx = np.argpartition(-cand, k - 1)[:k] if k < cand.shape[0] else np.arange(cand.shape[0])
+    idx = idx[np.lexsort((idx, -cand[idx]))]
+    return [(int(i), float(x[i]) - lse) for i in idx if np.isfinite(cand[i])]
 
 
 _SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*")
@@ -368,7 +394,8 @@ class Model:
                  repetition_penalty: float | None = None, seed: int | None = None, stop=None,
                  chat_template_kwargs: dict | None = None, ignore_eos: bool = False,
                  logprobs: bool = True, logits_processor=None,
-                 logit_bias: dict | None = None) -> Iterator[GenerationPiece]:
+                 logit_bias: dict | None = None,
+                 top_logprobs: int = 0) -> Iterator[GenerationPiece]:
         """Stream GenerationPieces. Arguments are validated before the generator is returned
         (ArgumentError), so a bad call fails at once and leaves the model untouched.
 
@@ -377,8 +404,15 @@ class Model:
         stay those of the unprocessed logits.
 
         logit_bias: {token id: bias in [-100, 100]} added to the logits before every sampled
-        token (before logits_processor, so a grammar's mask still wins; OpenAI semantics)."""
+        token (before logits_processor, so a grammar's mask still wins; OpenAI semantics).
+
+        top_logprobs: 0..20; k > 0 sets each piece's `top_logprobs` to the k most likely
+        (token id, logprob) pairs of the raw distribution at that step."""
         max_tokens = validate_max_tokens(max_tokens)
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)) \
+                or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ArgumentError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                                f"got {top_logprobs!r}")
         bias = validate_logit_bias(logit_bias, self.n_vocab)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty}
@@ -408,7 +442,7 @@ class Model:
         if logits_processor is not None and not callable(logits_processor):
             raise ArgumentError("logits_processor must be callable (generated_ids, logits) -> logits")
         return self._generate(ids, max_tokens, params, stops, ignore_eos, logprobs, logits_processor,
-                              bias)
+                              bias, int(top_logprobs))
 
     def _stats_snapshot(self) -> dict:
         try:
@@ -431,10 +465,11 @@ class Model:
         return cached[2]
 
     def _generate(self, ids, max_tokens, params, stops, ignore_eos, want_logprobs, processor=None,
-                  bias=None):
+                  bias=None, n_top=0):
         self._gen_id += 1
         my_id = self._gen_id
-        sampler = Sampler(params, mask=self._vocab_mask())
+        sampler_mask = self._vocab_mask()
+        sampler = Sampler(params, mask=sampler_mask)
         sampler.add_seen(ids)
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
         eos = set() if ignore_eos else self.eos_token_ids
@@ -476,6 +511,7 @@ class Model:
                 else:
                     tok = sampler.sample(x)
                 lp = _logprob(logits, tok) if want_logprobs else None
+                top = top_k_logprobs(logits, n_top, sampler_mask) if n_top else None
                 n += 1
                 st["generated_tokens"] = n
                 if t_first is None:
@@ -488,7 +524,7 @@ class Model:
                         cut = [text.find(s) for s in stops if s in text]
                         if cut:
                             text = text[:min(cut)]
-                    yield GenerationPiece(text, tok, finish, lp)
+                    yield GenerationPiece(text, tok, finish, lp, top)
                     return
                 new = decoder.add(tok) if decoder else ""
                 last = n >= max_tokens or self.session.pos >= self.context_length
@@ -500,7 +536,7 @@ class Model:
                     if hits:
                         pos = min(h[0] for h in hits)
                         finish = "stop"
-                        yield GenerationPiece(pending[:pos], tok, finish, lp)
+                        yield GenerationPiece(pending[:pos], tok, finish, lp, top)
                         return
                     keep = 0 if last else _stop_prefix_len(pending, stops)
                     out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
@@ -508,9 +544,9 @@ class Model:
                     out, pending = pending, ""
                 if last:
                     finish = "length"
-                    yield GenerationPiece(out + pending, tok, finish, lp)
+                    yield GenerationPiece(out + pending, tok, finish, lp, top)
                     return
-                yield GenerationPiece(out, tok, None, lp)
+                yield GenerationPiece(out, tok, None, lp, top)
                 if self._gen_id != my_id:
                     raise FlashMoEError("this generation was superseded: another generate()/logits() "
                                         "call used the model's session; one generation at a time per Model")
