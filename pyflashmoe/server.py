@@ -4,6 +4,8 @@
 Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/completions,
 POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
 /v1/messages/count_tokens.
+GET / is a web chat page (pyflashmoe/web: static files, no CDN; served without the API key,
+which the page asks for when the server needs one).
 
 * The Messages API (pyflashmoe.server_anthropic) is a conversion layer over the chat path: its
   system / messages (text, tool_use, tool_result, thinking blocks) become the OpenAI-style
@@ -44,7 +46,9 @@ POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
   the rest of the context.
 * Browsers: POST bodies must be Content-Type application/json (else 415), so a cross-origin
   "simple" request cannot start a generation; a request with an Origin header is refused (403)
-  unless --cors-origins lists it ("*" = any; CORS is off by default). When bound to a loopback
+  unless --cors-origins lists it ("*" = any; CORS is off by default) or it is the server's own
+  origin (http(s)://Host: the web page at /) with a Host that passed the allow-list or is an IP
+  address or localhost (a DNS name under --allowed-hosts '*' could be rebinding). When bound to a loopback
   address only loopback Host headers (127.0.0.1, localhost, [::1], any port) are accepted (400
   otherwise: DNS rebinding); --allowed-hosts sets the list ("*" = any; the default for other
   addresses).
@@ -78,6 +82,7 @@ import hmac
 import ipaddress
 import json
 import math
+import os
 import threading
 import time
 import uuid
@@ -1217,7 +1222,8 @@ class RequestGuard:
             return APIError(f"Host header {_short(host)} is not allowed: this server accepts "
                             f"{', '.join(sorted(self.hosts))} (flashmoe serve --allowed-hosts)",
                             "Host", 400, code="invalid_host")
-        if origin is not None and not self.any_origin and origin.rstrip("/").lower() not in self.origins:
+        if origin is not None and not self.any_origin and origin.rstrip("/").lower() not in self.origins \
+                and not self.same_origin(origin, host):
             cors = "limited to " + ", ".join(sorted(self.origins)) if self.origins else "off"
             return APIError(f"cross-origin request from Origin {_short(origin)} refused (CORS is {cors}; "
                             f"flashmoe serve --cors-origins)", "Origin", 403, code="origin_not_allowed")
@@ -1235,6 +1241,25 @@ class RequestGuard:
                             f"{what} (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                             "Authorization", 401, code="invalid_api_key")
         return None
+
+    def same_origin(self, origin, host):
+        """Whether Origin is this server as the browser reached it (http(s)://Host): the web chat
+        page that this server serves at / calling its API (browsers send Origin on every POST, also
+        same-origin ones). Trusted only when the Host name cannot come from DNS rebinding: it passed
+        the --allowed-hosts list, or it is an IP address or localhost."""
+        name = _host_name(host) if host else None
+        if name is None:
+            return False
+        h = host.strip().lower()
+        if origin.strip().rstrip("/").lower() not in ("http://" + h, "https://" + h):
+            return False
+        if self.hosts is not None or name in LOOPBACK_HOSTS:
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -1257,6 +1282,55 @@ async def _wait_disconnect(receive):
         msg = await receive()
         if msg.get("type") == "http.disconnect":
             return
+
+
+WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+             "style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
+# the page may load its own files and call this server, nothing else (no inline script or style)
+WEB_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def add_web_routes(app, web_dir: str = WEB_DIR):
+    """GET / (the web chat page, pyflashmoe/web/index.html) and GET /web/<file> (its script, style
+    and icon; a fixed list, no paths): static files read once, served without the API key (the key
+    guards /v1/; the page asks for it), behind RequestGuard's Host check, with a
+    Content-Security-Policy that lets the page load only its own files and talk only to this
+    server. A missing file (a broken install) is a 404 naming it."""
+    from fastapi.responses import JSONResponse, Response
+
+    files = {}
+    for name, ctype in WEB_FILES.items():
+        path = os.path.join(web_dir, name)
+        try:
+            with open(path, "rb") as f:
+                files[name] = (f.read(), ctype)
+        except OSError as e:
+            files[name] = (None, f"the web chat file {path} cannot be read ({e.strerror}); "
+                                 f"reinstall pyflashmoe")
+    headers = {"Content-Security-Policy": WEB_CSP, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+    def serve(name):
+        data, ctype = files[name]
+        if data is None:
+            return JSONResponse(APIError(ctype, None, 404, "not_found_error").body(), status_code=404)
+        return Response(data, media_type=ctype, headers=headers)
+
+    from fastapi.responses import JSONResponse
+
+    @app.get("/", include_in_schema=False)
+    async def web_page():
+        return serve("index.html")
+
+    @app.get("/web/{name}", include_in_schema=False)
+    async def web_file(name: str):
+        if name not in files or name == "index.html":
+            return JSONResponse(APIError(f"no web file {_short(name)} (there are "
+                                         f"{', '.join(n for n in files if n != 'index.html')})",
+                                         None, 404, "not_found_error").body(), status_code=404)
+        return serve(name)
 
 
 def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=None,
@@ -1444,6 +1518,8 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
             return StreamingResponse(stream_events(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await await_result(job, request.receive)
+
+    add_web_routes(app)  # GET /: the web chat page
 
     @app.get("/health")
     async def health():
