@@ -148,6 +148,17 @@ int32_t fm_session_n_ctx(const fm_session *s);
 fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
                           int64_t n_logits, int32_t all_logits, char *err, size_t errlen);
 
+/* One decode step of n_seqs sessions of one model together: token tokens[i] for sessions[i] at its
+ * own position (each session advances by one). Every layer's dense weights are read once for the
+ * batch, and every MoE layer reads the union of the experts the batch routes to once.
+ * logits: float[n_logits >= n_seqs * vocab], row i for sessions[i]. The sessions must be distinct,
+ * of one model, with no routing trace set (FM_ERR_ARG naming the index). FM_ERR_CTX_FULL when a
+ * session is full (nothing evaluated). On an error mid-step every session of the batch is reset.
+ * Statistics: each session counts its token; the step's I/O, timing and eval call are charged to
+ * sessions[0]. n_seqs == 1 is fm_session_eval of one token. */
+fm_status fm_session_eval_batch(fm_session *const *sessions, int32_t n_seqs, const int32_t *tokens, float *logits,
+                                int64_t n_logits, char *err, size_t errlen);
+
 void fm_session_get_stats(const fm_session *s, fm_stats *out);
 void fm_session_reset_stats(fm_session *s);
 

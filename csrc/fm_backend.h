@@ -63,6 +63,10 @@ typedef struct {
     float *logits;      /* as fm_session_eval (NULL: none) */
     int32_t all_logits;
     int32_t pos0;       /* the session's position before the eval */
+    /* a multi-sequence decode step (fm_session_eval_batch): NULL, or n_tokens sessions (s ==
+     * seqs[0]), token t for seqs[t] at its position seq_pos[t]; all_logits is 1 */
+    struct fm_session *const *seqs;
+    const int32_t *seq_pos;
     /* set by eval_begin */
     int64_t pass_cap;   /* tokens per pass (>= 1) */
     int32_t timed;      /* 1: time every op into fm_stats (after be->sync, when the backend has one) */
@@ -76,12 +80,18 @@ enum {
     FM_GRAPH_REPLAY = 2   /* a recorded pass fits this eval: replay only */
 };
 
-/* One pass of the layer loop: n tokens at positions pos..pos+n-1 */
+/* One pass of the layer loop: n tokens at positions pos..pos+n-1 of s, or (seqs non-NULL) a
+ * multi-sequence step: row t is the next token of session seqs[t] at position seq_pos[t] (s ==
+ * seqs[0], whose scratch, I/O statistics and per-op timing the pass uses). The token mixers read
+ * and write each row's own KV cache / conv / recurrent state; the FFN ops see n independent rows
+ * (an MoE layer reads the union of the rows' experts once). */
 typedef struct {
     struct fm_session *s;
     const int32_t *tokens; /* the pass's n tokens (NULL while capturing: replay feeds them) */
     int64_t n;
     int32_t pos;
+    struct fm_session *const *seqs; /* NULL: one sequence */
+    const int32_t *seq_pos;
     int32_t index;      /* the pass's index in its eval (0, 1, ...) */
     int32_t capture;    /* 1: being recorded as a graph: no host copies or syncs, no host-side decisions */
     float *logits;      /* host destination of this pass's logits (NULL: none) */
@@ -100,6 +110,9 @@ typedef struct {
      * what it needs, and fm_model_open then releases the host copy (never locked); the fm_qmat
      * views of fm_model's dense tensors are invalid from then on (their shapes and formats stay) */
     int32_t host_dense;
+    /* 1: the mixer ops run multi-sequence passes (fm_pass.seqs); eval_begin then never asks for a
+     * graph and sizes the pass for fm_eval.n_tokens rows */
+    int32_t multi_seq;
     /* ---- model ----
      * supports: FM_OK when the backend can run layer il of the parsed spec (il -1: the model-wide
      * features), else FM_ERR_BACKEND / FM_ERR_FORMAT naming the layer and the feature. Called by

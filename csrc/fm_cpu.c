@@ -64,18 +64,22 @@ static int64_t first_nonfinite(const float *x, int64_t n) {
     return -1;
 }
 
+/* position of row t of pass p (a multi-sequence pass: its session's position) */
+static int64_t row_pos(const fm_pass *p, int64_t t) { return p->seqs ? p->seq_pos[t] : p->pos + t; }
+
 /* FM_ERR_NUMERIC when the n rows of `row` floats at x hold a non-finite value (stage as
- * fm_numeric_error; row t is position pos0 + t) */
-static fm_status guard(const fm_model *m, int32_t stage, const float *x, int64_t n, int64_t row, int64_t pos0,
+ * fm_numeric_error; row t is row t0 + t of pass p) */
+static fm_status guard(const fm_pass *p, int32_t stage, const float *x, int64_t n, int64_t row, int64_t t0,
                        char *err, size_t errlen) {
     int64_t i = first_nonfinite(x, n * row);
-    return i < 0 ? FM_OK : fm_numeric_error(m, stage, pos0 + i / row, err, errlen);
+    return i < 0 ? FM_OK : fm_numeric_error(p->s->m, stage, row_pos(p, t0 + i / row), err, errlen);
 }
 
 /* ---------------------------------------------------------------- scratch */
 
 struct fm_scratch {
     int64_t nb; /* chunk capacity in tokens (attention, dense FFN, router, shared expert) */
+    int32_t n_ctx; /* attention scores per thread (the largest n_ctx of the sessions it served) */
     int64_t np; /* pass capacity in tokens (x, xn, y, sho, shs, routing tables) */
     float *x, *xn, *y;
     /* full attention */
@@ -114,6 +118,7 @@ static int scratch_alloc(fm_scratch *b, const fm_model *m, int64_t nb, int64_t n
     memset(b, 0, sizeof *b);
     b->nb = nb;
     b->np = np;
+    b->n_ctx = n_ctx;
     int64_t H = m->H;
     int64_t qd = (int64_t)m->n_heads * m->head_dim, kvd = (int64_t)m->n_kv_heads * m->head_dim;
     int64_t cd = conv_dim_of(m), vd = (int64_t)m->lin_nv * m->lin_dv;
@@ -150,17 +155,17 @@ static void scratch_release(void *p) {
     free(p);
 }
 
-/* the session's scratch for chunks of nb and passes of np tokens (kept and reused; regrown when a
- * larger batch comes) */
-static fm_scratch *session_scratch(fm_session *s, int64_t nb, int64_t np) {
+/* the session's scratch for chunks of nb and passes of np tokens over contexts of up to n_ctx
+ * (kept and reused; regrown when a larger batch comes) */
+static fm_scratch *session_scratch(fm_session *s, int64_t nb, int64_t np, int32_t n_ctx) {
     cpu_session *cs = s->bs;
     fm_scratch *b = cs->scratch;
-    if (b && b->nb >= nb && b->np >= np) return b;
+    if (b && b->nb >= nb && b->np >= np && b->n_ctx >= n_ctx) return b;
     scratch_release(b);
     cs->scratch = NULL;
     b = malloc(sizeof *b);
     if (!b) return NULL;
-    if (!scratch_alloc(b, s->m, nb, np, s->n_ctx)) {
+    if (!scratch_alloc(b, s->m, nb, np, n_ctx)) {
         free(b);
         return NULL;
     }
@@ -177,7 +182,15 @@ typedef struct {
     fm_scratch *b;
     int64_t n;
     int32_t pos;
+    fm_session *const *rows; /* a multi-sequence pass: row t's session (NULL: every row is s's) */
+    const int32_t *rpos;     /* and its position */
 } fm_job;
+
+/* the state and the position of row t */
+static const cpu_session *job_state(const fm_job *j, int64_t t) {
+    return j->rows ? (const cpu_session *)j->rows[t]->bs : j->s;
+}
+static int32_t job_pos(const fm_job *j, int64_t t) { return j->rows ? j->rpos[t] : j->pos + (int32_t)t; }
 
 /* attention: items = n * n_heads */
 static void job_attend(void *ctx, int64_t i0, int64_t i1, int32_t tid) {
@@ -185,14 +198,15 @@ static void job_attend(void *ctx, int64_t i0, int64_t i1, int32_t tid) {
     const fm_model *m = j->m;
     int32_t nh = m->n_heads, dh = m->head_dim, rep = m->n_heads / m->n_kv_heads;
     int64_t qd = (int64_t)nh * dh, kvd = (int64_t)m->n_kv_heads * dh;
-    float *kc = j->s->kc[j->L->state_idx], *vc = j->s->vc[j->L->state_idx];
-    float *scores = j->b->scores + (int64_t)tid * j->s->n_ctx;
+    float *scores = j->b->scores + (int64_t)tid * j->b->n_ctx;
     float scale = 1.0f / sqrtf((float)dh);
     for (int64_t it = i0; it < i1; it++) {
         int64_t t = it / nh;
         int32_t h = (int32_t)(it % nh), kh = h / rep;
         float *out = j->b->att + t * qd + (int64_t)h * dh;
-        int32_t p = j->pos + (int32_t)t;
+        const cpu_session *cs = job_state(j, t);
+        const float *kc = cs->kc[j->L->state_idx], *vc = cs->vc[j->L->state_idx];
+        int32_t p = job_pos(j, t);
         fm_attend_head_ex(out, j->b->q + t * qd + (int64_t)h * dh, kc + (int64_t)kh * dh, vc + (int64_t)kh * dh, kvd,
                           fm_window_start(p, j->L->window), p + 1, dh, scale, j->L->sinks ? j->L->sinks + h : NULL,
                           scores);
@@ -212,9 +226,10 @@ static void job_qk_prep(void *ctx, int64_t t0, int64_t t1, int32_t tid) {
     fm_scratch *b = j->b;
     int32_t nh = m->n_heads, nkv = m->n_kv_heads, dh = m->head_dim;
     int64_t qd = (int64_t)nh * dh, kvd = (int64_t)nkv * dh;
-    float *kc = j->s->kc[L->state_idx], *vc = j->s->vc[L->state_idx];
     for (int64_t t = t0; t < t1; t++) {
-        int32_t p = j->pos + (int32_t)t;
+        const cpu_session *cs = job_state(j, t);
+        float *kc = cs->kc[L->state_idx], *vc = cs->vc[L->state_idx];
+        int32_t p = job_pos(j, t);
         for (int32_t h = 0; h < nh; h++) {
             float *q = b->q + t * qd + (int64_t)h * dh;
             if (m->attn_gate) {
@@ -243,8 +258,15 @@ static void job_conv(void *ctx, int64_t c0, int64_t c1, int32_t tid) {
     (void)tid;
     fm_job *j = ctx;
     const fm_model *m = j->m;
-    fm_conv1d_seq(j->b->qkvc, j->b->qkv, j->n, j->s->conv[j->L->state_idx], j->L->ssm_conv,
-                  (int32_t)conv_dim_of(m), m->conv_k, (int32_t)c0, (int32_t)c1);
+    int32_t cd = (int32_t)conv_dim_of(m);
+    if (!j->rows) {
+        fm_conv1d_seq(j->b->qkvc, j->b->qkv, j->n, j->s->conv[j->L->state_idx], j->L->ssm_conv, cd, m->conv_k,
+                      (int32_t)c0, (int32_t)c1);
+        return;
+    }
+    for (int64_t t = 0; t < j->n; t++) /* one token of each row's own timeline */
+        fm_conv1d_seq(j->b->qkvc + t * cd, j->b->qkv + t * cd, 1, job_state(j, t)->conv[j->L->state_idx],
+                      j->L->ssm_conv, cd, m->conv_k, (int32_t)c0, (int32_t)c1);
 }
 
 /* gated delta rule + gated norm: items = value heads, each runs its tokens in order */
@@ -256,12 +278,11 @@ static void job_gdn(void *ctx, int64_t h0, int64_t h1, int32_t tid) {
     fm_scratch *b = j->b;
     int32_t nk = m->lin_nk, nv = m->lin_nv, dk = m->lin_dk, dv = m->lin_dv, rep = nv / nk;
     int64_t cd = conv_dim_of(m), vd = (int64_t)nv * dv;
-    float *S0 = j->s->ssm[L->state_idx];
     for (int64_t h = h0; h < h1; h++) {
         int32_t kh = (int32_t)h / rep; /* repeat_interleave: value head h uses key head h // (nv/nk) */
-        float *S = S0 + h * (int64_t)dk * dv;
         float A = -expf(L->A_log[h]);
         for (int64_t t = 0; t < j->n; t++) {
+            float *S = job_state(j, t)->ssm[L->state_idx] + h * (int64_t)dk * dv;
             const float *row = b->qkvc + t * cd;
             const float *q = row + (int64_t)kh * dk;
             const float *k = row + (int64_t)nk * dk + (int64_t)kh * dk;
@@ -278,18 +299,20 @@ static void job_gdn(void *ctx, int64_t h0, int64_t h1, int32_t tid) {
 /* ---------------------------------------------------------------- layers */
 
 /* token mixers: n tokens of b->xn at positions pos.. into b->y */
-static void layer_full_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos) {
+static void layer_full_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos,
+                            fm_session *const *rows, const int32_t *rpos) {
     fm_model *m = s->m;
     fm_mm(m->pool, &L->wq, b->xn, n, b->qg);
     fm_mm(m->pool, &L->wk, b->xn, n, b->k);
     fm_mm(m->pool, &L->wv, b->xn, n, b->v);
-    fm_job j = {m, s->bs, L, b, n, pos};
+    fm_job j = {m, s->bs, L, b, n, pos, rows, rpos};
     fm_pool_for(m->pool, n, 1, job_qk_prep, &j);
     fm_pool_for(m->pool, n * m->n_heads, 1, job_attend, &j);
     fm_mm(m->pool, &L->wo, b->att, n, b->y);
 }
 
-static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos) {
+static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, int64_t n, int32_t pos,
+                              fm_session *const *rows, const int32_t *rpos) {
     fm_model *m = s->m;
     int32_t nk = m->lin_nk, dk = m->lin_dk;
     int64_t cd = conv_dim_of(m);
@@ -297,7 +320,7 @@ static void layer_linear_attn(fm_session *s, const fm_layer *L, fm_scratch *b, i
     fm_mm(m->pool, &L->ssm_z, b->xn, n, b->z);
     fm_mm(m->pool, &L->ssm_b, b->xn, n, b->bb);
     fm_mm(m->pool, &L->ssm_a, b->xn, n, b->ba);
-    fm_job j = {m, s->bs, L, b, n, pos};
+    fm_job j = {m, s->bs, L, b, n, pos, rows, rpos};
     fm_pool_for(m->pool, cd, 64, job_conv, &j);
     /* q, k: L2 norm per key head (eps 1e-6 as the reference l2norm), q scaled by 1/sqrt(dk) */
     float qs = 1.0f / sqrtf((float)dk);
@@ -711,7 +734,10 @@ static fm_status cpu_eval_begin(fm_eval *ev, char *err, size_t errlen) {
     if (np_cap < FM_UBATCH) np_cap = FM_UBATCH;
     int64_t np = ev->n_tokens < np_cap ? ev->n_tokens : np_cap;
     int64_t nb = np < FM_UBATCH ? np : FM_UBATCH;
-    fm_scratch *b = session_scratch(s, nb, np);
+    int32_t n_ctx = s->n_ctx;
+    for (int32_t i = 0; ev->seqs && i < ev->n_tokens; i++)
+        if (ev->seqs[i]->n_ctx > n_ctx) n_ctx = ev->seqs[i]->n_ctx;
+    fm_scratch *b = session_scratch(s, nb, np, n_ctx);
     if (!b)
         return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_eval: out of memory for scratch of %lld tokens",
                        (long long)np);
@@ -729,7 +755,13 @@ static fm_status cpu_embed(fm_pass *p, char *err, size_t errlen) {
     cpu_session *c = s->bs;
     fm_scratch *b = p->ctx;
     int64_t n = p->n, H = m->H;
-    if (p->pos + n > c->kv_hw) c->kv_hw = p->pos + (int32_t)n; /* rows this pass may write */
+    if (p->seqs) /* rows this pass may write */
+        for (int64_t t = 0; t < n; t++) {
+            cpu_session *ct = p->seqs[t]->bs;
+            if (p->seq_pos[t] + 1 > ct->kv_hw) ct->kv_hw = p->seq_pos[t] + 1;
+        }
+    else if (p->pos + n > c->kv_hw)
+        c->kv_hw = p->pos + (int32_t)n;
     for (int64_t t = 0; t < n; t++) fm_qmat_get_row(&m->tok_embd, p->tokens[t], b->x + t * H);
     b->pf_il = -1;
     if (n == 1 && m->n_moe) prefetch_predict(s, b, -1, b->x); /* first MoE layer, from the embedding */
@@ -738,7 +770,8 @@ static fm_status cpu_embed(fm_pass *p, char *err, size_t errlen) {
 
 /* a token mixer: x += mixer(rmsnorm(x)) over chunks of b->nb tokens */
 static void cpu_mixer(fm_pass *p, int32_t il,
-                      void (*layer)(fm_session *, const fm_layer *, fm_scratch *, int64_t, int32_t)) {
+                      void (*layer)(fm_session *, const fm_layer *, fm_scratch *, int64_t, int32_t,
+                                    fm_session *const *, const int32_t *)) {
     fm_session *s = p->s;
     const fm_model *m = s->m;
     const fm_layer *L = &m->layers[il];
@@ -750,7 +783,7 @@ static void cpu_mixer(fm_pass *p, int32_t il,
         v.xn = b->xn + c * H;
         v.y = b->y + c * H;
         int64_t nn = n - c < b->nb ? n - c : b->nb;
-        layer(s, L, &v, nn, p->pos + (int32_t)c);
+        layer(s, L, &v, nn, p->pos + (int32_t)c, p->seqs ? p->seqs + c : NULL, p->seqs ? p->seq_pos + c : NULL);
     }
     for (int64_t i = 0; i < n * H; i++) b->x[i] += b->y[i];
 }
@@ -812,24 +845,24 @@ static fm_status cpu_final(fm_pass *p, char *err, size_t errlen) {
         for (int64_t t = 0; t < n; t++)
             fm_rmsnorm(b->xn + t * H, b->x + t * H, m->output_norm, H, m->eps, m->norm_offset);
         fm_mm(m->pool, lm, b->xn, n, p->logits);
-        return guard(m, m->n_layers, p->logits, n, m->vocab, p->pos, err, errlen);
+        return guard(p, m->n_layers, p->logits, n, m->vocab, 0, err, errlen);
     }
     fm_rmsnorm(b->xn, b->x + (n - 1) * H, m->output_norm, H, m->eps, m->norm_offset);
     fm_qmat_matvec(m->pool, lm, b->xn, p->logits);
-    return guard(m, m->n_layers, p->logits, 1, m->vocab, p->pos + n - 1, err, errlen);
+    return guard(p, m->n_layers, p->logits, 1, m->vocab, n - 1, err, errlen);
 }
 
 /* the residual stream after the embedding (stage -1) or layer il: a NaN/Inf ends the call here */
 static fm_status cpu_guard(fm_pass *p, int32_t stage, char *err, size_t errlen) {
-    const fm_model *m = p->s->m;
     const fm_scratch *b = p->ctx;
-    return guard(m, stage, b->x, p->n, m->H, p->pos, err, errlen);
+    return guard(p, stage, b->x, p->n, p->s->m->H, 0, err, errlen);
 }
 
 const fm_backend fm_cpu_backend = {
     .name = "cpu",
     .records_trace = 1,
     .host_dense = 1,
+    .multi_seq = 1,
     .supports = cpu_supports,
     .model_open = cpu_model_open,
     .model_close = cpu_model_close,

@@ -154,7 +154,11 @@ static fm_pass pass_of(const fm_eval *ev, int32_t done, int64_t cnt, int32_t ind
     p.s = ev->s;
     p.tokens = ev->tokens + done;
     p.n = cnt;
-    p.pos = ev->s->pos;
+    p.pos = ev->seqs ? ev->seq_pos[done] : ev->s->pos;
+    if (ev->seqs) {
+        p.seqs = ev->seqs + done;
+        p.seq_pos = ev->seq_pos + done;
+    }
     p.index = index;
     p.all_logits = ev->all_logits;
     p.ctx = ev->ctx;
@@ -190,12 +194,66 @@ static fm_status run_graph(const fm_backend *be, fm_eval *ev, int32_t *plain, ch
     return FM_OK;
 }
 
+/* the eval under the model mutex: eval_begin, passes of pass_cap tokens, eval_end. A single
+ * sequence advances its position pass by pass; a multi-sequence step (ev->seqs) moves no position
+ * (the caller does, on success). *begun = 0 when eval_begin refused (nothing was evaluated). */
+static fm_status run_eval(fm_eval *ev, int32_t *begun, char *err, size_t errlen) {
+    fm_session *s = ev->s;
+    fm_model *m = s->m;
+    const fm_backend *be = m->be;
+    *begun = 0;
+    pthread_mutex_lock(&m->mu);
+    fm_status st = be->eval_begin(ev, err, errlen);
+    if (st == FM_OK && ev->pass_cap < 1)
+        st = fm_errf(err, errlen, FM_ERR_BACKEND, "backend %s: pass capacity %lld", be->name, (long long)ev->pass_cap);
+    if (st != FM_OK) {
+        pthread_mutex_unlock(&m->mu);
+        return st;
+    }
+    *begun = 1;
+    s->st.last_bytes_read = s->st.last_expert_loads = s->st.last_expert_hits = 0;
+    int32_t plain = 1;
+    if (!ev->seqs && ev->graph != FM_GRAPH_NONE && be->replay && ev->n_tokens <= ev->pass_cap) {
+        plain = 0;
+        st = run_graph(be, ev, &plain, err, errlen);
+    }
+    for (int32_t done = 0, index = 0; plain && done < ev->n_tokens; done += (int32_t)ev->pass_cap, index++) {
+        int64_t cnt = ev->n_tokens - done < ev->pass_cap ? ev->n_tokens - done : ev->pass_cap;
+        fm_pass p = pass_of(ev, done, cnt, index);
+        s->trace_row = s->trace_n + done;
+        st = run_pass(be, &p, ev->timed, err, errlen);
+        if (st != FM_OK) break;
+        if (!ev->seqs) s->pos += (int32_t)cnt;
+    }
+    if (be->eval_end) st = be->eval_end(ev, st, err, errlen);
+    pthread_mutex_unlock(&m->mu);
+    return st;
+}
+
+/* the I/O counters of the eval into the session's totals */
+static void add_io_stats(fm_session *s, double t0) {
+    s->st.n_eval_calls++;
+    s->st.ms_total += fm_now_ms() - t0;
+    s->st.bytes_read += s->st.last_bytes_read;
+    s->st.expert_loads += s->st.last_expert_loads;
+    s->st.expert_hits += s->st.last_expert_hits;
+}
+
+/* an error mid-eval: the session reset, the message says so */
+static fm_status failed(fm_session *const *ss, int32_t n, fm_status st, char *err, size_t errlen) {
+    for (int32_t i = 0; i < n; i++) fm_session_reset(ss[i]);
+    size_t l = err ? strlen(err) : 0;
+    if (err && l + 1 < errlen)
+        snprintf(err + l, errlen - l, n == 1 ? " (the session was reset to position 0)"
+                                             : " (every session of the batch was reset to position 0)");
+    return st;
+}
+
 fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
                           int64_t n_logits, int32_t all_logits, char *err, size_t errlen) {
     if (err && errlen) err[0] = 0;
     if (!s) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: session is NULL");
     fm_model *m = s->m;
-    const fm_backend *be = m->be;
     if (n_tokens < 1) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: n_tokens must be >= 1 (got %d)", n_tokens);
     if (!tokens) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval: tokens is NULL");
     for (int32_t t = 0; t < n_tokens; t++)
@@ -213,7 +271,6 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
         return fm_errf(err, errlen, FM_ERR_CTX_FULL,
                        "context full: %d tokens held + %d new > n_ctx %d (nothing was evaluated)", s->pos,
                        n_tokens, s->n_ctx);
-    pthread_mutex_lock(&m->mu);
     fm_eval ev;
     memset(&ev, 0, sizeof ev);
     ev.s = s;
@@ -222,44 +279,89 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
     ev.logits = logits;
     ev.all_logits = all_logits;
     ev.pos0 = s->pos;
-    fm_status st = be->eval_begin(&ev, err, errlen);
-    if (st == FM_OK && ev.pass_cap < 1)
-        st = fm_errf(err, errlen, FM_ERR_BACKEND, "backend %s: pass capacity %lld", be->name, (long long)ev.pass_cap);
-    if (st != FM_OK) { /* nothing was evaluated: the session is as it was */
-        pthread_mutex_unlock(&m->mu);
-        return st;
-    }
     double t0 = fm_now_ms();
-    s->st.last_bytes_read = s->st.last_expert_loads = s->st.last_expert_hits = 0;
-    int32_t plain = 1;
-    if (ev.graph != FM_GRAPH_NONE && be->replay && n_tokens <= ev.pass_cap) {
-        plain = 0;
-        st = run_graph(be, &ev, &plain, err, errlen);
-    }
-    for (int32_t done = 0, index = 0; plain && done < n_tokens; done += (int32_t)ev.pass_cap, index++) {
-        int64_t cnt = n_tokens - done < ev.pass_cap ? n_tokens - done : ev.pass_cap;
-        fm_pass p = pass_of(&ev, done, cnt, index);
-        s->trace_row = s->trace_n + done;
-        st = run_pass(be, &p, ev.timed, err, errlen);
-        if (st != FM_OK) break;
-        s->pos += (int32_t)cnt;
-    }
-    if (be->eval_end) st = be->eval_end(&ev, st, err, errlen);
-    pthread_mutex_unlock(&m->mu);
-    s->st.n_eval_calls++;
-    s->st.ms_total += fm_now_ms() - t0;
-    s->st.bytes_read += s->st.last_bytes_read;
-    s->st.expert_loads += s->st.last_expert_loads;
-    s->st.expert_hits += s->st.last_expert_hits;
+    int32_t begun;
+    fm_status st = run_eval(&ev, &begun, err, errlen);
+    if (!begun) return st; /* nothing was evaluated: the session is as it was */
+    add_io_stats(s, t0);
     s->st.last_n_tokens = n_tokens;
-    if (st != FM_OK) {
-        fm_session_reset(s);
-        size_t l = err ? strlen(err) : 0;
-        if (err && l + 1 < errlen)
-            snprintf(err + l, errlen - l, " (the session was reset to position 0)");
-        return st == FM_ERR_IO ? FM_ERR_IO : st;
-    }
+    if (st != FM_OK) return failed(&s, 1, st == FM_ERR_IO ? FM_ERR_IO : st, err, errlen);
     s->st.n_tokens += n_tokens;
-    if (be->records_trace) s->trace_n += n_tokens;
+    if (m->be->records_trace) s->trace_n += n_tokens;
+    return FM_OK;
+}
+
+fm_status fm_session_eval_batch(fm_session *const *ss, int32_t n, const int32_t *tokens, float *logits,
+                                int64_t n_logits, char *err, size_t errlen) {
+    if (err && errlen) err[0] = 0;
+    if (!ss) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval_batch: sessions is NULL");
+    if (n < 1) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval_batch: n_seqs must be >= 1 (got %d)", n);
+    if (!tokens) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval_batch: tokens is NULL");
+    if (!ss[0]) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval_batch: session 0 is NULL");
+    fm_model *m = ss[0]->m;
+    if (logits && n_logits < (int64_t)n * m->vocab)
+        return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval_batch: n_logits is %lld, need %lld",
+                       (long long)n_logits, (long long)n * m->vocab);
+    for (int32_t i = 0; i < n; i++) {
+        fm_session *s = ss[i];
+        if (!s) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval_batch: session %d is NULL", i);
+        if (s->m != m)
+            return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_eval_batch: session %d belongs to another model", i);
+        for (int32_t j = 0; j < i; j++)
+            if (ss[j] == s)
+                return fm_errf(err, errlen, FM_ERR_ARG,
+                               "fm_session_eval_batch: session %d is also session %d (one token per session)", i, j);
+        if (s->trace.ids || s->trace.counts || s->trace.layer_ms)
+            return fm_errf(err, errlen, FM_ERR_ARG,
+                           "fm_session_eval_batch: session %d records a routing trace (evaluate it alone)", i);
+        if (tokens[i] < 0 || tokens[i] >= m->vocab)
+            return fm_errf(err, errlen, FM_ERR_ARG,
+                           "fm_session_eval_batch: token id %d of session %d is outside the vocabulary [0, %d)",
+                           tokens[i], i, m->vocab);
+        if (s->pos + 1 > s->n_ctx)
+            return fm_errf(err, errlen, FM_ERR_CTX_FULL,
+                           "context full: session %d holds %d tokens = n_ctx %d (nothing was evaluated)", i, s->pos,
+                           s->n_ctx);
+    }
+    if (n == 1 || !m->be->multi_seq) { /* one at a time (a backend without multi-sequence passes) */
+        if (n == 1) return fm_session_eval(ss[0], tokens, 1, logits, n_logits, 0, err, errlen);
+        for (int32_t i = 0; i < n; i++) {
+            fm_status st = fm_session_eval(ss[i], tokens + i, 1, logits ? logits + (int64_t)i * m->vocab : NULL,
+                                           m->vocab, 0, err, errlen);
+            if (st != FM_OK) {
+                for (int32_t j = 0; j < n; j++)
+                    if (j != i) fm_session_reset(ss[j]);
+                return st;
+            }
+        }
+        return FM_OK;
+    }
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)n);
+    if (!pos) return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_eval_batch: out of memory");
+    for (int32_t i = 0; i < n; i++) pos[i] = ss[i]->pos;
+    fm_session *s = ss[0];
+    fm_eval ev;
+    memset(&ev, 0, sizeof ev);
+    ev.s = s;
+    ev.tokens = tokens;
+    ev.n_tokens = n;
+    ev.logits = logits;
+    ev.all_logits = 1;
+    ev.pos0 = s->pos;
+    ev.seqs = ss;
+    ev.seq_pos = pos;
+    double t0 = fm_now_ms();
+    int32_t begun;
+    fm_status st = run_eval(&ev, &begun, err, errlen);
+    free(pos);
+    if (!begun) return st;
+    add_io_stats(s, t0);
+    s->st.last_n_tokens = n;
+    if (st != FM_OK) return failed(ss, n, st == FM_ERR_IO ? FM_ERR_IO : st, err, errlen);
+    for (int32_t i = 0; i < n; i++) {
+        ss[i]->pos++;
+        ss[i]->st.n_tokens++;
+        if (i) ss[i]->st.n_eval_calls++;
+    }
     return FM_OK;
 }

@@ -1,5 +1,5 @@
 """Type stubs of the pyflashmoe._core extension (one section per .pxi)."""
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,7 @@ class Engine:
     @property
     def dense_locked(self) -> bool: ...
     def expert_block_bytes(self, il: int) -> int: ...
+    def eval_batch(self, sessions: Sequence[Session], tokens: npt.ArrayLike) -> F32: ...
 
 class Session:
     engine: Engine

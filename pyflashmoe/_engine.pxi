@@ -164,6 +164,67 @@ cdef class Engine:
             raise ArgumentError(f"layer index {il} out of range [0, {fm_model_n_layers(m)})")
         return fm_model_expert_block_bytes(m, il)
 
+    def eval_batch(self, sessions, tokens):
+        """One decode step of several sessions of this engine together: tokens[i] for sessions[i]
+        at its own position (each advances by one); float32 logits [n, vocab], row i for
+        sessions[i]. Every MoE layer reads the union of the batch's experts once. The sessions must
+        be distinct Sessions of this engine; ContextFullError when one is full (nothing evaluated);
+        on any other error every session of the batch is reset to position 0."""
+        cdef fm_model *m = self._ptr()
+        sess = list(sessions)
+        cdef int32_t n = <int32_t>len(sess)
+        if n < 1:
+            raise ArgumentError("eval_batch: sessions is empty")
+        arr = _np.asarray(tokens)
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise ArgumentError(f"eval_batch: tokens must be 1-D with one id per session ({n}), got shape {arr.shape}")
+        if arr.dtype.kind not in "iu":
+            raise ArgumentError(f"eval_batch: tokens must be integers (got dtype {arr.dtype})")
+        vocab = fm_model_n_vocab(m)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            i = int(_np.nonzero(arr == bad)[0][0])
+            raise ArgumentError(f"eval_batch: token id {bad} of session {i} is outside the vocabulary [0, {vocab})")
+        cdef Session so
+        for i, o in enumerate(sess):
+            if not isinstance(o, Session):
+                raise ArgumentError(f"eval_batch: sessions[{i}] is not a Session (got {type(o).__name__})")
+            so = <Session>o
+            if so.engine is not self:
+                raise ArgumentError(f"eval_batch: sessions[{i}] belongs to another Engine")
+            so._ptr()
+            if so._busy:
+                raise RuntimeError(f"eval_batch: sessions[{i}] is in use by another call")
+        cdef int32_t[::1] tv = _np.ascontiguousarray(arr, dtype=_np.int32)
+        out = _np.empty((n, vocab), dtype=_np.float32)
+        cdef float[::1] ov = out.reshape(-1)
+        cdef int64_t nl = ov.shape[0]
+        ptrs = _np.empty(n, dtype=_np.uintp)
+        for i, o in enumerate(sess):
+            so = <Session>o
+            ptrs[i] = <size_t>so._s
+        cdef size_t[::1] pv = ptrs
+        cdef char err[1024]
+        cdef fm_status st
+        marked = []
+        try:
+            for o in sess:
+                so = <Session>o
+                if so._busy:
+                    raise ArgumentError("eval_batch: a session appears twice in sessions")
+                so._busy = True
+                marked.append(so)
+            err[0] = 0
+            with nogil:
+                st = fm_session_eval_batch(<fm_session *const *>&pv[0], n, &tv[0], &ov[0], nl, err, sizeof(err))
+        finally:
+            for so in marked:
+                so._busy = False
+        if st != FM_OK:
+            raise _error_from(st, err)
+        return out
+
 
 cdef class Session:
     """One timeline over an Engine: KV cache for n_ctx tokens plus the recurrent state."""

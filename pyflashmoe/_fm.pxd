@@ -78,6 +78,8 @@ cdef extern from "fm.h" nogil:
     void fm_session_reset(fm_session *s)
     int32_t fm_session_pos(const fm_session *s)
     int32_t fm_session_n_ctx(const fm_session *s)
+    fm_status fm_session_eval_batch(fm_session *const *sessions, int32_t n_seqs, const int32_t *tokens,
+                                    float *logits, int64_t n_logits, char *err, size_t errlen)
     fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
                               int64_t n_logits, int32_t all_logits, char *err, size_t errlen)
     void fm_session_get_stats(const fm_session *s, fm_stats *out)

@@ -476,14 +476,17 @@ static fm_status check_finite(fmc_ctx *x, const float *v, int64_t n, int64_t row
     return FM_OK;
 }
 
-/* FM_ERR_NUMERIC when the guard saw a non-finite value in this eval (h_bad copied and synced);
- * pos0: the session position at the start of the eval */
-static fm_status numeric_status(const fm_model *m, const fmc_session *c, int32_t pos0, char *err, size_t errlen) {
+/* FM_ERR_NUMERIC when the guard saw a non-finite value in this eval (h_bad copied and synced),
+ * naming the position: ev->pos0 + the token's index, or (a multi-sequence step) its session's */
+static fm_status numeric_status(const fm_model *m, const fmc_session *c, const fm_eval *ev, char *err,
+                                size_t errlen) {
     const unsigned long long b = *c->h_bad;
     if (b == ~0ull) return FM_OK;
     const int64_t chunk = (int64_t)(b >> 33), t = (int64_t)(b & 0xffffu);
     const int32_t sub = (int32_t)((b >> 16) & 0x1ffffu) - 1;
-    return fm_numeric_error(m, sub, (int64_t)pos0 + chunk * c->nb + t, err, errlen);
+    const int64_t i = chunk * c->nb + t;
+    const int64_t pos = ev->seqs && i < ev->n_tokens ? (int64_t)ev->seq_pos[i] : (int64_t)ev->pos0 + i;
+    return fm_numeric_error(m, sub, pos, err, errlen);
 }
 
 static fm_status op_embed(fm_pass *p, char *err, size_t errlen) {
@@ -516,9 +519,20 @@ static fm_status op_attn_full(fm_pass *p, int32_t il, char *err, size_t errlen) 
         CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wk, c->xn, H, n, c->k, kvd, 0, err, errlen));
         CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wv, c->xn, H, n, c->v, kvd, 0, err, errlen));
     }
-    CKS(fmc_launch_attn(st, c->qg, c->k, c->v, L->q_norm, L->k_norm, c->q, c->gate, c->kc[si], c->vc[si], c->att, n, x->pos,
-                    x->graph ? c->d_pos : NULL, m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
-                    m->norm_offset, err, errlen));
+    if (x->rows) { /* multi-sequence: each row against its own session's KV cache at its position */
+        const int64_t qgd = L->wq.rows;
+        for (int64_t r = 0; r < n; r++) {
+            const fmc_session *rc = (const fmc_session *)x->rows[r]->bs;
+            CKS(fmc_launch_attn(st, c->qg + r * qgd, c->k + r * kvd, c->v + r * kvd, L->q_norm, L->k_norm, c->q + r * qd,
+                                c->gate + r * qd, rc->kc[si], rc->vc[si], c->att + r * qd, 1, x->rpos[r], NULL, m->n_heads,
+                                m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
+                                m->norm_offset, err, errlen));
+        }
+    } else {
+        CKS(fmc_launch_attn(st, c->qg, c->k, c->v, L->q_norm, L->k_norm, c->q, c->gate, c->kc[si], c->vc[si], c->att, n,
+                            x->pos, x->graph ? c->d_pos : NULL, m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim,
+                            m->rope_theta, m->attn_gate, m->eps, m->norm_offset, err, errlen));
+    }
     CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wo, c->att, qd, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
@@ -544,11 +558,24 @@ static fm_status op_attn_linear(fm_pass *p, int32_t il, char *err, size_t errlen
         CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_b, c->xn, H, n, c->bb, m->lin_nv, 0, err, errlen));
         CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_a, c->xn, H, n, c->ba, m->lin_nv, 0, err, errlen));
     }
-    k_conv<<<(unsigned)((cd + 127) / 128), 128, 0, st>>>(c->qkv, n, c->conv[si], L->ssm_conv, (int)cd, m->conv_k,
-                                                         c->qkvc);
-    CKL();
-    CKS(fmc_launch_gdn(st, c->qkvc, c->z, c->ba, c->bb, L->A_log, L->dt_bias, L->ssm_norm, c->ssm[si], c->o, n, m->lin_nk,
-                   m->lin_nv, m->lin_dk, m->lin_dv, m->eps, m->debug.gdn_chunk, err, errlen));
+    if (x->rows) { /* multi-sequence: each row one step of its own session's conv + recurrent state */
+        const int64_t nv = m->lin_nv;
+        for (int64_t r = 0; r < n; r++) {
+            const fmc_session *rc = (const fmc_session *)x->rows[r]->bs;
+            k_conv<<<(unsigned)((cd + 127) / 128), 128, 0, st>>>(c->qkv + r * cd, 1, rc->conv[si], L->ssm_conv, (int)cd,
+                                                                 m->conv_k, c->qkvc + r * cd);
+            CKL();
+            CKS(fmc_launch_gdn(st, c->qkvc + r * cd, c->z + r * vd, c->ba + r * nv, c->bb + r * nv, L->A_log, L->dt_bias,
+                               L->ssm_norm, rc->ssm[si], c->o + r * vd, 1, m->lin_nk, m->lin_nv, m->lin_dk, m->lin_dv,
+                               m->eps, m->debug.gdn_chunk, err, errlen));
+        }
+    } else {
+        k_conv<<<(unsigned)((cd + 127) / 128), 128, 0, st>>>(c->qkv, n, c->conv[si], L->ssm_conv, (int)cd, m->conv_k,
+                                                             c->qkvc);
+        CKL();
+        CKS(fmc_launch_gdn(st, c->qkvc, c->z, c->ba, c->bb, L->A_log, L->dt_bias, L->ssm_norm, c->ssm[si], c->o, n,
+                           m->lin_nk, m->lin_nv, m->lin_dk, m->lin_dv, m->eps, m->debug.gdn_chunk, err, errlen));
+    }
     CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_out, c->o, vd, n, c->x, H, 1, err, errlen));
     return FM_OK;
 }
@@ -642,7 +669,7 @@ static fm_status cu_eval_begin(fm_eval *ev, char *err, size_t errlen) {
     ev->pass_cap = c->nb;
     ev->timed = c->cm->timing;
     ev->graph = FM_GRAPH_NONE;
-    if (ev->n_tokens == 1 && ev->logits && !ev->all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
+    if (ev->n_tokens == 1 && !ev->seqs && ev->logits && !ev->all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
         m->debug.cuda_graph)
         ev->graph = c->gexec ? FM_GRAPH_REPLAY : FM_GRAPH_CAPTURE;
     return FM_OK;
@@ -662,7 +689,7 @@ static fm_status cu_eval_end(fm_eval *ev, fm_status st, char *err, size_t errlen
         CK(cudaStreamSynchronize(c->cm->cs));
         c->cnt.syncs++;
     }
-    return numeric_status(ev->s->m, c, ev->pos0, err, errlen);
+    return numeric_status(ev->s->m, c, ev, err, errlen);
 }
 
 /* recording the decode step: what the captured ops count is not a real eval (saved, then restored) */
@@ -783,6 +810,7 @@ static fm_backend make_backend(void) {
     b.name = "cuda";
     b.records_trace = 0;
     b.host_dense = 0; /* every dense tensor is uploaded at open */
+    b.multi_seq = 1;
     b.supports = cu_supports;
     b.model_open = cu_model_open;
     b.model_close = cu_model_close;

@@ -174,6 +174,8 @@ typedef struct {
     int32_t pos;
     int graph; /* capturing the decode graph: no host copies or syncs, position read from c->d_pos */
     int32_t chunk; /* index of this pass among the eval's passes of c->nb tokens (numerical guard) */
+    fm_session *const *rows; /* a multi-sequence pass (fm_pass.seqs): row t's session, else NULL */
+    const int32_t *rpos;     /* and its position */
 } fmc_ctx;
 
 struct fmc_session {
@@ -214,6 +216,8 @@ static inline fmc_ctx *fmc_pass_ctx(const fm_pass *p) {
     x->pos = p->pos;
     x->graph = p->capture;
     x->chunk = p->index;
+    x->rows = p->seqs;
+    x->rpos = p->seq_pos;
     return x;
 }
 
