@@ -70,8 +70,13 @@ which the page asks for when the server needs one).
 * response_format {"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema":
   ...}}: decoding is masked by llguidance so the output is JSON (matching the schema). Thinking is
   switched off for these requests unless chat_template_kwargs sets enable_thinking.
+* Request bodies are pydantic models (pyflashmoe.api_models: ChatCompletionRequest,
+  CompletionRequest, MessagesRequest, CountTokensRequest) that FastAPI validates; unknown fields
+  are ignored. What needs the model (max_tokens against the context, top_k and logit_bias against
+  the vocabulary, prompt lengths, a named tool) is checked when the request is prepared.
 * Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}; a malformed request
-  gets a 400 naming the field.
+  gets a 400 whose `param` is the field's dotted path (`messages.0.content.0.type`) and whose
+  message says what was wrong and what was sent.
 """
 import asyncio
 import collections
@@ -87,26 +92,20 @@ import threading
 import time
 import uuid
 
+from pyflashmoe import api_models as _models
 from pyflashmoe import errors as _errors
+from pyflashmoe.api_models import (CLIENT_TEMPLATE_KWARGS, MAX_MESSAGES, MAX_STOP,  # noqa: F401
+                                   MAX_STOP_CHARS, MAX_TOOLS)
 from pyflashmoe.errors import ArgumentError, ContextFullError, FlashMoEError
 from pyflashmoe.toolcalls import OutputParser, prompt_opens_thinking
-
-_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_TIMEOUT = 3600.0
-MAX_MESSAGES = 4096
-MAX_TOOLS = 128
-MAX_STOP = 16
-MAX_STOP_CHARS = 512
-MAX_TEMPERATURE = 100.0
-MAX_REPETITION_PENALTY = 100.0
-# the chat_template_kwargs a client may set, with their types (anything else could replace the
-# template's own variables, e.g. the template, the messages or add_generation_prompt)
-CLIENT_TEMPLATE_KWARGS = {"enable_thinking": bool}
+# request limits and field ranges: pyflashmoe.api_models (the request models)
 BIG_BODY = 1 << 20  # bodies at least this big trigger a gc + heap trim once the server is idle
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+BODY_SIZE_KEY = "flashmoe.body_size"  # ASGI scope key: the POST body's size (RequestGuard)
 
 
 class APIError(Exception):
@@ -127,341 +126,167 @@ def _short(v, n=60):
 
 
 # ------------------------------------------------------------------------------ validation
+# The request bodies are pydantic models (pyflashmoe.api_models), validated by FastAPI; what
+# follows turns a validated request into generate() arguments and template messages, with the
+# checks that need the served model (context length, vocabulary, prompt length).
 def _is_num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _number(body, key, lo=None, hi=None, lo_open=False, hi_open=False):
-    v = body.get(key)
-    if v is None:
-        return None
-    if not _is_num(v):
-        raise APIError(f"'{key}' must be a finite number, got {_short(v)}", key)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise APIError(f"'{key}' must be {'>' if lo_open else '>='} {lo}, got {_short(v)}", key)
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise APIError(f"'{key}' must be {'<' if hi_open else '<='} {hi}, got {_short(v)}", key)
-    return float(v)
+def invalid_request(errors, body_loc: bool = False) -> APIError:
+    """The 400 APIError of pydantic's errors (api_models.error_of: the first error, its field as
+    a dotted path)."""
+    msg, param = _models.error_of(errors, body_loc)
+    return APIError(msg, param)
 
 
-def _integer(body, key, lo=None, hi=None, hi_what=""):
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-        raise APIError(f"'{key}' must be an integer, got {_short(v)}", key)
-    n = int(v)
-    if lo is not None and n < lo:
-        raise APIError(f"'{key}' must be >= {lo}, got {_short(v)}", key)
-    if hi is not None and n > hi:
-        raise APIError(f"'{key}' must be <= {hi}{hi_what}, got {_short(v)}", key)
-    return n
+def validate_request(cls, body):
+    """body as a `cls` request model (a dict is validated; a cls instance is returned as is);
+    else an APIError naming the field."""
+    if isinstance(body, cls):
+        return body
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object", None)
+    try:
+        return cls.model_validate(body)
+    except _models.ValidationError as e:
+        raise invalid_request(e.errors()) from None
 
 
-def _bool(body, key, default=False):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise APIError(f"'{key}' must be a boolean, got {_short(v)}", key)
-    return v
-
-
-def parse_stop(stop, key):
-    """Validated stop strings (a string or a list of strings) of field `key`, or None."""
-    if stop is None:
-        return None
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(f"'{key}' must be a string or a list of strings", key)
-    if len(stop) > MAX_STOP:
-        raise APIError(f"'{key}' has {len(stop)} strings; at most {MAX_STOP} are allowed", key)
-    if any(s == "" for s in stop):
-        raise APIError(f"'{key}' strings must not be empty", key)
-    long = [i for i, s in enumerate(stop) if len(s) > MAX_STOP_CHARS]
-    if long:
-        raise APIError(f"'{key}' string {long[0]} has {len(stop[long[0]])} characters; at most "
-                       f"{MAX_STOP_CHARS} are allowed", key)
-    return stop
-
-
-MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
-
-
-def parse_logit_bias(bias, n_vocab: int | None = None) -> dict | None:
-    """Validated OpenAI `logit_bias` ({"token id": bias in [-100, 100]}) -> {int id: float}, or
-    None when absent. With n_vocab, ids must lie in [0, n_vocab)."""
-    if bias is None:
-        return None
-    if not isinstance(bias, dict):
-        raise APIError(f"'logit_bias' must be an object mapping token ids to numbers, got "
-                       f"{_short(bias)}", "logit_bias")
-    if len(bias) > MAX_LOGIT_BIAS:
-        raise APIError(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
-                       "logit_bias")
-    out = {}
-    for k, v in bias.items():
-        ks = str(k).strip()
-        if not (ks.isdigit() or (ks.startswith("-") and ks[1:].isdigit())) or not ks.isascii():
-            raise APIError(f"'logit_bias' key {_short(k)} is not a token id (an integer string)",
-                           "logit_bias")
-        i = int(ks)
-        if i < 0 or (n_vocab is not None and i >= n_vocab):
-            raise APIError(f"'logit_bias' key {_short(k)} is outside the vocabulary "
-                           f"[0, {n_vocab if n_vocab is not None else 'vocab'})", "logit_bias")
-        if not _is_num(v) or not (-100 <= v <= 100):
-            raise APIError(f"'logit_bias' value for key {_short(k)} must be a finite number in "
-                           f"[-100, 100], got {_short(v)}", "logit_bias")
-        out[i] = out.get(i, 0.0) + float(v)
-    return out
-
-
-def parse_sampling(body: dict, context_length: int | None = None, n_vocab: int | None = None) -> dict:
-    """Validated generate() keyword arguments from an OpenAI request body. With context_length,
-    max_tokens above it is an error; with n_vocab, so is top_k above it."""
+def sampling_kw(req, context_length: int | None = None, n_vocab: int | None = None) -> dict:
+    """generate() keyword arguments of a validated request (OpenAI's, or Anthropic's sampling
+    fields). With context_length, max_tokens above it is an error; with n_vocab, so are top_k
+    above it and logit_bias ids outside the vocabulary."""
     kw = {}
-    t = _number(body, "temperature", lo=0, hi=MAX_TEMPERATURE)
-    if t is not None:
-        kw["temperature"] = t
-    p = _number(body, "top_p", lo=0, hi=1, lo_open=True)
-    if p is not None:
-        kw["top_p"] = p
-    k = _integer(body, "top_k", lo=-1, hi=n_vocab, hi_what=" (the vocabulary size)")
+    for key in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        v = getattr(req, key, None)
+        if v is not None:
+            kw[key] = float(v)
+    k = getattr(req, "top_k", None)
     if k is not None:
+        if n_vocab is not None and k > n_vocab:
+            raise APIError(f"'top_k' must be <= {n_vocab} (the vocabulary size), got {k}", "top_k")
         kw["top_k"] = max(k, 0)  # -1 = disabled (vLLM convention)
-    m = _number(body, "min_p", lo=0, hi=1, hi_open=True)
-    if m is not None:
-        kw["min_p"] = m
-    r = _number(body, "repetition_penalty", lo=0, lo_open=True, hi=MAX_REPETITION_PENALTY)
-    if r is not None:
-        kw["repetition_penalty"] = r
-    for key in ("presence_penalty", "frequency_penalty"):
-        _number(body, key, lo=-2, hi=2)
-    seed = _integer(body, "seed", lo=-(1 << 63), hi=(1 << 63) - 1)
+    seed = getattr(req, "seed", None)
     if seed is not None:
         kw["seed"] = seed % (1 << 64)
     for key in ("max_completion_tokens", "max_tokens"):
-        n = _integer(body, key, lo=0, hi=context_length, hi_what=" (the model's context length)")
+        n = getattr(req, key, None)
         if n is not None:
+            if context_length is not None and n > context_length:
+                raise APIError(f"'{key}' must be <= {context_length} (the model's context length), "
+                               f"got {n}", key)
             kw["max_tokens"] = n
             break
-    n = _integer(body, "n", lo=1)
+    n = getattr(req, "n", None)
     if n is not None and n != 1:
         raise APIError("'n' > 1 is not supported (one choice per request)", "n")
-    stop = parse_stop(body.get("stop"), "stop")
+    stop = getattr(req, "stop", None)
     if stop:
-        kw["stop"] = stop
-    bias = parse_logit_bias(body.get("logit_bias"), n_vocab)
+        kw["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    bias = getattr(req, "logit_bias", None)
     if bias:
-        kw["logit_bias"] = bias
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        key = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
-        raise APIError(f"'{key}' is not supported by this server", key)
+        bad = [i for i in bias if n_vocab is not None and i >= n_vocab]
+        if bad:
+            raise APIError(f"'logit_bias' key '{bad[0]}' is outside the vocabulary [0, {n_vocab})",
+                           "logit_bias")
+        kw["logit_bias"] = dict(bias)
     return kw
 
 
-def parse_template_kwargs(body: dict) -> dict:
-    """The client's chat_template_kwargs, restricted to CLIENT_TEMPLATE_KWARGS."""
-    ctk = body.get("chat_template_kwargs")
-    if ctk is None:
-        return {}
-    if not isinstance(ctk, dict):
-        raise APIError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
-    out = {}
-    for key, v in ctk.items():
-        typ = CLIENT_TEMPLATE_KWARGS.get(key)
-        name = f"chat_template_kwargs.{key if len(key) <= 64 else key[:64] + '...'}"
-        if typ is None:
-            raise APIError(f"'{name}' cannot be set by a client (allowed keys: "
-                           f"{', '.join(CLIENT_TEMPLATE_KWARGS)})", name)
-        if v is None:
-            continue
-        if typ is bool and not isinstance(v, bool):
-            raise APIError(f"'{name}' must be a boolean, got {_short(v)}", name)
-        out[key] = v
-    return out
-
-
-def _text_of(content, where):
-    """Message content -> str (text parts joined) or None."""
+def _text_of(content) -> str | None:
+    """Message content (a string, content parts or None) -> str or None."""
     if content is None or isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if isinstance(part, str):
-                parts.append(part)
-                continue
-            if not isinstance(part, dict):
-                raise APIError(f"{where}[{j}] must be an object", f"{where}[{j}]")
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(f"{where}[{j}]: only text content parts are supported "
-                               f"(got type {_short(part.get('type'))})", f"{where}[{j}].type")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise APIError(f"{where} must be a string, a list of content parts or null", where)
+    return "".join(p if isinstance(p, str) else p.text for p in content)
 
 
 def _check_len(text, where, max_chars):
     if max_chars is not None and text is not None and len(text) > max_chars:
-        raise APIError(f"{where} has {len(text)} characters, more than the model's context can hold "
-                       f"(at most {max_chars})", where, code="context_length_exceeded")
+        raise APIError(f"'{where}' has {len(text)} characters, more than the model's context can "
+                       f"hold (at most {max_chars})", where, code="context_length_exceeded")
 
 
-def message_list(body: dict) -> list:
-    """body['messages']: present, a non-empty list within MAX_MESSAGES (OpenAI and Anthropic)."""
-    msgs = body.get("messages")
-    if msgs is None:
-        raise APIError("'messages' is required", "messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError("'messages' must be a non-empty list", "messages")
-    if len(msgs) > MAX_MESSAGES:
-        raise APIError(f"'messages' has {len(msgs)} entries; at most {MAX_MESSAGES} are allowed",
-                       "messages")
-    return msgs
-
-
-def parse_messages(body: dict, max_chars: int | None = None) -> list[dict]:
-    """Validated messages. max_chars: the most characters one message may have."""
-    msgs = message_list(body)
+def template_messages(messages, max_chars: int | None = None) -> list[dict]:
+    """Validated OpenAI messages (api_models.ChatMessage) -> the chat template's message dicts.
+    max_chars: the most characters one message may have."""
     out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(f"{where} must be an object", where)
-        role = m.get("role")
-        if role not in _ROLES:
-            raise APIError(f"{where}.role: unknown role {_short(role)} (expected one of "
-                           f"{', '.join(_ROLES)})", f"{where}.role")
-        content = _text_of(m.get("content"), f"{where}.content")
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        role = m.role
+        content = _text_of(m.content)
         _check_len(content, f"{where}.content", max_chars)
+        if role != "assistant" and content is None:
+            raise APIError(f"'{where}.content' is required for role {role!r}", f"{where}.content")
         msg = {"role": "system" if role == "developer" else role, "content": content}
-        if role in ("system", "developer", "user", "tool") and content is None:
-            raise APIError(f"{where}.content is required for role {role!r}", f"{where}.content")
         if role == "assistant":
-            rc = m.get("reasoning_content", m.get("reasoning"))
+            rc = m.reasoning_content if m.reasoning_content is not None else m.reasoning
             if rc is not None:
-                if not isinstance(rc, str):
-                    raise APIError(f"{where}.reasoning_content must be a string", f"{where}.reasoning_content")
                 _check_len(rc, f"{where}.reasoning_content", max_chars)
                 msg["reasoning_content"] = rc
-            tcs = m.get("tool_calls")
-            if tcs is not None:
-                if not isinstance(tcs, list):
-                    raise APIError(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
-                calls = []
-                for j, tc in enumerate(tcs):
-                    w = f"{where}.tool_calls[{j}]"
-                    fn = tc.get("function") if isinstance(tc, dict) else None
-                    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                        raise APIError(f"{w}.function.name is required", f"{w}.function.name")
-                    args = fn.get("arguments", "{}")
-                    if isinstance(args, str):
-                        _check_len(args, f"{w}.function.arguments", max_chars)
-                        try:
-                            args_obj = json.loads(args) if args.strip() else {}
-                        except ValueError:
-                            raise APIError(f"{w}.function.arguments is not valid JSON",
-                                           f"{w}.function.arguments") from None
-                    else:
-                        args_obj = args
-                    if not isinstance(args_obj, dict):
-                        raise APIError(f"{w}.function.arguments must be a JSON object",
-                                       f"{w}.function.arguments")
-                    calls.append({"id": tc.get("id"), "type": "function",
-                                  "function": {"name": fn["name"], "arguments": args_obj}})
-                if calls:
-                    msg["tool_calls"] = calls
+            calls = []
+            for j, tc in enumerate(m.tool_calls or ()):
+                w = f"{where}.tool_calls.{j}.function.arguments"
+                args = tc.function.arguments
+                if isinstance(args, str):
+                    _check_len(args, w, max_chars)
+                    try:
+                        args = json.loads(args) if args.strip() else {}
+                    except ValueError:
+                        raise APIError(f"'{w}' is not valid JSON", w) from None
+                if not isinstance(args, dict):
+                    raise APIError(f"'{w}' must be a JSON object", w)
+                calls.append({"id": tc.id, "type": "function",
+                              "function": {"name": tc.function.name, "arguments": args}})
+            if calls:
+                msg["tool_calls"] = calls
             if content is None:  # templates read message.content (None would be dropped)
                 msg["content"] = ""
-        if role == "tool" and m.get("tool_call_id") is not None:
-            msg["tool_call_id"] = m["tool_call_id"]
-        if isinstance(m.get("name"), str):
-            msg["name"] = m["name"]
+        if role == "tool" and m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if isinstance(m.name, str):
+            msg["name"] = m.name
         out.append(msg)
     return out
 
 
-def check_tool_list(tools):
-    """'tools' is a list within MAX_TOOLS (OpenAI and Anthropic requests alike)."""
-    if not isinstance(tools, list):
-        raise APIError("'tools' must be a list", "tools")
-    if len(tools) > MAX_TOOLS:
-        raise APIError(f"'tools' has {len(tools)} entries; at most {MAX_TOOLS} are allowed", "tools")
-
-
-def parse_tools(body: dict):
-    """(tools or None, tool_choice) validated."""
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if tools is None or tools == []:
+def tool_spec(req):
+    """(tools as template dicts or None, tool_choice "none" | "auto" | "required") of a chat
+    request; a named function narrows the tools to it and is "required"."""
+    choice = req.tool_choice
+    if not req.tools:
         if choice not in (None, "none", "auto"):
             raise APIError("'tool_choice' needs 'tools'", "tool_choice")
         return None, "none"
-    check_tool_list(tools)
-    names = []
-    for i, t in enumerate(tools):
-        w = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise APIError(f"{w} must be an object", w)
-        if t.get("type", "function") != "function":
-            raise APIError(f"{w}.type must be 'function'", f"{w}.type")
-        fn = t.get("function")
-        if not isinstance(fn, dict):
-            raise APIError(f"{w}.function is required", f"{w}.function")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise APIError(f"{w}.function.name must be a non-empty string", f"{w}.function.name")
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise APIError(f"{w}.function.parameters must be a JSON schema object",
-                           f"{w}.function.parameters")
-        names.append(fn["name"])
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
     if choice is None:
         choice = "auto"
-    if isinstance(choice, dict):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if choice.get("type") != "function" or not isinstance(name, str):
-            raise APIError("'tool_choice' object must be {\"type\": \"function\", \"function\": "
-                           "{\"name\": ...}}", "tool_choice")
-        if name not in names:
-            raise APIError(f"'tool_choice' names function {_short(name)}, which is not in 'tools'",
-                           "tool_choice")
+    if not isinstance(choice, str):
+        name = choice.function.name
         tools = [t for t in tools if t["function"]["name"] == name]
+        if not tools:
+            raise APIError(f"'tool_choice.function.name' names function {_short(name)}, which is "
+                           f"not in 'tools'", "tool_choice.function.name")
         return tools, "required"
-    if choice not in ("none", "auto", "required"):
-        raise APIError("'tool_choice' must be 'none', 'auto', 'required' or a function object",
-                       "tool_choice")
     return (tools if choice != "none" else None), choice
 
 
-def parse_response_format(body: dict):
-    """None, or ("json", schema-or-None)."""
-    rf = body.get("response_format")
-    if rf is None:
+def response_format(rf):
+    """None, or ("json", schema-or-None) of a validated response_format."""
+    if rf is None or rf.type == "text":
         return None
-    if not isinstance(rf, dict):
-        raise APIError("'response_format' must be an object", "response_format")
-    typ = rf.get("type")
-    if typ == "text":
-        return None
-    if typ == "json_object":
+    if rf.type == "json_object":
         return ("json", None)
-    if typ == "json_schema":
-        js = rf.get("json_schema")
-        if not isinstance(js, dict):
-            raise APIError("'response_format.json_schema' must be an object with a 'schema'",
-                           "response_format.json_schema")
-        schema = js.get("schema", js.get("json_schema"))
-        if schema is None:
-            schema = {}
-        if not isinstance(schema, (dict, bool)):
-            raise APIError("'response_format.json_schema.schema' must be a JSON schema object",
-                           "response_format.json_schema.schema")
-        return ("json", schema)
-    raise APIError(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {typ!r}",
-                   "response_format.type")
+    schema = rf.json_schema.schema_
+    return ("json", {} if schema is None else schema)
+
+
+def template_kwargs(req) -> dict:
+    """The client's chat_template_kwargs (only api_models.CLIENT_TEMPLATE_KWARGS can be set)."""
+    ctk = req.chat_template_kwargs
+    if ctk is None:
+        return {}
+    return {k: v for k, v in ctk.model_dump().items() if v is not None}
 
 
 _PARAM_WORDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
@@ -551,10 +376,11 @@ class Server:
                         f"context can hold (at most {self.max_prompt_chars} for this tokenizer); "
                         f"it was not tokenized", param, code="context_length_exceeded")
 
-    def check_model(self, body: dict) -> None:
+    def check_model(self, name) -> None:
         """A request's `model`, when given (non-empty), must be the served one (the id that
         /v1/models lists): else a 404 model_not_found."""
-        name = body.get("model")
+        if isinstance(name, dict):  # a request body
+            name = name.get("model")
         if name is None or name == "":
             return
         if not isinstance(name, str):
@@ -563,18 +389,29 @@ class Server:
             raise APIError(f"model {_short(name)} not found; this server serves "
                            f"{self.model_name!r}", "model", 404, code="model_not_found")
 
-    def prepare_chat(self, body: dict) -> dict:
-        if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object", None)
-        self.check_model(body)
+    def prepare_chat(self, body) -> dict:
+        """A prepared chat generation of a /v1/chat/completions request (an api_models.
+        ChatCompletionRequest, or its JSON dict)."""
+        req = validate_request(_models.ChatCompletionRequest, body)
+        self.check_model(req.model)
         m = self.model
-        msgs = parse_messages(body, self.max_prompt_chars)
-        kw = parse_sampling(body, m.context_length, m.n_vocab)
-        tools, choice = parse_tools(body)
-        parallel = _bool(body, "parallel_tool_calls", True)
-        fmt = parse_response_format(body)
-        ctk = parse_template_kwargs(body)
-        return self.prepare_chat_messages(msgs, kw, tools, choice, parallel, fmt, ctk)
+        msgs = template_messages(req.messages, self.max_prompt_chars)
+        kw = sampling_kw(req, m.context_length, m.n_vocab)
+        n_top = None
+        if req.logprobs:
+            n_top = req.top_logprobs or 0
+        elif req.top_logprobs:
+            raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if n_top is not None:
+            kw["top_logprobs"] = n_top
+        tools, choice = tool_spec(req)
+        parallel = req.parallel_tool_calls is not False
+        fmt = response_format(req.response_format)
+        ctk = template_kwargs(req)
+        del req
+        st = self.prepare_chat_messages(msgs, kw, tools, choice, parallel, fmt, ctk)
+        st["logprobs"] = n_top
+        return st
 
     def chat_prompt(self, msgs, tools, fmt, ctk, prefill=""):
         """(prompt text, token ids) of validated OpenAI-style messages rendered by the chat
@@ -600,9 +437,9 @@ class Server:
 
     def prepare_chat_messages(self, msgs, kw, tools, choice, parallel, fmt, ctk, prefill="") -> dict:
         """A prepared chat generation from validated parts (prepare_chat's, or the Anthropic
-        Messages API's converted to them): msgs from parse_messages, kw from parse_sampling,
-        (tools, choice) from parse_tools, fmt from parse_response_format, ctk from
-        parse_template_kwargs; prefill as in chat_prompt."""
+        Messages API's converted to them): msgs from template_messages, kw from sampling_kw,
+        (tools, choice) from tool_spec, fmt from response_format, ctk from template_kwargs;
+        prefill as in chat_prompt."""
         tok = self.model.tokenizer
         text, ids = self.chat_prompt(msgs, tools, fmt, ctk, prefill)
         del msgs
@@ -610,58 +447,50 @@ class Server:
         parser_args = dict(in_reasoning=in_reasoning, tools=tools,
                            parse_tools=bool(tools) and fmt is None)
         if tools and choice == "required" and fmt is None and "<function=" in (tok.chat_template or ""):
-            # a call is required (or a named function, to which parse_tools narrowed `tools`):
+            # a call is required (or a named function, to which tool_spec narrowed `tools`):
             # the grammar makes it one, with schema-valid arguments
             fmt = ("tool_call", tools, in_reasoning, parallel)
         return self._start(ids, kw, fmt, parser_args)
 
-    def prepare_completion(self, body: dict) -> dict:
-        if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object", None)
-        self.check_model(body)
+    def prepare_completion(self, body) -> dict:
+        """A prepared generation of a /v1/completions request (an api_models.CompletionRequest,
+        or its JSON dict)."""
+        req = validate_request(_models.CompletionRequest, body)
+        self.check_model(req.model)
         m = self.model
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise APIError("'prompt' is required", "prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
+        prompt = req.prompt  # a non-empty string or list of ints (api_models._prompt)
         tok = m.tokenizer
         if isinstance(prompt, str):
             if tok is None:
                 raise APIError("this model has no tokenizer.json; pass 'prompt' as token ids", "prompt")
-            if prompt == "":
-                raise APIError("'prompt' must not be empty", "prompt")
             if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
                 raise self._too_long(len(prompt), "prompt")
             ids = None
-        elif isinstance(prompt, list) and prompt:
+        else:
             if len(prompt) >= m.context_length:
                 raise APIError(f"the prompt has {len(prompt)} tokens; the model's context length is "
                                f"{m.context_length}", "prompt", code="context_length_exceeded")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                raise APIError("'prompt' must be a non-empty string or a list of token ids "
-                               "(one prompt per request)", "prompt")
             ids = list(prompt)
             bad = [t for t in ids if t < 0 or t >= m.n_vocab]
             if bad:
                 raise APIError(f"'prompt' token id {_short(bad[0])} is outside the vocabulary "
                                f"[0, {m.n_vocab})", "prompt")
-        else:
-            raise APIError("'prompt' must be a non-empty string or a list of token ids "
-                           "(one prompt per request)", "prompt")
-        if body.get("suffix") is not None:
+        if req.suffix is not None:
             raise APIError("'suffix' is not supported", "suffix")
-        best_of = _integer(body, "best_of", lo=1)
-        if best_of not in (None, 1):
+        if req.best_of not in (None, 1):
             raise APIError("'best_of' > 1 is not supported", "best_of")
-        kw = parse_sampling(body, m.context_length, m.n_vocab)
-        fmt = parse_response_format(body)
-        echo = _bool(body, "echo")
+        kw = sampling_kw(req, m.context_length, m.n_vocab)
+        if req.logprobs is not None:
+            kw["top_logprobs"] = req.logprobs
+        fmt = response_format(req.response_format)
+        echo, n_top = bool(req.echo), req.logprobs
+        del req
         if ids is None:
             ids = tok.encode(prompt, add_special_tokens=True)
         st = self._start(ids, kw, fmt, None)
         st["echo"] = (prompt if isinstance(prompt, str) else (tok.decode(ids) if tok else "")) \
             if echo else ""
+        st["logprobs"] = n_top
         return st
 
     def _start(self, ids, kw, fmt, parser_args) -> dict:
@@ -1189,10 +1018,14 @@ class RequestGuard:
     rebinding), an Origin header against the allowed CORS origins (403), POST bodies must be
     application/json (415), so a browser cannot send a cross-origin "simple" request, and with an
     API key every /v1/ request (CORS preflights aside) must carry it as `Authorization: Bearer KEY`
-    (OpenAI clients) or `x-api-key: KEY` (Anthropic clients), else 401."""
+    (OpenAI clients) or `x-api-key: KEY` (Anthropic clients), else 401. With max_body, a POST
+    body is read here, before the route parses it, and refused with 413 as soon as it passes
+    max_body bytes (the declared Content-Length, or the bytes received so far when chunked); its
+    size is left in scope[BODY_SIZE_KEY]."""
 
-    def __init__(self, app, allowed_hosts=None, cors_origins=None, api_key=None):
+    def __init__(self, app, allowed_hosts=None, cors_origins=None, api_key=None, max_body=None):
         self.app = app
+        self.max_body = max_body
         self.api_key = api_key.encode() if api_key else None
         hosts = _split_list(allowed_hosts)
         self.hosts = None if hosts is None or "*" in hosts else \
@@ -1261,9 +1094,52 @@ class RequestGuard:
         except ValueError:
             return False
 
+    def too_big(self, n=None):
+        got = f" ({n} bytes)" if n is not None else ""
+        return APIError(f"the request body{got} is larger than this server's limit of {self.max_body} "
+                        f"bytes (flashmoe serve --max-body)", None, 413, code="request_too_large")
+
+    async def read_body(self, scope, receive):
+        """(error or None, the receive callable the app gets: the buffered body, then the
+        client's own messages, e.g. a disconnect)."""
+        cl = None
+        for k, v in scope.get("headers") or ():
+            if k.lower() == b"content-length":
+                cl = v.decode("latin-1")
+                break
+        if cl is not None:
+            if not cl.strip().isdigit():
+                return APIError(f"invalid Content-Length header {_short(cl)}", "Content-Length"), receive
+            if int(cl) > self.max_body:
+                return self.too_big(int(cl)), receive
+        parts, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                async def gone():
+                    return {"type": "http.disconnect"}
+                return None, gone
+            size += len(msg.get("body", b""))
+            if size > self.max_body:
+                return self.too_big(), receive
+            parts.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        scope[BODY_SIZE_KEY] = size
+        body = [b"".join(parts)]
+        del parts
+
+        async def replay():
+            if body:
+                return {"type": "http.request", "body": body.pop(), "more_body": False}
+            return await receive()
+        return None, replay
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             e = self.check(scope)
+            if e is None and self.max_body is not None and scope.get("method") == "POST":
+                e, receive = await self.read_body(scope, receive)
             if e is not None:
                 err = _anthropic_error(e.status, e.body()) if _is_anthropic_path(scope.get("path", "")) \
                     else e.body()
@@ -1351,7 +1227,7 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
         raise ArgumentError(f"max_body must be a positive number of bytes, got {max_body!r}")
     app = FastAPI(title="pyflashmoe", docs_url=None, redoc_url=None)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
-                       api_key=api_key)
+                       api_key=api_key, max_body=max_body)
     origins = _split_list(cors_origins)
     if origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -1377,53 +1253,12 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_exc(request, exc):
-        errs = exc.errors()
-        loc = ".".join(str(x) for x in errs[0].get("loc", ())[1:]) if errs else None
-        return err(APIError(f"invalid request: {errs[0].get('msg') if errs else exc}", loc or None),
-                   is_anthropic(request))
+    async def _validation_exc(request, exc):  # a body that does not fit its api_models model
+        return err(invalid_request(exc.errors(), body_loc=True), is_anthropic(request))
 
     @app.exception_handler(Exception)
     async def _any_exc(request, exc):
         return err(exc, is_anthropic(request))
-
-    def too_big(n=None):
-        got = f" ({n} bytes)" if n is not None else ""
-        return APIError(f"the request body{got} is larger than this server's limit of {max_body} "
-                        f"bytes (flashmoe serve --max-body)", None, 413, code="request_too_large")
-
-    async def read_body(request: Request):
-        """The parsed JSON body and its size; 413 as soon as it passes max_body (the declared
-        Content-Length, or the bytes received so far when chunked)."""
-        cl = request.headers.get("content-length")
-        if cl is not None:
-            if not cl.strip().isdigit():
-                raise APIError(f"invalid Content-Length header {_short(cl)}", "Content-Length")
-            if int(cl) > max_body:
-                raise too_big(int(cl))
-        parts, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise too_big()
-            parts.append(chunk)
-        raw = b"".join(parts)
-        del parts
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise APIError(f"the request body is not valid JSON: {_short(str(e), 200)}", None) from None
-        if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object", None)
-        return body, size
-
-    def stream_opts(body):
-        stream = _bool(body, "stream")
-        so = body.get("stream_options")
-        if so is not None and not isinstance(so, dict):
-            raise APIError("'stream_options' must be an object", "stream_options")
-        include_usage = bool(so and so.get("include_usage"))
-        return stream, include_usage
 
     def sse(obj):
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -1486,26 +1321,26 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
             gone.cancel()
             engine.cancel(job)
 
-    async def handle(request: Request, kind: str):
-        body = None
-        size = 0
+    async def handle(request: Request, kind: str, req):
+        """req: the request's api_models model (FastAPI validated it)."""
+        size = request.scope.get(BODY_SIZE_KEY, 0)
         anthropic = kind == "messages"
         try:
-            body, size = await read_body(request)
+            stream = bool(req.stream)
+            include_usage = bool(not anthropic and req.stream_options is not None
+                                 and req.stream_options.include_usage)
             if anthropic:
                 from pyflashmoe import server_anthropic
-                stream, include_usage = _bool(body, "stream"), False
                 prepare = functools.partial(server_anthropic.prepare, server)
             else:
-                stream, include_usage = stream_opts(body)
                 prepare = server.prepare_chat if kind == "chat" else server.prepare_completion
             engine.admission_check()
             arrived = time.monotonic()
-            st = await run_in_threadpool(prepare, body)
+            st = await run_in_threadpool(prepare, req)
         except Exception as e:
             return err(e, anthropic)
         finally:
-            body = None  # drop a big body before the generation
+            req = None  # drop a big body before the generation
             if size >= BIG_BODY:
                 engine.note_big_request()
         job = Job(kind, st, stream, include_usage, asyncio.get_running_loop(), arrived, server.timeout)
@@ -1539,28 +1374,24 @@ def build_app(server: Server, max_body: int = DEFAULT_MAX_BODY, allowed_hosts=No
         return server.model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, "chat")
+    async def chat_completions(request: Request, body: _models.ChatCompletionRequest):
+        return await handle(request, "chat", body)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, "completion")
+    async def completions(request: Request, body: _models.CompletionRequest):
+        return await handle(request, "completion", body)
 
     @app.post("/v1/messages")
-    async def messages(request: Request):  # the Anthropic Messages API (server_anthropic)
-        return await handle(request, "messages")
+    async def messages(request: Request, body: _models.MessagesRequest):  # server_anthropic
+        return await handle(request, "messages", body)
 
     @app.post("/v1/messages/count_tokens")
-    async def count_tokens(request: Request):
+    async def count_tokens(request: Request, body: _models.CountTokensRequest):
         from pyflashmoe import server_anthropic
-        body = None
         try:
-            body, _ = await read_body(request)
             return JSONResponse(await run_in_threadpool(server_anthropic.count_tokens, server, body))
         except Exception as e:
             return err(e, True)
-        finally:
-            body = None
 
     return app
 

@@ -22,7 +22,8 @@ Request -> template messages:
 * A final assistant message is a prefilled answer: its text follows the generation prompt and
   the model continues it (the response holds only the continuation).
 * `max_tokens` (required, >= 1), `stop_sequences`, `temperature`, `top_p`, `top_k`: the OpenAI
-  path's ranges and limits (parse_sampling / parse_stop). `metadata` and other fields are ignored.
+  path's ranges and limits (api_models.MessagesRequest, server.sampling_kw). `metadata` and other
+  fields are ignored.
 
 Response: {"id": "msg_...", "type": "message", "role": "assistant", "content": [thinking, text,
 tool_use blocks], "model", "stop_reason": "end_turn" | "max_tokens" | "stop_sequence" |
@@ -38,16 +39,8 @@ stop_sequence, usage), message_stop; errors as `event: error`. Errors are Anthro
 import json
 import uuid
 
-from pyflashmoe.server import (
-    APIError,
-    _check_len,
-    _integer,
-    _short,
-    check_tool_list,
-    message_list,
-    parse_sampling,
-    parse_stop,
-)
+from pyflashmoe import api_models as _models
+from pyflashmoe.server import APIError, _check_len, _short, sampling_kw, validate_request
 from pyflashmoe.toolcalls import OutputParser
 
 # HTTP status -> Anthropic error type
@@ -68,103 +61,61 @@ def error_body(status: int, openai_body: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ request
-def _block_type(b, where):
-    if not isinstance(b, dict):
-        raise APIError(f"{where} must be an object", where)
-    t = b.get("type")
-    if not isinstance(t, str):
-        raise APIError(f"{where}.type is required", f"{where}.type")
-    return t
-
-
-def _text(b, where, max_chars):
-    v = b.get("text")
-    if not isinstance(v, str):
-        raise APIError(f"{where}.text must be a string", f"{where}.text")
-    _check_len(v, f"{where}.text", max_chars)
-    return v
-
-
-def _texts(content, where, max_chars, what="text blocks"):
+# The body is an api_models.MessagesRequest / CountTokensRequest (types, ranges and block
+# shapes are checked there); what follows converts it, with the checks that need the model.
+def _texts(content, where, max_chars):
     """A string or a list of text blocks -> str."""
     if isinstance(content, str):
-        _check_len(content, where, max_chars)
-        return content
-    if not isinstance(content, list):
-        raise APIError(f"{where} must be a string or a list of {what}", where)
-    parts = []
-    for j, b in enumerate(content):
-        w = f"{where}[{j}]"
-        t = _block_type(b, w)
-        if t != "text":
-            raise APIError(f"{w}.type: only text blocks are supported here, got {_short(t)}",
-                           f"{w}.type")
-        parts.append(_text(b, w, max_chars))
-    text = "".join(parts)
+        text = content
+    else:
+        text = ""
+        for j, b in enumerate(content):
+            _check_len(b.text, f"{where}.{j}.text", max_chars)
+            text += b.text
     _check_len(text, where, max_chars)
     return text
 
 
-def parse_messages(body: dict, max_chars=None) -> list[dict]:
-    """Anthropic system + messages -> the OpenAI-style message list server.parse_messages makes."""
+def parse_messages(req, max_chars=None) -> list[dict]:
+    """Anthropic system + messages (a validated request, or its dict) -> the OpenAI-style
+    message list server.template_messages makes."""
+    req = validate_request(_models.CountTokensRequest, req) if isinstance(req, dict) else req
     out = []
-    system = body.get("system")
-    if system is not None:
-        text = _texts(system, "system", max_chars)
+    if req.system is not None:
+        text = _texts(req.system, "system", max_chars)
         if text:
             out.append({"role": "system", "content": text})
-    msgs = message_list(body)
     names = {}  # tool_use id -> tool name (a tool message's name)
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(f"{where} must be an object", where)
-        role = m.get("role")
-        if role not in ("user", "assistant"):
-            raise APIError(f"{where}.role must be 'user' or 'assistant', got {_short(role)}",
-                           f"{where}.role")
-        content = m.get("content")
-        w = f"{where}.content"
-        if content is None:
-            raise APIError(f"{w} is required", w)
-        if isinstance(content, str):
-            _check_len(content, w, max_chars)
-            out.append({"role": role, "content": content})
-            continue
-        if not isinstance(content, list):
-            raise APIError(f"{w} must be a string or a list of content blocks", w)
-        if role == "user":
-            out.extend(_user_blocks(content, w, max_chars, names))
+    for i, m in enumerate(req.messages):
+        w = f"messages.{i}.content"
+        if isinstance(m.content, str):
+            _check_len(m.content, w, max_chars)
+            out.append({"role": m.role, "content": m.content})
+        elif m.role == "user":
+            out.extend(_user_blocks(m.content, w, max_chars, names))
         else:
-            out.append(_assistant_blocks(content, w, max_chars, names))
+            out.append(_assistant_blocks(m.content, w, max_chars, names))
     return out
 
 
 def _user_blocks(content, w, max_chars, names):
     tools, texts = [], []
     for j, b in enumerate(content):
-        wb = f"{w}[{j}]"
-        t = _block_type(b, wb)
-        if t == "text":
-            texts.append(_text(b, wb, max_chars))
-        elif t == "tool_result":
-            tid = b.get("tool_use_id")
-            if not isinstance(tid, str) or not tid:
-                raise APIError(f"{wb}.tool_use_id must be a non-empty string", f"{wb}.tool_use_id")
-            c = b.get("content", "")
-            text = _texts(c if c is not None else "", f"{wb}.content", max_chars)
-            err = b.get("is_error", False)
-            if err is not None and not isinstance(err, bool):
-                raise APIError(f"{wb}.is_error must be a boolean", f"{wb}.is_error")
-            if err:
+        wb = f"{w}.{j}"
+        if b.type == "text":
+            _check_len(b.text, f"{wb}.text", max_chars)
+            texts.append(b.text)
+        elif b.type == "tool_result":
+            text = _texts(b.content if b.content is not None else "", f"{wb}.content", max_chars)
+            if b.is_error:
                 text = "Error: " + text
-            msg = {"role": "tool", "content": text, "tool_call_id": tid}
-            if tid in names:
-                msg["name"] = names[tid]
+            msg = {"role": "tool", "content": text, "tool_call_id": b.tool_use_id}
+            if b.tool_use_id in names:
+                msg["name"] = names[b.tool_use_id]
             tools.append(msg)
         else:
-            raise APIError(f"{wb}.type: unsupported user content block {_short(t)} (this server "
-                           f"takes text and tool_result)", f"{wb}.type")
+            raise APIError(f"'{wb}.type': unsupported user content block {_short(b.type)} (this "
+                           f"server takes text and tool_result)", f"{wb}.type")
     out = list(tools)
     if texts or not tools:
         text = "".join(texts)
@@ -176,32 +127,23 @@ def _user_blocks(content, w, max_chars, names):
 def _assistant_blocks(content, w, max_chars, names):
     texts, reasoning, calls = [], [], []
     for j, b in enumerate(content):
-        wb = f"{w}[{j}]"
-        t = _block_type(b, wb)
-        if t == "text":
-            texts.append(_text(b, wb, max_chars))
-        elif t == "thinking":
-            v = b.get("thinking")
-            if not isinstance(v, str):
-                raise APIError(f"{wb}.thinking must be a string", f"{wb}.thinking")
-            _check_len(v, f"{wb}.thinking", max_chars)
-            reasoning.append(v)
-        elif t == "redacted_thinking":
+        wb = f"{w}.{j}"
+        if b.type == "text":
+            _check_len(b.text, f"{wb}.text", max_chars)
+            texts.append(b.text)
+        elif b.type == "thinking":
+            _check_len(b.thinking, f"{wb}.thinking", max_chars)
+            reasoning.append(b.thinking)
+        elif b.type == "redacted_thinking":
             continue
-        elif t == "tool_use":
-            tid, name, inp = b.get("id"), b.get("name"), b.get("input", {})
-            if not isinstance(tid, str) or not tid:
-                raise APIError(f"{wb}.id must be a non-empty string", f"{wb}.id")
-            if not isinstance(name, str) or not name:
-                raise APIError(f"{wb}.name must be a non-empty string", f"{wb}.name")
-            if not isinstance(inp, dict):
-                raise APIError(f"{wb}.input must be an object", f"{wb}.input")
-            _check_len(json.dumps(inp), f"{wb}.input", max_chars)
-            names[tid] = name
-            calls.append({"id": tid, "type": "function", "function": {"name": name, "arguments": inp}})
+        elif b.type == "tool_use":
+            _check_len(json.dumps(b.input), f"{wb}.input", max_chars)
+            names[b.id] = b.name
+            calls.append({"id": b.id, "type": "function",
+                          "function": {"name": b.name, "arguments": b.input}})
         else:
-            raise APIError(f"{wb}.type: unsupported assistant content block {_short(t)} (this "
-                           f"server takes text, thinking and tool_use)", f"{wb}.type")
+            raise APIError(f"'{wb}.type': unsupported assistant content block {_short(b.type)} "
+                           f"(this server takes text, thinking and tool_use)", f"{wb}.type")
     msg = {"role": "assistant", "content": "".join(texts)}
     _check_len(msg["content"], w, max_chars)
     if reasoning:
@@ -211,121 +153,63 @@ def _assistant_blocks(content, w, max_chars, names):
     return msg
 
 
-def parse_tools(body: dict):
-    """Anthropic tools + tool_choice -> (OpenAI-style tools or None, choice, parallel) with choice
-    "none" | "auto" | "required" (a named tool narrows the list, as server.parse_tools does)."""
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if choice is not None:
-        if not isinstance(choice, dict):
-            raise APIError("'tool_choice' must be an object {\"type\": \"auto\" | \"any\" | \"tool\" "
-                           "| \"none\"}", "tool_choice")
-        ctype = choice.get("type")
-        if ctype not in ("auto", "any", "tool", "none"):
-            raise APIError(f"'tool_choice.type' must be 'auto', 'any', 'tool' or 'none', got "
-                           f"{_short(ctype)}", "tool_choice.type")
-        dp = choice.get("disable_parallel_tool_use", False)
-        if dp is not None and not isinstance(dp, bool):
-            raise APIError("'tool_choice.disable_parallel_tool_use' must be a boolean",
-                           "tool_choice.disable_parallel_tool_use")
-        parallel = not dp
-    else:
-        ctype, parallel = "auto", True
-    if tools is None or tools == []:
+def parse_tools(req):
+    """Anthropic tools + tool_choice (a validated request, or its dict) -> (OpenAI-style tools or
+    None, choice, parallel) with choice "none" | "auto" | "required" (a named tool narrows the
+    list, as server.tool_spec does)."""
+    req = validate_request(_models.CountTokensRequest, req) if isinstance(req, dict) else req
+    choice = req.tool_choice
+    ctype = choice.type if choice is not None else "auto"
+    parallel = not (choice is not None and choice.disable_parallel_tool_use)
+    if not req.tools:
         if ctype in ("any", "tool"):
             raise APIError(f"'tool_choice' {ctype!r} needs 'tools'", "tool_choice")
         return None, "none", parallel
-    check_tool_list(tools)
     out = []
-    for i, t in enumerate(tools):
-        w = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise APIError(f"{w} must be an object", w)
-        if t.get("type", "custom") not in ("custom", None):
-            raise APIError(f"{w}.type: only client tools (name, description, input_schema) are "
-                           f"supported, got {_short(t.get('type'))}", f"{w}.type")
-        name = t.get("name")
-        if not isinstance(name, str) or not name:
-            raise APIError(f"{w}.name must be a non-empty string", f"{w}.name")
-        schema = t.get("input_schema")
-        if not isinstance(schema, dict):
-            raise APIError(f"{w}.input_schema must be a JSON schema object", f"{w}.input_schema")
-        desc = t.get("description")
-        if desc is not None and not isinstance(desc, str):
-            raise APIError(f"{w}.description must be a string", f"{w}.description")
-        fn = {"name": name, "parameters": schema}
-        if desc:
-            fn["description"] = desc
+    for t in req.tools:
+        fn = {"name": t.name, "parameters": t.input_schema}
+        if t.description:
+            fn["description"] = t.description
         out.append({"type": "function", "function": fn})
     if ctype == "none":
         return None, "none", parallel
     if ctype == "tool":
-        name = choice.get("name")
-        if not isinstance(name, str):
-            raise APIError("'tool_choice.name' is required for type 'tool'", "tool_choice.name")
-        out = [t for t in out if t["function"]["name"] == name]
+        out = [t for t in out if t["function"]["name"] == choice.name]
         if not out:
-            raise APIError(f"'tool_choice.name' {_short(name)} is not in 'tools'", "tool_choice.name")
+            raise APIError(f"'tool_choice.name' {_short(choice.name)} is not in 'tools'",
+                           "tool_choice.name")
         return out, "required", parallel
     return out, ("required" if ctype == "any" else "auto"), parallel
 
 
-def parse_thinking(body: dict):
-    th = body.get("thinking")
-    if th is None:
-        return False
-    if not isinstance(th, dict):
-        raise APIError("'thinking' must be an object {\"type\": \"enabled\", \"budget_tokens\": N} or "
-                       "{\"type\": \"disabled\"}", "thinking")
-    typ = th.get("type")
-    if typ == "disabled":
-        return False
-    if typ in ("enabled", "adaptive"):
-        if typ == "enabled":
-            if th.get("budget_tokens") is None:
-                raise APIError("'thinking.budget_tokens' is required when thinking is enabled",
-                               "thinking.budget_tokens")
-            b = th.get("budget_tokens")
-            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-                raise APIError(f"'thinking.budget_tokens' must be an integer >= 1, got {_short(b)}",
-                               "thinking.budget_tokens")
-        return True
-    raise APIError(f"'thinking.type' must be 'enabled', 'adaptive' or 'disabled', got {_short(typ)}",
-                   "thinking.type")
-
-
-def convert(server, body: dict, generation: bool = True):
-    """Validate a Messages request and convert it: (msgs, kw, tools, choice, parallel, ctk,
+def convert(server, req, generation: bool = True):
+    """Convert a validated Messages request (api_models.MessagesRequest; CountTokensRequest when
+    generation is False; a dict is validated first): (msgs, kw, tools, choice, parallel, ctk,
     prefill), the arguments of Server.prepare_chat_messages. generation=False (count_tokens):
     max_tokens and the sampling fields are not needed."""
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object", None)
-    server.check_model(body)
+    req = validate_request(_models.MessagesRequest if generation else _models.CountTokensRequest, req)
+    server.check_model(req.model)
     m = server.model
     kw = {}
     if generation:
-        if body.get("max_tokens") is None:
-            raise APIError("'max_tokens' is required", "max_tokens")
-        _integer(body, "max_tokens", lo=1, hi=m.context_length,
-                 hi_what=" (the model's context length)")
-        kw = parse_sampling({k: body[k] for k in ("temperature", "top_p", "top_k", "max_tokens")
-                             if k in body}, m.context_length, m.n_vocab)
-        stop = parse_stop(body.get("stop_sequences"), "stop_sequences")
-        if stop:
-            kw["stop"] = stop
-    msgs = parse_messages(body, server.max_prompt_chars)
-    tools, choice, parallel = parse_tools(body)
+        kw = sampling_kw(req, m.context_length, m.n_vocab)
+        if req.stop_sequences:
+            ss = req.stop_sequences
+            kw["stop"] = [ss] if isinstance(ss, str) else list(ss)
+    msgs = parse_messages(req, server.max_prompt_chars)
+    tools, choice, parallel = parse_tools(req)
     ctk = {}
     tok = m.tokenizer
-    thinking = parse_thinking(body)
+    thinking = req.thinking is not None and req.thinking.type != "disabled"
     if tok is not None and "enable_thinking" in (tok.chat_template or ""):
         ctk["enable_thinking"] = thinking
     prefill = ""
     if msgs[-1]["role"] == "assistant":  # a prefilled answer: the model continues it
         last = msgs.pop()
-        w = f"messages[{len(body['messages']) - 1}]"
+        w = f"messages.{len(req.messages) - 1}"
         if last.get("tool_calls") or last.get("reasoning_content"):
-            raise APIError(f"{w}: a final assistant message (a prefilled answer) may only hold text", w)
+            raise APIError(f"'{w}': a final assistant message (a prefilled answer) may only hold "
+                           f"text", w)
         prefill = last["content"]
         if not any(x["role"] == "user" for x in msgs):
             raise APIError("'messages' needs a user message before a final assistant message",
@@ -333,15 +217,16 @@ def convert(server, body: dict, generation: bool = True):
     return msgs, kw, tools, choice, parallel, ctk, prefill
 
 
-def prepare(server, body: dict) -> dict:
-    """A validated, converted Messages request, prepared as a chat generation."""
+def prepare(server, body) -> dict:
+    """A validated, converted Messages request (api_models.MessagesRequest or its dict),
+    prepared as a chat generation."""
     msgs, kw, tools, choice, parallel, ctk, prefill = convert(server, body)
     st = server.prepare_chat_messages(msgs, kw, tools, choice, parallel, None, ctk, prefill)
     st["stops"] = kw.get("stop") or []
     return st
 
 
-def count_tokens(server, body: dict) -> dict:
+def count_tokens(server, body) -> dict:
     """POST /v1/messages/count_tokens: the prompt's token count, nothing generated."""
     msgs, _, tools, _, _, ctk, prefill = convert(server, body, generation=False)
     _, ids = server.chat_prompt(msgs, tools, None, ctk, prefill)

@@ -290,7 +290,7 @@ BAD_CHAT = [
     ({"max_completion_tokens": "many"}, "max_completion_tokens"),
     ({"seed": "abc"}, "seed"),
     ({"n": 2}, "n"),
-    ({"stop": [""]}, "stop"),
+    ({"stop": [""]}, "stop.0"),
     ({"stop": 5}, "stop"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": 1}, "stream_options"),
@@ -298,16 +298,16 @@ BAD_CHAT = [
     ({"messages": None}, "messages"),
     ({"messages": []}, "messages"),
     ({"messages": "hi"}, "messages"),
-    ({"messages": [OK, "x"]}, "messages[1]"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [OK, "x"]}, "messages.1"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages[0].content[0].type"),
+     "messages.0.content.0.type"),
     ({"messages": [OK, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]},
-     "messages[1].tool_calls[0].function.arguments"),
+     "messages.1.tool_calls.0.function.arguments"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": "json"}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
@@ -319,14 +319,16 @@ BAD_CHAT = [
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
      "response_format.json_schema.schema"),
     ({"tools": {"a": 1}}, "tools"),
-    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
-    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
-      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice.function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     # limits (issue 9): values the server used to accept, clamp or crash on
     ({"max_tokens": 1e300}, "max_tokens"),
     ({"max_tokens": 513}, "max_tokens"),  # the tiny model's context is 512
@@ -362,6 +364,33 @@ def test_bad_chat_requests(client, extra, param):
     err = r.json()["error"]
     assert err["param"] == param, err
     assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_validation_messages_say_what_was_wrong(client):
+    """The request bodies are pydantic models (pyflashmoe.api_models) that FastAPI validates; the
+    one error reported names the field as a dotted path and says what was wrong and what came."""
+    cases = [({"temperature": 101}, "temperature", "'temperature' must be <= 100, got 101"),
+             ({"stream": "yes"}, "stream", "'stream' must be a boolean, got 'yes'"),
+             ({"max_tokens": 2.5}, "max_tokens", "'max_tokens' must be an integer, got 2.5"),
+             ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role",
+              "'messages.0.role' must be 'system', 'developer', 'user', 'assistant' or 'tool', got 'bot'"),
+             ({"response_format": {"type": "xml"}}, "response_format.type",
+              "'response_format.type' must be one of 'text', 'json_object', 'json_schema', got 'xml'"),
+             ({"messages": []}, "messages", "'messages' must be a non-empty list"),
+             ({"max_tokens": 10 ** 6}, "max_tokens",
+              "'max_tokens' must be <= 512 (the model's context length), got 1000000")]
+    for extra, param, msg in cases:
+        r = client.post("/v1/chat/completions", json={"messages": [OK], "max_tokens": 2, **extra})
+        assert r.status_code == 400
+        assert r.json() == {"error": {"message": msg, "type": "invalid_request_error",
+                                      "param": param, "code": None}}, r.text
+    # unknown fields are ignored, as before
+    r = client.post("/v1/chat/completions", json={"messages": [OK], "max_tokens": 1, "whatever": 1})
+    assert r.status_code == 200, r.text
+    # FastAPI knows the request models (its OpenAPI schema lists them)
+    names = set(client.get("/openapi.json").json()["components"]["schemas"])
+    assert {"ChatCompletionRequest", "CompletionRequest", "MessagesRequest",
+            "CountTokensRequest"} <= names
 
 
 def test_bad_bodies_and_completions(client, model):
@@ -591,7 +620,7 @@ def test_oversized_prompt_is_not_tokenized(client, model, monkeypatch):
     limit = model.context_length * max(len(t) for t in model.tokenizer._tok.get_vocab(True))
     one = {"role": "user", "content": "y" * (limit + 1)}
     r = client.post("/v1/chat/completions", json={"messages": [one], "max_tokens": 2})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
     assert r.json()["error"]["code"] == "context_length_exceeded"
     half = {"role": "user", "content": "y" * (limit // 2 + 10)}
     r = client.post("/v1/chat/completions", json={"messages": [half, half], "max_tokens": 2})

@@ -191,7 +191,7 @@ def test_tool_result_is_error_and_history_render(live):
         {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "toolu_1", "content": "no network",
              "is_error": True}]}], "tools": TOOLS}
-    msgs = A.parse_messages(body)
+    msgs = A.parse_messages(body)  # a dict is validated (api_models.CountTokensRequest) first
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool"]
     assert msgs[2]["reasoning_content"] == "I should call it."
     assert msgs[2]["tool_calls"][0]["function"] == {"name": "get_weather",
@@ -231,14 +231,14 @@ def test_thinking_enabled_returns_a_thinking_block(client):
     ({"stop_sequences": "x" * 600}, "stop_sequences"),
     ({"stop_sequences": ["a"] * 17}, "stop_sequences"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
-     "messages[0].content[0].type"),
+     "messages.0.content.0.type"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
-     "messages[0].content[0].tool_use_id"),
+     "messages.0.content.0.tool_use_id"),
     ({"system": 5}, "system"),
-    ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
-    ({"tools": [{"input_schema": {}}]}, "tools[0].name"),
+    ({"tools": [{"name": "f"}]}, "tools.0.input_schema"),
+    ({"tools": [{"input_schema": {}}]}, "tools.0.name"),
     ({"tool_choice": {"type": "any"}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
     ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
@@ -294,7 +294,7 @@ def test_prefilled_answer_is_continued(client, live):
     assert (head + cont.content[0].text).startswith(text[:len(head) + 8]), (head, cont.content)
     r = _post(live, {"max_tokens": 4, "messages": HI + [{"role": "assistant", "content": [
         {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]}]})
-    assert r.status_code == 400 and "messages[1]" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "messages.1" in r.json()["error"]["message"]
 
 
 def test_count_tokens(client):
@@ -304,7 +304,7 @@ def test_count_tokens(client):
     assert n == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) > 100
     with pytest.raises(anthropic.BadRequestError) as ei:
         client.messages.count_tokens(model="demo", messages=[{"role": "robot", "content": "x"}])
-    assert "messages[0].role" in ei.value.body["error"]["message"]
+    assert "messages.0.role" in ei.value.body["error"]["message"]
 
 
 def test_engine_error_mid_stream_is_an_anthropic_error_event(live, client, monkeypatch):
