@@ -88,14 +88,14 @@ def top_k_logprobs(logits, k: int, mask=None) -> list[tuple[int, float]]:
     logit, as for GenerationPiece.logprob."""
     x = np.asarray(logits, dtype=np.float32)
     m = float(x.max())
-    lse = m + math.log(float(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
+    ls = math.log(float(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
     cand = mask.apply(x) if mask is not None else x
     k = min(int(k), cand.shape[0])
     if k <= 0:
         return []
     idx = np.argpartition(-cand, k - 1)[:k] if k < cand.shape[0] else np.arange(cand.shape[0])
     idx = idx[np.lexsort((idx, -cand[idx]))]
-    return [(int(i), float(x[i]) - lse) for i in idx if np.isfinite(cand[i])]
+    return [(int(i), float(x[i]) - m - ls) for i in idx if np.isfinite(cand[i])]  # as logprob()
 
 
 _SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*")

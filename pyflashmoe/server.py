@@ -56,6 +56,12 @@ which the page asks for when the server needs one).
   Bearer KEY` or `x-api-key: KEY` (401 otherwise; compared in constant time); /health stays open.
 * Memory: big bodies are dropped as soon as they are parsed, and when the engine goes idle after
   work the heap is trimmed (glibc malloc_trim), so RSS comes back after large requests.
+* logprobs (chat: `logprobs: true` + `top_logprobs` 0..20; completions: `logprobs` 0..5):
+  OpenAI's shapes (chat: choices[i].logprobs.content = [{token, logprob, bytes, top_logprobs}];
+  completions: {tokens, token_logprobs, top_logprobs, text_offset}), streamed on the chunks that
+  follow the tokens. The values are the model's raw distribution (log-softmax of the logits
+  before sampling settings, logit_bias or a grammar); the ending EOS token is not listed; with
+  echo, the prompt's tokens are not listed (text_offset counts from the end of the echo).
 * stream=true sends Server-Sent Events: `data: {chunk}` lines and a final `data: [DONE]`;
   stream_options.include_usage adds a usage chunk.
 * Tool calls (tools, tool_choice "auto" | "none" | "required" | {"type": "function", ...}): the
@@ -549,10 +555,17 @@ class Server:
                 "total_tokens": st["n_prompt"] + n,
                 "prompt_tokens_details": {"cached_tokens": int(s.get("cached_tokens", 0))}}
 
+    def logprobs_of(self, st, offset=0) -> "LogprobsBuilder":
+        """The logprobs builder of one choice of a prepared request (st["logprobs"]: None = not
+        asked for, else the number of top_logprobs)."""
+        return LogprobsBuilder(self.model, st.get("logprobs"), offset)
+
     def run_chat(self, st) -> dict:
         parser = OutputParser(**st["parser_args"])
+        lpb = self.logprobs_of(st)
         finish = None
         for piece in st["gen"]:
+            lpb.add(piece)
             if piece.text:
                 parser.feed(piece.text)
             finish = piece.finish_reason or finish
@@ -566,31 +579,37 @@ class Server:
             finish = "tool_calls"
         return {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion",
                 "created": int(time.time()), "model": self.model_name,
-                "choices": [{"index": 0, "message": msg, "logprobs": None,
-                             "finish_reason": finish or "stop"}],
+                "choices": [chat_choice(0, msg, finish or "stop", lpb.chat(lpb.take()))],
                 "usage": self._usage(st)}
 
     def run_completion(self, st) -> dict:
         finish = None
         parts = [st["echo"]]
+        lpb = self.logprobs_of(st, len(st["echo"]))
         for piece in st["gen"]:
+            lpb.add(piece)
             parts.append(piece.text)
             finish = piece.finish_reason or finish
         return {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
                 "created": int(time.time()), "model": self.model_name,
-                "choices": [{"index": 0, "text": "".join(parts), "logprobs": None,
-                             "finish_reason": finish or "stop"}],
+                "choices": [completion_choice(0, "".join(parts), finish or "stop",
+                                              lpb.completion(lpb.take()))],
                 "usage": self._usage(st)}
 
-    def stream_chat(self, st, include_usage=False):
-        """Yields chunk dicts (the caller frames them as SSE)."""
+    def stream_chat(self, st, include_usage=False, index=0):
+        """Yields chunk dicts (the caller frames them as SSE) of choice `index`. With logprobs,
+        the tokens' entries ride on the next chunk sent after them (the last ones on the
+        finish_reason chunk)."""
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
+        lpb = self.logprobs_of(st)
 
         def chunk(delta, finish=None):
             return {"id": cid, "object": "chat.completion.chunk", "created": created,
                     "model": self.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": delta,
+                                 "logprobs": lpb.chat(lpb.take(), stream=True),
+                                 "finish_reason": finish}]}
 
         def deltas(events):
             for kind, text in events:
@@ -600,6 +619,7 @@ class Server:
         yield chunk({"role": "assistant", "content": ""})
         finish = None
         for piece in st["gen"]:
+            lpb.add(piece)
             if piece.text:
                 yield from deltas(parser.feed(piece.text))
             finish = piece.finish_reason or finish
@@ -613,18 +633,20 @@ class Server:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created,
                    "model": self.model_name, "choices": [], "usage": self._usage(st)}
 
-    def stream_completion(self, st, include_usage=False):
+    def stream_completion(self, st, include_usage=False, index=0):
         cid = "cmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
+        lpb = self.logprobs_of(st, len(st["echo"]))
 
         def chunk(text, finish=None):
             return {"id": cid, "object": "text_completion", "created": created,
                     "model": self.model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [completion_choice(index, text, finish, lpb.completion(lpb.take()))]}
 
         if st["echo"]:
             yield chunk(st["echo"])
         for piece in st["gen"]:
+            lpb.add(piece)
             if piece.text or piece.finish_reason:
                 yield chunk(piece.text, piece.finish_reason)
         if include_usage:
@@ -637,6 +659,99 @@ class Server:
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "pyflashmoe", "context_length": self.model.context_length}
+
+
+def chat_choice(index, message, finish, logprobs=None) -> dict:
+    """One choice of a chat.completion (logprobs: LogprobsBuilder.chat's object or None)."""
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_choice(index, text, finish, logprobs=None) -> dict:
+    """One choice of a text_completion, whole or streamed (logprobs: LogprobsBuilder.completion's
+    object or None)."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+class LogprobsBuilder:
+    """Log-probabilities of one choice's generated tokens in OpenAI's shapes. add() each
+    GenerationPiece; take() the entries gathered since the last take(); chat(entries) /
+    completion(entries) give the response objects (None when logprobs were not asked for).
+
+    The values are those of the model's raw distribution (GenerationPiece.logprob and
+    .top_logprobs: log-softmax of the logits before sampling settings, logit_bias or a grammar).
+    The token that ended the generation as EOS is not listed (OpenAI lists no end token).
+    A token's text is its UTF-8 string, or "bytes:\\xNN..." when its bytes are not valid UTF-8
+    alone (part of a character); `bytes` are its raw bytes."""
+
+    def __init__(self, model, n_top, offset: int = 0):
+        self.enabled = n_top is not None
+        self.tok = model.tokenizer
+        self.eos = model.eos_token_ids or ()
+        self.offset = offset  # completions: text_offset of the next token
+        self.pending = []
+        self._cache = {}
+
+    def _token(self, t):
+        got = self._cache.get(t)
+        if got is None:
+            b = None
+            if self.tok is not None:
+                try:
+                    b = self.tok.token_bytes(t)
+                    if b is None:
+                        b = self.tok.decode([t]).encode("utf-8")
+                except FlashMoEError:
+                    b = None
+            if b is None:
+                b = str(t).encode()
+            try:
+                text = b.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+            got = self._cache[t] = (text, list(b))
+        return got
+
+    def add(self, piece):
+        if not self.enabled or piece.token is None:
+            return
+        if piece.finish_reason == "stop" and piece.token in self.eos:
+            return
+        lp = piece.logprob if piece.logprob is not None else 0.0
+        top = [(self._token(t), max(v, _MIN_LOGPROB)) for t, v in (piece.top_logprobs or ())]
+        self.pending.append((self._token(piece.token), max(lp, _MIN_LOGPROB), top))
+
+    def take(self):
+        out, self.pending = self.pending, []
+        return out
+
+    def chat(self, entries, stream=False):
+        """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}],
+        "refusal": None}; None when logprobs are off, or for a streamed chunk that no token came
+        with."""
+        if not self.enabled or (stream and not entries):
+            return None
+        return {"content": [{"token": tk[0], "logprob": lp, "bytes": tk[1],
+                             "top_logprobs": [{"token": t[0], "logprob": v, "bytes": t[1]}
+                                              for t, v in top]}
+                            for tk, lp, top in entries],
+                "refusal": None}
+
+    def completion(self, entries):
+        """{"tokens", "token_logprobs", "top_logprobs" (a {token: logprob} per position),
+        "text_offset"} (legacy completions); None when logprobs are off."""
+        if not self.enabled:
+            return None
+        offs = []
+        for tk, _, _ in entries:
+            offs.append(self.offset)
+            self.offset += len(tk[0])
+        return {"tokens": [tk[0] for tk, _, _ in entries],
+                "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{t[0]: v for t, v in top} for _, _, top in entries],
+                "text_offset": offs}
 
 
 def _guarded(gen, job):

@@ -46,7 +46,7 @@ def test_generate_top_logprobs_demo_model(demo):
         lps = [lp for _, lp in p.top_logprobs]
         assert lps == sorted(lps, reverse=True)
         assert toks[0] == p.token                     # greedy: the chosen token is the top one
-        assert abs(p.logprob - lps[0]) < 1e-5
+        assert p.logprob == lps[0]                      # the same value as .logprob
         assert np.allclose(lps, ref[toks], atol=1e-4)
         assert set(toks) == set(np.argsort(-ref, kind="stable")[:5].tolist())
         ctx.append(p.token)

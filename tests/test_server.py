@@ -1145,3 +1145,69 @@ def test_logit_bias_grammar_mask_wins(demo_client):
         "response_format": {"type": "json_object"}})
     text = r.json()["choices"][0]["text"]
     assert isinstance(json.loads(text), dict) and "&" in text
+
+
+# ----------------------------------------------------------------------------- logprobs
+def _sse_chunks(r):
+    return [json.loads(ev[len("data: "):]) for ev in r.text.split("\n\n")
+            if ev.startswith("data: ") and ev != "data: [DONE]"]
+
+
+def test_chat_logprobs(demo_client):
+    """logprobs + top_logprobs: OpenAI's shape, the raw distribution's values (as Model.generate
+    gives them), sorted top lists; streaming carries the same entries spread over its chunks."""
+    body = {"messages": [OK], "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    d = demo_client.post("/v1/chat/completions", json=body).json()
+    ch = d["choices"][0]
+    content = ch["logprobs"]["content"]
+    assert ch["logprobs"]["refusal"] is None
+    assert len(content) == d["usage"]["completion_tokens"] == 5
+    m = G.Model.load(G.DEMO_MODEL_DIR)
+    ids = m.tokenizer.apply_chat_template([OK], add_generation_prompt=True, tokenize=True)
+    ref = list(m.generate(ids, max_tokens=5, temperature=0, top_logprobs=3))
+    for e, p in zip(content, ref):
+        assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert bytes(e["bytes"]) == m.tokenizer.token_bytes(p.token)
+        assert e["token"] == bytes(e["bytes"]).decode()
+        assert e["logprob"] == pytest.approx(p.logprob, abs=1e-6) and e["logprob"] <= 0
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx([v for _, v in p.top_logprobs])
+        assert [bytes(t["bytes"]) for t in e["top_logprobs"]] == \
+            [m.tokenizer.token_bytes(t) for t, _ in p.top_logprobs]
+        assert e["top_logprobs"][0]["token"] == e["token"]  # greedy picks the most likely
+    text = (ch["message"].get("reasoning_content") or "") + (ch["message"]["content"] or "")
+    assert "".join(e["token"] for e in content).strip() == text.strip()
+    chunks = _sse_chunks(demo_client.post("/v1/chat/completions", json={**body, "stream": True}))
+    streamed = [e for c in chunks for ch in c["choices"] if ch["logprobs"]
+                for e in ch["logprobs"]["content"]]
+    assert streamed == content
+    # logprobs alone: entries with empty top lists; not asked: null
+    d = demo_client.post("/v1/chat/completions", json={**body, "top_logprobs": None}).json()
+    assert [e["top_logprobs"] for e in d["choices"][0]["logprobs"]["content"]] == [[]] * 5
+    d = demo_client.post("/v1/chat/completions", json={"messages": [OK], "max_tokens": 2}).json()
+    assert d["choices"][0]["logprobs"] is None
+    r = demo_client.post("/v1/chat/completions", json={**body, "top_logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_completion_logprobs(demo_client, echo):
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "logprobs": 2,
+            "echo": echo}
+    ch = demo_client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = ch["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    start = len("Once upon a time") if echo else 0
+    assert lp["text_offset"][0] == start
+    for tok, off, top, v in zip(lp["tokens"], lp["text_offset"], lp["top_logprobs"],
+                                lp["token_logprobs"]):
+        assert ch["text"][off:off + len(tok)] == tok
+        assert len(top) == 2 and max(top.values()) == pytest.approx(v)  # greedy
+    chunks = _sse_chunks(demo_client.post("/v1/completions", json={**body, "stream": True}))
+    got = {k: [x for c in chunks if c["choices"][0]["logprobs"]
+               for x in c["choices"][0]["logprobs"][k]] for k in lp}
+    assert got == lp
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ch["text"]
+    for bad in (6, -1, True, "2"):
+        r = demo_client.post("/v1/completions", json={**body, "logprobs": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", bad
