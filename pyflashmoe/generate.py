@@ -21,6 +21,7 @@ Defaults (documented choices):
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -177,8 +178,11 @@ class Model:
     """A converted model directory opened for inference."""
 
     def __init__(self, engine, session_factory, tokenizer=None, spec=None, context_length=None,
-                 path=None, generation_config=None):
-        """Low-level constructor (tests inject a fake engine here); use Model.load()."""
+                 path=None, generation_config=None, parallel: int = 1):
+        """Low-level constructor (tests inject a fake engine here); use Model.load().
+
+        parallel: how many sessions the Model's StatePool may hold (sequences generated at
+        once: generate_batch, the server); sessions past the first are made when first needed."""
         self.engine = engine
         self.path = path
         self.tokenizer = tokenizer
@@ -192,19 +196,31 @@ class Model:
                 or context_length <= 0:
             raise ArgumentError(f"context_length must be a positive integer, got {context_length!r}")
         self.context_length = int(context_length)
+        if isinstance(parallel, bool) or not isinstance(parallel, (int, np.integer)) or parallel < 1:
+            raise ArgumentError(f"parallel must be a positive integer (sessions), got {parallel!r}")
         self._session_factory = session_factory
-        self.session = session_factory(engine, self.context_length)
-        self._held: list[int] = []  # tokens the session's state holds (valid only when in sync)
+        # the first session is made now (an error shows at load, as before); the pool takes it
+        # as its first session and makes the others when they are first needed
+        first = [session_factory(engine, self.context_length)]
+
+        def factory(e, n):
+            return first.pop() if first else session_factory(e, n)
+
+        from pyflashmoe.prefix import StatePool
+        self.pool = StatePool(engine, factory, self.context_length, max_sessions=int(parallel))
+        self._last_session = first[0]  # what `session` returns: the last one a generation used
+        self._held: list[int] = []  # tokens the last generation left in _last_session's state
+        self._open: list = []  # open Generations, oldest first (see _make_room)
         self.eos_token_ids = self._eos_ids()
         self.stats: dict = {}
-        self._gen_id = 0
+        self.batch_stats: list = []
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path=None, backend: str = "cpu", threads: int | None = None,
              io_threads: int | None = None, direct_io: bool = False, ram_budget=None,
              experts_per_token: int | None = None, context_length: int | None = None,
-             vram_budget=None, debug: dict | None = None) -> "Model":
+             vram_budget=None, debug: dict | None = None, parallel: int = 1) -> "Model":
         """Open a model dir written by `flashmoe convert` (None: the embedded demo model).
 
         backend: "cpu", "cuda" (BackendError unless the extension has CUDA) or "auto" (CUDA when
@@ -214,7 +230,9 @@ class Model:
         vram_budget (CUDA): bytes of VRAM for the expert cache (int or "16GiB"); None: the
         backend's default (60% of free VRAM). debug: the CUDA backend's comparison switches
         (pyflashmoe.switches; csrc/fm.h fm_debug_params) over those set by FM_CUDA_* variables,
-        which are read here, once."""
+        which are read here, once. parallel: sessions the Model may hold at once (sequences
+        decoded together by generate_batch or the server; each costs a context's KV rows and
+        recurrent state, made when first needed); 1 keeps one session."""
         from pyflashmoe import format as _fmt
         path = resolve_model_dir(path)
         manifest_path = os.path.join(path, "pyflashmoe.json")
@@ -268,7 +286,8 @@ class Model:
         if not isinstance(gen_cfg, dict):
             gen_cfg = {}
         m = cls(engine, lambda e, n: core.Session(e, n), tokenizer=tokenizer, spec=spec,
-                context_length=context_length, path=path, generation_config=gen_cfg)
+                context_length=context_length, path=path, generation_config=gen_cfg,
+                parallel=parallel)
         m.manifest = manifest
         m.backend = backend
         return m
@@ -297,8 +316,11 @@ class Model:
         return d
 
     def close(self) -> None:
-        """Free the session and the engine (file handles, mappings, caches)."""
-        self.session = None
+        """Free the sessions and the engine (file handles, mappings, caches)."""
+        for g in list(self._open):
+            g.close(ok=False)
+        self._last_session = None
+        self.pool = None
         self.engine = None
         self._held = []
 
@@ -312,17 +334,88 @@ class Model:
         return (f"Model(path={self.path!r}, arch={self.spec.get('arch')!r}, vocab={self.n_vocab}, "
                 f"context_length={self.context_length})")
 
-    # ------------------------------------------------------------------ low level
-    def _reset(self):
-        self._held = []
-        if self.engine is None:
-            raise FlashMoEError("this Model is closed")
-        try:
-            self.session.reset()
-        except Exception:
-            # a session that cannot reset is replaced
-            self.session = self._session_factory(self.engine, self.context_length)
+    # ------------------------------------------------------------------ sessions
+    @property
+    def session(self):
+        """The session the last generation (or logits call) used; the first one before any.
+        For inspection (pos, stats, trace); generation takes its sessions from self.pool."""
+        return self._last_session
 
+    @session.setter
+    def session(self, value):
+        self._last_session = value
+
+    @property
+    def parallel(self) -> int:
+        """How many sessions the pool may hold (sequences generated at once)."""
+        return self.pool.max_sessions if self.pool is not None else 0
+
+    def ensure_parallel(self, n: int) -> None:
+        """Let the pool hold at least n sessions (never fewer than now)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ArgumentError(f"parallel must be a positive integer (sessions), got {n!r}")
+        self._check_open()
+        if int(n) > self.pool.max_sessions:
+            self.pool.max_sessions = int(n)
+
+    def _check_open(self):
+        if self.engine is None or self.pool is None:
+            raise FlashMoEError("this Model is closed")
+
+    def _make_room(self):
+        """Before taking a session: when every session of the pool is held by an open
+        generation, the oldest one is superseded (its state is kept; its next step raises), so
+        a new generate()/logits() call always runs, as with one session before the pool."""
+        self._check_open()
+        st = self.pool.stats()
+        if st["busy"] < st["max_sessions"]:
+            return
+        self._open = [g for g in self._open if not g.closed]
+        if self._open:
+            self._open[0]._supersede()
+
+    def _reset(self):
+        """Drop every held state: open generations end (superseded), idle sessions are reset."""
+        self._held = []
+        self._check_open()
+        for g in list(self._open):
+            g._supersede(keep=False)
+        for sess in self.pool.sessions():
+            try:
+                self.pool.finish(sess, None)  # every session is idle now: resets its state
+            except FlashMoEError:
+                pass
+
+    def _eval_batch(self, sessions, tokens) -> np.ndarray:
+        """float32 [n, vocab]: one token per session, each session at its own position (all
+        sessions of this Model's engine, distinct). The engine's batched step (every MoE layer
+        reads the union of the batch's experts once) when it has one, else one eval per
+        session with the same contract: ContextFullError before anything is evaluated when a
+        session is full; on any other error every session of the batch is reset to position 0."""
+        toks = np.ascontiguousarray(np.asarray(tokens, dtype=np.int32).reshape(-1))
+        sessions = list(sessions)
+        if len(sessions) != toks.size:
+            raise ArgumentError(f"_eval_batch: {len(sessions)} sessions but {toks.size} tokens")
+        if hasattr(self.engine, "eval_batch"):
+            return np.asarray(self.engine.eval_batch(sessions, toks), dtype=np.float32).reshape(
+                len(sessions), self.n_vocab)
+        for i, s in enumerate(sessions):
+            n_ctx = getattr(s, "n_ctx", self.context_length)
+            if s.pos + 1 > n_ctx:
+                raise ContextFullError(f"session {i} of the batch is full ({s.pos} of {n_ctx} "
+                                       f"positions)")
+        try:
+            return np.stack([np.asarray(s.eval(toks[i:i + 1]), dtype=np.float32).reshape(-1)
+                             for i, s in enumerate(sessions)])
+        except BaseException:
+            for s in sessions:
+                try:
+                    s.reset()
+                except Exception:
+                    pass
+            raise
+
+    # ------------------------------------------------------------------ low level
     def _check_tokens(self, tokens) -> np.ndarray:
         if isinstance(tokens, (str, bytes)):
             raise ArgumentError("tokens must be a sequence of token ids, not a string (use model.tokenizer.encode)")
@@ -341,19 +434,6 @@ class Model:
                 raise ArgumentError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
         return np.ascontiguousarray(arr, dtype=np.int32)
 
-    def _eval(self, tokens: np.ndarray, all_logits=False):
-        if self.session is None:
-            raise FlashMoEError("this Model is closed")
-        try:
-            out = self.session.eval(tokens, all_logits=all_logits)
-        except ContextFullError:
-            raise  # state unchanged by contract
-        except BaseException:
-            self._reset()
-            raise
-        self._held.extend(int(t) for t in tokens)
-        return out
-
     def logits(self, tokens) -> np.ndarray:
         """float32 [n_tokens, vocab] logits of every position, computed from a fresh state."""
         arr = self._check_tokens(tokens)
@@ -361,12 +441,16 @@ class Model:
             raise ArgumentError("tokens must not be empty")
         if arr.size > self.context_length:
             raise ContextFullError(f"{arr.size} tokens do not fit the context length {self.context_length}")
-        self._gen_id += 1
-        self._reset()
+        self._make_room()
+        # a session from the pool (its one-token prefill is discarded: fresh state below)
+        sess, _, _ = self.pool.prefill([int(arr[0])])
+        self._last_session = sess
+        self._held = []
         try:
-            out = self._eval(arr, all_logits=True)
+            sess.reset()
+            out = sess.eval(arr, all_logits=True)
         finally:
-            self._reset()
+            self.pool.finish(sess, None)  # the state is not kept (as before the pool)
         return np.asarray(out, dtype=np.float32).reshape(arr.size, self.n_vocab)
 
     def encode_prompt(self, prompt, chat_template_kwargs=None) -> list[int]:
@@ -408,6 +492,22 @@ class Model:
 
         top_logprobs: 0..20; k > 0 sets each piece's `top_logprobs` to the k most likely
         (token id, logprob) pairs of the raw distribution at that step."""
+        return self._generate(self._prepare(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            chat_template_kwargs=chat_template_kwargs, ignore_eos=ignore_eos, logprobs=logprobs,
+            logits_processor=logits_processor, logit_bias=logit_bias, top_logprobs=top_logprobs))
+
+    _PREPARE_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                     "seed", "stop", "chat_template_kwargs", "ignore_eos", "logprobs",
+                     "logits_processor", "logit_bias", "top_logprobs")
+
+    def _prepare(self, prompt, max_tokens: int = 256, temperature=None, top_k=None, top_p=None,
+                 min_p=None, repetition_penalty=None, seed=None, stop=None,
+                 chat_template_kwargs=None, ignore_eos=False, logprobs=True, logits_processor=None,
+                 logit_bias=None, top_logprobs=0) -> "Generation":
+        """generate()'s arguments, validated, as a Generation that has not started."""
+        self._check_open()
         max_tokens = validate_max_tokens(max_tokens)
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)) \
                 or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
@@ -441,18 +541,8 @@ class Model:
             raise ArgumentError("stop strings need a tokenizer (the model dir has no tokenizer.json)")
         if logits_processor is not None and not callable(logits_processor):
             raise ArgumentError("logits_processor must be callable (generated_ids, logits) -> logits")
-        return self._generate(ids, max_tokens, params, stops, ignore_eos, logprobs, logits_processor,
-                              bias, int(top_logprobs))
-
-    def _stats_snapshot(self) -> dict:
-        try:
-            return dict(self.session.stats())
-        except Exception:
-            return {}
-
-    @staticmethod
-    def _diff(a: dict, b: dict) -> dict:
-        return {k: b.get(k, 0) - a.get(k, 0) for k in _STAT_KEYS if k in b}
+        return Generation(self, ids, max_tokens, params, stops, ignore_eos, logprobs,
+                          logits_processor, bias, int(top_logprobs))
 
     def _vocab_mask(self):
         """The ids that may be sampled (sampling.vocab_mask), computed once per model and
@@ -464,107 +554,341 @@ class Model:
             self._vmask_cache = cached
         return cached[2]
 
-    def _generate(self, ids, max_tokens, params, stops, ignore_eos, want_logprobs, processor=None,
-                  bias=None, n_top=0):
-        self._gen_id += 1
-        my_id = self._gen_id
-        sampler_mask = self._vocab_mask()
-        sampler = Sampler(params, mask=sampler_mask)
-        sampler.add_seen(ids)
-        decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
-        eos = set() if ignore_eos else self.eos_token_ids
-        self.stats = st = {"prompt_tokens": len(ids), "generated_tokens": 0, "cached_tokens": 0,
-                           "prompt_s": 0.0, "decode_s": 0.0, "prompt_tps": 0.0, "decode_tps": 0.0,
-                           "finish_reason": None}
-        if max_tokens == 0:
-            st["finish_reason"] = "length"
-            yield GenerationPiece("", None, "length")
-            return
-        t0 = time.perf_counter()
-        s0 = self._stats_snapshot()
-        # prefill: reuse the session's state when the prompt extends what it holds
-        held = self._held
-        if held and len(held) < len(ids) and ids[:len(held)] == held \
-                and self.session.pos == len(held):
-            todo = ids[len(held):]
-            st["cached_tokens"] = len(held)
-        else:
-            self._reset()
-            todo = ids
-        logits = self._eval(np.asarray(todo, dtype=np.int32))
-        t1 = time.perf_counter()
-        s1 = self._stats_snapshot()
-        st["prompt_s"] = t1 - t0
-        st["prompt_tps"] = len(todo) / st["prompt_s"] if st["prompt_s"] > 0 else 0.0
-        st["prefill"] = self._diff(s0, s1)
-        pending = ""
-        n = 0
-        generated: list[int] = []  # kept only for a logits processor
-        finish = None
-        t_first = None
+    def _generate(self, g: "Generation"):
+        """generate()'s generator over one Generation, evaluated alone on its session."""
+        ok = True
         try:
+            logits = g.prefill()
             while True:
-                x = logits if bias is None else apply_logit_bias(logits, bias)
-                if processor is not None:
-                    tok = sampler.sample(processor(generated, x))
-                    generated.append(tok)
-                else:
-                    tok = sampler.sample(x)
-                lp = _logprob(logits, tok) if want_logprobs else None
-                top = top_k_logprobs(logits, n_top, sampler_mask) if n_top else None
-                n += 1
-                st["generated_tokens"] = n
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if tok in eos:
-                    text = pending + (decoder.flush() if decoder else "")
-                    pending = ""
-                    finish = "stop"
-                    if stops:
-                        cut = [text.find(s) for s in stops if s in text]
-                        if cut:
-                            text = text[:min(cut)]
-                    yield GenerationPiece(text, tok, finish, lp, top)
+                piece, tok = g.step(logits)
+                yield piece
+                if tok is None:
                     return
-                new = decoder.add(tok) if decoder else ""
-                last = n >= max_tokens or self.session.pos >= self.context_length
-                if last and decoder:
-                    new += decoder.flush()
-                pending += new
-                if stops:
-                    hits = [(pending.find(s), s) for s in stops if s in pending]
-                    if hits:
-                        pos = min(h[0] for h in hits)
-                        finish = "stop"
-                        yield GenerationPiece(pending[:pos], tok, finish, lp, top)
-                        return
-                    keep = 0 if last else _stop_prefix_len(pending, stops)
-                    out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-                else:
-                    out, pending = pending, ""
-                if last:
-                    finish = "length"
-                    yield GenerationPiece(out + pending, tok, finish, lp, top)
-                    return
-                yield GenerationPiece(out, tok, None, lp, top)
-                if self._gen_id != my_id:
-                    raise FlashMoEError("this generation was superseded: another generate()/logits() "
-                                        "call used the model's session; one generation at a time per Model")
-                logits = self._eval(np.asarray([tok], dtype=np.int32))
+                g.check_superseded()
+                logits = g.eval_next()
+        except GeneratorExit:
+            raise  # the caller stopped early: the state is consistent and kept
+        except BaseException:
+            ok = False
+            raise
         finally:
-            t2 = time.perf_counter()
-            s2 = self._stats_snapshot()
-            st["finish_reason"] = finish
-            st["decode_s"] = (t2 - t_first) if t_first is not None else 0.0
-            n_dec = max(0, n - 1)  # tokens evaluated after the first sampled one
-            st["decode_tokens"] = n_dec
-            st["decode_tps"] = n_dec / st["decode_s"] if st["decode_s"] > 0 and n_dec else 0.0
-            st["decode"] = self._diff(s1, s2)
-            st["total_s"] = t2 - t0
+            g.close(ok=ok)
+
+    def generate_batch(self, prompts, parallel: int | None = None, **common
+                       ) -> Iterator[tuple[int, GenerationPiece]]:
+        """Generate for several prompts together: yields (index into prompts, GenerationPiece).
+
+        Each item of prompts is a prompt (as for generate()) or a dict of generate() keyword
+        arguments with a "prompt" key (its own sampling parameters, seed, stop, max_tokens, ...);
+        common: generate() keyword arguments for every item (an item's own win). At most
+        `parallel` sequences (default: the Model's, Model.load(parallel=N)) run at once; the
+        others wait and join as sequences finish. Each running sequence has its own session; one
+        decode step evaluates a token of every running sequence together (Model._eval_batch).
+        Each sequence's pieces are those generate() would give for it alone (greedy decoding
+        gives the same tokens; a seed gives the same draws). Every argument is validated before
+        the generator is returned. Afterwards self.batch_stats holds each item's stats dict and
+        self.stats the totals ("generated_tokens", "wall_s", "decode_tps" aggregate, ...)."""
+        self._check_open()
+        if isinstance(prompts, (str, bytes, dict)) or not isinstance(prompts, (list, tuple)):
+            raise ArgumentError("prompts must be a list of prompts (or of dicts of generate() "
+                                "arguments with a 'prompt' key)")
+        if not prompts:
+            raise ArgumentError("prompts must not be empty")
+        cap = self.parallel if parallel is None else parallel
+        if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
+            raise ArgumentError(f"parallel must be a positive integer, got {parallel!r}")
+        if cap > self.parallel:
+            raise ArgumentError(f"parallel={cap} exceeds the Model's {self.parallel} sessions "
+                                f"(Model.load(parallel=N))")
+        bad = [k for k in common if k not in self._PREPARE_KEYS]
+        if bad:
+            raise ArgumentError(f"generate_batch: unknown argument {bad[0]!r}")
+        gens = []
+        for i, item in enumerate(prompts):
+            kw = dict(common)
+            if isinstance(item, dict):
+                if "prompt" not in item:
+                    raise ArgumentError(f"prompts[{i}]: a dict item needs a 'prompt' key")
+                extra = [k for k in item if k != "prompt" and k not in self._PREPARE_KEYS]
+                if extra:
+                    raise ArgumentError(f"prompts[{i}]: unknown argument {extra[0]!r}")
+                kw.update({k: v for k, v in item.items() if k != "prompt"})
+                item = item["prompt"]
+            try:
+                gens.append(self._prepare(item, **kw))
+            except ArgumentError as e:
+                raise ArgumentError(f"prompts[{i}]: {e}") from None
+            except ContextFullError as e:
+                raise ContextFullError(f"prompts[{i}]: {e}") from None
+        self.batch_stats = [g.stats for g in gens]
+        return self._generate_batch(gens, int(cap))
+
+    def _generate_batch(self, gens, cap):
+        waiting = collections.deque(enumerate(gens))
+        running: list = []  # (index, Generation), each with a token to evaluate
+        t0 = time.perf_counter()
+        total = {"sequences": len(gens), "parallel": cap, "generated_tokens": 0, "steps": 0,
+                 "batched_tokens": 0, "prompt_tokens": sum(len(g.ids) for g in gens),
+                 "cached_tokens": 0, "wall_s": 0.0, "tps": 0.0}
+        self.stats = total
+        ok = True
+        try:
+            while waiting or running:
+                while waiting and len(running) < cap:  # join: prefill, then the first token
+                    i, g = waiting.popleft()
+                    logits = g.prefill(set_model_stats=False)
+                    piece, tok = g.step(logits)
+                    yield i, piece
+                    if tok is None:
+                        g.close()
+                    else:
+                        running.append((i, g))
+                if not running:
+                    continue
+                for _, g in running:
+                    g.check_superseded()
+                rows = self._eval_batch([g.session for _, g in running],
+                                        [g.next_token for _, g in running])
+                total["steps"] += 1
+                total["batched_tokens"] += len(running)
+                still = []
+                for k, (i, g) in enumerate(running):
+                    piece, tok = g.step(rows[k])
+                    if tok is None:
+                        g.close()  # leaves: its session goes back to the pool
+                    else:
+                        still.append((i, g))
+                    yield i, piece
+                running = still
+        except GeneratorExit:
+            raise
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            for _, g in running:
+                g.close(ok=ok)
+            for _, g in waiting:
+                g.close(ok=ok)
+            total["generated_tokens"] = sum(g.stats["generated_tokens"] for g in gens)
+            total["cached_tokens"] = sum(g.stats["cached_tokens"] for g in gens)
+            total["wall_s"] = time.perf_counter() - t0
+            dec = sum(g.stats.get("decode_tokens", 0) for g in gens)
+            total["decode_tokens"] = dec
+            total["tps"] = total["generated_tokens"] / total["wall_s"] if total["wall_s"] > 0 else 0.0
 
     def generate_text(self, prompt, **kw) -> str:
         """The whole completion as one string (convenience over generate())."""
         return "".join(p.text for p in self.generate(prompt, **kw))
+
+
+class Generation:
+    """One sequence being generated, stepped by its owner (Model.generate, Model.generate_batch,
+    the server's engine loop):
+
+        g = model._prepare(prompt, **generate_kwargs)   # validated; nothing evaluated yet
+        logits = g.prefill()                 # a session from model.pool (prefix reuse)
+        while True:
+            piece, tok = g.step(logits)      # sample; tok None: finished (piece is the last)
+            ... send piece ...
+            if tok is None: break
+            logits = g.eval_next()           # or a batched step: model._eval_batch(sessions, toks)
+        g.close(ok=True)                     # the session goes back (pool.finish); idempotent
+
+    step(logits) takes the logits of the token it returned last (of the prompt's last token the
+    first time). close(ok=False) after an error drops the session's state. A generation whose
+    session was taken by a newer one (Model._make_room) is superseded: check_superseded() /
+    step() raise FlashMoEError."""
+
+    def __init__(self, model, ids, max_tokens, params, stops, ignore_eos, want_logprobs,
+                 processor=None, bias=None, n_top=0):
+        self.model = model
+        self.n_top = n_top
+        self.ids = list(ids)
+        self.max_tokens = max_tokens
+        self.params = params
+        self.stops = stops
+        self.want_logprobs = want_logprobs
+        self.processor = processor
+        self.bias = bias
+        self.eos = set() if ignore_eos else model.eos_token_ids
+        self.stats = {"prompt_tokens": len(self.ids), "generated_tokens": 0, "cached_tokens": 0,
+                      "prompt_s": 0.0, "decode_s": 0.0, "prompt_tps": 0.0, "decode_tps": 0.0,
+                      "finish_reason": None}
+        self.session = None
+        self.next_token: int | None = None  # sampled, to be evaluated before the next step
+        self.finished = False
+        self.closed = False
+        self.superseded = False
+        self._sampler = None
+        self._decoder = None
+        self._held: list[int] = []  # the tokens the session's state holds
+        self._pending = ""
+        self._n = 0
+        self._generated: list[int] = []
+        self._t0 = self._t_first = None
+        self._s1 = {}
+
+    # ----- life cycle
+    def prefill(self, set_model_stats: bool = True):
+        """Take a session from the model's pool and evaluate the prompt's uncached tokens;
+        returns the logits of the prompt's last token (None when max_tokens is 0: nothing is
+        evaluated)."""
+        m = self.model
+        if set_model_stats:
+            m.stats = self.stats
+        if self.session is not None or self.closed:
+            raise FlashMoEError("Generation.prefill: already started")
+        self._mask = m._vocab_mask()
+        self._sampler = Sampler(self.params, mask=self._mask)
+        self._sampler.add_seen(self.ids)
+        self._decoder = m.tokenizer.stream_decoder() if m.tokenizer is not None else None
+        if self.max_tokens == 0:
+            return None
+        self._t0 = time.perf_counter()
+        m._make_room()
+        before = {id(x): _stats_of(x) for x in m.pool.sessions()}
+        try:
+            sess, logits, n_cached = m.pool.prefill(self.ids)
+        except BaseException:
+            m._held = []
+            self.closed = True
+            raise
+        t1 = time.perf_counter()
+        self.session = sess
+        m._last_session = sess
+        m._open.append(self)
+        self._held = list(self.ids)
+        self._s1 = _stats_of(sess)
+        st = self.stats
+        st["cached_tokens"] = n_cached
+        st["prompt_s"] = t1 - self._t0
+        n_eval = len(self.ids) - n_cached
+        st["prompt_tps"] = n_eval / st["prompt_s"] if st["prompt_s"] > 0 else 0.0
+        st["prefill"] = _diff(before.get(id(sess), {}), self._s1)
+        return logits
+
+    def check_superseded(self):
+        if self.superseded:
+            raise FlashMoEError("this generation was superseded: another generate()/logits() "
+                                "call needed its session (all of the Model's sessions were in "
+                                "use; Model.load(parallel=N) gives N)")
+
+    def eval_next(self):
+        """Evaluate next_token alone on this generation's session; its logits."""
+        self.check_superseded()
+        return self.session.eval(np.asarray([self.next_token], dtype=np.int32))
+
+    def step(self, logits):
+        """(GenerationPiece, the token to evaluate next, or None when this was the last piece)."""
+        if self.finished:
+            raise FlashMoEError("Generation.step: the generation has finished")
+        self.check_superseded()
+        if self._sampler is None:
+            raise FlashMoEError("Generation.step: prefill() first")
+        st = self.stats
+        if self.max_tokens == 0:
+            return self._finish("length", GenerationPiece("", None, "length"))
+        if self.next_token is not None:  # the logits are those of next_token: it is in the state
+            self._held.append(self.next_token)
+            self.next_token = None
+        x = logits if self.bias is None else apply_logit_bias(logits, self.bias)
+        if self.processor is not None:
+            tok = self._sampler.sample(self.processor(self._generated, x))
+            self._generated.append(tok)
+        else:
+            tok = self._sampler.sample(x)
+        lp = _logprob(logits, tok) if self.want_logprobs else None
+        top = top_k_logprobs(logits, self.n_top, self._mask) if self.n_top else None
+        self._n += 1
+        st["generated_tokens"] = self._n
+        if self._t_first is None:
+            self._t_first = time.perf_counter()
+        stops, decoder = self.stops, self._decoder
+        if tok in self.eos:
+            text = self._pending + (decoder.flush() if decoder else "")
+            self._pending = ""
+            if stops:
+                cut = [text.find(s) for s in stops if s in text]
+                if cut:
+                    text = text[:min(cut)]
+            return self._finish("stop", GenerationPiece(text, tok, "stop", lp, top))
+        new = decoder.add(tok) if decoder else ""
+        last = self._n >= self.max_tokens or len(self._held) >= self.model.context_length
+        if last and decoder:
+            new += decoder.flush()
+        pending = self._pending + new
+        if stops:
+            hits = [pending.find(s) for s in stops if s in pending]
+            if hits:
+                self._pending = ""
+                return self._finish("stop", GenerationPiece(pending[:min(hits)], tok, "stop", lp, top))
+            keep = 0 if last else _stop_prefix_len(pending, stops)
+            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        else:
+            out, pending = pending, ""
+        if last:
+            self._pending = ""
+            return self._finish("length", GenerationPiece(out + pending, tok, "length", lp, top))
+        self._pending = pending
+        self.next_token = tok
+        return GenerationPiece(out, tok, None, lp, top), tok
+
+    def _finish(self, reason, piece):
+        self.finished = True
+        self.stats["finish_reason"] = reason
+        return piece, None
+
+    def close(self, ok: bool = True) -> None:
+        """Give the session back to the pool with the state it holds (ok=False: after an error,
+        the state is dropped). Fills the decode stats. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        m = self.model
+        st = self.stats
+        t2 = time.perf_counter()
+        st["decode_s"] = (t2 - self._t_first) if self._t_first is not None else 0.0
+        n_dec = max(0, self._n - 1)  # tokens evaluated after the first sampled one
+        st["decode_tokens"] = n_dec
+        st["decode_tps"] = n_dec / st["decode_s"] if st["decode_s"] > 0 and n_dec else 0.0
+        if self._t0 is not None:
+            st["total_s"] = t2 - self._t0
+        if self.session is None:
+            return
+        st["decode"] = _diff(self._s1, _stats_of(self.session))
+        try:
+            m._open.remove(self)
+        except ValueError:
+            pass
+        if self.superseded or m.pool is None:
+            return
+        held = self._held if ok else None
+        kept = held is not None and getattr(self.session, "pos", -1) == len(held)
+        try:
+            m.pool.finish(self.session, held)
+        finally:
+            if m._last_session is self.session:
+                m._held = list(held) if kept else []
+
+    def _supersede(self, keep: bool = True):
+        """Another generation needs this one's session: give it back now (its state kept when
+        keep and consistent); this generation's next step raises."""
+        if self.closed:
+            return
+        self.close(ok=keep)
+        self.superseded = True
+
+
+def _stats_of(sess) -> dict:
+    try:
+        return dict(sess.stats())
+    except Exception:
+        return {}
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: b.get(k, 0) - a.get(k, 0) for k in _STAT_KEYS if k in b}
 
 
 # ---------------------------------------------------------------------- flashmoe run
