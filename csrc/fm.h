@@ -162,6 +162,33 @@ fm_status fm_session_eval_batch(fm_session *const *sessions, int32_t n_seqs, con
 void fm_session_get_stats(const fm_session *s, fm_stats *out);
 void fm_session_reset_stats(fm_session *s);
 
+/* ---- session state snapshots (fm_state.c) ----
+ * The state at the session's current position: the KV rows [0, pos) of the full-attention layers,
+ * the conv and recurrent states of the linear-attention layers, and pos, behind a header (magic,
+ * format version, the model's dims and layer kinds, a fingerprint of its layer table, features and
+ * weight formats, the weights' identity (a hash of the model dir's pyflashmoe.json, which lists the
+ * sha256 of every weight file: read at each save and load, FM_ERR_IO when it cannot be), a
+ * checksum). Host byte order. The payload is the same for
+ * every backend: a snapshot saved from a CPU session loads into a CUDA session of the same model
+ * dir and back. Save and load hold the model mutex (they wait for an eval of any session of the
+ * model, as fm_session_eval does); the routing trace and the stats are not part of the state.
+ *  - fm_session_state_size: *bytes = what fm_session_state_save writes now (it grows with pos);
+ *    FM_ERR_ARG for a NULL argument.
+ *  - fm_session_state_save: writes it into buf[cap]; *written (may be NULL) = the bytes written, or
+ *    the bytes needed with FM_ERR_ARG when cap is smaller (buf may then be NULL).
+ *  - fm_session_state_load: replaces the session's state and position with the snapshot buf[len].
+ *    Refused with nothing changed: FM_ERR_FORMAT naming what differs for a buffer that is truncated,
+ *    too long, damaged (checksum), not a snapshot (magic), of another format version, or of another
+ *    model (the first differing dim or layer kind is named; otherwise the fingerprint, or "other
+ *    weights");
+ *    FM_ERR_CTX_FULL when the snapshot's pos exceeds the session's n_ctx. A backend failure
+ *    during the copy leaves the state undefined: the session is reset (pos 0) and the error says so.
+ *  - FM_ERR_BACKEND when the model's backend has no state hooks. */
+fm_status fm_session_state_size(const fm_session *s, uint64_t *bytes);
+fm_status fm_session_state_save(fm_session *s, void *buf, uint64_t cap, uint64_t *written, char *err,
+                                size_t errlen);
+fm_status fm_session_state_load(fm_session *s, const void *buf, uint64_t len, char *err, size_t errlen);
+
 /* ---- routing trace (optional; off by default, and then it costs one pointer test per layer) ----
  * Caller-owned buffers the CPU forward pass fills while they are set; any of them may be NULL.
  *   ids:      int32[cap_tokens * n_layers * K] (K = fm_model_experts_per_token): for the t-th token

@@ -150,7 +150,22 @@ typedef struct {
     fm_pass_op capture_begin;
     fm_status (*capture_end)(fm_pass *p, fm_status st, char *err, size_t errlen);
     fm_pass_op replay;
+    /* ---- session state (fm_state.c: fm_session_state_save / _load; optional: both NULL and the
+     * backend refuses them). The model mutex is held. One piece at a time, f32 in the layouts the
+     * backends share: FM_STATE_K / FM_STATE_V: rows [0, rows) (rows >= 1) of the KV cache idx (the
+     * state_idx of a full-attention layer), [rows, n_kv_heads * head_dim]; FM_STATE_CONV: the conv
+     * state of linear-attention state idx, [max(conv_k - 1, 1), conv_dim]; FM_STATE_SSM: its
+     * recurrent state [lin_nv, lin_dk, lin_dv] (rows unused for these two). state_get copies the
+     * piece into host memory dst; state_set replaces it from host memory src (the KV rows set count
+     * as written, for what session_reset zeroes). Both return when the host buffer is done with. */
+    fm_status (*state_get)(struct fm_session *s, int32_t piece, int32_t idx, int32_t rows, void *dst, char *err,
+                           size_t errlen);
+    fm_status (*state_set)(struct fm_session *s, int32_t piece, int32_t idx, int32_t rows, const void *src,
+                           char *err, size_t errlen);
 } fm_backend;
+
+/* the pieces of fm_backend.state_get / state_set */
+enum { FM_STATE_K = 0, FM_STATE_V = 1, FM_STATE_CONV = 2, FM_STATE_SSM = 3 };
 
 extern const fm_backend fm_cpu_backend; /* fm_cpu.c */
 const fm_backend *fm_cuda_backend(void); /* csrc/cuda (NULL from the stub) */

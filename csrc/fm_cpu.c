@@ -858,6 +858,46 @@ static fm_status cpu_guard(fm_pass *p, int32_t stage, char *err, size_t errlen) 
     return guard(p, stage, b->x, p->n, p->s->m->H, 0, err, errlen);
 }
 
+/* ---------------------------------------------------------------- session state (fm_state.c) */
+
+/* the host array of piece (fm_backend.h FM_STATE_*) idx and its floats for `rows` KV rows */
+static float *state_piece(fm_session *s, int32_t piece, int32_t idx, int32_t rows, size_t *n) {
+    const fm_model *m = s->m;
+    cpu_session *c = s->bs;
+    switch (piece) {
+    case FM_STATE_K:
+    case FM_STATE_V:
+        *n = (size_t)rows * (size_t)m->n_kv_heads * (size_t)m->head_dim;
+        return piece == FM_STATE_K ? c->kc[idx] : c->vc[idx];
+    case FM_STATE_CONV:
+        *n = (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)conv_dim_of(m);
+        return c->conv[idx];
+    default:
+        *n = (size_t)m->lin_nv * m->lin_dk * m->lin_dv;
+        return c->ssm[idx];
+    }
+}
+
+static fm_status cpu_state_get(fm_session *s, int32_t piece, int32_t idx, int32_t rows, void *dst, char *err,
+                               size_t errlen) {
+    (void)err, (void)errlen;
+    size_t n;
+    const float *a = state_piece(s, piece, idx, rows, &n);
+    memcpy(dst, a, n * sizeof(float));
+    return FM_OK;
+}
+
+static fm_status cpu_state_set(fm_session *s, int32_t piece, int32_t idx, int32_t rows, const void *src,
+                               char *err, size_t errlen) {
+    (void)err, (void)errlen;
+    size_t n;
+    float *a = state_piece(s, piece, idx, rows, &n);
+    memcpy(a, src, n * sizeof(float));
+    cpu_session *c = s->bs;
+    if ((piece == FM_STATE_K || piece == FM_STATE_V) && rows > c->kv_hw) c->kv_hw = rows;
+    return FM_OK;
+}
+
 const fm_backend fm_cpu_backend = {
     .name = "cpu",
     .records_trace = 1,
@@ -880,4 +920,6 @@ const fm_backend fm_cpu_backend = {
     .capture_begin = NULL,
     .capture_end = NULL,
     .replay = NULL,
+    .state_get = cpu_state_get,
+    .state_set = cpu_state_set,
 };

@@ -5,6 +5,8 @@
 # threads at once (checked: a second concurrent call raises RuntimeError); sessions of one Engine
 # are serialised inside the C core.
 import numpy as _np
+from libc.stdint cimport uint8_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 _STATS_KEYS = ("n_eval_calls", "n_tokens", "bytes_read", "expert_loads", "expert_hits",
                "expert_hits_vram", "ms_total", "ms_attn", "ms_route", "ms_io_wait", "ms_expert",
@@ -336,6 +338,67 @@ cdef class Session:
 
     def reset_stats(self):
         fm_session_reset_stats(self._ptr())
+
+    def state_size(self):
+        """Bytes save_state() returns now (it grows with pos)."""
+        cdef uint64_t n = 0
+        fm_session_state_size(self._ptr(), &n)
+        return int(n)
+
+    def save_state(self):
+        """The session's state at its position (KV rows [0, pos), conv and recurrent states, pos)
+        as bytes: a snapshot load_state() restores into any session of the same model (either
+        backend) with n_ctx >= pos. See csrc/fm.h fm_session_state_save for the format."""
+        cdef fm_session *s = self._ptr()
+        cdef uint64_t n = 0, written = 0
+        cdef char err[1024]
+        cdef fm_status st
+        cdef char *p
+        if self._busy:
+            raise RuntimeError("Session.save_state called while eval runs")
+        self._busy = True
+        try:
+            fm_session_state_size(s, &n)
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
+            p = PyBytes_AS_STRING(out)
+            err[0] = 0
+            with nogil:
+                st = fm_session_state_save(s, p, n, &written, err, sizeof(err))
+        finally:
+            self._busy = False
+        if st != FM_OK:
+            raise _error_from(st, err)
+        return out
+
+    def load_state(self, buf):
+        """Replace the session's state and position with a snapshot from save_state() (bytes or
+        any contiguous byte buffer). FormatError naming what differs for a snapshot of another
+        model or a truncated / damaged buffer, ContextFullError when it holds more tokens than
+        n_ctx; the session is unchanged on either."""
+        cdef fm_session *s = self._ptr()
+        cdef const uint8_t[::1] v
+        try:
+            v = memoryview(buf).cast("B")
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(f"load_state: buf must be a contiguous bytes-like object ({e})") from None
+        cdef uint8_t dummy = 0
+        cdef const uint8_t *p = &dummy
+        cdef uint64_t n = <uint64_t>v.shape[0]
+        if n > 0:
+            p = &v[0]
+        cdef char err[1024]
+        cdef fm_status st
+        if self._busy:
+            raise RuntimeError("Session.load_state called while eval runs")
+        self._busy = True
+        err[0] = 0
+        try:
+            with nogil:
+                st = fm_session_state_load(s, p, n, err, sizeof(err))
+        finally:
+            self._busy = False
+        if st != FM_OK:
+            raise _error_from(st, err)
 
     def set_trace(self, int cap_tokens=0, bint counts=True, bint layer_ms=True):
         """Record the routing of every token evaluated from now on (CPU backend only; the CUDA

@@ -83,6 +83,10 @@ cdef extern from "fm.h" nogil:
     fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens, float *logits,
                               int64_t n_logits, int32_t all_logits, char *err, size_t errlen)
     void fm_session_get_stats(const fm_session *s, fm_stats *out)
+    fm_status fm_session_state_size(const fm_session *s, uint64_t *bytes)
+    fm_status fm_session_state_save(fm_session *s, void *buf, uint64_t cap, uint64_t *written, char *err,
+                                    size_t errlen)
+    fm_status fm_session_state_load(fm_session *s, const void *buf, uint64_t len, char *err, size_t errlen)
     void fm_session_reset_stats(fm_session *s)
 
     ctypedef struct fm_trace:

@@ -830,6 +830,8 @@ static fm_backend make_backend(void) {
     b.capture_begin = cu_capture_begin;
     b.capture_end = cu_capture_end;
     b.replay = cu_replay;
+    b.state_get = fmc_state_get; /* fm_cuda_state.cu */
+    b.state_set = fmc_state_set;
     return b;
 }
 

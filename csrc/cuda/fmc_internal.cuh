@@ -16,6 +16,7 @@
  *   fm_cuda_experts.cu  the routed experts' compute: GPU launches (per pair, grouped on tensor
  *                       cores, decode pair sets) and the CPU share of a decode layer's misses
  *   fm_cuda_test.cu     the fm_cuda_test_* kernel entry points of tests/test_cuda.py
+ *   fm_cuda_state.cu    the session state hooks of fm_state.c's snapshots (device <-> host copies)
  * Does not own: kernels (fm_cuda_kernels.cuh, fm_cuda_mma.cuh, fm_cuda_gdn_chunk.cuh), model
  * parsing (fm_model.c), the layer loop (fm_forward.c), the CPU backend (fm_cpu.c).
  */
@@ -271,3 +272,8 @@ fm_status fmc_split_calibrate(fmc_model *cm, fmc_session *c, int32_t il, const f
 void fmc_host_share_inline(fmc_model *cm, const fm_layer *FL, int64_t ncpu);
 fm_status fmc_host_share_finish(fmc_ctx *x, const fm_layer *FL, int64_t ncpu, uint32_t *hostmask,
                                 const float **ycpu, char *err, size_t errlen);
+
+/* ---- fm_cuda_state.cu: the session state hooks (fm_backend.state_get / state_set) */
+fm_status fmc_state_get(fm_session *s, int32_t piece, int32_t idx, int32_t rows, void *dst, char *err, size_t errlen);
+fm_status fmc_state_set(fm_session *s, int32_t piece, int32_t idx, int32_t rows, const void *src, char *err,
+                        size_t errlen);
