@@ -98,11 +98,16 @@ import threading
 import time
 import uuid
 
-from pyflashmoe import api_models as _models
 from pyflashmoe import errors as _errors
-from pyflashmoe.api_models import (CLIENT_TEMPLATE_KWARGS, MAX_MESSAGES, MAX_STOP,  # noqa: F401
-                                   MAX_STOP_CHARS, MAX_TOOLS)
 from pyflashmoe.errors import ArgumentError, ContextFullError, FlashMoEError
+
+try:  # the request models need pydantic v2 (it comes with fastapi: pip install 'pyflashmoe[serve]')
+    from pyflashmoe import api_models as _models
+    from pyflashmoe.api_models import (CLIENT_TEMPLATE_KWARGS, MAX_MESSAGES, MAX_STOP,  # noqa: F401
+                                       MAX_STOP_CHARS, MAX_TOOLS)
+except ImportError as _e:  # pragma: no cover - depends on the install
+    raise FlashMoEError(f"flashmoe serve needs fastapi, uvicorn and pydantic>=2: "
+                        f"pip install 'pyflashmoe[serve]' ({_e})") from None
 from pyflashmoe.toolcalls import OutputParser, prompt_opens_thinking
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
