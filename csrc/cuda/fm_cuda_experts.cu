@@ -165,7 +165,12 @@ fm_status fmc_launch_experts(fmc_ctx *x, const cl_layer *L, const uint8_t *const
     fmc_session *c = x->c;
     cudaStream_t st = x->cm->cs;
     const int K = m->k_tok;
-    if (x->n > 1 && !x->graph && x->cm->mcnt && m->debug.cuda_mma && fmc_mma_experts_ok(L->pg, L->pu, L->pd, m->H))
+    /* grouped by expert (host work list): prefill, and any pass whose routed ids are on the host
+     * already (hptrs, the cached tiers). A resident multi-sequence decode step keeps the per-pair
+     * kernels: the grouped path would wait for the ids on the host once per layer (a full stream
+     * sync), which costs more than re-reading the few experts its rows share from VRAM / L2 */
+    if (x->n > 1 && !x->graph && x->cm->mcnt && m->debug.cuda_mma && fmc_mma_experts_ok(L->pg, L->pu, L->pd, m->H) &&
+        (hptrs || !x->rows))
         return launch_experts_grouped(x, L, dptrs, hptrs, ci, npairs, err, errlen);
     dim3 gg, gd;
     expert_grids(L, x->cm->sms, npairs, &gg, &gd);

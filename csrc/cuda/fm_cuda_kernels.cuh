@@ -914,18 +914,28 @@ static __global__ void k_check_finite(const float *__restrict__ x, int64_t n, in
 /* ------------------------------------------------------------------ full attention */
 
 /* grid (n, nh + nkv): q heads (split gate, q-norm, RoPE) then kv heads (k-norm, RoPE, cache write
- * of k and v at row pos+t). blockDim 128. */
+ * of k and v at row pos+t). blockDim 128. rows (a multi-sequence pass; else NULL): token t is the
+ * next token of its own sequence, caches rows->kc[t] / rows->vc[t], at position rows->pos[t]. */
+struct fmc_rows_attn {
+    float *const *kc;
+    float *const *vc;
+    const int *pos;
+};
 static __global__ void k_attn_prep(const float *__restrict__ QG, const float *__restrict__ Kn, const float *__restrict__ Vn,
                             const float *__restrict__ qnw, const float *__restrict__ knw, float *__restrict__ Q,
                             float *__restrict__ Gt, float *__restrict__ KC, float *__restrict__ VC, int pos_arg,
                             const int *__restrict__ dpos, int nh, int nkv, int dh, int rot, float theta, int gate,
-                            float eps, float off) {
+                            float eps, float off, fmc_rows_attn rows) {
     const int pos = dpos ? *dpos : pos_arg; /* dpos: graph replays read the position from the device */
     extern __shared__ float buf[]; /* dh */
     __shared__ float red[33];
     const int64_t t = blockIdx.x;
     const int hh = blockIdx.y;
-    const int p = pos + (int)t;
+    const int p = rows.kc ? rows.pos[t] : pos + (int)t;
+    if (rows.kc) {
+        KC = rows.kc[t];
+        VC = rows.vc[t];
+    }
     const int64_t qd = (int64_t)nh * dh, kvd = (int64_t)nkv * dh;
     const float *src;
     const float *nw;
@@ -979,7 +989,7 @@ static __global__ void __launch_bounds__(FMC_ATT_WARPS * 32) k_attn(const float 
                                                               const float *__restrict__ VC, const float *__restrict__ Gt,
                                                               float *__restrict__ O, int pos_arg,
                                                               const int *__restrict__ dpos, int nh, int nkv, int dh,
-                                                              float scale, int gate) {
+                                                              float scale, int gate, fmc_rows_attn rows) {
     const int pos = dpos ? *dpos : pos_arg;
     __shared__ float sq[256];
     __shared__ float sm[FMC_ATT_WARPS], sl[FMC_ATT_WARPS];
@@ -990,7 +1000,11 @@ static __global__ void __launch_bounds__(FMC_ATT_WARPS * 32) k_attn(const float 
     const int64_t qd = (int64_t)nh * dh, kvd = (int64_t)nkv * dh;
     for (int d = threadIdx.x; d < dh; d += blockDim.x) sq[d] = Q[t * qd + (int64_t)h * dh + d];
     __syncthreads();
-    const int nkeys = pos + (int)t + 1;
+    const int nkeys = rows.kc ? rows.pos[t] + 1 : pos + (int)t + 1;
+    if (rows.kc) {
+        KC = rows.kc[t];
+        VC = rows.vc[t];
+    }
     float m = -INFINITY, l = 0.f, acc[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) acc[i] = 0.f;
@@ -1039,11 +1053,18 @@ static __global__ void __launch_bounds__(FMC_ATT_WARPS * 32) k_attn(const float 
 
 /* ------------------------------------------------------------------ linear attention */
 
-/* causal depthwise conv1d + SiLU, a thread per channel over n tokens; state [(k-1), C] */
+/* causal depthwise conv1d + SiLU, a thread per channel over n tokens; state [(k-1), C].
+ * states (a multi-sequence pass; else NULL): row blockIdx.y is one token of its own sequence
+ * (X, Y row blockIdx.y, state states[blockIdx.y]; n must be 1) */
 static __global__ void k_conv(const float *__restrict__ X, int64_t n, float *__restrict__ state, const float *__restrict__ w,
-                       int C, int k, float *__restrict__ Y) {
+                       int C, int k, float *__restrict__ Y, float *const *__restrict__ states = NULL) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
+    if (states) {
+        state = states[blockIdx.y];
+        X += (int64_t)blockIdx.y * C;
+        Y += (int64_t)blockIdx.y * C;
+    }
     float win[8];
     const float *wc = w + (int64_t)c * k;
 #pragma unroll
@@ -1144,7 +1165,17 @@ template <int DKS>
 __global__ void __launch_bounds__(128) k_gdn_dec(const float *__restrict__ QKV, const float *__restrict__ Aa,
                                                   const float *__restrict__ Bb, const float *__restrict__ A_log,
                                                   const float *__restrict__ dt_bias, float *__restrict__ S,
-                                                  float *__restrict__ O, int nk, int nv, int dk, int dv) {
+                                                  float *__restrict__ O, int nk, int nv, int dk, int dv,
+                                                  float *const *__restrict__ Srows = NULL) {
+    /* Srows (a multi-sequence pass): row blockIdx.z is one token of its own sequence (state Srows[z]) */
+    if (Srows) {
+        const int64_t r = blockIdx.z;
+        S = Srows[r];
+        QKV += r * (2 * (int64_t)nk * dk + (int64_t)nv * dv);
+        Aa += r * nv;
+        Bb += r * nv;
+        O += r * (int64_t)nv * dv;
+    }
     __shared__ float sq[4 * DKS], sk[4 * DKS];
     __shared__ float part[2][4][32];
     __shared__ float nrm[2][4];

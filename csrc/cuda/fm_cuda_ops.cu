@@ -257,7 +257,8 @@ fm_status fmc_launch_norm(cudaStream_t st, int op, const float *X, const float *
 
 fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, const float *A, const float *B,
                          const float *A_log, const float *dt_bias, const float *normw, float *S, float *O, int64_t n,
-                         int nk, int nv, int dk, int dv, float eps, int gdn_chunk, char *err, size_t errlen) {
+                         int nk, int nv, int dk, int dv, float eps, int gdn_chunk, char *err, size_t errlen,
+                         float *const *Srows) {
     if (dv > 256 || dk > 128)
         return fm_errf(err, errlen, FM_ERR_BACKEND,
                        "CUDA: GatedDeltaNet with key dim %d / value dim %d is not supported (max 128 / 256)", dk, dv);
@@ -268,6 +269,16 @@ fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, cons
      * phases, where the sequential kernel pays 3 block reductions per token; the default 2 is a
      * guess, not yet timed (a larger minimum moves the switch). Decode (n == 1) runs k_gdn_dec;
      * other passes below the switch run the sequential k_gdn. */
+    if (Srows) {
+        /* multi-sequence: n rows, each one decode step of its own state Srows[r], then the norm */
+        const dim3 grid((unsigned)nv, (unsigned)((dv + 31) / 32), (unsigned)n);
+        if (dk <= 32)
+            k_gdn_dec<8><<<grid, 128, 0, st>>>(QKV, A, B, A_log, dt_bias, S, O, nk, nv, dk, dv, Srows);
+        else
+            k_gdn_dec<32><<<grid, 128, 0, st>>>(QKV, A, B, A_log, dt_bias, S, O, nk, nv, dk, dv, Srows);
+        CKL();
+        return fmc_launch_norm(st, 1, O, Z, normw, n * nv, dv, eps, 0.f, O, err, errlen);
+    }
     if (gdn_chunk > 0 && n >= (gdn_chunk > 2 ? gdn_chunk : 2)) {
         const size_t smem = gdn_chunk_smem(dk);
         const dim3 grid((unsigned)nv, (unsigned)((dv + 31) / 32));
@@ -309,15 +320,15 @@ fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, cons
 fm_status fmc_launch_attn(cudaStream_t st, const float *QG, const float *Kn, const float *Vn, const float *qnw,
                              const float *knw, float *Q, float *Gt, float *KC, float *VC, float *O, int64_t n, int pos,
                              const int *dpos, int nh, int nkv, int dh, int rot, float theta, int gate, float eps,
-                             float off, char *err, size_t errlen) {
+                             float off, char *err, size_t errlen, fmc_rows_attn rows) {
     if (dh > 256 || nkv <= 0 || nh % nkv)
         return fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: attention with head_dim %d (max 256), %d/%d heads", dh, nh,
                        nkv);
     k_attn_prep<<<dim3((unsigned)n, (unsigned)(nh + nkv)), 128, (size_t)dh * sizeof(float), st>>>(
-        QG, Kn, Vn, qnw, knw, Q, Gt, KC, VC, pos, dpos, nh, nkv, dh, rot, theta, gate, eps, off);
+        QG, Kn, Vn, qnw, knw, Q, Gt, KC, VC, pos, dpos, nh, nkv, dh, rot, theta, gate, eps, off, rows);
     CKL();
     k_attn<<<dim3((unsigned)n, (unsigned)nh), FMC_ATT_WARPS * 32, 0, st>>>(Q, KC, VC, Gt, O, pos, dpos, nh, nkv, dh,
-                                                                           1.0f / sqrtf((float)dh), gate);
+                                                                           1.0f / sqrtf((float)dh), gate, rows);
     CKL();
     return FM_OK;
 }
@@ -348,6 +359,8 @@ static void fm_cuda_session_free(void *p) {
     cudaFree(c->d_bad);
     if (c->h_io) cudaFreeHost(c->h_io);
     if (c->h_bad) cudaFreeHost(c->h_bad);
+    cudaFree(c->d_rows);
+    free(c->h_rows);
     if (c->gexec) cudaGraphExecDestroy(c->gexec);
     free(c);
 }
@@ -496,6 +509,38 @@ static fm_status op_embed(fm_pass *p, char *err, size_t errlen) {
         CK(cudaMemcpyAsync(x->c->tok, p->tokens, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, x->cm->cs));
     k_embed<<<(unsigned)n, 256, 0, x->cm->cs>>>(x->cm->tok_embd, x->c->tok, x->c->x);
     CKL();
+    if (x->rows) { /* the rows' state pointers and positions (fmc_rows_at), one copy per pass */
+        const fm_model *m = x->m;
+        fmc_session *c = x->c;
+        const int64_t nb = c->nb, nf = m->n_full, nl = m->n_linear, slots = 2 * nf + 2 * nl;
+        if (!c->d_rows) {
+            const size_t bytes = sizeof(float *) * (size_t)((slots + 1) * nb);
+            c->h_rows = (float **)calloc(1, bytes);
+            if (!c->h_rows) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+            if (cudaMalloc((void **)&c->d_rows, bytes) != cudaSuccess) {
+                cudaGetLastError();
+                c->d_rows = NULL;
+                free(c->h_rows);
+                c->h_rows = NULL;
+                return fm_errf(err, errlen, FM_ERR_OOM, "CUDA: out of VRAM for a multi-sequence table");
+            }
+        }
+        for (int64_t r = 0; r < n; r++) {
+            const fmc_session *rc = (const fmc_session *)x->rows[r]->bs;
+            for (int64_t i = 0; i < nf; i++) {
+                c->h_rows[i * nb + r] = rc->kc[i];
+                c->h_rows[(nf + i) * nb + r] = rc->vc[i];
+            }
+            for (int64_t i = 0; i < nl; i++) {
+                c->h_rows[(2 * nf + i) * nb + r] = rc->conv[i];
+                c->h_rows[(2 * nf + nl + i) * nb + r] = rc->ssm[i];
+            }
+            ((int32_t *)(c->h_rows + slots * nb))[r] = x->rpos[r];
+        }
+        /* pageable source: the call returns once h_rows is consumed, so the next pass may rewrite it */
+        CK(cudaMemcpyAsync(c->d_rows, c->h_rows, sizeof(float *) * (size_t)((slots + 1) * nb), cudaMemcpyHostToDevice,
+                           x->cm->cs));
+    }
     return FM_OK;
 }
 
@@ -520,14 +565,13 @@ static fm_status op_attn_full(fm_pass *p, int32_t il, char *err, size_t errlen) 
         CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->wv, c->xn, H, n, c->v, kvd, 0, err, errlen));
     }
     if (x->rows) { /* multi-sequence: each row against its own session's KV cache at its position */
-        const int64_t qgd = L->wq.rows;
-        for (int64_t r = 0; r < n; r++) {
-            const fmc_session *rc = (const fmc_session *)x->rows[r]->bs;
-            CKS(fmc_launch_attn(st, c->qg + r * qgd, c->k + r * kvd, c->v + r * kvd, L->q_norm, L->k_norm, c->q + r * qd,
-                                c->gate + r * qd, rc->kc[si], rc->vc[si], c->att + r * qd, 1, x->rpos[r], NULL, m->n_heads,
-                                m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
-                                m->norm_offset, err, errlen));
-        }
+        const int64_t nb = c->nb;
+        float *const *R = c->d_rows;
+        const fmc_rows_attn rows = {fmc_rows_at(R, nb, si), fmc_rows_at(R, nb, m->n_full + si),
+                                    (const int *)fmc_rows_at(R, nb, 2 * (int64_t)m->n_full + 2 * m->n_linear)};
+        CKS(fmc_launch_attn(st, c->qg, c->k, c->v, L->q_norm, L->k_norm, c->q, c->gate, NULL, NULL, c->att, n, 0, NULL,
+                            m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim, m->rope_theta, m->attn_gate, m->eps,
+                            m->norm_offset, err, errlen, rows));
     } else {
         CKS(fmc_launch_attn(st, c->qg, c->k, c->v, L->q_norm, L->k_norm, c->q, c->gate, c->kc[si], c->vc[si], c->att, n,
                             x->pos, x->graph ? c->d_pos : NULL, m->n_heads, m->n_kv_heads, m->head_dim, m->rotary_dim,
@@ -559,16 +603,13 @@ static fm_status op_attn_linear(fm_pass *p, int32_t il, char *err, size_t errlen
         CKS(fmc_launch_mm(st, sms, m->debug.cuda_mma, &x->cm->mma_ws, L->ssm_a, c->xn, H, n, c->ba, m->lin_nv, 0, err, errlen));
     }
     if (x->rows) { /* multi-sequence: each row one step of its own session's conv + recurrent state */
-        const int64_t nv = m->lin_nv;
-        for (int64_t r = 0; r < n; r++) {
-            const fmc_session *rc = (const fmc_session *)x->rows[r]->bs;
-            k_conv<<<(unsigned)((cd + 127) / 128), 128, 0, st>>>(c->qkv + r * cd, 1, rc->conv[si], L->ssm_conv, (int)cd,
-                                                                 m->conv_k, c->qkvc + r * cd);
-            CKL();
-            CKS(fmc_launch_gdn(st, c->qkvc + r * cd, c->z + r * vd, c->ba + r * nv, c->bb + r * nv, L->A_log, L->dt_bias,
-                               L->ssm_norm, rc->ssm[si], c->o + r * vd, 1, m->lin_nk, m->lin_nv, m->lin_dk, m->lin_dv,
-                               m->eps, m->debug.gdn_chunk, err, errlen));
-        }
+        const int64_t nb = c->nb, nf = m->n_full, nl = m->n_linear;
+        k_conv<<<dim3((unsigned)((cd + 127) / 128), (unsigned)n), 128, 0, st>>>(
+            c->qkv, 1, NULL, L->ssm_conv, (int)cd, m->conv_k, c->qkvc, fmc_rows_at(c->d_rows, nb, 2 * nf + si));
+        CKL();
+        CKS(fmc_launch_gdn(st, c->qkvc, c->z, c->ba, c->bb, L->A_log, L->dt_bias, L->ssm_norm, NULL, c->o, n, m->lin_nk,
+                           m->lin_nv, m->lin_dk, m->lin_dv, m->eps, m->debug.gdn_chunk, err, errlen,
+                           fmc_rows_at(c->d_rows, nb, 2 * nf + nl + si)));
     } else {
         k_conv<<<(unsigned)((cd + 127) / 128), 128, 0, st>>>(c->qkv, n, c->conv[si], L->ssm_conv, (int)cd, m->conv_k,
                                                              c->qkvc);

@@ -179,6 +179,12 @@ typedef struct {
     const int32_t *rpos;     /* and its position */
 } fmc_ctx;
 
+/* a multi-sequence pass's per-row state pointers on the device (fmc_session.d_rows of the pass's
+ * session, filled by op_embed): for full-attention state si and row r, kc at [si * nb + r] and vc
+ * at [(n_full + si) * nb + r]; for linear-attention state si, conv at [(2 n_full + si) * nb + r] and
+ * ssm at [(2 n_full + n_linear + si) * nb + r]; then the rows' positions (int32 [nb]) */
+static inline float *const *fmc_rows_at(float *const *d_rows, int64_t nb, int64_t slot) { return d_rows + slot * nb; }
+
 struct fmc_session {
     fmc_model *cm;
     int32_t n_ctx, nb;
@@ -187,6 +193,7 @@ struct fmc_session {
         *hb, *ye, *dg, *logits;
     int32_t *topi, *tok;
     int32_t *d_pos, *h_io;     /* graph decode: position on the device, pinned [token, pos] */
+    float **d_rows, **h_rows;  /* multi-sequence passes: per-row state pointers + positions (fmc_rows_at) */
     cudaGraphExec_t gexec;     /* resident decode step captured once (embed .. lm_head) */
     int graph_failed;
     /* numerical guard: the first non-finite hidden state / logit of an eval (k_check_finite codes,
@@ -243,11 +250,12 @@ fm_status fmc_launch_norm(cudaStream_t st, int op, const float *X, const float *
                           int64_t d, float eps, float off, float *Y, char *err, size_t errlen);
 fm_status fmc_launch_gdn(cudaStream_t st, const float *QKV, const float *Z, const float *A, const float *B,
                          const float *A_log, const float *dt_bias, const float *normw, float *S, float *O, int64_t n,
-                         int nk, int nv, int dk, int dv, float eps, int gdn_chunk, char *err, size_t errlen);
+                         int nk, int nv, int dk, int dv, float eps, int gdn_chunk, char *err, size_t errlen,
+                         float *const *Srows = NULL);
 fm_status fmc_launch_attn(cudaStream_t st, const float *QG, const float *Kn, const float *Vn, const float *qnw,
                           const float *knw, float *Q, float *Gt, float *KC, float *VC, float *O, int64_t n, int pos,
                           const int *dpos, int nh, int nkv, int dh, int rot, float theta, int gate, float eps,
-                          float off, char *err, size_t errlen);
+                          float off, char *err, size_t errlen, fmc_rows_attn rows = fmc_rows_attn{NULL, NULL, NULL});
 
 /* ---- fm_cuda_moe.cu: the expert tiers */
 fm_status fmc_moe_open(fmc_model *cm, const fm_model_params *p, char *err, size_t errlen);
