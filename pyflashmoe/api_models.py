@@ -161,9 +161,15 @@ Content = Annotated[Union[Annotated[str, Tag("~str")], Annotated[list[ContentPar
                                   custom_error_message="must be a string, a list of content parts or null")]
 
 
+def _arguments(v):
+    if v is None or isinstance(v, (str, dict)):
+        return v
+    raise PydanticCustomError("arguments_type", "must be a JSON string or an object")
+
+
 class FunctionCall(_Model):
     name: str
-    arguments: Union[str, dict[str, Any], None] = Field(default="{}", union_mode="left_to_right")
+    arguments: Annotated[Any, BeforeValidator(_arguments)] = "{}"
 
 
 class ToolCall(_Model):

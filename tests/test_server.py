@@ -308,6 +308,12 @@ BAD_CHAT = [
     ({"messages": [OK, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]},
      "messages.1.tool_calls.0.function.arguments"),
+    ({"messages": [OK, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": [1]}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
+    ({"messages": [OK, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": "json"}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),

@@ -382,3 +382,19 @@ def test_unknown_model_is_404(live):
     assert r.json() == {"type": "error", "error": {
         "type": "not_found_error", "message": "model 'claude-9' not found; this server serves 'demo'"}}
     assert _post(live, {"model": "demo", "max_tokens": 1, "messages": HI}).status_code == 200
+
+
+def test_caps_in_anthropic_shape(live):
+    """max_tokens above the served context and a body past --max-body (default 4 MiB) are
+    Anthropic-shaped errors naming the field / the option."""
+    r = _post(live, {"model": "demo", "max_tokens": 5000, "messages": HI})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == ("'max_tokens' must be <= 4096 (the model's context "
+                                            "length), got 5000")
+    big = {"model": "demo", "max_tokens": 1, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}
+    r = _post(live, big)
+    assert r.status_code == 413
+    e = r.json()
+    assert e["type"] == "error" and e["error"]["type"] == "request_too_large"
+    assert "--max-body" in e["error"]["message"]
+    assert _post(live, {"model": "demo", "max_tokens": 1, "messages": HI}).status_code == 200
