@@ -159,6 +159,10 @@ def build_parser():
     se.add_argument("--max-queue", type=int, default=256,
                     help="requests that may wait besides the running one (default 256); beyond: 503 + "
                          "Retry-After")
+    se.add_argument("--parallel", type=int, default=4,
+                    help="sequences decoded together (continuous batching: requests join and leave "
+                         "the running batch between steps; each holds a session, made when first "
+                         "needed; default 4); the 'n' of a request counts its choices")
     se.add_argument("--timeout", type=float, default=3600.0,
                     help="seconds a request may take, queued + running (default 3600; 0 = no limit)")
     se.add_argument("--max-body", default="4MiB", help="largest request body (default 4MiB; 413 beyond)")

@@ -908,7 +908,8 @@ def load_from_args(a) -> "Model":
                       ram_budget=getattr(a, "ram_budget", None),
                       experts_per_token=getattr(a, "k", None),
                       context_length=getattr(a, "ctx", None),
-                      vram_budget=getattr(a, "vram_budget", None))
+                      vram_budget=getattr(a, "vram_budget", None),
+                      parallel=getattr(a, "parallel", None) or 1)
 
 
 def run_cli(a) -> int:

@@ -1,5 +1,5 @@
 """OpenAI- and Anthropic-compatible HTTP server: `flashmoe serve DIR [--host 127.0.0.1] [--port 8000]
-[--max-queue 256] [--timeout 3600] [--max-body 4MiB] [--allowed-hosts H,...] [--cors-origins O,...]`.
+[--parallel 4] [--max-queue 256] [--timeout 3600] [--max-body 4MiB] [--allowed-hosts H,...] [--cors-origins O,...]`.
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/completions,
 POST /v1/completions, and Anthropic's Messages API: POST /v1/messages, POST
@@ -16,14 +16,19 @@ which the page asks for when the server needs one).
   usage, or as Anthropic's SSE events (message_start ... message_stop). Its errors are
   Anthropic-shaped ({"type": "error", "error": {"type", "message"}}, the message naming the
   field). The anthropic-version header is accepted; x-api-key is the key when --api-key is set.
-* One engine thread owns the Model and runs the generations, one at a time, in FIFO order of
-  admission (Scheduler.pick_next is the one place that chooses the next work: a later batching
-  scheduler replaces it). Each request gets its own asyncio queue that the engine thread feeds
-  through loop.call_soon_threadsafe, so no request holds a lock or a worker thread while it waits
-  or streams: a slow or stalled client cannot hold up the others. The model's session keeps its
-  state, so a chat request whose prompt extends the previous request's prompt + answer only
-  evaluates the new tokens.
-* At most --max-queue requests wait (default 256) besides the running one; beyond that a request
+* One engine thread owns the Model and decodes up to --parallel N sequences together
+  (continuous batching, default 4): between two decode steps it admits waiting requests in FIFO
+  order of arrival (Scheduler.take: their prefill runs, then they join the batched step) and
+  drops the finished, cancelled and timed-out ones; one step evaluates a token of every running
+  sequence at once (Model._eval_batch: each MoE layer reads the union of their experts once).
+  Each sequence's pieces go to its request's feed; each request has its own thread that turns
+  them into chunks or a result and puts those on the request's asyncio queue (through
+  loop.call_soon_threadsafe), so no request holds a lock while it waits or streams: a slow or
+  stalled client cannot hold up the others. `n` > 1 (chat and completions) runs n sequences of
+  one request (seeds seed, seed+1, ...; n <= --parallel), choices 0..n-1, streamed interleaved.
+  Sessions come from the Model's StatePool, so a chat request whose prompt extends an earlier
+  request's prompt + answer only evaluates the new tokens.
+* At most --max-queue requests wait (default 256) besides the running ones; beyond that a request
   gets 503 with Retry-After. --timeout bounds a request's total time, queued + running (default
   3600 s, 0 = none): past it a request ends with 504 (in-band error event when streaming). A client
   that disconnects cancels its request at once: a queued one is dropped before it runs, a running
@@ -40,7 +45,7 @@ which the page asks for when the server needs one).
   characters, at most 128 tools. chat_template_kwargs: a client may set only enable_thinking (a
   boolean); any other key is a 400 naming it.
 * Sampling: temperature [0, 100], top_p (0, 1], top_k -1..vocab (-1/0 = off), min_p [0, 1),
-  repetition_penalty (0, 100], seed any int64, max_tokens / max_completion_tokens, stop, n=1.
+  repetition_penalty (0, 100], seed any int64, max_tokens / max_completion_tokens, stop, n (1..--parallel).
   Omitted sampling fields use the model's generation_config.json (greedy when it has none).
   presence_penalty / frequency_penalty [-2, 2] are accepted and ignored. max_tokens defaults to
   the rest of the context.
@@ -94,6 +99,7 @@ import ipaddress
 import json
 import math
 import os
+import queue
 import threading
 import time
 import uuid
@@ -113,6 +119,13 @@ from pyflashmoe.toolcalls import OutputParser, prompt_opens_thinking
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_TIMEOUT = 3600.0
+#: `flashmoe serve --parallel` default: sequences decoded together. Each running sequence holds
+#: a session (its context's KV rows + recurrent state, made when first needed), and the batched
+#: step reads the union of the sequences' experts once: 4 covers the usual local load (a few
+#: agents or chat tabs) at 4 sessions' memory, and most of the gain of batching comes from the
+#: first few sequences (their experts overlap least); raise it for more concurrent streams.
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 256
 # request limits and field ranges: pyflashmoe.api_models (the request models)
 BIG_BODY = 1 << 20  # bodies at least this big trigger a gc + heap trim once the server is idle
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -191,7 +204,7 @@ def sampling_kw(req, context_length: int | None = None, n_vocab: int | None = No
             break
     n = getattr(req, "n", None)
     if n is not None and n != 1:
-        raise APIError("'n' > 1 is not supported (one choice per request)", "n")
+        kw["n"] = n  # choices: Server._start checks it against --parallel
     stop = getattr(req, "stop", None)
     if stop:
         kw["stop"] = [stop] if isinstance(stop, str) else list(stop)
@@ -343,12 +356,20 @@ class Server:
     """Request handling independent of the web framework (build_app wraps it in FastAPI).
 
     prepare_chat / prepare_completion validate and tokenize a request (any thread); the engine
-    thread (EngineLoop, started here) runs the prepared generations one at a time."""
+    thread (EngineLoop, started here) decodes up to `parallel` sequences together (None: as many
+    as the Model's pool holds, Model.load(parallel=N); more grows the pool)."""
 
     def __init__(self, model, model_name: str = "model", max_queue: int = DEFAULT_MAX_QUEUE,
-                 timeout: float | None = DEFAULT_TIMEOUT):
+                 timeout: float | None = DEFAULT_TIMEOUT, parallel: int | None = None):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ArgumentError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if parallel is None:
+            parallel = model.parallel
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or not \
+                1 <= parallel <= MAX_PARALLEL:
+            raise ArgumentError(f"parallel must be an integer in [1, {MAX_PARALLEL}], got {parallel!r}")
+        model.ensure_parallel(parallel)
+        self.parallel = parallel
         if timeout is not None and (not _is_num(timeout) or timeout < 0):
             raise ArgumentError(f"timeout must be a number of seconds >= 0 (0 = none), got {timeout!r}")
         self.model = model
@@ -511,50 +532,117 @@ class Server:
                            f"{m.context_length}", "messages" if parser_args is not None else "prompt",
                            code="context_length_exceeded")
         kw = dict(kw)
+        n = kw.pop("n", 1)
+        if n > self.parallel:
+            raise APIError(f"'n' must be <= {self.parallel} (the sequences this server decodes "
+                           f"together, --parallel), got {n}", "n")
         kw.setdefault("max_tokens", m.context_length - len(ids))
         budget = min(kw["max_tokens"], m.context_length - len(ids))
-        constraint = self._constraint(fmt, budget)
-        try:
-            gen = m.generate(ids, logits_processor=constraint, **kw)
-        except ContextFullError as e:
-            raise APIError(str(e), "messages", code="context_length_exceeded") from None
-        except ArgumentError as e:
-            raise APIError(str(e), _param_from_message(str(e))) from None
-        return {"gen": gen, "n_prompt": len(ids), "parser_args": parser_args}
+        gens = []
+        for i in range(n):  # n choices: n sequences, each with its own grammar state and seed
+            kwi = dict(kw)
+            if i and kwi.get("seed") is not None:
+                kwi["seed"] = (kwi["seed"] + i) % (1 << 64)
+            constraint = self._constraint(fmt, budget)
+            try:
+                gens.append(m._prepare(ids, logits_processor=constraint, **kwi))
+            except ContextFullError as e:
+                raise APIError(str(e), "messages", code="context_length_exceeded") from None
+            except ArgumentError as e:
+                raise APIError(str(e), _param_from_message(str(e))) from None
+        return {"gens": gens, "n_prompt": len(ids), "parser_args": parser_args}
 
-    # ----- running (on the engine thread)
+    # ----- running (on the request's own thread, fed by the engine thread)
     def run_job(self, job: "Job"):
-        """Run one admitted request to its end, feeding job's queue. Raises _Cancelled when the
-        client went away, APIError (504) past the deadline, or what the model raised."""
+        """Turn one admitted request's pieces (sent by the engine thread to job's feeds, one
+        per choice) into its response, feeding job's queue. Runs on the request's own thread
+        (EngineLoop starts it), so building and sending a response never holds up the engine or
+        the other requests. Raises _Cancelled when the client went away, APIError (504) past
+        the deadline, or what the model raised."""
         st = job.st
-        gen = st["gen"]
-        st["gen"] = guarded = _guarded(gen, job)
+        gens = st["gens"]
+        choices = [dict(st, gen=_guarded(job.feed(i), job), stats=g.stats)
+                   for i, g in enumerate(gens)]
         try:
             job.check()  # cancelled or expired while queued: dropped before it runs
-            if job.stream:
-                if job.kind == "messages":
-                    from pyflashmoe import server_anthropic
-                    chunks = server_anthropic.stream(self, st)
-                else:
-                    fn = self.stream_chat if job.kind == "chat" else self.stream_completion
-                    chunks = fn(st, job.include_usage)
-                try:
-                    for c in chunks:
-                        job.put("chunk", c)
-                finally:
-                    chunks.close()
-            elif job.kind == "messages":
+            if job.kind == "messages":
                 from pyflashmoe import server_anthropic
-                job.put("result", server_anthropic.run(self, st))
+                if job.stream:
+                    chunks = server_anthropic.stream(self, choices[0])
+                    try:
+                        for c in chunks:
+                            job.put("chunk", c)
+                    finally:
+                        chunks.close()
+                else:
+                    job.put("result", server_anthropic.run(self, choices[0]))
+            elif job.stream:
+                self._stream_choices(job, choices)
             else:
                 fn = self.run_chat if job.kind == "chat" else self.run_completion
-                job.put("result", fn(st))
+                results = [fn(c) for c in choices]  # the others' pieces wait in their feeds
+                res = results[0]
+                if len(results) > 1:
+                    res["choices"] = [dict(r["choices"][0], index=i) for i, r in enumerate(results)]
+                    res["usage"] = self._usage_n(st, choices)
+                job.put("result", res)
         finally:
-            guarded.close()
-            gen.close()
+            for c in choices:
+                c["gen"].close()
+
+    def _stream_choices(self, job, choices):
+        """The chunks of every choice, each choice on its own thread (the first on this one),
+        so that they interleave as the batch decodes them; one id; one usage chunk at the end."""
+        fn = self.stream_chat if job.kind == "chat" else self.stream_completion
+        if len(choices) == 1:
+            chunks = fn(choices[0], job.include_usage)
+            try:
+                for c in chunks:
+                    job.put("chunk", c)
+            finally:
+                chunks.close()
+            return
+        ids = {}
+        errors = []
+
+        def run(i):
+            chunks = fn(choices[i], False, index=i)
+            try:
+                for c in chunks:
+                    first = ids.setdefault("id", (c["id"], c["created"]))
+                    job.put("chunk", dict(c, id=first[0], created=first[1]))
+            except BaseException as e:
+                errors.append(e)
+                job.abandoned = True  # the engine drops the job's other sequences
+            finally:
+                chunks.close()
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True,
+                                    name=f"flashmoe-choice-{i}") for i in range(1, len(choices))]
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+        if job.include_usage:
+            cid, created = ids.get("id", ("chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())))
+            obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+            job.put("chunk", {"id": cid, "object": obj, "created": created,
+                              "model": self.model_name, "choices": [],
+                              "usage": self._usage_n(job.st, choices)})
+
+    def _usage_n(self, st, choices):
+        """Usage of a request with several choices: the prompt once, the completions summed."""
+        us = [self._usage(c) for c in choices]
+        n = sum(u["completion_tokens"] for u in us)
+        return {"prompt_tokens": st["n_prompt"], "completion_tokens": n,
+                "total_tokens": st["n_prompt"] + n,
+                "prompt_tokens_details": {"cached_tokens": us[0]["prompt_tokens_details"]["cached_tokens"]}}
 
     def _usage(self, st):
-        s = self.model.stats or {}
+        s = st.get("stats") or self.model.stats or {}
         n = int(s.get("generated_tokens", 0))
         return {"prompt_tokens": st["n_prompt"], "completion_tokens": n,
                 "total_tokens": st["n_prompt"] + n,
@@ -798,10 +886,14 @@ def _trim_heap(big=False):
         _libc_trim(0)
 
 
+_END = object()  # a choice's feed: the generation has ended
+
+
 class Job:
     """One admitted request: its prepared generation (st), its asyncio queue, cancel flag and
-    deadline. The engine thread puts (kind, payload) items: ("chunk", dict) when streaming,
-    ("result", dict) otherwise, ("error", exception), and ("end", None) last."""
+    deadline. The request's thread puts (kind, payload) items: ("chunk", dict) when streaming,
+    ("result", dict) otherwise, ("error", exception), and ("end", None) last. The engine thread
+    sends each choice's GenerationPieces to that choice's feed (feed(i) yields them)."""
 
     def __init__(self, kind, st, stream, include_usage, loop, arrived, timeout):
         self.kind, self.st, self.stream, self.include_usage = kind, st, stream, include_usage
@@ -813,6 +905,10 @@ class Job:
         self.started = None
         self.done = False
         self.cancel_reason = None  # "timed_out" when the deadline passed on the event loop's side
+        gens = (st or {}).get("gens") if isinstance(st, dict) else None
+        self.n = len(gens) if gens else 1  # sequences (choices) the request runs
+        self.feeds = [queue.SimpleQueue() for _ in range(self.n)]
+        self.abandoned = False  # the request's thread has ended: its sequences are dropped
 
     def remaining(self):
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -826,27 +922,56 @@ class Job:
                         None, 504, "timeout_error", "request_timeout")
 
     def check(self):
-        """On the engine thread, before each step."""
+        """Before each step (engine thread) and each piece (the request's thread)."""
         if self.cancelled.is_set():
             raise _Cancelled()
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise self.timeout_error()
 
+    def stopped(self):
+        """None while the request should go on; else the exception that ends it."""
+        if self.abandoned:
+            return _Cancelled()
+        try:
+            self.check()
+        except BaseException as e:
+            return e
+        return None
+
     def put(self, kind, payload=None):
-        """From the engine thread to the request's event loop."""
+        """To the request's event loop (from any thread; never blocks)."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancelled.set()
 
+    def send(self, i, item):
+        """From the engine thread: a GenerationPiece, an exception or _END for choice i."""
+        self.feeds[i].put(item)
+
+    def feed(self, i):
+        """Choice i's pieces as the engine sends them (on the request's thread)."""
+        q = self.feeds[i]
+        while True:
+            try:
+                item = q.get(timeout=0.5)
+            except queue.Empty:
+                self.check()  # cancelled or past the deadline: the engine drops it too
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
 
 class Scheduler:
     """Fair FIFO admission: requests wait in arrival order, at most max_queue of them besides
-    the running one.
+    the running ones.
 
-    pick_next() is the one point where the engine thread chooses its next work. Today that is
-    the oldest waiting request, run to its end; continuous batching would return the next step
-    of several sessions here instead."""
+    take() is the one point where the engine thread chooses new work: between two decode steps
+    it admits the oldest waiting requests whose sequences fit the free slots (the head waits
+    when it does not fit, so nobody is overtaken). pick_next() takes one request."""
 
     IDLE_S = 0.25  # idle this long after work -> on_idle() (heap trim)
 
@@ -855,7 +980,7 @@ class Scheduler:
         self._waiting = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._active = 0  # jobs handed out by pick_next and not yet finished
+        self._active = 0  # jobs handed out by pick_next/take and not yet finished
         self._dirty = False  # work since the last on_idle
         self._big = False  # a big request since the last on_idle
 
@@ -884,7 +1009,7 @@ class Scheduler:
                 return False
 
     def finished(self, job):
-        """The engine is done with a job that pick_next returned."""
+        """The engine is done with a job that pick_next/take returned."""
         with self._cv:
             self._active -= 1
             self._dirty = True
@@ -907,13 +1032,29 @@ class Scheduler:
     def pick_next(self, on_idle=None):
         """The next job to run (the oldest waiting one), blocking until there is one; None once
         closed. While idle after some work it calls on_idle(big) once."""
+        jobs = self.take(None, True, on_idle)
+        return None if jobs is None else jobs[0]
+
+    def take(self, free, block=False, on_idle=None):
+        """The waiting jobs to admit now, oldest first, while their sequences (job.n, 1 for
+        other objects) fit in `free` slots (None: one job); [] when none fits; None once closed.
+        block: wait until there is one (nothing is running); while idle after some work it
+        calls on_idle(big) once."""
         while True:
             with self._cv:
                 if self._closed:
                     return None
-                if self._waiting:
-                    self._active += 1
-                    return self._waiting.popleft()
+                out = []
+                if free is None:
+                    if self._waiting:
+                        out.append(self._waiting.popleft())
+                else:
+                    while self._waiting and getattr(self._waiting[0], "n", 1) <= free:
+                        free -= getattr(self._waiting[0], "n", 1)
+                        out.append(self._waiting.popleft())
+                self._active += len(out)
+                if out or not block:
+                    return out
                 if not self._dirty or on_idle is None:
                     self._cv.wait()
                     continue
@@ -933,17 +1074,34 @@ def _queue_full(max_queue, retry_after):
                     headers={"Retry-After": str(retry_after)})
 
 
+class _Seq:
+    """One running sequence: choice i of a job, its Generation and the token to evaluate."""
+    __slots__ = ("job", "i", "gen")
+
+    def __init__(self, job, i, gen):
+        self.job, self.i, self.gen = job, i, gen
+
+
 class EngineLoop:
-    """The one thread that owns the Model: it takes requests from the Scheduler and runs them,
-    sending their output to each request's queue. An exception from a request ends that request
-    (with an error), never the thread."""
+    """The one thread that owns the Model. Continuous batching: it keeps up to
+    server.parallel running sequences; between two decode steps it admits waiting requests
+    (Scheduler.take: their prefill runs, their first token is sampled, and they join the next
+    batched step) and drops the finished, cancelled and timed-out ones. One step evaluates one
+    token of every running sequence together (Model._eval_batch) and sends each sequence's
+    piece to its request's feed; each request's own thread turns its pieces into chunks or a
+    result (Server.run_job), so a slow or gone client never holds up the others. An exception
+    from a request (its prefill, its sampling, its response) ends that request, an error of a
+    batched step the sequences of that step; never the thread."""
 
     def __init__(self, server: Server, max_queue: int):
         self.server = server
         self.sched = Scheduler(max_queue)
-        self.current = None
+        self.parallel = getattr(server, "parallel", 1)
+        self.running_jobs: set = set()  # admitted and not finished (their threads run)
+        self.engine_jobs: set = set()  # jobs with sequences in the engine (being admitted or running)
         self._lock = threading.Lock()
         self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "rejected": 0}
+        self.steps = {"steps": 0, "batched_tokens": 0}
         self._avg_s = None
         self._thread = threading.Thread(target=self._main, name="flashmoe-engine", daemon=True)
         self._thread.start()
@@ -952,12 +1110,19 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def current(self):
+        """The oldest running job (None when idle)."""
+        with self._lock:
+            jobs = list(self.engine_jobs)
+        return min(jobs, key=lambda j: j.started or 0.0) if jobs else None
+
     def _count(self, key):
         with self._lock:
             self.counts[key] += 1
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free (the running request ends): the mean request
+        """Seconds until a slot is likely free (a running request ends): the mean request
         time, 1..60."""
         avg = self._avg_s if self._avg_s is not None else 1.0
         return int(min(60, max(1, math.ceil(avg))))
@@ -999,26 +1164,28 @@ class EngineLoop:
     STALL_SLACK_S = 30.0  # a request running this long past its deadline: the engine is stuck
 
     def health(self) -> dict:
-        """status "ok"; "stalled" when the running request is STALL_SLACK_S past its deadline
+        """status "ok"; "stalled" when a running request is STALL_SLACK_S past its deadline
         (the engine would have stopped it at its next token: it is stuck inside one step);
         "error" when the engine thread is not running."""
-        cur = self.current
-        alive = self.alive
         with self._lock:
+            jobs = list(self.engine_jobs)
             counts = dict(self.counts)
+            steps = dict(self.steps)
+        alive = self.alive
         now = time.monotonic()
-        running_for = 0.0 if cur is None or cur.started is None else now - cur.started
-        stalled = cur is not None and cur.deadline is not None and now > cur.deadline + self.STALL_SLACK_S
+        running_for = max((now - j.started for j in jobs if j.started is not None), default=0.0)
+        stalled = any(j.deadline is not None and now > j.deadline + self.STALL_SLACK_S for j in jobs)
         return {"status": "error" if not alive else "stalled" if stalled else "ok",
                 "engine_thread": "alive" if alive else "dead",
                 "queue_depth": self.sched.depth(), "max_queue": self.sched.max_queue,
-                "running": 0 if cur is None else 1, "running_for_s": round(running_for, 3),
-                "timeout_s": self.server.timeout, **counts}
+                "running": len(jobs), "running_for_s": round(running_for, 3),
+                "parallel": self.parallel, "timeout_s": self.server.timeout, **counts, **steps}
 
     def close(self, wait=5.0):
         left = self.sched.close()
-        cur = self.current
-        if cur is not None:
+        with self._lock:
+            jobs = list(self.running_jobs)
+        for cur in jobs:
             cur.cancel_reason = "shutdown"
             cur.cancelled.set()
         for job in left:
@@ -1029,19 +1196,118 @@ class EngineLoop:
         if self._thread is not threading.current_thread():
             self._thread.join(wait)
 
+    # ----- the engine thread
     def _main(self):
-        while True:
-            job = self.sched.pick_next(_trim_heap)
-            if job is None:
-                return
-            try:
-                self._execute(job)
-            except BaseException:  # never let a request end the thread
-                pass
+        running: list[_Seq] = []
+        try:
+            while True:
+                free = self.parallel - len(running)
+                jobs = self.sched.take(free, block=not running, on_idle=_trim_heap)
+                if jobs is None:
+                    return
+                for job in jobs:
+                    with self._lock:
+                        self.engine_jobs.add(job)
+                    try:
+                        self._admit(job, running)
+                    except BaseException:  # never let a request end the thread
+                        pass
+                    self._note(running)
+                if running:
+                    self._drop_stopped(running)
+                if running:
+                    try:
+                        self._step(running)
+                    except BaseException:
+                        pass
+                self._note(running)
+        finally:
+            for seq in running:  # closing: the requests' threads end with the shutdown error
+                self._end(seq, _Cancelled(), ok=True)
 
-    def _execute(self, job: Job):
-        self.current = job
+    def _note(self, running):
+        with self._lock:
+            self.engine_jobs = {s.job for s in running}
+
+    def _end(self, seq, item, ok=True):
+        try:
+            seq.gen.close(ok=ok)
+        except BaseException:
+            pass
+        seq.job.send(seq.i, item)
+
+    def _admit(self, job: Job, running: list):
+        """Start the job's thread, then prefill its sequences; they join the running batch."""
         job.started = time.monotonic()
+        gens = list(job.st["gens"])  # before the thread starts: it drops job.st when it ends
+        with self._lock:
+            self.running_jobs.add(job)
+        threading.Thread(target=self._job_thread, args=(job,), daemon=True,
+                         name="flashmoe-request").start()
+        stop = job.stopped()
+        if stop is not None:  # cancelled or expired while queued: nothing is evaluated
+            for i in range(len(gens)):
+                job.send(i, stop)
+            return
+        for i, g in enumerate(gens):
+            seq = _Seq(job, i, g)
+            try:
+                piece, tok = g.step(g.prefill(set_model_stats=False))
+            except BaseException as e:
+                # the whole request fails: its other sequences end too
+                for other in [r for r in running if r.job is job]:
+                    running.remove(other)
+                    self._end(other, e)
+                for k in range(i, len(gens)):
+                    self._end(_Seq(job, k, gens[k]), e, ok=False)
+                return
+            job.send(i, piece)
+            if tok is None:
+                self._end(seq, _END)
+            else:
+                running.append(seq)
+
+    def _drop_stopped(self, running: list):
+        """Sequences of cancelled, expired or abandoned requests leave before the next step."""
+        keep = []
+        for seq in running:
+            stop = seq.job.stopped()
+            if stop is None:
+                keep.append(seq)
+            else:
+                self._end(seq, stop)
+        running[:] = keep
+
+    def _step(self, running: list):
+        """One batched decode step over every running sequence."""
+        try:
+            rows = self.server.model._eval_batch([s.gen.session for s in running],
+                                                 [s.gen.next_token for s in running])
+        except BaseException as e:
+            # the batch's sessions were reset: every sequence of the step ends with the error
+            for seq in running:
+                self._end(seq, e, ok=False)
+            running.clear()
+            return
+        with self._lock:
+            self.steps["steps"] += 1
+            self.steps["batched_tokens"] += len(running)
+        keep = []
+        for k, seq in enumerate(running):
+            try:
+                piece, tok = seq.gen.step(rows[k])
+            except BaseException as e:
+                self._end(seq, e, ok=False)
+                continue
+            seq.job.send(seq.i, piece)
+            if tok is None:
+                self._end(seq, _END)
+            else:
+                keep.append(seq)
+        running[:] = keep
+
+    # ----- a request's own thread
+    def _job_thread(self, job: Job):
         outcome = "completed"
         try:
             self.server.run_job(job)
@@ -1054,10 +1320,12 @@ class EngineLoop:
             outcome = "timed_out" if getattr(e, "code", None) == "request_timeout" else "failed"
             job.put("error", e)
         finally:
+            job.abandoned = True  # any sequence still running is dropped at the next step
             job.done = True
             job.st = None
             job.put("end")
-            self.current = None
+            with self._lock:
+                self.running_jobs.discard(job)
             dt = time.monotonic() - job.started
             self._avg_s = dt if self._avg_s is None else 0.8 * self._avg_s + 0.2 * dt
             self._count(outcome)
@@ -1525,6 +1793,10 @@ def serve_cli(a) -> int:
         raise FlashMoEError("flashmoe serve needs fastapi and uvicorn: pip install 'pyflashmoe[serve]'") from None
     from pyflashmoe.generate import load_from_args, parse_size
     max_queue = getattr(a, "max_queue", DEFAULT_MAX_QUEUE)
+    parallel = getattr(a, "parallel", None) or DEFAULT_PARALLEL
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise ArgumentError(f"--parallel must be in [1, {MAX_PARALLEL}], got {parallel}")
+    a.parallel = parallel  # load_from_args gives the Model that many sessions
     timeout = getattr(a, "timeout", DEFAULT_TIMEOUT)
     if max_queue is None or max_queue < 0:
         raise ArgumentError(f"--max-queue must be >= 0, got {max_queue}")
@@ -1544,7 +1816,7 @@ def serve_cli(a) -> int:
     from pyflashmoe.generate import DEMO_MODEL_DIR
     name = a.model_name or ("pyflashmoe-demo" if os.path.abspath(a.dir) == DEMO_MODEL_DIR
                             else os.path.basename(os.path.normpath(a.dir)))
-    server = Server(model, name, max_queue=max_queue, timeout=timeout)
+    server = Server(model, name, max_queue=max_queue, timeout=timeout, parallel=parallel)
     app = build_app(server, max_body=max_body, allowed_hosts=allowed, cors_origins=cors or None,
                     api_key=api_key)
     if model.tokenizer is not None and model.eos_token_ids:

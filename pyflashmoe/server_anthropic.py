@@ -289,7 +289,7 @@ class _Output:
         return min(hits)[1] if hits else stops[0]
 
     def usage(self):
-        s = self.server.model.stats or {}
+        s = self.st.get("stats") or self.server.model.stats or {}  # this request's generation
         cached = int(s.get("cached_tokens", 0))
         return {"input_tokens": self.st["n_prompt"] - cached,
                 "output_tokens": int(s.get("generated_tokens", 0)),

@@ -315,21 +315,17 @@ def test_engine_error_mid_stream_is_an_anthropic_error_event(live, client, monke
 
     from pyflashmoe.errors import FlashMoEError
     model = live.server_obj.model
-    real = model.generate
+    real = model._eval_batch  # the engine loop's decode step
+    calls = {"n": 0}
 
-    def failing(*a, **kw):
-        def gen():
-            g = real(*a, **kw)
-            try:
-                for i, piece in enumerate(g):
-                    if i == 2:
-                        raise FlashMoEError("disk read failed (test)")
-                    yield piece
-            finally:
-                g.close()
-        return gen()
+    def failing(sessions, tokens):  # the 2nd decode step of each request fails
+        calls["n"] += 1
+        if calls["n"] == 2:
+            calls["n"] = 0
+            raise FlashMoEError("disk read failed (test)")
+        return real(sessions, tokens)
 
-    monkeypatch.setattr(model, "generate", failing)
+    monkeypatch.setattr(model, "_eval_batch", failing)
     body = {"model": "demo", "max_tokens": 8, "messages": HI, "stream": True}
     with httpx.stream("POST", live.url + "/v1/messages", json=body, timeout=60) as r:
         raw = r.read().decode()
@@ -341,7 +337,7 @@ def test_engine_error_mid_stream_is_an_anthropic_error_event(live, client, monke
     with pytest.raises(anthropic.InternalServerError) as ei:
         client.messages.create(model="demo", max_tokens=8, messages=HI)
     assert ei.value.body["error"]["type"] == "api_error"
-    monkeypatch.setattr(model, "generate", real)
+    monkeypatch.setattr(model, "_eval_batch", real)
     assert client.messages.create(model="demo", max_tokens=2, messages=HI).stop_reason == "max_tokens"
 
 

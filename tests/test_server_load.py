@@ -2,6 +2,9 @@
 test_server.py): 64 and then 128 concurrent streaming clients all complete with well-formed SSE,
 then 5 phases of the same load plus big request bodies (refused before tokenization, or with 413),
 and the server's RSS after the 5th phase is within 5% of its RSS after the 1st (issue 9).
+Continuous batching (issue 10 item 4, --parallel 4): two concurrent streams progress together and
+each equals its answer alone (greedy); a stalled or departed client does not hold up another
+request; n > 1 choices (chat and completions, streaming and not, seeds seed + i).
 
 Bounded: every HTTP call has a timeout, every phase a deadline, and the server is killed at the
 end whatever happens.
@@ -121,3 +124,142 @@ def test_serve_under_load_and_rss_is_stable(tiny_dir):
         drift = abs(rss[4] - rss[0]) / rss[0]
         assert drift <= 0.05, f"RSS after each phase (KiB): {rss}"
         assert p.poll() is None
+
+
+# ------------------------------------------------------------------------------ continuous batching
+# (issue 10 item 4) the same tiny model served with --parallel 4: concurrent requests are decoded
+# together, each one's answer equals what it gets alone, and n > 1 runs n sequences of a request.
+LONG = 120  # tokens per stream: long enough for the two streams to overlap
+
+
+@pytest.fixture(scope="module")
+def batch_server(tiny_dir):
+    with serve_process(str(tiny_dir), "--threads", "1", "--timeout", "120", "--parallel", "4") as (p, url):
+        from pyflashmoe.tokenizer import Tokenizer
+        tok = Tokenizer.from_dir(str(tiny_dir))
+        bias = {str(tok.eos_token_id): -100, "2": -100}
+        yield url, bias
+
+
+def _chat_body(i, bias, **kw):
+    return dict({"messages": [{"role": "user", "content": f"Stream {i}, tell me a long story."}],
+                 "max_tokens": LONG, "temperature": 0, "logit_bias": bias}, **kw)
+
+
+async def _timed_stream(c, url, body):
+    """(text, [arrival time of each content chunk], usage) of one streaming chat request."""
+    times, parts, usage = [], [], None
+    async with c.stream("POST", url + "/v1/chat/completions",
+                        json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])
+            assert "error" not in ch, ch
+            if ch.get("usage"):
+                usage = ch["usage"]
+            for choice in ch["choices"]:
+                if choice["delta"].get("content"):
+                    times.append(time.monotonic())
+                    parts.append(choice["delta"]["content"])
+    return "".join(parts), times, usage
+
+
+def test_two_streams_are_decoded_together_and_equal_alone(batch_server):
+    url, bias = batch_server
+    alone = [httpx.post(url + "/v1/chat/completions", json=_chat_body(i, bias), timeout=60).json()
+             for i in range(2)]
+    want = [a["choices"][0]["message"]["content"] for a in alone]
+    assert all(a["usage"]["completion_tokens"] == LONG for a in alone)
+    h0 = httpx.get(url + "/health", timeout=10).json()
+
+    async def both():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as c:
+            return await asyncio.gather(*[_timed_stream(c, url, _chat_body(i, bias)) for i in range(2)])
+
+    (ta, xa, ua), (tb, xb, ub) = asyncio.run(both())
+    assert [ta, tb] == want  # greedy: batched decoding gives each stream its answer alone
+    assert ua["completion_tokens"] == ub["completion_tokens"] == LONG
+    # both progressed at once: each stream got chunks before the other one's last chunk
+    assert xa[0] < xb[-1] and xb[0] < xa[-1]
+    h = _wait_idle(url)
+    steps, batched = h["steps"] - h0["steps"], h["batched_tokens"] - h0["batched_tokens"]
+    assert batched > steps  # some steps evaluated both sequences together
+    assert h["parallel"] == 4 and h["failed"] == 0
+
+
+def test_a_stalled_or_gone_client_does_not_hold_up_the_others(batch_server):
+    url, bias = batch_server
+    want = httpx.post(url + "/v1/chat/completions", json=_chat_body(7, bias), timeout=60).json()
+    want = want["choices"][0]["message"]["content"]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as c:
+            # a client that reads one line and then stalls, and one that goes away mid-stream
+            stalled = c.stream("POST", url + "/v1/chat/completions",
+                               json=dict(_chat_body(8, bias, max_tokens=450), stream=True))
+            rs = await stalled.__aenter__()
+            assert rs.status_code == 200
+            await rs.aiter_lines().__anext__()
+            gone = c.stream("POST", url + "/v1/chat/completions",
+                            json=dict(_chat_body(9, bias, max_tokens=450), stream=True))
+            rg = await gone.__aenter__()
+            assert rg.status_code == 200
+            await rg.aiter_lines().__anext__()
+            await gone.__aexit__(None, None, None)
+            text, _, _ = await asyncio.wait_for(_timed_stream(c, url, _chat_body(7, bias)), 30)
+            await stalled.__aexit__(None, None, None)
+            return text
+
+    assert asyncio.run(run()) == want
+    h = _wait_idle(url)
+    assert h["cancelled"] >= 1 and h["engine_thread"] == "alive" and h["failed"] == 0
+
+
+def test_n_choices(batch_server):
+    url, bias = batch_server
+    body = _chat_body(3, bias, max_tokens=12)
+    one = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+    r = httpx.post(url + "/v1/chat/completions", json=dict(body, n=3), timeout=60).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2]
+    assert all(c["message"] == one["choices"][0]["message"] for c in r["choices"])  # greedy
+    assert r["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    assert r["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    # sampled with a seed: choice i is what seed + i gives alone
+    sb = dict(body, temperature=1.0, seed=41)
+    r = httpx.post(url + "/v1/chat/completions", json=dict(sb, n=2), timeout=60).json()
+    for i in range(2):
+        alone = httpx.post(url + "/v1/chat/completions", json=dict(sb, seed=41 + i), timeout=60).json()
+        assert r["choices"][i]["message"] == alone["choices"][0]["message"], i
+    # streaming: chunks of both choices, one id, one usage chunk; the same texts
+    rs = httpx.post(url + "/v1/chat/completions", timeout=60,
+                    json=dict(sb, n=2, stream=True, stream_options={"include_usage": True}))
+    chunks = [json.loads(ev[6:]) for ev in rs.text.split("\n\n")
+              if ev.startswith("data: ") and ev != "data: [DONE]"]
+    assert rs.text.endswith("data: [DONE]\n\n") and len({c["id"] for c in chunks}) == 1
+    texts, fins = {0: "", 1: ""}, {}
+    for c in chunks:
+        for ch in c["choices"]:
+            texts[ch["index"]] += ch["delta"].get("content") or ""
+            if ch["finish_reason"]:
+                fins[ch["index"]] = ch["finish_reason"]
+    assert [texts[0], texts[1]] == [c["message"]["content"] for c in r["choices"]]
+    assert sorted(fins) == [0, 1]
+    usage = [c for c in chunks if c.get("usage")]
+    assert len(usage) == 1 and usage[0]["usage"] == r["usage"]
+    # completions, streaming and not
+    cb = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 3, "n": 2}
+    rc = httpx.post(url + "/v1/completions", json=cb, timeout=60).json()
+    assert [c["index"] for c in rc["choices"]] == [0, 1]
+    rcs = httpx.post(url + "/v1/completions", json=dict(cb, stream=True), timeout=60)
+    got = {0: "", 1: ""}
+    for ev in rcs.text.split("\n\n"):
+        if ev.startswith("data: {"):
+            for ch in json.loads(ev[6:])["choices"]:
+                got[ch["index"]] += ch["text"]
+    assert [got[0], got[1]] == [c["text"] for c in rc["choices"]]
+    # more choices than --parallel: a 400 naming n
+    r = httpx.post(url + "/v1/chat/completions", json=dict(body, n=5), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert "--parallel" in r.json()["error"]["message"]
