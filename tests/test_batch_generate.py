@@ -218,3 +218,17 @@ def test_parallel_argument_checked(tok):
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ArgumentError, match="parallel"):
             G.Model(FakeEngine(tok.vocab_size), FakeSession, tokenizer=tok, parallel=bad)
+
+
+def test_fake_batch_pieces_equal_alone_with_logprobs(tok):
+    m, _ = _fake(tok, BatchFakeEngine)
+    m1, _ = _fake(tok, FakeEngine, parallel=1)
+    items = [{"prompt": "one", "max_tokens": 5, "top_logprobs": 3},
+             {"prompt": "two three", "max_tokens": 7, "logit_bias": {5: 50.0}}]
+    got = {}
+    for i, p in m.generate_batch(items, temperature=0, ignore_eos=True):
+        got.setdefault(i, []).append(p)
+    for i, it in enumerate(items):
+        kw = {k: v for k, v in it.items() if k != "prompt"}
+        assert got[i] == list(m1.generate(it["prompt"], temperature=0, ignore_eos=True, **kw))
+    assert got[0][0].top_logprobs is not None and len(got[0][0].top_logprobs) == 3

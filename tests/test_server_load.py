@@ -263,3 +263,50 @@ def test_n_choices(batch_server):
     r = httpx.post(url + "/v1/chat/completions", json=dict(body, n=5), timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     assert "--parallel" in r.json()["error"]["message"]
+
+
+def test_an_error_in_a_batched_step_ends_its_sequences_and_the_engine_goes_on(test_data):
+    """In-process server over test_server.py's controllable fake engine, --parallel 3: three
+    requests decode together; an I/O error inside a batched step ends the three (500 naming the
+    error; the sessions are reset), and the next request is served."""
+    import threading
+
+    from pyflashmoe.errors import ModelIOError
+    from pyflashmoe.server import Server, build_app
+    from test_server import _ctl_model, _Live, _msgs, _post, _tok
+    qtok = _tok(test_data, "qwen3")
+    m, eng = _ctl_model(qtok)
+    server = Server(m, "fake", parallel=3)
+    calls = {"n": 0}
+
+    def failing(e, tokens):
+        if tokens.size == 1:
+            calls["n"] += 1
+            if calls["n"] == 6:  # step 1: the first request alone (1 call); steps 2, 3: 3 calls
+                return ModelIOError("expert read failed (test)")
+        return None
+
+    with _Live(build_app(server)) as live:
+        eng.gate = threading.Event()  # hold the first prefill until the others are queued
+        out = {}
+        ts = [threading.Thread(target=lambda i=i: out.setdefault(i, _post(
+            live.url, {"messages": _msgs(i), "max_tokens": 20, "temperature": 0}))) for i in range(3)]
+        ts[0].start()
+        live.wait_health(lambda h: h["running"] == 1)
+        for t in ts[1:]:
+            t.start()
+        live.wait_health(lambda h: h["queue_depth"] == 2)
+        eng.fail = failing
+        eng.gate.set()
+        for t in ts:
+            t.join(60)
+        assert [out[i].status_code for i in range(3)] == [500, 500, 500], [out[i].text for i in range(3)]
+        assert all("expert read failed" in out[i].json()["error"]["message"] for i in range(3))
+        assert all(s.pos == 0 for s in m.pool.sessions())
+        eng.fail = None
+        r = _post(live.url, {"messages": _msgs(3), "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        h = live.health()
+        assert h["failed"] == 3 and h["engine_thread"] == "alive" and h["parallel"] == 3
+        assert h["batched_tokens"] > h["steps"]
+    server.close()
