@@ -345,22 +345,37 @@ cdef class Session:
         fm_session_state_size(self._ptr(), &n)
         return int(n)
 
-    def save_state(self):
+    def save_state(self, into=None):
         """The session's state at its position (KV rows [0, pos), conv and recurrent states, pos)
         as bytes: a snapshot load_state() restores into any session of the same model (either
-        backend) with n_ctx >= pos. See csrc/fm.h fm_session_state_save for the format."""
+        backend) with n_ctx >= pos. See csrc/fm.h fm_session_state_save for the format.
+        into: a writable contiguous buffer of at least state_size() bytes (e.g. an anonymous
+        mmap, whose memory goes back to the system when it is closed) receives the snapshot
+        instead; the bytes written are returned."""
         cdef fm_session *s = self._ptr()
         cdef uint64_t n = 0, written = 0
         cdef char err[1024]
         cdef fm_status st
         cdef char *p
+        cdef uint8_t[::1] w
+        if into is not None:
+            try:
+                w = memoryview(into).cast("B")
+            except (TypeError, ValueError) as e:
+                raise ArgumentError(f"save_state: into must be a writable contiguous buffer ({e})") from None
         if self._busy:
             raise RuntimeError("Session.save_state called while eval runs")
         self._busy = True
+        out = None
         try:
             fm_session_state_size(s, &n)
-            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
-            p = PyBytes_AS_STRING(out)
+            if into is None:
+                out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
+                p = PyBytes_AS_STRING(out)
+            else:
+                if <uint64_t>w.shape[0] < n:
+                    raise ArgumentError(f"save_state: into holds {w.shape[0]} bytes, the state needs {n}")
+                p = <char *>&w[0]
             err[0] = 0
             with nogil:
                 st = fm_session_state_save(s, p, n, &written, err, sizeof(err))
@@ -368,7 +383,7 @@ cdef class Session:
             self._busy = False
         if st != FM_OK:
             raise _error_from(st, err)
-        return out
+        return out if into is None else int(written)
 
     def load_state(self, buf):
         """Replace the session's state and position with a snapshot from save_state() (bytes or

@@ -208,6 +208,7 @@ class Model:
 
         from pyflashmoe.prefix import StatePool
         self.pool = StatePool(engine, factory, self.context_length, max_sessions=int(parallel))
+        self.pool.configure(tokenizer=tokenizer)  # snapshots at the chat template's <|im_start|>
         self._last_session = first[0]  # what `session` returns: the last one a generation used
         self._held: list[int] = []  # tokens the last generation left in _last_session's state
         self._open: list = []  # open Generations, oldest first (see _make_room)
