@@ -175,6 +175,8 @@ def build_parser():
     se.add_argument("--api-key", default=None,
                     help="require this key on /v1/ requests (Authorization: Bearer KEY or x-api-key); "
                          "default: $FLASHMOE_API_KEY, else no key")
+    from pyflashmoe.prefix import add_state_args
+    add_state_args(se)  # --state-ram / --state-dir / --state-disk (saved conversation states)
     _add_load_args(se)
     se.set_defaults(fn=_cmd_serve)
 

@@ -680,14 +680,17 @@ def add_state_args(p) -> None:
                    help="disk cap of --state-dir (default 8GiB; the oldest states are deleted)")
 
 
-def configure_from_args(pool, a) -> None:
-    """Apply --state-ram / --state-dir / --state-disk (add_state_args) to a StatePool."""
+def state_settings(a) -> dict:
+    """StatePool.configure keywords from --state-ram / --state-dir / --state-disk (add_state_args);
+    checked here, before the model is loaded."""
     from pyflashmoe.generate import parse_size
     ram = getattr(a, "state_ram", None)
     disk = getattr(a, "state_disk", None)
     d = getattr(a, "state_dir", None)
     if disk is not None and d is None:
         raise ArgumentError("--state-disk needs --state-dir")
-    pool.configure(ram_bytes=parse_size(ram, "--state-ram") if ram is not None else None,
-                   disk_bytes=parse_size(disk, "--state-disk") if disk is not None else None,
-                   disk_dir=d)
+    if d is not None and os.path.exists(d) and not os.path.isdir(d):
+        raise ArgumentError(f"--state-dir {d} exists and is not a directory")
+    return {"ram_bytes": parse_size(ram, "--state-ram") if ram is not None else None,
+            "disk_bytes": parse_size(disk, "--state-disk") if disk is not None else None,
+            "disk_dir": d}

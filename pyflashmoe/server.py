@@ -1812,7 +1812,10 @@ def serve_cli(a) -> int:
         raise ArgumentError("--allowed-hosts: give host names separated by commas, or '*' for any")
     cors = _split_list(getattr(a, "cors_origins", None))
     api_key = getattr(a, "api_key", None) or os.environ.get("FLASHMOE_API_KEY") or None
+    from pyflashmoe.prefix import state_settings
+    states = state_settings(a)  # --state-ram / --state-dir / --state-disk, checked before the load
     model = load_from_args(a)
+    model.pool.configure(**states)
     from pyflashmoe.generate import DEMO_MODEL_DIR
     name = a.model_name or ("pyflashmoe-demo" if os.path.abspath(a.dir) == DEMO_MODEL_DIR
                             else os.path.basename(os.path.normpath(a.dir)))

@@ -256,3 +256,48 @@ def test_fake_sessions_without_state_api_still_work():
     s, _, n = pool.prefill([1, 5, 6, 1, 7, 8, 9])
     assert n == 6
     assert pool.stats()["saved"] == 0
+
+
+def test_serve_reports_cached_tokens_end_to_end(model, tmp_path):
+    """A real `flashmoe serve --state-ram --state-dir --state-disk` (demo model, one session, so the
+    other conversation's turn in between makes every resume come from a snapshot): OpenAI's
+    usage.prompt_tokens_details.cached_tokens and Anthropic's usage.cache_read_input_tokens say
+    how much of each prompt was reused; it covers at least everything before the previous turn's
+    answer (the server returns the answer without its thinking, which the template would drop
+    anyway), and prompt_tokens - cached is what was evaluated (input_tokens on Anthropic's side)."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi", reason="flashmoe serve needs the serve extra")
+    from serve_process import serve_process
+    m = model
+    im_start = m.tokenizer.token_to_id("<|im_start|>")
+    states = tmp_path / "states"
+    with serve_process("--threads", "2", "--parallel", "1", "--state-ram", "1MiB", "--state-dir",
+                       str(states), "--state-disk", "64MiB") as (p, url):
+        oa = [{"role": "user", "content": "Who wrote the book of Job?"}]
+        an = [{"role": "user", "content": "Tell me about Moses."}]
+        prev_oa = prev_an = None
+        for turn in range(3):
+            r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                "messages": oa, "max_tokens": 8, "temperature": 0,
+                "chat_template_kwargs": {"enable_thinking": False}}).json()
+            u = r["usage"]
+            cached = u["prompt_tokens_details"]["cached_tokens"]
+            ids = m.encode_prompt(oa, {"enable_thinking": False})
+            assert u["prompt_tokens"] == len(ids)
+            if prev_oa is not None:
+                assert cached >= max(i for i, t in enumerate(prev_oa) if t == im_start) > 0, u
+            prev_oa = ids
+            oa += [{"role": "assistant", "content": r["choices"][0]["message"]["content"] or "."},
+                   {"role": "user", "content": f"And then? ({turn})"}]
+            r = httpx.post(url + "/v1/messages", timeout=120, json={
+                "model": "pyflashmoe-demo", "messages": an, "max_tokens": 8, "temperature": 0,
+                "thinking": {"type": "disabled"}}).json()
+            u = r["usage"]
+            text = "".join(b.get("text", "") for b in r["content"] if b["type"] == "text") or "."
+            if prev_an is not None:
+                assert u["cache_read_input_tokens"] > 0, u
+                assert u["input_tokens"] + u["cache_read_input_tokens"] > u["cache_read_input_tokens"]
+            prev_an = u
+            an += [{"role": "assistant", "content": text},
+                   {"role": "user", "content": f"And then? ({turn})"}]
+    assert list(states.rglob("*.fmstate")), "nothing spilled past --state-ram 1MiB"

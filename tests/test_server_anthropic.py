@@ -360,13 +360,15 @@ def test_flashmoe_serve_subprocess():
 def test_cache_read_input_tokens(client):
     """A request whose prompt extends the previous prompt + answer (here: the answer sent back as a
     prefill) evaluates only the new tokens; usage splits them: input_tokens (evaluated) +
-    cache_read_input_tokens (reused)."""
-    a = client.messages.create(model="demo", max_tokens=6, messages=HI, extra_body={"temperature": 0})
+    cache_read_input_tokens (reused). A prompt no earlier test sent: the server keeps states of
+    earlier prompts (pyflashmoe/prefix.py), so a repeated one starts with cached tokens."""
+    hi = [{"role": "user", "content": "Tell me a story about the cache of the sea."}]
+    a = client.messages.create(model="demo", max_tokens=6, messages=hi, extra_body={"temperature": 0})
     assert a.usage.cache_read_input_tokens == 0
     b = client.messages.create(model="demo", max_tokens=6, extra_body={"temperature": 0},
-                               messages=HI + [{"role": "assistant", "content": a.content[0].text}])
+                               messages=hi + [{"role": "assistant", "content": a.content[0].text}])
     assert b.usage.cache_read_input_tokens >= a.usage.input_tokens
-    n = client.messages.count_tokens(model="demo", messages=HI + [
+    n = client.messages.count_tokens(model="demo", messages=hi + [
         {"role": "assistant", "content": a.content[0].text}]).input_tokens
     assert b.usage.input_tokens + b.usage.cache_read_input_tokens == n
     assert b.usage.input_tokens < n - a.usage.input_tokens
