@@ -239,3 +239,17 @@ def test_other_errors(client, server):
     assert e.status_code == 413 and e.code == "request_too_large" and "--max-body" in e.message
     # and the server is still fine
     assert client.chat.completions.create(model="demo", messages=HI, max_tokens=1).choices
+
+
+def test_n_choices(client):
+    """n > 1 (decoded together, up to --parallel): one choice per index, each with its own
+    logprobs; streamed chunks carry their choice's index."""
+    r = client.chat.completions.create(model="demo", messages=HI, max_tokens=4, temperature=1.0,
+                                       seed=3, n=2, logprobs=True, extra_body=NO_THINK)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    for c in r.choices:
+        assert "".join(e.token for e in c.logprobs.content) == c.message.content
+    seen = {c.choices[0].index for c in client.completions.create(
+        model="demo", prompt="Once upon a time", max_tokens=3, temperature=1.0, n=2, stream=True)
+        if c.choices}
+    assert seen == {0, 1}
