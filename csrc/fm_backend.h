@@ -110,8 +110,9 @@ typedef struct {
      * what it needs, and fm_model_open then releases the host copy (never locked); the fm_qmat
      * views of fm_model's dense tensors are invalid from then on (their shapes and formats stay) */
     int32_t host_dense;
-    /* 1: the mixer ops run multi-sequence passes (fm_pass.seqs); eval_begin then never asks for a
-     * graph and sizes the pass for fm_eval.n_tokens rows */
+    /* 1: the mixer ops run multi-sequence passes (fm_pass.seqs); eval_begin sizes the pass for
+     * fm_eval.n_tokens rows (a graph for such a step records the rows' states and positions as
+     * device data the replay uploads, never as launch arguments) */
     int32_t multi_seq;
     /* ---- model ----
      * supports: FM_OK when the backend can run layer il of the parsed spec (il -1: the model-wide

@@ -190,7 +190,7 @@ static fm_status run_graph(const fm_backend *be, fm_eval *ev, int32_t *plain, ch
         }
     }
     TRY(be->replay(&p, err, errlen));
-    s->pos += (int32_t)p.n;
+    if (!ev->seqs) s->pos += (int32_t)p.n; /* a multi-sequence step: the caller moves the positions */
     return FM_OK;
 }
 
@@ -213,7 +213,7 @@ static fm_status run_eval(fm_eval *ev, int32_t *begun, char *err, size_t errlen)
     *begun = 1;
     s->st.last_bytes_read = s->st.last_expert_loads = s->st.last_expert_hits = 0;
     int32_t plain = 1;
-    if (!ev->seqs && ev->graph != FM_GRAPH_NONE && be->replay && ev->n_tokens <= ev->pass_cap) {
+    if (ev->graph != FM_GRAPH_NONE && be->replay && ev->n_tokens <= ev->pass_cap) {
         plain = 0;
         st = run_graph(be, ev, &plain, err, errlen);
     }

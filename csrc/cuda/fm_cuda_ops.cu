@@ -362,6 +362,8 @@ static void fm_cuda_session_free(void *p) {
     cudaFree(c->d_rows);
     free(c->h_rows);
     if (c->gexec) cudaGraphExecDestroy(c->gexec);
+    for (int i = 0; i <= FMC_LOGIT_ROWS; i++)
+        if (c->gexec_b[i]) cudaGraphExecDestroy(c->gexec_b[i]);
     free(c);
 }
 
@@ -502,6 +504,46 @@ static fm_status numeric_status(const fm_model *m, const fmc_session *c, const f
     return fm_numeric_error(m, sub, pos, err, errlen);
 }
 
+/* a multi-sequence pass's table (fmc_rows_at) of the session leading it: allocated once (before any
+ * capture), sized for the session's pass capacity */
+static fm_status rows_alloc(const fm_model *m, fmc_session *c, char *err, size_t errlen) {
+    if (c->d_rows) return FM_OK;
+    const int64_t slots = 2 * (int64_t)m->n_full + 2 * m->n_linear;
+    const size_t bytes = sizeof(float *) * (size_t)((slots + 1) * c->nb);
+    c->h_rows = (float **)calloc(1, bytes);
+    if (!c->h_rows) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
+    if (cudaMalloc((void **)&c->d_rows, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        c->d_rows = NULL;
+        free(c->h_rows);
+        c->h_rows = NULL;
+        return fm_errf(err, errlen, FM_ERR_OOM, "CUDA: out of VRAM for a multi-sequence table");
+    }
+    return FM_OK;
+}
+
+/* the n rows' state pointers and positions into c's table (one copy on st) */
+static fm_status rows_upload(const fm_model *m, fmc_session *c, fm_session *const *rows, const int32_t *rpos, int64_t n,
+                             cudaStream_t st, char *err, size_t errlen) {
+    CKS(rows_alloc(m, c, err, errlen));
+    const int64_t nb = c->nb, nf = m->n_full, nl = m->n_linear, slots = 2 * nf + 2 * nl;
+    for (int64_t r = 0; r < n; r++) {
+        const fmc_session *rc = (const fmc_session *)rows[r]->bs;
+        for (int64_t i = 0; i < nf; i++) {
+            c->h_rows[i * nb + r] = rc->kc[i];
+            c->h_rows[(nf + i) * nb + r] = rc->vc[i];
+        }
+        for (int64_t i = 0; i < nl; i++) {
+            c->h_rows[(2 * nf + i) * nb + r] = rc->conv[i];
+            c->h_rows[(2 * nf + nl + i) * nb + r] = rc->ssm[i];
+        }
+        ((int32_t *)(c->h_rows + slots * nb))[r] = rpos[r];
+    }
+    /* pageable source: the call returns once h_rows is consumed, so the next pass may rewrite it */
+    CK(cudaMemcpyAsync(c->d_rows, c->h_rows, sizeof(float *) * (size_t)((slots + 1) * nb), cudaMemcpyHostToDevice, st));
+    return FM_OK;
+}
+
 static fm_status op_embed(fm_pass *p, char *err, size_t errlen) {
     fmc_ctx *x = fmc_pass_ctx(p);
     const int64_t n = x->n;
@@ -509,38 +551,7 @@ static fm_status op_embed(fm_pass *p, char *err, size_t errlen) {
         CK(cudaMemcpyAsync(x->c->tok, p->tokens, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, x->cm->cs));
     k_embed<<<(unsigned)n, 256, 0, x->cm->cs>>>(x->cm->tok_embd, x->c->tok, x->c->x);
     CKL();
-    if (x->rows) { /* the rows' state pointers and positions (fmc_rows_at), one copy per pass */
-        const fm_model *m = x->m;
-        fmc_session *c = x->c;
-        const int64_t nb = c->nb, nf = m->n_full, nl = m->n_linear, slots = 2 * nf + 2 * nl;
-        if (!c->d_rows) {
-            const size_t bytes = sizeof(float *) * (size_t)((slots + 1) * nb);
-            c->h_rows = (float **)calloc(1, bytes);
-            if (!c->h_rows) return fm_errf(err, errlen, FM_ERR_OOM, "out of memory");
-            if (cudaMalloc((void **)&c->d_rows, bytes) != cudaSuccess) {
-                cudaGetLastError();
-                c->d_rows = NULL;
-                free(c->h_rows);
-                c->h_rows = NULL;
-                return fm_errf(err, errlen, FM_ERR_OOM, "CUDA: out of VRAM for a multi-sequence table");
-            }
-        }
-        for (int64_t r = 0; r < n; r++) {
-            const fmc_session *rc = (const fmc_session *)x->rows[r]->bs;
-            for (int64_t i = 0; i < nf; i++) {
-                c->h_rows[i * nb + r] = rc->kc[i];
-                c->h_rows[(nf + i) * nb + r] = rc->vc[i];
-            }
-            for (int64_t i = 0; i < nl; i++) {
-                c->h_rows[(2 * nf + i) * nb + r] = rc->conv[i];
-                c->h_rows[(2 * nf + nl + i) * nb + r] = rc->ssm[i];
-            }
-            ((int32_t *)(c->h_rows + slots * nb))[r] = x->rpos[r];
-        }
-        /* pageable source: the call returns once h_rows is consumed, so the next pass may rewrite it */
-        CK(cudaMemcpyAsync(c->d_rows, c->h_rows, sizeof(float *) * (size_t)((slots + 1) * nb), cudaMemcpyHostToDevice,
-                           x->cm->cs));
-    }
+    if (x->rows && !x->graph) CKS(rows_upload(x->m, x->c, x->rows, x->rpos, n, x->cm->cs, err, errlen));
     return FM_OK;
 }
 
@@ -713,6 +724,12 @@ static fm_status cu_eval_begin(fm_eval *ev, char *err, size_t errlen) {
     if (ev->n_tokens == 1 && !ev->seqs && ev->logits && !ev->all_logits && c->cm->resident && !c->cm->timing && !c->graph_failed &&
         m->debug.cuda_graph)
         ev->graph = c->gexec ? FM_GRAPH_REPLAY : FM_GRAPH_CAPTURE;
+    if (ev->seqs) {
+        CKS(rows_alloc(m, c, err, errlen)); /* never inside a capture */
+        if (ev->n_tokens <= FMC_LOGIT_ROWS && ev->n_tokens <= c->nb && ev->logits && c->cm->resident &&
+            !c->cm->timing && !c->graph_failed_b && m->debug.cuda_graph)
+            ev->graph = c->gexec_b[ev->n_tokens] ? FM_GRAPH_REPLAY : FM_GRAPH_CAPTURE;
+    }
     return FM_OK;
 }
 
@@ -749,12 +766,16 @@ static fm_status cu_capture_end(fm_pass *p, fm_status st, char *err, size_t errl
     cudaError_t ce = cudaStreamEndCapture(x->cm->cs, &g);
     c->cnt = c->cap_cnt;
     p->s->st.expert_hits_vram = c->cap_hits;
-    if (st == FM_OK && ce == cudaSuccess) ce = cudaGraphInstantiate(&c->gexec, g, 0);
+    cudaGraphExec_t *slot = p->seqs ? &c->gexec_b[p->n] : &c->gexec;
+    if (st == FM_OK && ce == cudaSuccess) ce = cudaGraphInstantiate(slot, g, 0);
     if (g) cudaGraphDestroy(g);
     if (st != FM_OK || ce != cudaSuccess) { /* plain launches from now on */
         cudaGetLastError();
-        c->gexec = NULL;
-        c->graph_failed = 1;
+        *slot = NULL;
+        if (p->seqs)
+            c->graph_failed_b = 1;
+        else
+            c->graph_failed = 1;
         return st != FM_OK ? st : fm_errf(err, errlen, FM_ERR_BACKEND, "CUDA: graph capture: %s", cudaGetErrorString(ce));
     }
     return FM_OK;
@@ -766,6 +787,19 @@ static fm_status cu_replay(fm_pass *p, char *err, size_t errlen) {
     fmc_session *c = x->c;
     const fm_model *m = x->m;
     cudaStream_t st = x->cm->cs;
+    if (p->seqs) { /* a multi-sequence step: the rows' table and tokens up, n rows of logits back */
+        const int64_t n = p->n;
+        CKS(rows_upload(m, c, p->seqs, p->seq_pos, n, st, err, errlen));
+        CK(cudaMemcpyAsync(c->tok, p->tokens, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, st));
+        CK(cudaGraphLaunch(c->gexec_b[n], st));
+        CK(cudaMemcpyAsync(p->logits, c->logits, sizeof(float) * (size_t)(n * m->vocab), cudaMemcpyDeviceToHost, st));
+        CK(cudaMemcpyAsync(c->h_bad, c->d_bad, sizeof *c->h_bad, cudaMemcpyDeviceToHost, st));
+        CK(cudaStreamSynchronize(st));
+        c->cnt.syncs++;
+        c->cnt.vram_hits += n * m->k_tok * m->n_moe;
+        p->s->st.expert_hits_vram += n * m->k_tok * m->n_moe;
+        return FM_OK;
+    }
     c->h_io[0] = p->tokens[0];
     c->h_io[1] = p->pos;
     CK(cudaMemcpyAsync(c->tok, &c->h_io[0], sizeof(int32_t), cudaMemcpyHostToDevice, st));

@@ -196,6 +196,10 @@ struct fmc_session {
     float **d_rows, **h_rows;  /* multi-sequence passes: per-row state pointers + positions (fmc_rows_at) */
     cudaGraphExec_t gexec;     /* resident decode step captured once (embed .. lm_head) */
     int graph_failed;
+    /* resident multi-sequence steps of n <= FMC_LOGIT_ROWS rows led by this session: [n] captured on
+     * first use (the rows' states and positions come from d_rows, uploaded before each replay) */
+    cudaGraphExec_t gexec_b[FMC_LOGIT_ROWS + 1];
+    int graph_failed_b;
     /* numerical guard: the first non-finite hidden state / logit of an eval (k_check_finite codes,
      * UINT64_MAX none) on the device, copied to pinned h_bad before the eval's last sync */
     unsigned long long *d_bad, *h_bad;
