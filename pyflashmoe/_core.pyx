@@ -5,6 +5,7 @@ Owns C handles and passes caller-owned buffers; releases the GIL around every ca
 compute. One .pxi per area keeps the pieces apart: _quant.pxi (quantizer, kernels), _engine.pxi
 (model and session), _ops.pxi (test entry points of the model-feature ops).
 """
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from pyflashmoe._fm cimport *
 

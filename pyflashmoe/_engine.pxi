@@ -228,6 +228,10 @@ cdef class Engine:
         return out
 
 
+# no_gc_clear: when the garbage collector breaks a cycle that holds a Session (a traceback frame,
+# a fixture), it must not drop the Session's reference to its Engine first: the Engine could be
+# freed before the Session's C state, whose free reads the model (a use after free at exit)
+@cython.no_gc_clear
 cdef class Session:
     """One timeline over an Engine: KV cache for n_ctx tokens plus the recurrent state."""
     cdef fm_session *_s
