@@ -188,7 +188,9 @@ def test_nan_expert_block_raises_numerical_error_and_state_is_not_reused(tiny, t
     with open(path, "wb") as f:
         f.write(good)
     assert _greedy(m, turn2) == want2
-    assert m.stats["cached_tokens"] == 0
+    # nothing of the poisoned session is reused; the state of turn1's prompt that the pool saved
+    # before the damage (pyflashmoe/prefix.py) may be
+    assert m.stats["cached_tokens"] in (0, len(turn1))
     turn3 = turn2 + want2 + _ids(5, 4)
     assert _greedy(m, turn3) == _greedy(fresh, turn3)
     np.testing.assert_array_equal(m.logits(turn1), fresh.logits(turn1))
