@@ -301,6 +301,8 @@ class StatePool:
         """Save sess's state (holding arr) as the snapshot of arr; never raises."""
         if not self._can_snapshot(sess) or arr.size < self.min_tokens:
             return
+        if self.ram_bytes == 0 and self.disk_dir is None:
+            return  # nowhere to keep it
         key = (int(arr.size), _digest(arr))
         with self._lock:
             e = self._ram.get(key) or self._disk.get(key)
@@ -519,7 +521,8 @@ class StatePool:
                 got = f.readinto(mm)
                 if got != size:
                     raise OSError(f"read {got} of {size} bytes")
-            self._count["disk_reads"] += 1
+            with self._lock:
+                self._count["disk_reads"] += 1
             return mm
         except OSError as ex:
             self._forget(e, f"cannot read it ({ex})")

@@ -301,3 +301,41 @@ def test_serve_reports_cached_tokens_end_to_end(model, tmp_path):
             an += [{"role": "assistant", "content": text},
                    {"role": "user", "content": f"And then? ({turn})"}]
     assert list(states.rglob("*.fmstate")), "nothing spilled past --state-ram 1MiB"
+
+
+_CORE = pytest.importorskip("pyflashmoe._core")
+GPU = hasattr(_CORE, "cuda_available") and _CORE.cuda_available()
+REASON = ("pyflashmoe._core has no CUDA API" if not hasattr(_CORE, "cuda_available") else
+          "this build has no CUDA backend (built without nvcc or FLASHMOE_CUDA=0)" if not _CORE.cuda_compiled()
+          else _CORE.cuda_describe())
+
+
+@pytest.mark.skipif(not GPU, reason=REASON)
+def test_cuda_two_conversations_resume_from_snapshots(tmp_path):
+    """The acceptance loop on the CUDA backend (snapshots copied device <-> host, spilled to disk):
+    two interleaved conversations, 4 turns each, one session: every turn after the first resumes
+    from the longest state its conversation left (the CPU test's rule), RAM within the budget."""
+    m = pyflashmoe.Model.load(backend="cuda")
+    im_start = m.tokenizer.token_to_id("<|im_start|>")
+    budget = 2 << 20
+    m.pool.configure(ram_bytes=budget, disk_dir=str(tmp_path / "states"), disk_bytes=64 << 20, min_gap=0)
+    convs = {"a": [{"role": "user", "content": "Who wrote the book of Job?"}],
+             "b": [{"role": "user", "content": "Tell me about Moses."}]}
+    prev = {}
+    for turn in range(4):
+        for name in ("a", "b"):
+            msgs = convs[name]
+            think = (turn + (name == "b")) % 2 == 0
+            ids, held, text, st = _turn(m, msgs, think)
+            assert st["prefill"]["n_tokens"] == len(ids) - st["cached_tokens"], st
+            if name in prev:
+                want = _expected_cached(ids, prev[name], im_start)
+                assert st["cached_tokens"] == want, (name, turn, st["cached_tokens"], want)
+                assert want >= _first_changed_message(ids, prev[name][-1][1], im_start)
+            prev.setdefault(name, []).append((ids, held))
+            assert m.pool.stats()["ram_bytes"] <= budget
+            msgs += [{"role": "assistant", "content": text},
+                     {"role": "user", "content": f"And after that? ({turn})"}]
+    ps = m.pool.stats()
+    assert ps["snapshot_hits"] >= 7 and ps["spilled"] > 0 and ps["load_failures"] == 0, ps
+    m.close()
