@@ -1793,7 +1793,9 @@ def serve_cli(a) -> int:
         raise FlashMoEError("flashmoe serve needs fastapi and uvicorn: pip install 'pyflashmoe[serve]'") from None
     from pyflashmoe.generate import load_from_args, parse_size
     max_queue = getattr(a, "max_queue", DEFAULT_MAX_QUEUE)
-    parallel = getattr(a, "parallel", None) or DEFAULT_PARALLEL
+    parallel = getattr(a, "parallel", None)
+    if parallel is None:
+        parallel = DEFAULT_PARALLEL
     if not 1 <= parallel <= MAX_PARALLEL:
         raise ArgumentError(f"--parallel must be in [1, {MAX_PARALLEL}], got {parallel}")
     a.parallel = parallel  # load_from_args gives the Model that many sessions

@@ -232,3 +232,18 @@ def test_fake_batch_pieces_equal_alone_with_logprobs(tok):
         kw = {k: v for k, v in it.items() if k != "prompt"}
         assert got[i] == list(m1.generate(it["prompt"], temperature=0, ignore_eos=True, **kw))
     assert got[0][0].top_logprobs is not None and len(got[0][0].top_logprobs) == 3
+
+
+@needs_engine
+def test_bench_parallel_smoke(tmp_path):
+    """bench/bench_parallel.py runs (tiny settings) and writes its JSON."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_parallel
+    out = tmp_path / "bp.json"
+    assert bench_parallel.main(["--models", "demo", "--streams", "1,2", "--tokens", "4",
+                                "--repeats", "2", "--threads", "1", "--json", str(out)]) == 0
+    import json
+    res = json.loads(out.read_text())["results"]
+    assert [(r["path"], r["streams"]) for r in res] == [("generate_batch", 1), ("generate_batch", 2)]
+    assert all(r["agg_tps"] > 0 and len(r["spread"]["runs"]) == 2 for r in res)
+    assert res[0]["speedup"] == 1.0 and res[0]["bytes_per_token"] >= 0

@@ -310,3 +310,12 @@ def test_an_error_in_a_batched_step_ends_its_sequences_and_the_engine_goes_on(te
         assert h["failed"] == 3 and h["engine_thread"] == "alive" and h["parallel"] == 3
         assert h["batched_tokens"] > h["steps"]
     server.close()
+
+
+def test_serve_parallel_flag_is_checked():
+    import subprocess
+    for bad in ("0", "257"):
+        r = subprocess.run([sys.executable, "-m", "pyflashmoe", "serve", "--parallel", bad, "--port", "1"],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+        assert r.returncode != 0 and f"--parallel must be in [1, 256], got {bad}" in r.stderr, r.stderr
