@@ -17,9 +17,9 @@ has joined (the prefills are not timed):
 
 --repeats runs of each (after one untimed warm-up run per model) give the median and the spread
 (min, max, (max - min) / median). speedup = median agg_tps / median agg_tps of 1 stream.
---server also measures S concurrent streaming clients of a `flashmoe serve`-equivalent server
-(Server + uvicorn on 127.0.0.1 in this process, /v1/completions with token-id prompts, EOS
-banned by logit_bias), from the first to the last chunk of all streams (prefills included).
+--server also measures S concurrent streaming clients of `flashmoe serve --parallel max(S)` (a
+subprocess on 127.0.0.1, same model and backend; /v1/completions with token-id prompts, EOS banned
+by logit_bias), from the requests' start to the last chunk of all streams (prefills included).
 
 Models:
   demo  the embedded demo model (pyflashmoe.Model.load()).
@@ -40,7 +40,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -157,34 +156,49 @@ def run_server(server_url, s, tokens, seed, n_vocab, eos):
 
 
 class LiveServer:
-    def __init__(self, model, parallel):
-        import uvicorn
+    """`flashmoe serve` of the same model dir and settings, a subprocess on 127.0.0.1 (its own
+    process: the clients here do not share its GIL)."""
 
-        from pyflashmoe.server import Server, build_app
-        self.server = Server(model, "bench", parallel=parallel, timeout=0)
+    def __init__(self, a, name, model, parallel):
         import socket
+        import subprocess
         with socket.socket() as sk:
             sk.bind(("127.0.0.1", 0))
             self.port = sk.getsockname()[1]
-        cfg = uvicorn.Config(build_app(self.server), host="127.0.0.1", port=self.port,
-                             log_level="warning", lifespan="off")
-        self.uv = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        args = [sys.executable, "-m", "pyflashmoe", "serve"]
+        if name != "demo":
+            args.append(model.path)
+        args += ["--host", "127.0.0.1", "--port", str(self.port), "--parallel", str(parallel),
+                 "--backend", a.backend, "--ctx", str(model.context_length), "--timeout", "0",
+                 "--state-ram", "0"]
+        if a.threads:
+            args += ["--threads", str(a.threads)]
+        self.proc = subprocess.Popen(args, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
-        self.thread.start()
+        import httpx
         t0 = time.time()
-        while not self.uv.started:
-            if time.time() - t0 > 60:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("flashmoe serve exited: " + self.proc.stderr.read()[-2000:])
+            if time.time() - t0 > 300:
+                raise RuntimeError("flashmoe serve did not come up in 300 s")
+            time.sleep(0.2)
 
     def __exit__(self, *exc):
-        self.uv.should_exit = True
-        self.thread.join(15)
-        self.server.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def summarize(runs, key):
@@ -225,7 +239,7 @@ def main(argv=None):
         run_batch(model, max(streams), min(a.tokens, 8), 999)  # warm-up (sessions, caches)
         base = {}
         for path in ["generate_batch"] + (["server"] if a.server else []):
-            live = LiveServer(model, max(streams)).__enter__() if path == "server" else None
+            live = LiveServer(a, name, model, max(streams)).__enter__() if path == "server" else None
             try:
                 for s in streams:
                     runs = []

@@ -975,8 +975,9 @@ class Scheduler:
 
     IDLE_S = 0.25  # idle this long after work -> on_idle() (heap trim)
 
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, slots: int = 1):
         self.max_queue = max_queue
+        self.slots = slots  # requests that run at once (--parallel): they do not count as waiting
         self._waiting = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -988,7 +989,8 @@ class Scheduler:
         return len(self._waiting)
 
     def full(self) -> bool:
-        return len(self._waiting) + self._active > self.max_queue
+        """max_queue requests would wait besides the `slots` that run."""
+        return len(self._waiting) + self._active >= self.max_queue + self.slots
 
     def submit(self, job, retry_after=1):
         with self._cv:
@@ -1095,8 +1097,8 @@ class EngineLoop:
 
     def __init__(self, server: Server, max_queue: int):
         self.server = server
-        self.sched = Scheduler(max_queue)
         self.parallel = getattr(server, "parallel", 1)
+        self.sched = Scheduler(max_queue, slots=self.parallel)
         self.running_jobs: set = set()  # admitted and not finished (their threads run)
         self.engine_jobs: set = set()  # jobs with sequences in the engine (being admitted or running)
         self._lock = threading.Lock()

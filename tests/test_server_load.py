@@ -319,3 +319,28 @@ def test_serve_parallel_flag_is_checked():
                            capture_output=True, text=True, timeout=60, cwd=ROOT,
                            env=dict(os.environ, PYTHONPATH=ROOT))
         assert r.returncode != 0 and f"--parallel must be in [1, 256], got {bad}" in r.stderr, r.stderr
+
+
+def test_scheduler_take_fifo_slots_and_capacity():
+    """take() admits the oldest waiting requests whose sequences (job.n) fit the free slots, never
+    overtaking the head; max_queue counts waiting requests besides the `slots` running ones."""
+    from pyflashmoe.server import APIError, Scheduler
+
+    class J:
+        def __init__(self, n):
+            self.n = n
+
+    s = Scheduler(max_queue=1, slots=2)
+    a, b, c, d = J(1), J(2), J(1), J(1)
+    for j in (a, b, c):  # 2 slots + 1 waiting
+        s.submit(j)
+    with pytest.raises(APIError) as ei:
+        s.submit(d)
+    assert ei.value.status == 503
+    assert s.take(2) == [a]  # b needs 2 slots: it waits, and c does not overtake it
+    assert s.take(1) == [] and s.depth() == 2
+    s.finished(a)
+    assert s.take(2) == [b] and s.take(0) == []
+    s.finished(b)
+    assert s.take(2) == [c]
+    assert s.close() == [] and s.take(2) is None
