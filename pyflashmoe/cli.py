@@ -157,7 +157,7 @@ def build_parser():
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--model-name", default=None, help="model id in the API (default: dir name)")
     se.add_argument("--max-queue", type=int, default=256,
-                    help="requests that may wait besides the running one (default 256); beyond: 503 + "
+                    help="requests that may wait besides the --parallel running ones (default 256); beyond: 503 + "
                          "Retry-After")
     se.add_argument("--parallel", type=int, default=4,
                     help="sequences decoded together (continuous batching: requests join and leave "
