@@ -9,9 +9,26 @@ import sys
 
 def _cmd_convert(a):
     from pyflashmoe.convert import convert
-    convert(a.src, a.dst, bits=a.bits, group_size=a.group_size, dense_bits=a.dense_bits,
-            force=a.force, progress=not a.quiet)
+    from pyflashmoe.errors import ArgumentError
+    if a.recipe and (a.bits is not None or a.dense_bits is not None):
+        raise ArgumentError(f"--recipe {a.recipe} sets the format of every weight: drop --bits / "
+                            f"--dense-bits, or change single tensors with --quant")
+    convert(a.src, a.dst, bits=4 if a.bits is None else a.bits, group_size=a.group_size,
+            dense_bits=16 if a.dense_bits is None else a.dense_bits, force=a.force,
+            progress=not a.quiet, recipe=a.recipe, quant=a.quant or ())
     return 0
+
+
+class _ConvertHelp(argparse.RawDescriptionHelpFormatter):
+    """`flashmoe convert --help`: the recipes (pyflashmoe/convert/recipes.py) are listed only when
+    the help is shown, so that parsing any command does not import the converter."""
+    EPILOG = "<recipes>"
+
+    def add_text(self, text):
+        if text == self.EPILOG:
+            from pyflashmoe.convert.recipes import recipes_help
+            text = recipes_help()
+        super().add_text(text)
 
 
 def _cmd_info(a):
@@ -86,12 +103,19 @@ def build_parser():
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("convert", help="HF / MLX / FP8 checkpoint -> pyflashmoe model dir")
+    c = sub.add_parser("convert", help="HF / MLX / FP8 checkpoint -> pyflashmoe model dir",
+                       formatter_class=_ConvertHelp, epilog=_ConvertHelp.EPILOG)
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8, 16])
+    c.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 5, 6, 8, 16],
+                   help="routed experts' bits (default 4)")
     c.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
-    c.add_argument("--dense-bits", type=int, default=16, choices=[16, 8])
+    c.add_argument("--dense-bits", type=int, default=None, choices=[16, 8],
+                   help="dense Linear weights but the embedding and routers (default 16)")
+    c.add_argument("--recipe", default=None, metavar="NAME",
+                   help="a mixed-precision recipe (listed below)")
+    c.add_argument("--quant", action="append", default=None, metavar="PATTERN=BITS[:gGROUP]",
+                   help="per-tensor override, repeatable (below)")
     c.add_argument("--force", action="store_true", help="replace an existing destination")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(fn=_cmd_convert)
@@ -246,6 +270,8 @@ def build_parser():
     ev.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
+    ev.add_argument("--ref-device", default=None, metavar="DEV",
+                    help="torch device of an HF checkpoint --ref: cpu (default), cuda, cuda:1")
     ev.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     ev.add_argument("--plot", default=None, metavar="FILE",
                     help="KLD against bits per weight, one line per K (.svg; .png needs matplotlib)")

@@ -140,9 +140,10 @@ class _DirSource:
 
 
 class _HFSource:
-    """An HF checkpoint dir through transformers (weights as stored, fp32 compute, CPU)."""
+    """An HF checkpoint dir through transformers (weights as stored, fp32 compute) on `device`
+    (a torch device: "cpu", "cuda", "cuda:1"; TF32 off, so a GPU computes in fp32 too)."""
 
-    def __init__(self, path, threads=None):
+    def __init__(self, path, threads=None, device=None):
         try:
             import torch
             import transformers
@@ -153,10 +154,20 @@ class _HFSource:
             torch.set_num_threads(int(threads))
         self.torch = torch
         try:
+            self.device = torch.device(device or "cpu")
+        except (RuntimeError, TypeError) as e:
+            raise ArgumentError(f"--ref-device {device!r}: not a torch device ({e})") from None
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendError(f"--ref-device {device}: torch sees no CUDA device "
+                                   f"(torch {torch.__version__})")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        try:
             m = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(path))
         except Exception as e:
             raise FormatError(f"--ref {path}: transformers cannot load this checkpoint: {e}") from e
-        self.model = m.float().eval()
+        self.model = m.float().eval().to(self.device)
         self.path = os.fspath(path)
         self.hidden = None          # the lm_head input of the last call, [n_scored, H] float32
         head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
@@ -171,18 +182,18 @@ class _HFSource:
     def __call__(self, window):
         first = len(window) // 2
         with self.torch.no_grad():
-            x = self.torch.from_numpy(np.asarray(window[:-1], dtype=np.int64))[None]
-            logits = self.model(input_ids=x).logits[0, first:].float().numpy()
+            x = self.torch.from_numpy(np.asarray(window[:-1], dtype=np.int64))[None].to(self.device)
+            logits = self.model(input_ids=x).logits[0, first:].float().cpu().numpy()
             if self.head is not None and getattr(self, "_h", None) is not None:
-                self.hidden = self._h[0, first:].float().numpy()
+                self.hidden = self._h[0, first:].float().cpu().numpy()
         return log_softmax(logits)
 
     def head_weights(self):
         """(W [V, H] float32, bias or None) of the lm_head, or None when logits are not W·h."""
         if self.head is None:
             return None
-        w = self.head.weight.detach().float().numpy()
-        b = None if self.head.bias is None else self.head.bias.detach().float().numpy()
+        w = self.head.weight.detach().float().cpu().numpy()
+        b = None if self.head.bias is None else self.head.bias.detach().float().cpu().numpy()
         return w, b
 
     def close(self):
@@ -542,10 +553,11 @@ def _progress(total, desc, quiet):
 
 
 def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=None, threads=None,
-             save_ref=None, ref_top_k=DEFAULT_REF_TOP_K, quiet=False, backend="cpu", log=None) -> dict:
+             save_ref=None, ref_top_k=DEFAULT_REF_TOP_K, quiet=False, backend="cpu", log=None,
+             ref_device=None) -> dict:
     """Evaluate each model dir × each K. Returns {"config": ..., "reference": ..., "results": [...]}.
     With no models and no text: the embedded demo on its shipped held-out text against its
-    shipped reference."""
+    shipped reference. `ref_device`: the torch device of an HF checkpoint reference (default cpu)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     models = [os.fspath(m) for m in (models or [])]
     ks = parse_k_list(ks)
@@ -573,6 +585,9 @@ def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=Non
                                    or max_tokens < 1):
         raise ArgumentError(f"--max-tokens must be a positive integer, got {max_tokens!r}")
     kind = _classify_ref(ref) if ref is not None else None
+    if ref_device not in (None, "cpu") and kind != "hf":
+        raise ArgumentError(f"--ref-device {ref_device}: only an HF checkpoint reference runs through "
+                            f"torch (--ref {ref} is {'a ' + kind if kind else 'not given'})")
     if kind == "file" and save_ref is not None:
         raise ArgumentError("--save-ref needs --ref to be a model dir or an HF checkpoint, not a saved file")
 
@@ -645,7 +660,8 @@ def evaluate(models=None, text=None, ref=None, ks=None, ctx=None, max_tokens=Non
         # ---- compute the reference (model dir / HF)
         if kind in ("dir", "hf"):
             t0 = time.time()
-            src = _DirSource(ref, None, threads, ctx, backend) if kind == "dir" else _HFSource(ref, threads)
+            src = (_DirSource(ref, None, threads, ctx, backend) if kind == "dir"
+                   else _HFSource(ref, threads, ref_device))
             try:
                 meta = {"source": os.path.basename(os.path.normpath(os.fspath(ref))), "source_kind": kind,
                         "n_vocab": int(src.n_vocab), "k": src.k, "text_sha256": text_sha,
@@ -842,7 +858,7 @@ def run_cli(a) -> int:
             raise ArgumentError(f"{opt} {p}: the directory {os.path.dirname(os.path.abspath(p))} does not exist")
     res = evaluate(models=a.models, text=a.text, ref=a.ref, ks=a.k, ctx=a.ctx, max_tokens=a.max_tokens,
                    threads=a.threads, save_ref=a.save_ref, ref_top_k=a.ref_top_k, quiet=a.quiet,
-                   backend=a.backend)
+                   backend=a.backend, ref_device=getattr(a, "ref_device", None))
     if res["results"] or res["reference"]:
         print(format_table(res))
     if a.json:

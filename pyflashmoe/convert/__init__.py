@@ -31,12 +31,13 @@ import numpy as np
 from pyflashmoe.errors import ArgumentError, BackendError, FlashMoEError, FormatError, ModelIOError
 from pyflashmoe import format as fmt
 from pyflashmoe.convert.reader import Checkpoint, to_f32
+from pyflashmoe.convert.recipes import RECIPES, matches, parse_rule, recipe_rules
 from pyflashmoe.models import (TensorMap, canonical_type, expert_prefix, normalize_config,
                                spec_from_config, tensor_map)
 
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
               "generation_config.json", "config.json", "special_tokens_map.json")
-QUANT_BITS = (2, 3, 4, 8)
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
 DENSE_CHUNK = 32 << 20   # bytes of float32 per row chunk when streaming a big dense matrix
 GROUP_SIZES = (32, 64, 128)
 # Dense matrices quantized by --dense-bits 8: every 2-D Linear weight except the token embedding
@@ -127,9 +128,10 @@ class PartOut:
 
 
 class Converter:
-    def __init__(self, src, dst, bits=4, group_size=64, dense_bits=16, force=False, progress=True):
+    def __init__(self, src, dst, bits=4, group_size=64, dense_bits=16, force=False, progress=True,
+                 recipe=None, quant=()):
         if bits not in QUANT_BITS + (16,):
-            raise ArgumentError(f"--bits {bits}: must be one of 2, 3, 4, 8, 16")
+            raise ArgumentError(f"--bits {bits}: must be one of 2, 3, 4, 5, 6, 8, 16")
         if group_size not in GROUP_SIZES:
             raise ArgumentError(f"--group-size {group_size}: must be one of 32, 64, 128")
         if dense_bits not in (8, 16):
@@ -137,6 +139,13 @@ class Converter:
         self.src_path, self.dst = os.fspath(src), os.fspath(dst)
         self.bits, self.gs, self.dense_bits = bits, group_size, dense_bits
         self.force, self.progress = force, progress
+        # --recipe's rules, then each --quant: per tensor the last matching rule wins (recipes.py)
+        self.recipe = recipe
+        if isinstance(quant, str):
+            quant = [quant]
+        self.overrides = list(quant or ())
+        self.rules = (recipe_rules(recipe) if recipe else []) + [parse_rule(q) for q in self.overrides]
+        self._rule_hits = [0] * len(self.rules)
         self.notes = []
         # (format label, why) -> [tensor names] of every tensor not stored at the requested format
         self.kept = {}
@@ -172,8 +181,17 @@ class Converter:
         # mlx-lm stores zero-centred norm weights as (w + 1) once it has moved conv1d to [C, K, 1]
         self.mlx_shifted = any(n.endswith("conv1d.weight") and len(ck.shape(n)) == 3
                                and ck.shape(n)[2] == 1 and ck.shape(n)[1] > 1 for n in ck.tensors)
+        if self.rules and self.mlx_quant:
+            raise ArgumentError(f"{ck.path}: an MLX-quantized checkpoint converts as published; "
+                                f"--recipe / --quant need a float (HF or FP8) source")
         self.dense = self._plan_dense()
         self.experts = {il: self._plan_experts(il) for il in self.spec.moe_layers()}
+        for r, n in zip(self.rules, self._rule_hits):
+            if n == 0 and r.source == "--quant":
+                raise ArgumentError(f"--quant {r.text!r}: matches no weight matrix of {ck.path} "
+                                    f"(names: tok_embd, output, blk.N.attn_q, blk.N.ssm_qkv, "
+                                    f"blk.N.shexp_gate, blk.N.ffn_router, blk.N.experts.down, ...; "
+                                    f"norms and ssm_conv stay f32)")
         self._summarize()
 
     def _mlx_module_quant(self, q):
@@ -343,6 +361,10 @@ class Converter:
         m = re.match(r"blk\.(\d+)\.(.*)$", tm.name)
         if m:
             self._all_layers.setdefault(m.group(2), set()).add(int(m.group(1)))
+        rule = None if self.mlx_quant else self._rule_for(tm.name)
+        if rule is not None:
+            dt, b, g = self._rule_format(rule, tm.name, tm.shape)
+            return DenseOut(tm, s, dt, b, g)
         if s.qbits:
             d = DenseOut(tm, s, "affine", s.qbits, s.qgs)
         elif self.mlx_quant:
@@ -360,6 +382,48 @@ class Converter:
         if self.mlx_quant and (d.dtype, d.bits, d.group_size) != self._mlx_main():
             self._keep(tm.name, format_label(d.dtype, d.bits, d.group_size), "as published")
         return d
+
+    def _rule_for(self, name):
+        """The last rule matching the weight `name` (counted, for the unmatched-rule check)."""
+        hit = None
+        for i, r in enumerate(self.rules):
+            if matches(r, name):
+                self._rule_hits[i] += 1
+                hit = r
+        return hit
+
+    def _rule_format(self, rule, name, shape):
+        """(dtype, bits, group size) of a tensor under `rule`: its group size where that divides
+        the input dim; else, without an explicit :g, the fallback (noted) as --bits does; an
+        explicit :g that does not divide is refused."""
+        dt, b, want = rule.fmt(self.gs)
+        if dt == "bf16":
+            return dt, 0, 0
+        inn = shape[1]
+        if inn % want == 0:
+            return dt, b, want
+        if rule.group_size:
+            raise ArgumentError(f"{rule.source} {rule.text!r}: {name} has input dim {inn}, not a "
+                                f"multiple of group size {want}; give a group size that divides it "
+                                f"(32, 64, 128) or none to fall back")
+        g = fallback_group_size(inn, want)
+        tried = [x for x in sorted(GROUP_SIZES, reverse=True) if x <= want and (not g or x > g)]
+        why = f"input dim {inn} not a multiple of {' or '.join(map(str, tried))}"
+        if g:
+            self._keep(name, format_label("affine", b, g), why)
+            return dt, b, g
+        self._keep(name, "bf16", why)
+        return "bf16", 0, 0
+
+    def _quant_summary(self, fmts):
+        """{(dtype, bits, gs): n weights} -> {"bits", "group_size"} of the largest, plus "formats"
+        when there are several."""
+        d = lambda k: {"bits": 16} if k[0] == "bf16" else {"bits": k[1], "group_size": k[2]}  # noqa: E731
+        order = sorted(fmts, key=lambda k: (-fmts[k], d(k)["bits"], k[2]))
+        out = d(order[0])
+        if len(order) > 1:
+            out["formats"] = sorted((d(k) for k in order), key=lambda x: (x["bits"], x.get("group_size", 0)))
+        return out
 
     def _mlx_main(self):
         g = self.mlx_qcfg.get("")
@@ -433,6 +497,10 @@ class Converter:
                                   f"the experts of one layer must share each part's format")
         name = f"blk.{il}.ffn_{pn} experts"
         self._all_layers.setdefault(f"ffn_{pn} experts", set()).add(il)
+        rule = None if (self.mlx_quant or s0.qbits) else self._rule_for(f"blk.{il}.experts.{pn}")
+        if rule is not None:
+            dt, b, g = self._rule_format(rule, name, shape)
+            return PartOut(pn, shape, dt, b, g, srcs)
         if s0.qbits:
             po = PartOut(pn, shape, "affine", s0.qbits, s0.qgs, srcs, copy_q=True)
         elif self.mlx_quant or self.bits == 16:
@@ -720,14 +788,29 @@ class Converter:
                         p = os.path.join(self.ck.path, fn)
                         if os.path.isfile(p):
                             shutil.copyfile(p, os.path.join(tmp, fn))
-                    dq = {"bits": self.dense_bits}
-                    if self.dense_bits == 8:
-                        dq["group_size"] = self.gs
+                    if self.rules:
+                        fm = {}
+                        for d in self.dense:
+                            if d.tm.kind in ("matrix", "embedding"):
+                                k = (d.dtype, d.bits, d.group_size)
+                                fm[k] = fm.get(k, 0) + int(np.prod(d.tm.shape))
+                        dq = self._quant_summary(fm) if fm else {"bits": self.dense_bits}
+                    else:
+                        dq = {"bits": self.dense_bits}
+                        if self.dense_bits == 8:
+                            dq["group_size"] = self.gs
                     mlx_dense = sorted({(d.bits, d.group_size) for d in self.dense
                                         if d.dtype == "affine" and d.src.qbits})
                     if mlx_dense:
                         dq["source_affine"] = [{"bits": b, "group_size": g} for b, g in mlx_dense]
                     quant = {"experts": eq or {"bits": self.bits}, "dense": dq}
+                    if self.recipe:
+                        from pyflashmoe.convert.recipes import RECIPES
+                        quant["recipe"] = {"name": self.recipe,
+                                           "description": RECIPES[self.recipe].description,
+                                           "rules": list(RECIPES[self.recipe].rules)}
+                    if self.overrides:
+                        quant["overrides"] = list(self.overrides)
                     if self.kept:
                         quant["notes"] = [n for n in self.notes if n.startswith("kept at ")]
                     manifest = {
@@ -759,9 +842,12 @@ class _NoBar:
         pass
 
 
-def convert(src, dst, bits=4, group_size=64, dense_bits=16, force=False, progress=True):
-    """Convert the checkpoint at `src` into a pyflashmoe model dir at `dst` (atomic). Returns dst."""
-    return Converter(src, dst, bits, group_size, dense_bits, force, progress).run()
+def convert(src, dst, bits=4, group_size=64, dense_bits=16, force=False, progress=True,
+            recipe=None, quant=()):
+    """Convert the checkpoint at `src` into a pyflashmoe model dir at `dst` (atomic). Returns dst.
+    `recipe`: a name of pyflashmoe.convert.recipes.RECIPES; `quant`: override rules
+    ("PATTERN=BITS[:gGROUP]", applied after the recipe's, the last match wins)."""
+    return Converter(src, dst, bits, group_size, dense_bits, force, progress, recipe, quant).run()
 
 
-__all__ = ["convert", "Converter"]
+__all__ = ["convert", "Converter", "RECIPES"]
