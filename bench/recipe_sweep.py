@@ -48,7 +48,39 @@ CANDIDATES = {
     "gu3-d4-ends6": DENSE8 + ("experts.{gate,up}=3", "experts.down=4", "blk.{0,7}.experts.*=6"),
     "gu3-d4-dense6": ("*=6", "router=bf16", "experts.{gate,up}=3", "experts.down=4"),
     "gu2g32-d4-dense6": ("*=6", "router=bf16", "experts.{gate,up}=2:g32", "experts.down=4"),
+    "gu2-d4-dense6": ("*=6", "router=bf16", "experts.{gate,up}=2", "experts.down=4"),
+    "gu2-d3-dense6": ("*=6", "router=bf16", "experts.{gate,up}=2", "experts.down=3"),
+    "gu3-d3-dense6": ("*=6", "router=bf16", "experts.{gate,up}=3", "experts.down=3"),
+    "gu3-d4-dense5": ("*=5", "router=bf16", "experts.{gate,up}=3", "experts.down=4"),
+    "gu4-d6-dense6": ("*=6", "router=bf16", "experts.{gate,up}=4", "experts.down=6"),
+    "gu4-d5-dense6": ("*=6", "router=bf16", "experts.{gate,up}=4", "experts.down=5"),
+    "gu3-d4-dense6-ends6": ("*=6", "router=bf16", "experts.{gate,up}=3", "experts.down=4",
+                            "blk.{0,7}.experts.*=6"),
 }
+
+
+def nominal_bpw(d):
+    """Bits per weight of a dir's formats, without the file layout: affine b-bit group g = b + 32/g
+    (a bf16 scale and bias per group), bf16 16, f32 32. The file bpw (`flashmoe eval`) also counts
+    the padding of each expert block to a multiple of 4096 bytes: up to ~15% on the demo's 21-24 KB
+    experts, noise (< 0.1%) on real models' MB-sized ones."""
+    from pyflashmoe.format import read_manifest
+    man = read_manifest(d)
+    bits = params = 0
+
+    def add(e, n):
+        nonlocal bits, params
+        params += n
+        bits += n * ({"bf16": 16, "f32": 32}.get(e["dtype"]) or (e["bits"] + 32 / e["group_size"]))
+    for e in man["tensors"].values():
+        n = 1
+        for x in e["shape"]:
+            n *= x
+        add(e, n)
+    for L in man["experts"]["layers"].values():
+        for pe in L["parts"].values():
+            add(pe, pe["shape"][0] * pe["shape"][1] * L["n_experts"])
+    return bits / params
 
 
 def variants(which):
@@ -77,11 +109,11 @@ def interp_log(curve, x):
     return None
 
 
-def envelope(results, k):
+def envelope(results, k, x="bpw"):
     """The uniform families' best KLD at each bpw: min over the families' interpolations."""
     curves = []
     for fam in UNIFORM:
-        c = [(r["bpw"], r["kld_mean"]) for r in results
+        c = [(r[x], r["kld_mean"]) for r in results
              if r["k"] == k and r["name"].startswith(fam) and r["name"][len(fam):].isdigit()]
         if len(c) >= 2:
             curves.append((fam, c))
@@ -96,16 +128,18 @@ def envelope(results, k):
     return at
 
 
-def verdicts(results):
+def verdicts(results, x="bpw"):
+    """Per candidate and K: its KLD against the uniform envelope at its bpw (`x`: "bpw" = file
+    bytes, "bpw_nominal" = the formats' bits)."""
     out = []
     ks = sorted({r["k"] for r in results})
     for k in ks:
-        env = envelope(results, k)
+        env = envelope(results, k, x)
         for r in results:
             if r["k"] != k or any(r["name"].startswith(f) and r["name"][len(f):].isdigit() for f in UNIFORM):
                 continue
-            e = env(r["bpw"])
-            v = {"name": r["name"], "k": k, "bpw": round(r["bpw"], 3), "kld": r["kld_mean"]}
+            e = env(r[x])
+            v = {"name": r["name"], "k": k, x: round(r[x], 3), "kld": r["kld_mean"]}
             if e is None:
                 v.update(verdict="outside the uniform curves' bpw range")
             else:
@@ -115,8 +149,9 @@ def verdicts(results):
     return out
 
 
-def plot_svg(results, path, show=None):
+def plot_svg(results, path, show=None, x="bpw"):
     """KLD (log) against bpw: one panel per K; uniform families as lines, mixes as labelled points."""
+    results = [dict(r, bpw=r[x]) for r in results]
     ks = sorted({r["k"] for r in results})
     PW, PH, L, T, B, R = 420, 360, 60, 30, 45, 10
     W, H = L + len(ks) * (PW + R), T + PH + B + 20
@@ -167,7 +202,8 @@ def plot_svg(results, path, show=None):
                 s.append(f'<text x="{x + 5:.1f}" y="{y + 12:.1f}" fill="{col}" font-size="10">'
                          f'{r["name"][len("recipe-"):]}</text>')
         s.append(f'<text x="{ox + PW / 2}" y="{T + PH + 32}" text-anchor="middle">bits per weight '
-                 f'(whole model dir)</text>')
+                 + ("(whole model dir, file bytes)" if x == "bpw" else "(whole model, formats' bits)")
+                 + '</text>')
     s.append(f'<text x="14" y="{T + PH / 2}" text-anchor="middle" transform="rotate(-90 14 {T + PH / 2})">'
              f'mean KL(bf16 ‖ quantized), nats/token</text>')
     ly = H - 6
@@ -201,11 +237,20 @@ def main(argv=None):
     p.add_argument("--json", default="recipe_sweep.json")
     p.add_argument("--plot", default=None)
     p.add_argument("--plot-only", default=None, metavar="JSON")
+    p.add_argument("--x", default="bpw_nominal", choices=["bpw", "bpw_nominal"],
+                   help="the size measure of the plot and verdicts (default: the formats' bits)")
+    p.add_argument("--show", default=None, help="comma list: the candidates the plot shows")
     a = p.parse_args(argv)
     if a.plot_only:
         with open(a.plot_only) as f:
             res = json.load(f)
-        plot_svg(res["results"], a.plot)
+        for r in res["results"]:
+            if "bpw_nominal" not in r:
+                r["bpw_nominal"] = nominal_bpw(os.path.join(a.out, r["name"]))
+        plot_svg(res["results"], a.plot, a.show.split(",") if a.show else None, a.x)
+        for x in ("bpw", "bpw_nominal"):
+            print(f"-- verdicts by {x}")
+            _print_verdicts(verdicts(res["results"], x), x)
         return 0
     from pyflashmoe.convert import convert
     from pyflashmoe.eval import evaluate
@@ -217,6 +262,9 @@ def main(argv=None):
         with open(a.json) as f:
             prev = json.load(f).get("results", [])
     results = [r for r in prev if r["name"] not in vs]
+    for r in results:
+        if "bpw_nominal" not in r:
+            r["bpw_nominal"] = nominal_bpw(os.path.join(a.out, r["name"]))
     os.makedirs(a.out, exist_ok=True)
     for name, kw in vs.items():
         d = os.path.join(a.out, name)
@@ -226,7 +274,7 @@ def main(argv=None):
         res = evaluate(models=[d], ref=a.ref, ks=a.k, max_tokens=a.max_tokens, threads=a.threads,
                        quiet=True, backend=a.backend, log=lambda m: None)
         for r in res["results"]:
-            results.append({"name": name, "convert": {k: list(v) if isinstance(v, tuple) else v
+            results.append({"name": name, "bpw_nominal": nominal_bpw(d), "convert": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in kw.items()},
                             **{k: r[k] for k in ("k", "bpw", "size_bytes", "params", "ppl", "ppl_se",
                                                  "delta_ppl", "kld_mean", "kld_p99", "top1_agreement")}})
@@ -234,14 +282,22 @@ def main(argv=None):
                   f"p99 {r['kld_p99']:.4f} top1 {100 * r['top1_agreement']:.2f}% "
                   f"({time.time() - t0:.0f} s)", flush=True)
         with open(a.json, "w") as f:
-            json.dump({"config": res["config"], "results": results, "verdicts": verdicts(results)}, f, indent=1)
+            json.dump({"config": res["config"], "results": results,
+                       "verdicts": verdicts(results, "bpw_nominal"), "verdicts_file_bpw": verdicts(results)},
+                      f, indent=1)
     if a.plot:
-        plot_svg(results, a.plot)
-    for v in verdicts(results):
+        plot_svg(results, a.plot, a.show.split(",") if a.show else None, a.x)
+    for x in ("bpw", "bpw_nominal"):
+        print(f"-- verdicts by {x}")
+        _print_verdicts(verdicts(results, x), x)
+    return 0
+
+
+def _print_verdicts(vs, x):
+    for v in vs:
         extra = (f" vs {v['uniform_family']} {v['uniform_kld']:.5f} (x{v['ratio']:.2f})"
                  if "ratio" in v else "")
-        print(f"K={v['k']} {v['name']:18s} bpw {v['bpw']:.2f} KLD {v['kld']:.5f}{extra}: {v['verdict']}")
-    return 0
+        print(f"K={v['k']} {v['name']:18s} {x} {v[x]:.2f} KLD {v['kld']:.5f}{extra}: {v['verdict']}")
 
 
 if __name__ == "__main__":
