@@ -149,11 +149,11 @@ def verdicts(results, x="bpw"):
     return out
 
 
-def plot_svg(results, path, show=None, x="bpw"):
+def plot_svg(results, path, show=None, measure="bpw", windows=None):
     """KLD (log) against bpw: one panel per K; uniform families as lines, mixes as labelled points."""
-    results = [dict(r, bpw=r[x]) for r in results]
+    results = [dict(r, bpw=r[measure]) for r in results]
     ks = sorted({r["k"] for r in results})
-    PW, PH, L, T, B, R = 420, 360, 60, 30, 45, 10
+    PW, PH, L, T, B, R = 420, 360, 60, 30, 45, 30
     W, H = L + len(ks) * (PW + R), T + PH + B + 20
     xs = [r["bpw"] for r in results]
     ys = [r["kld_mean"] for r in results if r["kld_mean"] > 0]
@@ -166,7 +166,8 @@ def plot_svg(results, path, show=None, x="bpw"):
         ox = L + j * (PW + R)
         px = lambda x: ox + (x - x0) / (x1 - x0) * PW  # noqa: E731
         py = lambda y: T + (1 - (math.log10(y) - y0) / (y1 - y0)) * PH  # noqa: E731
-        s.append(f'<text x="{ox + PW / 2}" y="{T - 10}" text-anchor="middle" font-size="13">K = {k}</text>')
+        s.append(f'<text x="{ox + PW / 2}" y="{T - 10}" text-anchor="middle" font-size="13">K = {k}'
+                 + (f" ({windows[k]} held-out windows)" if windows and k in windows else "") + '</text>')
         s.append(f'<rect x="{ox}" y="{T}" width="{PW}" height="{PH}" fill="none" stroke="black"/>')
         for xv in range(x0, x1 + 1):
             s.append(f'<line x1="{px(xv):.1f}" y1="{T}" x2="{px(xv):.1f}" y2="{T + PH}" stroke="#eee"/>')
@@ -202,7 +203,7 @@ def plot_svg(results, path, show=None, x="bpw"):
                 s.append(f'<text x="{x + 5:.1f}" y="{y + 12:.1f}" fill="{col}" font-size="10">'
                          f'{r["name"][len("recipe-"):]}</text>')
         s.append(f'<text x="{ox + PW / 2}" y="{T + PH + 32}" text-anchor="middle">bits per weight '
-                 + ("(whole model dir, file bytes)" if x == "bpw" else "(whole model, formats' bits)")
+                 + ("(whole model dir, file bytes)" if measure == "bpw" else "(whole model, formats' bits)")
                  + '</text>')
     s.append(f'<text x="14" y="{T + PH / 2}" text-anchor="middle" transform="rotate(-90 14 {T + PH / 2})">'
              f'mean KL(bf16 ‖ quantized), nats/token</text>')
@@ -213,10 +214,10 @@ def plot_svg(results, path, show=None, x="bpw"):
         s.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 20}" y2="{ly - 4}" stroke="{col}" stroke-width="2"'
                  + (f' stroke-dasharray="{dash}"' if dash else "") + '/>')
         s.append(f'<text x="{lx + 24}" y="{ly}">{label} (N labelled)</text>')
-        lx += 250
+        lx += 24 + 6.2 * len(label + " (N labelled)") + 20
     s.append(f'<path d="M{lx},{ly - 4} l4,-4 l4,4 l-4,4 Z" fill="#d62728"/><text x="{lx + 12}" y="{ly}">'
              f'shipped recipe</text>')
-    s.append(f'<path d="M{lx + 110},{ly - 4} l4,-4 l4,4 l-4,4 Z" fill="#ff7f0e"/><text x="{lx + 122}" '
+    s.append(f'<path d="M{lx + 120},{ly - 4} l4,-4 l4,4 l-4,4 Z" fill="#ff7f0e"/><text x="{lx + 132}" '
              f'y="{ly}">other candidate</text>')
     s.append("</svg>")
     with open(path, "w", encoding="utf-8") as f:
@@ -236,24 +237,29 @@ def main(argv=None):
     p.add_argument("--backend", default="cpu")
     p.add_argument("--json", default="recipe_sweep.json")
     p.add_argument("--plot", default=None)
-    p.add_argument("--plot-only", default=None, metavar="JSON")
+    p.add_argument("--plot-only", default=None, metavar="JSON[,JSON]",
+                   help="redraw from saved results (several files: e.g. K=4 and K=2,8 runs)")
     p.add_argument("--x", default="bpw_nominal", choices=["bpw", "bpw_nominal"],
                    help="the size measure of the plot and verdicts (default: the formats' bits)")
     p.add_argument("--show", default=None, help="comma list: the candidates the plot shows")
     a = p.parse_args(argv)
     if a.plot_only:
-        with open(a.plot_only) as f:
-            res = json.load(f)
-        for r in res["results"]:
-            if "bpw_nominal" not in r:
-                r["bpw_nominal"] = nominal_bpw(os.path.join(a.out, r["name"]))
-        plot_svg(res["results"], a.plot, a.show.split(",") if a.show else None, a.x)
+        results, windows = [], {}
+        for fn in a.plot_only.split(","):
+            with open(fn) as f:
+                res = json.load(f)
+            for r in res["results"]:
+                if "bpw_nominal" not in r:
+                    r["bpw_nominal"] = nominal_bpw(os.path.join(a.out, r["name"]))
+                windows[r["k"]] = res["config"].get("windows")
+            results += res["results"]
+        plot_svg(results, a.plot, a.show.split(",") if a.show else None, a.x, windows)
         for x in ("bpw", "bpw_nominal"):
             print(f"-- verdicts by {x}")
-            _print_verdicts(verdicts(res["results"], x), x)
+            _print_verdicts(verdicts(results, x), x)
         return 0
     from pyflashmoe.convert import convert
-    from pyflashmoe.eval import evaluate
+    from pyflashmoe.eval import evaluate, parse_k_list
     vs = variants(a.which.split(","))
     if a.only:
         vs = {n: vs[n] for n in a.only.split(",")}
@@ -281,12 +287,14 @@ def main(argv=None):
             print(f"{name:18s} K={r['k']} bpw {r['bpw']:.3f} ppl {r['ppl']:.3f} KLD {r['kld_mean']:.5f} "
                   f"p99 {r['kld_p99']:.4f} top1 {100 * r['top1_agreement']:.2f}% "
                   f"({time.time() - t0:.0f} s)", flush=True)
-        with open(a.json, "w") as f:
+        with open(a.json + ".tmp", "w") as f:
             json.dump({"config": res["config"], "results": results,
                        "verdicts": verdicts(results, "bpw_nominal"), "verdicts_file_bpw": verdicts(results)},
                       f, indent=1)
+        os.replace(a.json + ".tmp", a.json)
     if a.plot:
-        plot_svg(results, a.plot, a.show.split(",") if a.show else None, a.x)
+        plot_svg(results, a.plot, a.show.split(",") if a.show else None, a.x,
+                 {k: res["config"]["windows"] for k in parse_k_list(a.k)})
     for x in ("bpw", "bpw_nominal"):
         print(f"-- verdicts by {x}")
         _print_verdicts(verdicts(results, x), x)

@@ -137,13 +137,15 @@ def test_recipe_dir_has_the_formats_it_says(recipe, tiny, tmp_path):
     for il in spec.moe_layers():
         for pn, pe in man["experts"]["layers"][str(il)]["parts"].items():
             assert _have(pe) == _want(rules, f"blk.{il}.experts.{pn}", pe["shape"]), (il, pn)
-    # the shipped recipes' shape: 8-bit dense, routers bf16, experts below 8 bits, down >= gate/up
+    # the shipped recipes' shape: dense at 6 or 8 bits, routers bf16, experts below the dense bits,
+    # down >= gate/up
     t = man["tensors"]
-    assert _have(t["tok_embd"])[:2] == ("affine", 8) and _have(t["output"])[:2] == ("affine", 8)
+    db = t["tok_embd"]["bits"]
+    assert db in (6, 8) and _have(t["output"])[:2] == ("affine", db)
     assert t["blk.0.ffn_router"]["dtype"] == "bf16" and t["blk.0.shexp_router"]["dtype"] == "bf16"
-    assert _have(t["blk.1.attn_q"])[:2] == ("affine", 8) and _have(t["blk.0.ssm_qkv"])[:2] == ("affine", 8)
+    assert _have(t["blk.1.attn_q"])[:2] == ("affine", db) and _have(t["blk.0.ssm_qkv"])[:2] == ("affine", db)
     parts = man["experts"]["layers"]["0"]["parts"]
-    assert parts["gate"]["bits"] == parts["up"]["bits"] <= parts["down"]["bits"] < 8
+    assert parts["gate"]["bits"] == parts["up"]["bits"] <= parts["down"]["bits"] <= db
     # tiny dims: expert down (input 32) at g32, shexp_down (input 48) bf16, both noted
     assert parts["down"]["group_size"] == 32
     assert t["blk.0.shexp_down"]["dtype"] == "bf16"
@@ -161,11 +163,11 @@ def test_overrides_apply_after_the_recipe_and_the_last_wins(tiny, tmp_path, capf
     L = man["experts"]["layers"]
     assert _have(L["0"]["parts"]["down"]) == ("affine", 6, 32)      # input 32: g64 -> g32, noted
     assert _have(L["1"]["parts"]["down"]) == ("bf16", 0, 0)
-    assert _have(L["1"]["parts"]["gate"]) == ("affine", 2, 32)
+    assert _have(L["1"]["parts"]["gate"]) == ("affine", 2, 64)
     t = man["tensors"]
-    assert t["output"]["dtype"] == "bf16" and _have(t["tok_embd"]) == ("affine", 8, 64)
+    assert t["output"]["dtype"] == "bf16" and _have(t["tok_embd"]) == ("affine", 6, 64)
     assert _have(t["blk.1.attn_k"]) == ("affine", 5, 32) and _have(t["blk.1.attn_o"]) == ("affine", 5, 32)
-    assert _have(t["blk.0.ssm_z"]) == ("affine", 4, 64) and _have(t["blk.2.ssm_z"]) == ("affine", 8, 64)
+    assert _have(t["blk.0.ssm_z"]) == ("affine", 4, 64) and _have(t["blk.2.ssm_z"]) == ("affine", 6, 64)
     assert "kept at 6-bit g32: blk.{0,2,3}.ffn_down experts (input dim 32 not a multiple of 64)" in err
     assert {"bits": 16} in q["experts"]["formats"] and {"bits": 6, "group_size": 32} in q["experts"]["formats"]
     validate(dst)
@@ -238,6 +240,7 @@ def test_cli_recipe_and_quant(tiny, tmp_path):
     assert man["quantization"]["overrides"] == ["experts.gate=3", "router=8"]
     parts = man["experts"]["layers"]["0"]["parts"]
     assert (parts["gate"]["bits"], parts["up"]["bits"], parts["down"]["bits"]) == (3, 4, 6)
+    assert _have(man["tensors"]["blk.1.attn_v"]) == ("affine", 6, 64)
     assert _have(man["tensors"]["blk.0.ffn_router"]) == ("affine", 8, 64)
 
 
@@ -268,7 +271,7 @@ def test_recipe_dir_logits_match_dequantized_reference(tiny, tmp_path):
                 params[f"model.layers.{il}.mlp.experts.gate_up_proj"][e].copy_(
                     torch.from_numpy(np.concatenate([w["gate"], w["up"]])))
                 params[f"model.layers.{il}.mlp.experts.down_proj"][e].copy_(torch.from_numpy(w["down"]))
-    assert {(8, 64), (5, 32), (3, 64), (6, 32), (4, 64)} <= seen
+    assert {(6, 64), (5, 32), (3, 64), (6, 32), (4, 64)} <= seen
     toks = np.random.default_rng(1).integers(3, spec.vocab_size, size=12).astype(np.int32)
     with torch.no_grad():
         ref = ref_model(torch.tensor(toks[None].astype(np.int64))).logits[0].float().numpy()
