@@ -3,15 +3,18 @@ shipped bits setting / recipe x K, perplexity, mean / p99 KLD and top-1 agreemen
 all 189 held-out windows (48,195 scored tokens).
 
 Needs only the repo checkout and demo_out/ckpt (the bf16 checkpoint, 35 MB, with its tokenizer)
-+ demo_out/corpus/heldout.txt: it builds the extension when it is not importable (with CUDA for
---backend cuda), converts the model dirs itself (into --work, not carried back), saves the bf16
++ demo_out/corpus/heldout.txt: it builds the extension (setup.py build_ext --inplace, with CUDA for
+--backend cuda; --no-build skips that), converts the model dirs itself (into --work, not carried back), saves the bf16
 reference once through transformers (--ref-device cuda on a GPU), then evaluates every dir x K.
 Resumable: a finished (dir, K) is kept in OUT/results.json and not run again, so a run cut by a
 time limit continues where it stopped.
 
-    python bench/demo_eval_all.py --backend cuda --ref-device cuda --out $OUT     # GPU machine
-    python bench/demo_eval_all.py --backend cpu --threads 16 --out $OUT           # 16 cores
-    python bench/demo_eval_all.py --max-tokens 510 --out /tmp/e                   # a quick check
+    python3 bench/demo_eval_all.py --backend cuda --ref-device cuda --out /tmp/dea   # GPU machine
+    python3 bench/demo_eval_all.py --backend cpu --threads 16 --out /tmp/dea         # 16 cores
+    python3 bench/demo_eval_all.py --max-tokens 510 --no-build --out /tmp/e          # a quick check
+
+(--out on the machine's own disk, so that a second call resumes; copy OUT/table.md and
+OUT/results.json to wherever the results must go.)
 
 Writes OUT/results.json (every run), OUT/table.md (the markdown rows for bench/RESULTS.md) and
 prints the table.
@@ -35,12 +38,8 @@ BITS_DIRS = {"demo-q2": dict(bits=2), "demo-q3": dict(bits=3), "demo-q4": dict(b
 
 
 def ensure_core(backend):
-    """Build pyflashmoe._core in the checkout unless it imports (with CUDA when asked for)."""
-    probe = ("import pyflashmoe._core as c, sys; "
-             "sys.exit(0 if (sys.argv[1] != 'cuda' or c.cuda_available()) else 3)")
-    r = subprocess.run([sys.executable, "-c", probe, backend], cwd=ROOT, capture_output=True)
-    if r.returncode == 0:
-        return
+    """Build pyflashmoe._core in the checkout (setup.py build_ext --inplace; with CUDA for --backend
+    cuda), so that the extension matches the checkout's C sources, then check it imports."""
     env = dict(os.environ)
     if backend == "cuda":
         env["FLASHMOE_CUDA"] = "1"
@@ -50,6 +49,12 @@ def ensure_core(backend):
     subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=ROOT, env=env,
                    check=True)
     print(f"demo_eval_all: built in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    probe = ("import pyflashmoe._core as c, sys; "
+             "sys.exit(0 if (sys.argv[1] != 'cuda' or c.cuda_available()) else 3)")
+    r = subprocess.run([sys.executable, "-c", probe, backend], cwd=ROOT, capture_output=True, check=False)
+    if r.returncode:
+        sys.exit(f"demo_eval_all: the built pyflashmoe._core does not import or has no CUDA: "
+                 f"{r.stderr.decode(errors='replace')[-500:]}")
 
 
 def model_dirs(ckpt, work):
@@ -104,7 +109,8 @@ def markdown(res, names):
         if not any(rs.values()):
             continue
         r0 = next(r for r in rs.values() if r)
-        cell = lambda k, f: f(rs[k]) if rs[k] else "…"  # noqa: E731
+        def cell(k, f, rs=rs):
+            return f(rs[k]) if rs[k] else "…"
         rows.append(f"| {name} | {describe(path)} | {r0['bpw']:.2f} | {r0['size_bytes'] / 1e6:.1f} | "
                     + " | ".join(cell(k, lambda r: f"{r['ppl']:.2f}") for k in ks) + " | "
                     + " | ".join(cell(k, lambda r: f"{r['kld_mean']:.4f}") for k in ks) + " | "
@@ -125,11 +131,12 @@ def main(argv=None):
     p.add_argument("--ref-device", default=None, help="torch device of the bf16 reference (cpu, cuda)")
     p.add_argument("--k", default="2,4,8")
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (tests)")
-    p.add_argument("--no-build", action="store_true")
+    p.add_argument("--no-build", action="store_true", help="use the extension as built (a second call)")
     a = p.parse_args(argv)
     t_start = time.time()
     if not a.no_build:
         ensure_core("cuda" if a.backend == "cuda" else "cpu")
+    from pyflashmoe.errors import FlashMoEError
     from pyflashmoe.eval import evaluate, parse_k_list
     ckpt = os.path.join(a.demo_out, "ckpt")
     text = os.path.join(a.demo_out, "corpus", "heldout.txt")
@@ -164,12 +171,19 @@ def main(argv=None):
         save()
         print(f"demo_eval_all: bf16 reference: ppl {r['reference']['ppl']:.4f} over {r['config']['tokens']} "
               f"tokens ({r['config']['windows']} windows), {r['reference']['seconds']:.0f} s", flush=True)
+    errors = {}
     for name, d in names.items():        # one evaluate per dir: the reference is loaded once for its Ks
         ks = [k for k in parse_k_list(a.k) if f"{name}|{k}" not in res["runs"]]
         if not ks:
             continue
-        for r in evaluate(models=[d], ref=ref_file, ks=ks, threads=a.threads, backend=a.backend, quiet=True,
-                          log=lambda m: None)["results"]:
+        try:
+            got = evaluate(models=[d], ref=ref_file, ks=ks, threads=a.threads, backend=a.backend, quiet=True,
+                           log=lambda m: None)["results"]
+        except FlashMoEError as e:       # one dir the backend refuses must not lose the others
+            print(f"demo_eval_all: {name}: error: {e}", flush=True)
+            errors[name] = str(e)
+            continue
+        for r in got:
             r["model"] = name
             r["backend"] = a.backend
             res["runs"][f"{name}|{r['k']}"] = r
@@ -184,7 +198,9 @@ def main(argv=None):
     print(f"\n{cfg['tokens']} scored tokens, {cfg['windows']} windows of {cfg['ctx']} "
           f"(backend {a.backend}, reference on {res['reference']['device']}), {time.time() - t_start:.0f} s\n")
     print(md)
-    return 0
+    for name, e in errors.items():
+        print(f"\nnot evaluated: {name}: {e}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

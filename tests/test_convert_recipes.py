@@ -8,7 +8,6 @@
 * A recipe dir with overrides loads and its CPU logits match transformers' fp32 forward with every
   stored (dequantized) weight in place.
 """
-import json
 import os
 
 import numpy as np

@@ -1,6 +1,5 @@
 """`flashmoe eval --ref-device`: the torch device of an HF checkpoint reference (the bf16 reference
 of the full held-out table is computed on the GPU machine, bench/demo_eval_all.py)."""
-import os
 
 import numpy as np
 import pytest
