@@ -1244,8 +1244,18 @@ class EngineLoop:
         gens = list(job.st["gens"])  # before the thread starts: it drops job.st when it ends
         with self._lock:
             self.running_jobs.add(job)
-        threading.Thread(target=self._job_thread, args=(job,), daemon=True,
-                         name="flashmoe-request").start()
+        try:
+            threading.Thread(target=self._job_thread, args=(job,), daemon=True,
+                             name="flashmoe-request").start()
+        except BaseException as e:  # no thread (resource limits): the request ends with a 500
+            job.abandoned = job.done = True
+            job.put("error", e)
+            job.put("end")
+            with self._lock:
+                self.running_jobs.discard(job)
+            self._count("failed")
+            self.sched.finished(job)
+            return
         stop = job.stopped()
         if stop is not None:  # cancelled or expired while queued: nothing is evaluated
             for i in range(len(gens)):

@@ -344,3 +344,30 @@ def test_scheduler_take_fifo_slots_and_capacity():
     s.finished(b)
     assert s.take(2) == [c]
     assert s.close() == [] and s.take(2) is None
+
+
+def test_a_request_whose_thread_cannot_start_fails_alone(test_data, monkeypatch):
+    from pyflashmoe import server as S
+    from pyflashmoe.server import Server, build_app
+    from test_server import _ctl_model, _Live, _msgs, _post, _tok
+    m, _ = _ctl_model(_tok(test_data, "qwen3"))
+    server = Server(m, "fake", parallel=2)
+    real = S.threading.Thread
+
+    class NoThread(real):
+        def start(self):
+            if self.name == "flashmoe-request" and not getattr(NoThread, "used", False):
+                NoThread.used = True
+                raise RuntimeError("can't start new thread (test)")
+            return super().start()
+
+    with _Live(build_app(server)) as live:
+        monkeypatch.setattr(S.threading, "Thread", NoThread)
+        r = _post(live.url, {"messages": _msgs(0), "max_tokens": 3})
+        assert r.status_code == 500 and "can't start new thread" in r.json()["error"]["message"]
+        r = _post(live.url, {"messages": _msgs(1), "max_tokens": 3})
+        assert r.status_code == 200
+        monkeypatch.setattr(S.threading, "Thread", real)
+        h = live.wait_health(lambda h: h["running"] == 0)
+        assert h["failed"] == 1 and h["completed"] == 1
+    server.close()
