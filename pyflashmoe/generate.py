@@ -398,6 +398,16 @@ class Model:
         if len(sessions) != toks.size:
             raise ArgumentError(f"_eval_batch: {len(sessions)} sessions but {toks.size} tokens")
         if hasattr(self.engine, "eval_batch"):
+            # the rows in the pool's session order: the leading session (whose scratch and, on
+            # CUDA, per-batch-size graphs the step uses) stays the same while sequences come and go
+            rank = {id(x): k for k, x in enumerate(self.pool.sessions())} if self.pool else {}
+            order = sorted(range(len(sessions)), key=lambda k: rank.get(id(sessions[k]), len(rank) + k))
+            if order != list(range(len(sessions))):
+                out = np.asarray(self.engine.eval_batch([sessions[k] for k in order], toks[order]),
+                                 dtype=np.float32).reshape(len(sessions), self.n_vocab)
+                res = np.empty_like(out)
+                res[order] = out
+                return res
             return np.asarray(self.engine.eval_batch(sessions, toks), dtype=np.float32).reshape(
                 len(sessions), self.n_vocab)
         for i, s in enumerate(sessions):

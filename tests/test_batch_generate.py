@@ -147,10 +147,12 @@ class BatchFakeEngine(FakeEngine):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.batch_calls = []
+        self.leading = []  # sessions[0] of each call
 
     def eval_batch(self, sessions, tokens):
         assert len(sessions) == tokens.size and len(set(map(id, sessions))) == len(sessions)
         self.batch_calls.append(len(sessions))
+        self.leading.append(sessions[0])
         try:
             return np.stack([s.eval(tokens[i:i + 1]) for i, s in enumerate(sessions)])
         except BaseException:
@@ -247,3 +249,18 @@ def test_bench_parallel_smoke(tmp_path):
     assert [(r["path"], r["streams"]) for r in res] == [("generate_batch", 1), ("generate_batch", 2)]
     assert all(r["agg_tps"] > 0 and len(r["spread"]["runs"]) == 2 for r in res)
     assert res[0]["speedup"] == 1.0 and res[0]["bytes_per_token"] >= 0
+
+
+def test_batch_rows_in_pool_order_keep_the_leading_session(tok):
+    """Model._eval_batch hands the engine its sessions in the pool's order (rows mapped back),
+    so the leading session stays the first while sequences leave and join in any order."""
+    m, eng = _fake(tok, BatchFakeEngine, parallel=3)
+    m1, _ = _fake(tok, FakeEngine, parallel=1)
+    items = [{"prompt": p, "max_tokens": n} for p, n in (("a", 3), ("b c", 9), ("d", 5), ("e f", 8))]
+    toks, _, _, _ = _batched(m, items, temperature=0, ignore_eos=True)
+    for i, it in enumerate(items):
+        assert toks[i] == _alone(m1, it["prompt"], max_tokens=it["max_tokens"], temperature=0,
+                                 ignore_eos=True)[0]
+    first = m.pool.sessions()[0]
+    # "a" leaves after 3 tokens and "e f" joins on its session, which stays the first
+    assert len(eng.leading) == 9 and all(s is first for s in eng.leading)
