@@ -5,6 +5,9 @@
     for piece in model.generate("Hello", max_tokens=64, temperature=0.7):
         print(piece.text, end="", flush=True)
     logits = model.logits([1, 2, 3])   # float32 [n_tokens, vocab]; fresh state each call
+    model = fm.Model.load("out/", parallel=4)      # up to 4 sequences decoded together
+    for i, piece in model.generate_batch(["Hi", {"prompt": "Yo", "temperature": 0.8, "seed": 1}]):
+        ...                                         # (index into the list, GenerationPiece)
 
 Defaults (documented choices):
 * context_length: min(spec max_position_embeddings, 4096) unless given.
@@ -15,9 +18,12 @@ Defaults (documented choices):
   tokenizer's eos token. An EOS token ends generation with finish_reason "stop" and adds no text.
 * Text streams without broken UTF-8 (see tokenizer.StreamDecoder); with stop strings, text that
   could be the start of a stop string is held back until it is decided.
-* The session keeps its state between generate calls; when a new prompt starts with every token
-  the session already holds (a chat continuing), only the new tokens are evaluated. Any error
-  resets the session, so the Model stays usable.
+* Sessions come from the Model's StatePool (pyflashmoe.prefix; `parallel` of them, default 1):
+  a session keeps its state between generate calls, and a new prompt that extends a held state or
+  a saved snapshot (a chat continuing) evaluates only its new tokens. Any error resets the
+  session, so the Model stays usable. A generation is a Generation object (prefill / step /
+  close) that generate(), generate_batch() and the server's batching loop step; when every
+  session is held by an open generation, a new generate()/logits() call supersedes the oldest.
 """
 from __future__ import annotations
 
