@@ -128,7 +128,7 @@ def run_server(server_url, s, tokens, seed, n_vocab, eos):
     async def one(c, ids):
         n, t_first, t_last = 0, None, None
         body = {"prompt": ids, "max_tokens": tokens, "temperature": 0, "stream": True,
-                "logit_bias": bias}
+                "logit_bias": bias, "stream_options": {"include_usage": True}}
         async with c.stream("POST", server_url + "/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
             async for line in r.aiter_lines():
@@ -136,9 +136,11 @@ def run_server(server_url, s, tokens, seed, n_vocab, eos):
                     ch = json.loads(line[6:])
                     if "error" in ch:
                         raise RuntimeError(ch["error"])
-                    n += 1
-                    t_last = time.perf_counter()
-                    t_first = t_first or t_last
+                    if ch.get("usage"):  # tokens (a model without a tokenizer streams no text)
+                        n = ch["usage"]["completion_tokens"]
+                    else:
+                        t_last = time.perf_counter()
+                        t_first = t_first or t_last
         return n, t_first, t_last
 
     async def all_():
@@ -251,7 +253,8 @@ def main(argv=None):
                                                    model.n_vocab, model.eos_token_ids))
                     tps, spread = summarize(runs, "agg_tps")
                     row = {"model": name, "path": path, "streams": s, "tokens_per_stream": a.tokens,
-                           "agg_tps": tps, "per_stream_tps": tps / s, "spread": spread}
+                           "agg_tps": tps, "per_stream_tps": tps / s, "spread": spread,
+                           "timed_tokens": runs[0]["tokens"]}
                     if live is None:
                         row["bytes_per_token"] = summarize(runs, "bytes_per_token")[0]
                         row["ms_per_step"] = summarize(runs, "ms_per_step")[0]

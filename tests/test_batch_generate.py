@@ -243,12 +243,16 @@ def test_bench_parallel_smoke(tmp_path):
     import bench_parallel
     out = tmp_path / "bp.json"
     assert bench_parallel.main(["--models", "demo", "--streams", "1,2", "--tokens", "4",
-                                "--repeats", "2", "--threads", "1", "--json", str(out)]) == 0
+                                "--repeats", "2", "--threads", "1", "--server",
+                                "--json", str(out)]) == 0
     import json
     res = json.loads(out.read_text())["results"]
-    assert [(r["path"], r["streams"]) for r in res] == [("generate_batch", 1), ("generate_batch", 2)]
+    assert [(r["path"], r["streams"]) for r in res] == [("generate_batch", 1), ("generate_batch", 2),
+                                                         ("server", 1), ("server", 2)]
     assert all(r["agg_tps"] > 0 and len(r["spread"]["runs"]) == 2 for r in res)
     assert res[0]["speedup"] == 1.0 and res[0]["bytes_per_token"] >= 0
+    # timed: generate_batch after every stream's first token; the server: every token
+    assert [r["timed_tokens"] for r in res] == [3, 6, 4, 8]
 
 
 def test_batch_rows_in_pool_order_keep_the_leading_session(tok):
