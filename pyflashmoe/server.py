@@ -538,6 +538,9 @@ class Server:
                            f"together, --parallel), got {n}", "n")
         kw.setdefault("max_tokens", m.context_length - len(ids))
         budget = min(kw["max_tokens"], m.context_length - len(ids))
+        # a token's logprob (a log-softmax over the vocabulary, per sequence and step on the
+        # engine thread) only when the request asked for logprobs
+        kw.setdefault("logprobs", "top_logprobs" in kw)
         gens = []
         for i in range(n):  # n choices: n sequences, each with its own grammar state and seed
             kwi = dict(kw)

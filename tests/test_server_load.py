@@ -371,3 +371,23 @@ def test_a_request_whose_thread_cannot_start_fails_alone(test_data, monkeypatch)
         h = live.wait_health(lambda h: h["running"] == 0)
         assert h["failed"] == 1 and h["completed"] == 1
     server.close()
+
+
+def test_logprobs_computed_only_when_asked(test_data):
+    """The engine thread computes a token's logprob (a log-softmax over the vocabulary per
+    sequence and step) only for requests that ask for logprobs."""
+    from pyflashmoe.server import Server
+    from test_server import _ctl_model, _msgs, _tok
+    m, _ = _ctl_model(_tok(test_data, "qwen3"))
+    server = Server(m, "fake", parallel=2)
+    try:
+        def prep(**kw):
+            return server.prepare_chat(dict({"messages": _msgs(0), "max_tokens": 2}, **kw))["gens"]
+        assert [g.want_logprobs for g in prep(n=2)] == [False, False]
+        assert [g.want_logprobs for g in prep(logprobs=True, top_logprobs=2)] == [True]
+        assert [g.want_logprobs for g in server.prepare_completion(
+            {"prompt": "x", "max_tokens": 2, "logprobs": 1})["gens"]] == [True]
+        assert [g.want_logprobs for g in server.prepare_completion(
+            {"prompt": "x", "max_tokens": 2})["gens"]] == [False]
+    finally:
+        server.close()
