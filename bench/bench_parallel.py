@@ -24,9 +24,12 @@ by logit_bias), from the requests' start to the last chunk of all streams (prefi
 Models:
   demo  the embedded demo model (pyflashmoe.Model.load()).
   35b   a synthetic model at Qwen3.5-35B-A3B dims (pyflashmoe.synth preset qwen3.5-35b-a3b, 256
-        experts, top-8, 4-bit experts), --layers layers (default 4) and --vocab ids (default the
-        preset's 248,320), written once into --synth-dir (default
-        $FLASHMOE_BENCH_SYNTH or /tmp/flashmoe_bench_parallel) and reused.
+        experts, top-8, 4-bit experts), --layers layers and --vocab ids (default the preset's
+        248,320), written once into --synth-dir (default $FLASHMOE_BENCH_SYNTH or
+        /tmp/flashmoe_bench_parallel) and reused. --layers defaults to all 40 with --backend
+        cuda (~20 GB, about a minute to write; a GPU step of a few layers is so short that the
+        per-sequence Python work of a step, sampling included, would dominate the ratio) and to
+        4 on the CPU.
 
 Defaults finish in a few minutes on a GPU; on a small CPU machine use e.g.
     python bench/bench_parallel.py --tokens 16 --repeats 2 --layers 2 --vocab 32768
@@ -217,7 +220,8 @@ def main(argv=None):
     ap.add_argument("--streams", default="1,4,8")
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per stream and run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=4, help="layers of the synthetic 35B-dims model")
+    ap.add_argument("--layers", type=int, default=None, help="layers of the synthetic 35B-dims "
+                    "model (default: all 40 with --backend cuda, 4 on the CPU)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary of the synthetic model "
                     "(default the preset's; a multiple of 16)")
     ap.add_argument("--synth-dir", default=None)
@@ -225,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--server", action="store_true", help="also through the HTTP server")
     ap.add_argument("--json", default=None, help="write the JSON here (default: stdout)")
     a = ap.parse_args(argv)
+    if a.layers is None:
+        a.layers = 40 if a.backend == "cuda" else 4
     streams = [int(x) for x in a.streams.split(",")]
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     for m in models:
