@@ -18,8 +18,10 @@ which the page asks for when the server needs one).
   field). The anthropic-version header is accepted; x-api-key is the key when --api-key is set.
 * One engine thread owns the Model and decodes up to --parallel N sequences together
   (continuous batching, default 4): between two decode steps it admits waiting requests in FIFO
-  order of arrival (Scheduler.take: their prefill runs, then they join the batched step) and
-  drops the finished, cancelled and timed-out ones; one step evaluates a token of every running
+  order of arrival (Scheduler.take: their prefill runs, then they join the batched step; while
+  sequences run, one request is admitted per step, so a burst of long prompts does not stall the
+  running streams for all of their prefills at once) and drops the finished, cancelled and
+  timed-out ones; one step evaluates a token of every running
   sequence at once (Model._eval_batch: each MoE layer reads the union of their experts once).
   Each sequence's pieces go to its request's feed; each request has its own thread that turns
   them into chunks or a result and puts those on the request's asyncio queue (through
@@ -1040,11 +1042,11 @@ class Scheduler:
         jobs = self.take(None, True, on_idle)
         return None if jobs is None else jobs[0]
 
-    def take(self, free, block=False, on_idle=None):
+    def take(self, free, block=False, on_idle=None, max_jobs=None):
         """The waiting jobs to admit now, oldest first, while their sequences (job.n, 1 for
-        other objects) fit in `free` slots (None: one job); [] when none fits; None once closed.
-        block: wait until there is one (nothing is running); while idle after some work it
-        calls on_idle(big) once."""
+        other objects) fit in `free` slots (None: one job), at most max_jobs of them; [] when
+        none fits; None once closed. block: wait until there is one (nothing is running); while
+        idle after some work it calls on_idle(big) once."""
         while True:
             with self._cv:
                 if self._closed:
@@ -1054,7 +1056,8 @@ class Scheduler:
                     if self._waiting:
                         out.append(self._waiting.popleft())
                 else:
-                    while self._waiting and getattr(self._waiting[0], "n", 1) <= free:
+                    while self._waiting and getattr(self._waiting[0], "n", 1) <= free and \
+                            (max_jobs is None or len(out) < max_jobs):
                         free -= getattr(self._waiting[0], "n", 1)
                         out.append(self._waiting.popleft())
                 self._active += len(out)
@@ -1207,7 +1210,10 @@ class EngineLoop:
         try:
             while True:
                 free = self.parallel - len(running)
-                jobs = self.sched.take(free, block=not running, on_idle=_trim_heap)
+                # while sequences run, one request's prefill per step: a burst of arrivals
+                # delays the running streams by one prefill per token, not by all of them
+                jobs = self.sched.take(free, block=not running, on_idle=_trim_heap,
+                                       max_jobs=1 if running else None)
                 if jobs is None:
                     return
                 for job in jobs:

@@ -343,6 +343,9 @@ def test_scheduler_take_fifo_slots_and_capacity():
     assert s.take(2) == [b] and s.take(0) == []
     s.finished(b)
     assert s.take(2) == [c]
+    s.submit(a)
+    s.submit(d)
+    assert s.take(2, max_jobs=1) == [a] and s.take(1) == [d]
     assert s.close() == [] and s.take(2) is None
 
 
