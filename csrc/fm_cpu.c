@@ -862,20 +862,10 @@ static fm_status cpu_guard(fm_pass *p, int32_t stage, char *err, size_t errlen) 
 
 /* the host array of piece (fm_backend.h FM_STATE_*) idx and its floats for `rows` KV rows */
 static float *state_piece(fm_session *s, int32_t piece, int32_t idx, int32_t rows, size_t *n) {
-    const fm_model *m = s->m;
     cpu_session *c = s->bs;
-    switch (piece) {
-    case FM_STATE_K:
-    case FM_STATE_V:
-        *n = (size_t)rows * (size_t)m->n_kv_heads * (size_t)m->head_dim;
-        return piece == FM_STATE_K ? c->kc[idx] : c->vc[idx];
-    case FM_STATE_CONV:
-        *n = (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)conv_dim_of(m);
-        return c->conv[idx];
-    default:
-        *n = (size_t)m->lin_nv * m->lin_dk * m->lin_dv;
-        return c->ssm[idx];
-    }
+    *n = (size_t)fm_state_piece_floats(s->m, piece, rows);
+    return piece == FM_STATE_K ? c->kc[idx] : piece == FM_STATE_V ? c->vc[idx] : piece == FM_STATE_CONV ? c->conv[idx]
+                                                                                                  : c->ssm[idx];
 }
 
 static fm_status cpu_state_get(fm_session *s, int32_t piece, int32_t idx, int32_t rows, void *dst, char *err,

@@ -150,6 +150,16 @@ struct fm_session {
     int64_t trace_row; /* trace row of the current pass's first token (fm_forward.c) */
 };
 
+/* floats of session-state piece `piece` (fm_backend.h FM_STATE_*) for `rows` KV rows: the layouts
+ * every backend's state_get / state_set use */
+static inline int64_t fm_state_piece_floats(const fm_model *m, int32_t piece, int32_t rows) {
+    if (piece == FM_STATE_K || piece == FM_STATE_V) return (int64_t)rows * m->n_kv_heads * m->head_dim;
+    if (piece == FM_STATE_CONV)
+        return (int64_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) *
+               (2 * (int64_t)m->lin_nk * m->lin_dk + (int64_t)m->lin_nv * m->lin_dv);
+    return (int64_t)m->lin_nv * m->lin_dk * m->lin_dv;
+}
+
 /* ---- numerical guard (CPU forward and CUDA backend share the wording) ---- */
 static inline const char *fm_layer_kind(const fm_layer *L) {
     if (L->attn == FM_ATTN_FULL) return L->ffn == FM_FFN_MOE ? "full attention + moe" : "full attention + dense ffn";

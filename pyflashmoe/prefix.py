@@ -233,6 +233,18 @@ class StatePool:
                 best = e
         return best
 
+    def _spare_slot(self, idle):
+        """A slot to give a new state (under the lock): a new one while under max_sessions, else an
+        idle one holding nothing, else the least recently used idle one."""
+        if len(self._slots) < self.max_sessions:
+            slot = _Slot(None)
+            self._slots.append(slot)
+            return slot
+        if idle:
+            empty = [s for s in idle if not s.held]
+            return empty[0] if empty else min(idle, key=lambda s: s.used)
+        raise FlashMoEError(f"all {self.max_sessions} sessions are busy")
+
     def _pick(self, ids: list[int], arr: np.ndarray) -> tuple[_Slot, int, _Snap | None]:
         with self._lock:
             idle = [s for s in self._slots if not s.busy]
@@ -244,27 +256,12 @@ class StatePool:
             snap = self._best_snapshot(arr) if self.snapshots else None
             if snap is not None and snap.n > best_n:
                 best, best_n = None, snap.n
-                # a session for the load: a new one, else an idle one holding nothing, else the LRU
-                if len(self._slots) < self.max_sessions:
-                    best = _Slot(None)
-                    self._slots.append(best)
-                elif idle:
-                    empty = [s for s in idle if not s.held]
-                    best = empty[0] if empty else min(idle, key=lambda s: s.used)
-                else:
-                    raise FlashMoEError(f"all {self.max_sessions} sessions are busy")
+                best = self._spare_slot(idle)  # a session for the load
                 self._touch(snap)
             else:
                 snap = None
                 if best is None:
-                    if len(self._slots) < self.max_sessions:
-                        best = _Slot(None)
-                        self._slots.append(best)
-                    elif idle:
-                        empty = [s for s in idle if not s.held]
-                        best = empty[0] if empty else min(idle, key=lambda s: s.used)
-                    else:
-                        raise FlashMoEError(f"all {self.max_sessions} sessions are busy")
+                    best = self._spare_slot(idle)
             best.busy = True
             best.used = time.monotonic()
         if best.session is None:

@@ -9,20 +9,10 @@
 
 /* the device array of piece idx and its bytes for `rows` KV rows */
 static float *fmc_state_piece(fm_session *s, int32_t piece, int32_t idx, int32_t rows, size_t *bytes) {
-    const fm_model *m = s->m;
     fmc_session *c = (fmc_session *)s->bs;
-    switch (piece) {
-    case FM_STATE_K:
-    case FM_STATE_V:
-        *bytes = sizeof(float) * (size_t)rows * (size_t)m->n_kv_heads * (size_t)m->head_dim;
-        return piece == FM_STATE_K ? c->kc[idx] : c->vc[idx];
-    case FM_STATE_CONV:
-        *bytes = sizeof(float) * (size_t)(m->conv_k > 1 ? m->conv_k - 1 : 1) * (size_t)fmc_conv_dim(m);
-        return c->conv[idx];
-    default:
-        *bytes = sizeof(float) * (size_t)m->lin_nv * (size_t)m->lin_dk * (size_t)m->lin_dv;
-        return c->ssm[idx];
-    }
+    *bytes = sizeof(float) * (size_t)fm_state_piece_floats(s->m, piece, rows);
+    return piece == FM_STATE_K ? c->kc[idx] : piece == FM_STATE_V ? c->vc[idx] : piece == FM_STATE_CONV ? c->conv[idx]
+                                                                                                  : c->ssm[idx];
 }
 
 static fm_status fmc_state_check(fm_session *s, int32_t piece, int32_t idx, int32_t rows, char *err, size_t errlen) {
