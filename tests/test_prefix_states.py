@@ -337,5 +337,6 @@ def test_cuda_two_conversations_resume_from_snapshots(tmp_path):
             msgs += [{"role": "assistant", "content": text},
                      {"role": "user", "content": f"And after that? ({turn})"}]
     ps = m.pool.stats()
-    assert ps["snapshot_hits"] >= 7 and ps["spilled"] > 0 and ps["load_failures"] == 0, ps
+    # one session, the conversations alternate: each of the 2 x 3 later turns resumes from a snapshot
+    assert ps["snapshot_hits"] >= 6 and ps["spilled"] > 0 and ps["load_failures"] == 0, ps
     m.close()
