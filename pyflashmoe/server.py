@@ -1603,7 +1603,6 @@ def add_web_routes(app, web_dir: str = WEB_DIR):
             return JSONResponse(APIError(ctype, None, 404, "not_found_error").body(), status_code=404)
         return Response(data, media_type=ctype, headers=headers)
 
-    from fastapi.responses import JSONResponse
 
     @app.get("/", include_in_schema=False)
     async def web_page():

@@ -14,7 +14,6 @@ shows usage and tok/s, stops a long generation (the server sees the disconnect, 
 and answers the next request), shows server errors, and its markdown renderer keeps HTML in model
 text as text. A screenshot goes to the test's tmp dir (its path is printed)."""
 import base64
-import glob
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -38,7 +36,7 @@ from pyflashmoe.server import (WEB_DIR, WEB_FILES, RequestGuard, Server, build_a
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from serve_process import free_port, serve_process  # noqa: E402
+from serve_process import serve_process  # noqa: E402
 
 # the only URLs the page's files may contain: the SVG namespace (an identifier, never fetched)
 ALLOWED_URLS = {"http://www.w3.org/2000/svg"}
