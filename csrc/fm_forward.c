@@ -230,6 +230,19 @@ static fm_status run_eval(fm_eval *ev, int32_t *begun, char *err, size_t errlen)
     return st;
 }
 
+/* an eval of n tokens of s (the loop's block of fm_eval) */
+static fm_eval eval_of(fm_session *s, const int32_t *tokens, int32_t n, float *logits, int32_t all_logits) {
+    fm_eval ev;
+    memset(&ev, 0, sizeof ev);
+    ev.s = s;
+    ev.tokens = tokens;
+    ev.n_tokens = n;
+    ev.logits = logits;
+    ev.all_logits = all_logits;
+    ev.pos0 = s->pos;
+    return ev;
+}
+
 /* the I/O counters of the eval into the session's totals */
 static void add_io_stats(fm_session *s, double t0) {
     s->st.n_eval_calls++;
@@ -271,14 +284,7 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
         return fm_errf(err, errlen, FM_ERR_CTX_FULL,
                        "context full: %d tokens held + %d new > n_ctx %d (nothing was evaluated)", s->pos,
                        n_tokens, s->n_ctx);
-    fm_eval ev;
-    memset(&ev, 0, sizeof ev);
-    ev.s = s;
-    ev.tokens = tokens;
-    ev.n_tokens = n_tokens;
-    ev.logits = logits;
-    ev.all_logits = all_logits;
-    ev.pos0 = s->pos;
+    fm_eval ev = eval_of(s, tokens, n_tokens, logits, all_logits);
     double t0 = fm_now_ms();
     int32_t begun;
     fm_status st = run_eval(&ev, &begun, err, errlen);
@@ -340,14 +346,7 @@ fm_status fm_session_eval_batch(fm_session *const *ss, int32_t n, const int32_t 
     if (!pos) return fm_errf(err, errlen, FM_ERR_OOM, "fm_session_eval_batch: out of memory");
     for (int32_t i = 0; i < n; i++) pos[i] = ss[i]->pos;
     fm_session *s = ss[0];
-    fm_eval ev;
-    memset(&ev, 0, sizeof ev);
-    ev.s = s;
-    ev.tokens = tokens;
-    ev.n_tokens = n;
-    ev.logits = logits;
-    ev.all_logits = 1;
-    ev.pos0 = s->pos;
+    fm_eval ev = eval_of(s, tokens, n, logits, 1);
     ev.seqs = ss;
     ev.seq_pos = pos;
     double t0 = fm_now_ms();
