@@ -1098,6 +1098,7 @@ fm_status fm_model_open(fm_model **out, const char *dir, const fm_model_params *
         int32_t mb = m->n_experts < 16 ? m->n_experts : 16;
         m->max_batch = m->k_tok > mb ? m->k_tok : mb;
     }
+    fm_state_model_ids(m, text, tlen);
     m->be_open = 1; /* model_close undoes a partial model_open too */
     if ((st = m->be->model_open(m, &p, err, errlen)) != FM_OK) goto fail;
     if (!m->be->host_dense) release_dense(m); /* the backend holds its own copy */

@@ -138,6 +138,9 @@ struct fm_model {
     const fm_backend *be; /* the backend (fm_model_params.backend), chosen by fm_model_open */
     void *bm;             /* its model state */
     int32_t be_open;      /* be->model_open was called (fm_model_close calls be->model_close) */
+    /* session-state snapshots (fm_state.c), set once by fm_model_open: the structure's fingerprint
+     * and the identity of the weights (a hash of the manifest as opened) */
+    uint64_t state_fingerprint, state_weights_id;
 };
 
 struct fm_session {
@@ -149,6 +152,10 @@ struct fm_session {
     int64_t trace_n;   /* tokens traced since set_trace */
     int64_t trace_row; /* trace row of the current pass's first token (fm_forward.c) */
 };
+
+/* fm_state.c: the model's state_fingerprint and state_weights_id (manifest: the bytes of
+ * pyflashmoe.json fm_model_open parsed); after the layer table and k_tok are set */
+void fm_state_model_ids(fm_model *m, const char *manifest, size_t len);
 
 /* floats of session-state piece `piece` (fm_backend.h FM_STATE_*) for `rows` KV rows: the layouts
  * every backend's state_get / state_set use */

@@ -8,7 +8,8 @@
  * Format (host byte order, every field naturally aligned; version FM_STATE_VERSION):
  *   header  fm_state_hdr (magic "FMSTATE\0", checksum of every byte after it, version, header
  *           bytes, fingerprint, payload bytes, pos, the model's dims, the weights' identity: a hash
- *           of the model dir's pyflashmoe.json, which lists every weight file's sha256), then one byte per layer
+ *           of the model dir's pyflashmoe.json as the model was opened, which lists every weight file's
+ *           sha256; both computed once by fm_model_open, fm_state_model_ids), then one byte per layer
  *           (attn kind | ffn kind << 4), zero-padded to a multiple of 8 bytes
  *   payload f32, for each full-attention layer in state_idx order: K rows [0, pos) then V rows
  *           [0, pos) ([pos, kv_dim] each); then for each linear-attention layer in state_idx order:
@@ -128,27 +129,14 @@ static uint64_t model_fingerprint(const fm_model *m) {
     return h;
 }
 
-/* the identity of the weights: a hash of the model dir's manifest (pyflashmoe.json lists the size
- * and sha256 of every weight file, so other weights of the same shapes give another id). Read at
- * every save and load (a few KB to a few hundred KB, from the page cache): fm_model keeps no copy. */
-static fm_status weights_id(const fm_model *m, uint64_t *id, char *err, size_t errlen) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/pyflashmoe.json", m->dir ? m->dir : ".");
-    FILE *f = fopen(path, "rb");
-    if (!f) return fm_errf(err, errlen, FM_ERR_IO, "session state: cannot read %s (the model's identity)", path);
-    uint64_t h = 0x510E527FADE682D1ull, n = 0;
-    uint8_t buf[16384];
-    size_t got;
-    while ((got = fread(buf, 1, sizeof buf, f)) > 0) {
-        h = fm_state_hash(buf, got, h);
-        n += got;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad || n == 0)
-        return fm_errf(err, errlen, FM_ERR_IO, "session state: cannot read %s (the model's identity)", path);
-    *id = h;
-    return FM_OK;
+/* the model's fingerprint, and the identity of its weights: a hash of the manifest it was opened
+ * from (pyflashmoe.json lists the size and sha256 of every weight file, so other weights of the same
+ * shapes give another id), in 16 KiB pieces */
+void fm_state_model_ids(fm_model *m, const char *manifest, size_t len) {
+    m->state_fingerprint = model_fingerprint(m);
+    uint64_t h = 0x510E527FADE682D1ull;
+    for (size_t i = 0; i < len; i += 16384) h = fm_state_hash(manifest + i, len - i < 16384 ? len - i : 16384, h);
+    m->state_weights_id = h;
 }
 
 /* ---------------------------------------------------------------- layout */
@@ -180,7 +168,7 @@ static void fill_header(const fm_session *s, const fm_state_dims *d, fm_state_hd
     memcpy(h->magic, FM_STATE_MAGIC, 8);
     h->version = FM_STATE_VERSION;
     h->header_bytes = (uint32_t)d->header_bytes;
-    h->fingerprint = model_fingerprint(m);
+    h->fingerprint = m->state_fingerprint;
     h->payload_bytes = payload_bytes_of(m, d, s->pos);
     h->pos = s->pos;
     h->n_layers = m->n_layers, h->H = m->H, h->vocab = m->vocab, h->k_tok = m->k_tok;
@@ -238,14 +226,11 @@ fm_status fm_session_state_save(fm_session *s, void *buf, uint64_t cap, uint64_t
     if (!s) return fm_errf(err, errlen, FM_ERR_ARG, "fm_session_state_save: session is NULL");
     fm_model *m = s->m;
     if (!m->be->state_get) return no_hooks(s, "fm_session_state_save", err, errlen);
-    uint64_t wid = 0;
-    fm_status st = weights_id(m, &wid, err, errlen);
-    if (st != FM_OK) return st;
     pthread_mutex_lock(&m->mu);
     fm_state_dims d = dims_of(m);
     fm_state_hdr h;
     fill_header(s, &d, &h);
-    h.weights_id = wid;
+    h.weights_id = m->state_weights_id;
     uint64_t total = d.header_bytes + h.payload_bytes;
     if (written) *written = total;
     if (!buf || cap < total) {
@@ -258,7 +243,7 @@ fm_status fm_session_state_save(fm_session *s, void *buf, uint64_t cap, uint64_t
     uint8_t *b = (uint8_t *)buf;
     memset(b, 0, d.header_bytes);
     for (int32_t il = 0; il < m->n_layers; il++) b[sizeof h + (size_t)il] = layer_kind_byte(&m->layers[il]);
-    st = copy_pieces(s, &d, s->pos, b + d.header_bytes, NULL, err, errlen);
+    fm_status st = copy_pieces(s, &d, s->pos, b + d.header_bytes, NULL, err, errlen);
     pthread_mutex_unlock(&m->mu);
     if (st != FM_OK) {
         if (written) *written = 0;
@@ -323,15 +308,12 @@ static fm_status check_snapshot(const fm_session *s, const uint8_t *b, uint64_t 
     SAME(lin_dv, m->lin_dv, "the linear-attention value head dim");
     SAME(k_tok, m->k_tok, "the experts per token");
 #undef SAME
-    uint64_t fp = model_fingerprint(m);
+    uint64_t fp = m->state_fingerprint;
     if (h.fingerprint != fp)
         REFUSE("snapshot of another model: same dims and layer kinds, but the weight formats or model features "
                "differ (fingerprint %016llx in the snapshot, %016llx in this model)",
                (unsigned long long)h.fingerprint, (unsigned long long)fp);
-    uint64_t wid = 0;
-    fm_status st = weights_id(m, &wid, err, errlen);
-    if (st != FM_OK) return st;
-    if (h.weights_id != wid)
+    if (h.weights_id != m->state_weights_id)
         REFUSE("snapshot of another model: the same layer table and formats, other weights (the model dir's "
                "pyflashmoe.json differs)");
     if (h.pos < 0 || h.payload_bytes != payload_bytes_of(m, &d, h.pos))
