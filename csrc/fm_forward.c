@@ -291,7 +291,7 @@ fm_status fm_session_eval(fm_session *s, const int32_t *tokens, int32_t n_tokens
     if (!begun) return st; /* nothing was evaluated: the session is as it was */
     add_io_stats(s, t0);
     s->st.last_n_tokens = n_tokens;
-    if (st != FM_OK) return failed(&s, 1, st == FM_ERR_IO ? FM_ERR_IO : st, err, errlen);
+    if (st != FM_OK) return failed(&s, 1, st, err, errlen);
     s->st.n_tokens += n_tokens;
     if (m->be->records_trace) s->trace_n += n_tokens;
     return FM_OK;
@@ -356,7 +356,7 @@ fm_status fm_session_eval_batch(fm_session *const *ss, int32_t n, const int32_t 
     if (!begun) return st;
     add_io_stats(s, t0);
     s->st.last_n_tokens = n;
-    if (st != FM_OK) return failed(ss, n, st == FM_ERR_IO ? FM_ERR_IO : st, err, errlen);
+    if (st != FM_OK) return failed(ss, n, st, err, errlen);
     for (int32_t i = 0; i < n; i++) {
         ss[i]->pos++;
         ss[i]->st.n_tokens++;

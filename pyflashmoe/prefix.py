@@ -255,8 +255,7 @@ class StatePool:
                     best, best_n = s, n
             snap = self._best_snapshot(arr) if self.snapshots else None
             if snap is not None and snap.n > best_n:
-                best, best_n = None, snap.n
-                best = self._spare_slot(idle)  # a session for the load
+                best, best_n = self._spare_slot(idle), snap.n  # a session for the load
                 self._touch(snap)
             else:
                 snap = None
@@ -575,8 +574,7 @@ class StatePool:
         """slot's session gets snap's state, or the next best snapshot's when that one cannot be
         read or is refused (dropped with a log line): (tokens it holds, the snapshot used); (0,
         None) with the session reset when none loads."""
-        if slot.held and slot.session.pos == len(slot.held):
-            self._stash(slot)
+        self._stash(slot)  # the live state it replaces (when it holds one)
         while snap is not None:
             data = self._fetch(snap)
             if data is not None:
